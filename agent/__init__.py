@@ -1,0 +1,1 @@
+"""The Frida agent (JavaScript + CModule C), shipped as package data."""

@@ -1,0 +1,45 @@
+"""The one binary event record, shared by the agent's ring, the live stream and recordings.
+
+Layout (little-endian, 56 bytes, see docs/format.md). The agent's C code fills it field by
+field; pointers are stored as 64-bit even for 32-bit targets so one format serves both.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+
+RECORD_SIZE = 56
+
+
+class Kind(IntEnum):
+    ALLOC = 1  # ptr = result, size = requested bytes (calloc: n * m)
+    FREE = 2  # ptr = block freed (NULL frees are not recorded)
+    REALLOC = 3  # old_ptr -> ptr, size = new size; old_ptr 0 = alloc, size 0 = free
+    FAILED = 4  # an alloc/calloc/realloc that returned NULL for size > 0
+
+
+RECORD_DTYPE = np.dtype(
+    [
+        ("ts_us", "<u8"),  # µs since the agent's time zero (monotonic)
+        ("ptr", "<u8"),
+        ("old_ptr", "<u8"),
+        ("size", "<u8"),
+        ("caller", "<u8"),  # return address of the hooked call
+        ("tid", "<u4"),  # OS thread id of the caller
+        ("dur_us", "<u4"),  # call duration, only for size >= large threshold, else 0
+        ("kind", "u1"),  # Kind
+        ("hook", "u1"),  # index into SessionMeta.hooks
+        ("flags", "<u2"),  # reserved, 0
+        ("seq", "<u4"),  # agent's ring position (wraps): gaps/dups show transport faults
+    ]
+)
+assert RECORD_DTYPE.itemsize == RECORD_SIZE
+
+
+def decode_records(buf: bytes | bytearray | memoryview) -> np.ndarray:
+    """Records from a raw byte buffer (a live batch's payload). Raises ValueError on a bad size."""
+    if len(buf) % RECORD_SIZE:
+        raise ValueError(f"record payload of {len(buf)} bytes is not a multiple of {RECORD_SIZE}")
+    return np.frombuffer(buf, dtype=RECORD_DTYPE)

@@ -1,0 +1,1 @@
+"""Bundled hook profiles (TOML data)."""
