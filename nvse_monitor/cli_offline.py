@@ -2,4 +2,135 @@
 
 from __future__ import annotations
 
-from .cli import main  # noqa: F401
+import sys
+from pathlib import Path
+
+import click
+
+from .cli import main
+from .pipeline import DEFAULT_OUT_DIR, replay
+from .writers import DEFAULT_PREFIX, FilePaths, OutputDirError
+from .writers import status as status_file
+
+# Nagios plugin convention, which monitoring tools already understand.
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+
+
+class UserError(click.ClickException):
+    """A one-line error for bad input (no traceback), exit code 2."""
+
+    exit_code = 2
+
+
+def status_exit_code(status: str | None, health: str | None) -> int:
+    """ACTIVE: 0 if healthy else 1; DEGRADED 1; ERROR 2; SHUTDOWN (a finished session): 0 if it
+    ended healthy else 2; INITIALIZING/UNINITIALIZED or anything unreadable: 3 (cannot tell yet)."""
+    healthy = {"HEALTHY": True, "UNHEALTHY": False}.get(health or "")
+    if healthy is None:
+        return UNKNOWN
+    if status == "ACTIVE":
+        return OK if healthy else WARNING
+    if status == "DEGRADED":
+        return WARNING
+    if status == "ERROR":
+        return CRITICAL
+    if status == "SHUTDOWN":
+        return OK if healthy else CRITICAL
+    return UNKNOWN
+
+
+@main.command()
+@click.argument("directory", required=False, default=str(DEFAULT_OUT_DIR),
+                type=click.Path(path_type=Path))
+@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
+              help="File name prefix of the monitoring files.")
+def status(directory: Path, prefix: str) -> None:
+    """Print the status file in DIRECTORY (default: ./nvse-monitor-out).
+
+    Exit code (Nagios): 0 ACTIVE and healthy (or SHUTDOWN healthy), 1 DEGRADED or ACTIVE but
+    unhealthy, 2 ERROR (or SHUTDOWN unhealthy), 3 missing, unreadable or still starting.
+    """
+    path = FilePaths.of(directory, prefix).status
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        click.echo(f"UNKNOWN: cannot read {path}: {e.strerror or e}", err=True)
+        sys.exit(UNKNOWN)
+    except UnicodeDecodeError:
+        click.echo(f"UNKNOWN: {path} is not a status file (not UTF-8 text)", err=True)
+        sys.exit(UNKNOWN)
+    click.echo(text, nl=not text.endswith("\n"))
+    fields = status_file.parse(text)
+    code = status_exit_code(fields.get("Status"), fields.get("Health"))
+    if code == UNKNOWN and "Status" not in fields:
+        click.echo(f"UNKNOWN: {path} has no 'Status:' line", err=True)
+    sys.exit(code)
+
+
+@main.command("replay")
+@click.argument("recording", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=str(DEFAULT_OUT_DIR), show_default=True,
+              help="Directory for the four monitoring files (created if needed).")
+@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
+              help="File name prefix of the monitoring files.")
+@click.option("--realtime", is_flag=True, help="Pace the replay by the events' own time.")
+def replay_cmd(recording: Path, out_dir: Path, prefix: str, realtime: bool) -> None:
+    """Write the four monitoring files from RECORDING.
+
+    A damaged recording: the files are written for its intact part, one line names the file
+    and byte offset, exit code 2.
+    """
+    from .recording import RecordingError
+
+    bar = None
+    stderr = click.get_text_stream("stderr")
+    if stderr.isatty():
+        try:
+            size = recording.stat().st_size
+        except OSError:
+            size = 0
+        bar = click.progressbar(length=max(size, 1), label="replaying", file=stderr)
+    done = 0
+
+    def progress(offset: int) -> None:
+        nonlocal done
+        if bar is not None and offset > done:
+            bar.update(offset - done)
+            done = offset
+
+    try:
+        if bar is not None:
+            bar.__enter__()
+        try:
+            result = replay(recording, out_dir, prefix, progress=progress, realtime=realtime)
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
+    except (RecordingError, OutputDirError) as e:
+        raise UserError(str(e)) from None
+    final = result.final
+    state = f"{final.status.value}, {'healthy' if final.is_healthy else 'unhealthy'}" if final \
+        else "no snapshot"
+    click.echo(f"{result.messages} messages replayed into {out_dir}/{prefix}_* ({state})")
+    if result.error:
+        raise UserError(result.error)
+
+
+@main.command("info")
+@click.argument("recording", type=click.Path(dir_okay=False, path_type=Path))
+def info_cmd(recording: Path) -> None:
+    """Summarise RECORDING: header, hooks, module map, counts per kind, time span, and whether
+    it ended cleanly. A damaged recording: what is intact is printed, then one line naming the
+    file and byte offset on stderr, exit code 2."""
+    from .recording import RecordingError
+    from .recording import info as recording_info
+
+    try:
+        summary = recording_info(recording)
+    except RecordingError as e:
+        raise UserError(str(e)) from None
+    for line in summary.lines():
+        click.echo(line)
+    if summary.error:
+        raise UserError(summary.error)

@@ -1,0 +1,201 @@
+"""End-to-end sustained rate: ring -> send -> host engine -> files, with zero drops.
+
+A C target (tests/targets/hammer.c) makes malloc/free calls paced at a given rate (or as fast
+as it can); `nvse-monitor attach` watches it as a real subprocess, exactly as a user runs it.
+A rate is *sustained* when, over the run, the agent dropped nothing, the target kept the pace
+(the hooks did not slow it below 97% of the rate), and the host had everything written within
+`--max-lag` seconds of the target finishing (so no backlog was piling up anywhere).
+
+For each rate, the medians of `--runs` runs. Also reported: the ring size, the agent's own
+memory (ring + buffers, from init) and the target's RSS growth while monitored (frida-agent,
+JS heap, pending sends included).
+
+    python bench/bench_e2e.py                        # default ladder of rates
+    python bench/bench_e2e.py --rates 3e6,5e6 --runs 5 --ring-size 256K
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HAMMER = REPO / "tests" / "targets" / "hammer.c"
+
+
+def build(arch: str, out_dir: Path) -> Path:
+    exe = out_dir / f"hammer-{arch}"
+    flag = "-m32" if arch == "ia32" else "-m64"
+    subprocess.run(["gcc", flag, "-O2", "-pthread", str(HAMMER), "-o", str(exe)], check=True)
+    return exe
+
+
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Stderr:
+    """Collects a subprocess's stderr lines on a thread; wait_for() a line containing text."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.eof = False
+        threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stderr:
+            with self.cond:
+                self.lines.append(line.rstrip())
+                self.cond.notify_all()
+        with self.cond:
+            self.eof = True
+            self.cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        with self.cond:
+            while not any(text in x for x in self.lines):
+                if self.eof or time.monotonic() > end:
+                    return False
+                self.cond.wait(0.1)
+            return True
+
+
+def one_run(exe: Path, rate: float, seconds: float, ring: str | None, tmp: Path) -> dict:
+    target = subprocess.Popen(
+        [str(exe), "--seconds", str(seconds), "--rate", str(rate)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert target.stdout.readline().startswith("READY")
+        rss0 = rss_kb(target.pid)
+        out = tmp / f"out-{rate:.0f}-{time.monotonic_ns()}"
+        args = [sys.executable, "-m", "nvse_monitor", "attach", str(target.pid), "--out", str(out)]
+        if ring:
+            args += ["--ring-size", ring]
+        mon = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                               cwd=REPO)
+        err = Stderr(mon)
+        if not err.wait_for("nvse-monitor: monitoring", 60):
+            mon.kill()
+            raise RuntimeError("monitor did not start:\n" + "\n".join(err.lines))
+        started = next(x for x in err.lines if "nvse-monitor: monitoring" in x)
+        agent_mib = float(re.search(r"agent memory ([0-9.]+) MiB", started).group(1))
+        rss_attached = rss_kb(target.pid)
+        target.stdin.write("\n")
+        target.stdin.flush()
+        peak_rss = rss_attached
+        line = ""
+        # Sample the target's RSS while it works (pending sends would show up here).
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak_rss
+            while not stop.is_set():
+                peak_rss = max(peak_rss, rss_kb(target.pid))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        line = target.stdout.readline()
+        t_done = time.monotonic()
+        stop.set()
+        sampler.join()
+        done = json.loads(line.split("DONE", 1)[1])
+        mon.send_signal(signal.SIGINT)
+        mon.wait(timeout=120)
+        lag = time.monotonic() - t_done
+        js = json.loads((out / "MemoryPoolNVSE_stats.json").read_text())
+        return {
+            "rate": rate,
+            "achieved": done["rate"],
+            "events": done["events"],
+            "recorded": js["memory_stats"]["total_allocations"] + js["memory_stats"]["total_frees"],
+            "dropped": int(js["monitor"]["dropped_events"]),
+            "lag_s": lag,
+            "agent_mib": agent_mib,
+            "rss_attach_mb": (rss_attached - rss0) / 1024,
+            "rss_peak_mb": (peak_rss - rss0) / 1024,
+            "rc": mon.returncode,
+            "stderr": "\n".join(err.lines[-3:]),
+        }
+    finally:
+        if target.poll() is None:
+            try:
+                target.stdin.write("\n")
+                target.stdin.flush()
+                target.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                target.kill()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rates", default="1e6,2e6,3e6,4e6,5e6,6e6,8e6,0",
+                    help="events/s to try, comma-separated; 0 = as fast as the target can")
+    ap.add_argument("--seconds", type=float, default=3.0, help="target run time per run")
+    ap.add_argument("--runs", type=int, default=3, help="runs per rate (medians)")
+    ap.add_argument("--ring-size", default=None, help="--ring-size for the monitor")
+    ap.add_argument("--arch", choices=["x64", "ia32"], default="x64")
+    ap.add_argument("--max-lag", type=float, default=1.5,
+                    help="seconds from the target's end to the monitor's final files")
+    ap.add_argument("--json", type=Path, help="also write all runs here")
+    a = ap.parse_args()
+
+    rates = [float(x) for x in a.rates.split(",")]
+    all_runs = []
+    best = None
+    with tempfile.TemporaryDirectory(prefix="nvse-bench-e2e-") as td:
+        tmp = Path(td)
+        exe = build(a.arch, tmp)
+        print(f"target {exe.name}, {a.seconds:.1f} s per run, {a.runs} runs per rate, "
+              f"ring {a.ring_size or 'default'}, {os.cpu_count()} CPUs")
+        print(f"{'rate':>10} {'achieved':>10} {'events':>11} {'dropped':>9} {'lag s':>6} "
+              f"{'agent MiB':>9} {'RSS+ MB':>8} {'peak+ MB':>8}  sustained")
+        for rate in rates:
+            runs = [one_run(exe, rate, a.seconds, a.ring_size, tmp) for _ in range(a.runs)]
+            all_runs += runs
+            med = {k: statistics.median(r[k] for r in runs)
+                   for k in ("achieved", "events", "dropped", "lag_s", "agent_mib",
+                             "rss_attach_mb", "rss_peak_mb")}
+            ok_runs = [
+                r["dropped"] == 0 and r["rc"] == 0 and r["lag_s"] <= a.max_lag
+                and (rate == 0 or r["achieved"] >= 0.97 * rate)
+                and r["recorded"] == r["events"]
+                for r in runs
+            ]
+            sustained = sum(ok_runs) * 2 > len(runs)  # the median run
+            label = "max" if rate == 0 else f"{rate / 1e6:.1f} M"
+            print(f"{label:>10} {med['achieved'] / 1e6:>8.2f} M {med['events']:>11,.0f} "
+                  f"{med['dropped']:>9,.0f} {med['lag_s']:>6.2f} {med['agent_mib']:>9.1f} "
+                  f"{med['rss_attach_mb']:>8.1f} {med['rss_peak_mb']:>8.1f}  "
+                  f"{'yes' if sustained else 'no'}"
+                  f" ({sum(ok_runs)}/{len(runs)})")
+            if sustained:
+                best = max(best or 0.0, med["achieved"])
+    print(f"highest sustained rate with zero drops: "
+          f"{(best or 0) / 1e6:.2f} M events/s (median of {a.runs} runs)")
+    if a.json:
+        a.json.write_text(json.dumps(all_runs, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Host side of the Frida agent: load it into a session, turn its messages into stream messages.
+
+    handle = load_agent(session, profile, AgentConfig(), on_message=queue.put)
+    meta = handle.session_meta(target="foo", mode="attach")
+    ...
+    final = handle.stop()      # hooks reverted, ring drained: the exact final counters
+    handle.unload()
+
+`on_message` is called on Frida's thread with Batch, ModuleEvent, HookEvent and AgentError, in the
+agent's order; the HookEvents of the first installation arrive before load_agent returns.
+Protocol: notes/agent-protocol.md; design: docs/agent.md.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from .events import RECORD_DTYPE, decode_records
+from .hookprofile import Profile
+from .stream import (
+    AgentCounters,
+    AgentError,
+    Batch,
+    HookEvent,
+    Module,
+    ModuleEvent,
+    SessionMeta,
+    StreamMessage,
+)
+
+DEFAULT_RING_SLOTS = 1 << 17  # 8 MiB ring: ~25 ms of a 5 M events/s burst, ~1 s of a busy game
+_EMPTY = np.empty(0, dtype=RECORD_DTYPE)
+
+
+class AgentLoadError(RuntimeError):
+    """The agent could not be loaded or initialised in the target."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    ring_slots: int = DEFAULT_RING_SLOTS  # power of two; 64 bytes each in the target
+    large_alloc_bytes: int = 1 << 20  # calls above this get a duration
+    drain_interval_ms: int = 10
+    max_batch_bytes: int = 1 << 20
+    clock: str = "tsc"  # "tsc" (rdtsc, converted at drain) or "monotonic" (g_get_monotonic_time)
+    ignore_tids: tuple[int, ...] = ()  # threads never recorded (the agent's JS thread always is)
+
+    def __post_init__(self) -> None:
+        s = self.ring_slots
+        if s < 2 or s & (s - 1) or s > 1 << 26:
+            raise ValueError(f"ring size {s} must be a power of two between 2 and 2^26")
+        if self.max_batch_bytes < 56:
+            raise ValueError(f"max_batch_bytes {self.max_batch_bytes} is less than one record")
+        if self.clock not in ("tsc", "monotonic"):
+            raise ValueError(f"clock {self.clock!r} must be 'tsc' or 'monotonic'")
+        if self.drain_interval_ms < 1:
+            raise ValueError(f"drain_interval_ms {self.drain_interval_ms} must be >= 1")
+
+    def to_json(self, profile: Profile) -> dict[str, Any]:
+        return {
+            "profile": profile.to_agent_json(),
+            "ring_slots": self.ring_slots,
+            "large_alloc_bytes": self.large_alloc_bytes,
+            "drain_interval_ms": self.drain_interval_ms,
+            "max_batch_bytes": self.max_batch_bytes,
+            "clock": self.clock,
+            "ignore_tids": list(self.ignore_tids),
+        }
+
+
+def agent_source() -> str:
+    """The script text: agent.js with the C hot path prepended as a string constant."""
+    pkg = resources.files("nvse_monitor.agent")
+    c_text = pkg.joinpath("hotpath.c").read_text(encoding="utf-8")
+    js = pkg.joinpath("agent.js").read_text(encoding="utf-8")
+    return f"const HOTPATH_C = {json.dumps(c_text)};\n{js}"
+
+
+def _counters(d: dict[str, Any]) -> AgentCounters:
+    return AgentCounters(**{k: int(v) for k, v in d.items()})
+
+
+def _module(d: dict[str, Any]) -> Module:
+    return Module(name=d["name"], base=int(d["base"]), size=int(d["size"]), path=d.get("path", ""))
+
+
+class AgentHandle:
+    """A loaded agent. Thread-safe enough for one controlling thread plus Frida's callbacks."""
+
+    def __init__(self, script: Any, profile: Profile,
+                 on_message: Callable[[StreamMessage], None] | None) -> None:
+        self.script = script
+        self.profile = profile
+        self.init_result: dict[str, Any] = {}
+        self.last_now_us = 0  # agent time of the latest message, for host-side errors
+        self.final_counters: AgentCounters | None = None
+        self._on_message = on_message
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._unloaded = False
+
+    # ------------------------------------------------------------ messages
+
+    def _emit(self, msg: StreamMessage) -> None:
+        if self._on_message is not None:
+            self._on_message(msg)
+
+    def _handle(self, message: dict[str, Any], data: bytes | None) -> None:
+        try:
+            if message.get("type") == "error":  # Frida's own: an exception in the script
+                text = message.get("stack") or message.get("description") or str(message)
+                self._emit(AgentError(ts_us=self.last_now_us, message=f"script error: {text}"))
+                return
+            payload = message.get("payload")
+            if message.get("type") != "send" or not isinstance(payload, dict):
+                self._emit(AgentError(ts_us=self.last_now_us,
+                                      message=f"unexpected agent message: {message!r:.200}"))
+                return
+            kind = payload.get("type")
+            if kind == "batch":
+                records = decode_records(data) if data else _EMPTY
+                self.last_now_us = int(payload["now_us"])
+                self._emit(Batch(now_us=self.last_now_us, counters=_counters(payload["counters"]),
+                                 records=records))
+            elif kind == "hook":
+                self._emit(HookEvent(ts_us=int(payload["ts_us"]), hook=int(payload["hook"]),
+                                     name=payload["name"], ok=bool(payload["ok"]),
+                                     detail=payload.get("detail", "")))
+            elif kind == "module":
+                self._emit(ModuleEvent(ts_us=int(payload["ts_us"]), action=payload["action"],
+                                       module=_module(payload["module"])))
+            elif kind == "agent-error":
+                self._emit(AgentError(ts_us=int(payload["ts_us"]), message=payload["message"]))
+            else:
+                self._emit(AgentError(ts_us=self.last_now_us,
+                                      message=f"unknown agent message type {kind!r}"))
+        except Exception as e:  # a bad message must not kill Frida's thread silently
+            self._emit(AgentError(ts_us=self.last_now_us,
+                                  message=f"host could not decode agent message: {e!r}"))
+
+    # ------------------------------------------------------------ control
+
+    def session_meta(self, target: str = "", mode: str = "attach", **extra: Any) -> SessionMeta:
+        r = self.init_result
+        return SessionMeta(
+            target=target or r.get("main_module", ""),
+            pid=int(r["pid"]),
+            arch=r["arch"],
+            platform=r["platform"],
+            profile=self.profile.name,
+            hooks=self.profile.hook_infos(),
+            modules=[_module(m) for m in r.get("modules", [])],
+            wall_clock_zero_us=int(r["wall_clock_zero_us"]),
+            mode=mode,
+            extra={
+                "hook_status": r.get("hooks", []),
+                "ring_bytes": r.get("ring_bytes", 0),
+                "agent_bytes": r.get("agent_bytes", 0),
+                "clock": r.get("clock", ""),
+                "main_path": r.get("main_path", ""),
+                **extra,
+            },
+        )
+
+    def flush(self) -> AgentCounters:
+        """Drain the ring now; returns the counters after the drain."""
+        return _counters(self.script.exports_sync.flush()["counters"])
+
+    def stop(self) -> AgentCounters:
+        """Revert every hook, then drain everything: the exact final counters. Idempotent."""
+        with self._lock:
+            if self._stopped:
+                assert self.final_counters is not None
+                return self.final_counters
+            self._stopped = True
+        self.final_counters = _counters(self.script.exports_sync.stop()["counters"])
+        return self.final_counters
+
+    def unload(self) -> None:
+        """Unload the script (Frida reverts anything still hooked). Safe on a dead session."""
+        with self._lock:
+            if self._unloaded:
+                return
+            self._unloaded = True
+        try:
+            self.script.unload()
+        except Exception:  # the session may be gone already (target exited)
+            pass
+
+
+def load_agent(session: Any, profile: Profile, config: AgentConfig | None = None,
+               on_message: Callable[[StreamMessage], None] | None = None) -> AgentHandle:
+    """Create the agent script in a frida Session, initialise it, and return its handle.
+    `handle.init_result` is the agent's init answer (pid, arch, modules, hook results...)."""
+    config = config or AgentConfig()
+    script = session.create_script(agent_source(), name="nvse-monitor")
+    handle = AgentHandle(script, profile, on_message)
+    script.on("message", handle._handle)
+    script.load()
+    try:
+        handle.init_result = script.exports_sync.init(config.to_json(profile))
+    except Exception as e:
+        handle.unload()
+        raise AgentLoadError(f"agent init failed: {e}") from e
+    return handle

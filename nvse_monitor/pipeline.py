@@ -1,0 +1,185 @@
+"""Engine + the four writers, driven by stream messages: used by replay and live sessions alike.
+
+A Pipeline routes every engine output to its file and reports write failures back to the engine
+(which logs them and degrades health). feed() may be called from one consumer thread while
+another calls finish(): a lock serialises them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from .outputs import Output, Snapshot
+from .stream import Batch, SessionMeta, StreamMessage
+from .writers import DEFAULT_PREFIX, FilePaths, OutputFiles
+
+# Where replay writes (and `status` looks) when no directory is given.
+DEFAULT_OUT_DIR = Path("nvse-monitor-out")
+
+
+class EngineLike(Protocol):
+    def start(self) -> list[Output]: ...
+    def feed(self, msg: StreamMessage) -> list[Output]: ...
+    def note_write_failure(self, ts_us: int, path: str, error: str) -> list[Output]: ...
+    def finish(self, ts_us: int | None = None) -> list[Output]: ...
+
+
+class Pipeline:
+    def __init__(
+        self,
+        meta: SessionMeta,
+        out_dir: Path | str = DEFAULT_OUT_DIR,
+        prefix: str = DEFAULT_PREFIX,
+        engine_config: Any = None,
+        on_snapshot: Callable[[Snapshot], None] | None = None,
+        *,
+        engine: EngineLike | None = None,
+        err: TextIO | None = None,
+    ) -> None:
+        if engine is None:
+            from .engine import Engine
+
+            engine = Engine(meta, engine_config)
+        self.meta = meta
+        self.engine = engine
+        self.files = OutputFiles(meta, out_dir, prefix, err)
+        self.on_snapshot = on_snapshot
+        self.last_snapshot: Snapshot | None = None
+        self._lock = threading.Lock()
+        self._started = False
+        self._finished = False
+
+    @property
+    def paths(self) -> FilePaths:
+        return self.files.paths
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def start(self) -> None:
+        """Open the files (raises writers.OutputDirError) and route the engine's opening outputs."""
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
+        if not self._started:
+            self.files.open()
+            self._started = True
+            self._route(self.engine.start())
+
+    def feed(self, msg: StreamMessage) -> None:
+        with self._lock:
+            if self._finished:
+                return  # a late message after finish (e.g. live teardown races) changes nothing
+            self._start()
+            self._route(self.engine.feed(msg))
+
+    def feed_all(self, msgs: Iterable[StreamMessage]) -> None:
+        for msg in msgs:
+            self.feed(msg)
+
+    def finish(self, ts_us: int | None = None) -> Snapshot | None:
+        """SHUTDOWN and a final update of every file. Idempotent; returns the final snapshot."""
+        with self._lock:
+            if not self._finished:
+                self._start()
+                self._finished = True
+                self._route(self.engine.finish(ts_us))
+                self.files.flush()  # in case the engine's last output was not a snapshot
+            return self.last_snapshot
+
+    def _route(self, outputs: list[Output], depth: int = 0) -> None:
+        for out in outputs:
+            failures = self.files.write(out)
+            if isinstance(out, Snapshot):
+                self.last_snapshot = out
+                if self.on_snapshot is not None:
+                    self.on_snapshot(out)
+            # A file is reported once per failing spell, so this recursion is bounded by the
+            # number of files; after finish the engine takes no more input (stderr said it).
+            if failures and not self._finished and depth < 4:
+                for f in failures:
+                    self._route(
+                        self.engine.note_write_failure(out.ts_us, str(f.path), f.error), depth + 1
+                    )
+
+
+@dataclass
+class ReplayResult:
+    paths: FilePaths
+    messages: int  # stream messages fed
+    final: Snapshot | None  # the final (SHUTDOWN) snapshot
+    error: str | None = None  # the recording's damage, one line; the files cover what preceded it
+
+
+def message_ts(msg: StreamMessage) -> int:
+    return msg.now_us if isinstance(msg, Batch) else msg.ts_us
+
+
+class Pacer:
+    """Sleeps so messages are fed at the pace of their event time (`replay --realtime`)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self._clock, self._sleep = clock, sleep
+        self._t0: float | None = None
+        self._ts0 = 0
+
+    def wait(self, ts_us: int) -> None:
+        if self._t0 is None:
+            self._t0, self._ts0 = self._clock(), ts_us
+            return
+        delay = self._t0 + (ts_us - self._ts0) / 1e6 - self._clock()
+        if delay > 0:
+            self._sleep(delay)
+
+
+def replay(
+    path: Path | str,
+    out_dir: Path | str = DEFAULT_OUT_DIR,
+    prefix: str = DEFAULT_PREFIX,
+    engine_config: Any = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+    realtime: bool = False,
+    err: TextIO | None = None,
+) -> ReplayResult:
+    """The four files from a recording.
+
+    Raises recording.RecordingError when not even the header is readable (no files then), and
+    writers.OutputDirError. Damage later in the file ends the replay there: the files get their
+    final update for the intact prefix and the result carries the error line. `progress` is
+    called with the reader's byte offset after each message.
+    """
+    from .recording import RecordingError, open_recording
+
+    rec = open_recording(path)
+    try:
+        pipe = Pipeline(rec.meta, out_dir, prefix, engine_config, err=err)
+        pipe.start()
+        pacer = Pacer() if realtime else None
+        n = 0
+        error = None
+        try:
+            for msg in rec:
+                if pacer is not None:
+                    pacer.wait(message_ts(msg))
+                pipe.feed(msg)
+                n += 1
+                if progress is not None:
+                    progress(rec.offset)
+        except RecordingError as e:
+            error = str(e)
+        finally:
+            final = pipe.finish()  # also on Ctrl-C: the files end with a SHUTDOWN update
+        return ReplayResult(pipe.paths, n, final, error)
+    finally:
+        close = getattr(rec, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,499 @@
+"""Live sessions: attach to or spawn a process, load the agent, feed the pipeline until the end.
+
+Threads: Frida calls our message and detach callbacks on its own thread; they only put items on
+a bounded queue. The main thread is the single consumer: it feeds the Pipeline (and the
+RecordingWriter) in arrival order, keeps the live status line and watches for stop requests.
+Blocking RPCs into the agent (init, stop) run on a short-lived worker thread so the consumer
+keeps draining the queue meanwhile: Frida delivers an RPC's reply on the same thread as the
+batches sent before it, so a full queue with a blocked consumer would deadlock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import frida
+
+from . import __version__
+from .agent_host import DEFAULT_RING_SLOTS
+from .live_status import StatusLine
+from .pipeline import DEFAULT_OUT_DIR, Pipeline
+from .stream import (
+    AgentCounters,
+    AgentError,
+    Batch,
+    HookEvent,
+    ModuleEvent,
+    SessionEnd,
+    SessionMeta,
+    StreamMessage,
+)
+from .targets import (
+    EXIT_WATCH_JS,
+    ExitNotice,
+    TargetError,
+    frida_error_message,
+    probe,
+    resolve_target,
+)
+from .writers import DEFAULT_PREFIX, OutputDirError
+
+STREAM_TYPES = (Batch, ModuleEvent, HookEvent, AgentError, SessionEnd)
+STOP_TIMEOUT_S = 15.0  # agent stop() + detach; then we detach without the final drain
+
+
+class SessionError(Exception):
+    """The session could not start or run (one line, printed by the CLI)."""
+
+
+@dataclass
+class SessionOptions:
+    profile: str | None = None  # name or path; None = hookprofile.select_profile
+    out_dir: Path = DEFAULT_OUT_DIR
+    prefix: str = DEFAULT_PREFIX
+    record: Path | None = None
+    duration: float | None = None  # seconds, then stop like Ctrl-C
+    ring_slots: int = DEFAULT_RING_SLOTS  # agent_host's default
+    large_alloc_bytes: int = 1 << 20
+    drain_interval_ms: int = 10
+    max_batch_bytes: int = 1 << 20
+    force: bool = False  # use --profile even if it names other executables
+    status_line: bool | None = None  # None: when stderr is a terminal
+    queue_max: int = 2048  # messages (a batch is <= max_batch_bytes)
+    engine_config: Any = None
+
+
+@dataclass
+class SessionResult:
+    exit_code: int
+    end: SessionEnd
+    meta: SessionMeta
+    out_paths: Any = None  # writers.FilePaths
+    messages: int = 0
+    records: int = 0
+    final_counters: AgentCounters | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Detached:
+    reason: str
+    crash: Any
+
+
+@dataclass(frozen=True)
+class _WorkerDone:
+    name: str
+    result: Any = None
+    error: BaseException | None = None
+
+
+class LiveSession:
+    """One monitoring session; `run_attach(spec)` or `run_spawn(argv)` drives it to the end."""
+
+    def __init__(self, opts: SessionOptions, err: TextIO | None = None) -> None:
+        self.opts = opts
+        self.err = err if err is not None else sys.stderr
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=opts.queue_max)
+        self.device: frida.core.Device | None = None
+        self.session: frida.core.Session | None = None
+        self.agent: Any = None
+        self.pid = 0
+        self.mode = "attach"
+        self.meta: SessionMeta | None = None
+        self.pipeline: Pipeline | None = None
+        self.recorder: Any = None
+        self._exit_script: Any = None
+        self._exit_notice: ExitNotice | None = None
+        self._stop_reason: str | None = None  # "interrupted" / "duration" once asked to stop
+        self._stop_started = False
+        self._stop_deadline = 0.0
+        self._final_counters: AgentCounters | None = None
+        self._last_counters: AgentCounters | None = None
+        self._last_ts = 0
+        self._agent_errors = 0
+        self._messages = 0
+        self._records = 0
+        self._notes: list[str] = []
+        self._pending_detach: _Detached | None = None
+        self._duration_deadline: float | None = None
+        use_status = opts.status_line
+        if use_status is None:
+            use_status = bool(getattr(self.err, "isatty", lambda: False)())
+        self.status = StatusLine(self.err) if use_status else None
+
+    # ---- Frida-thread callbacks: enqueue only -----------------------------------------------
+    def _on_stream(self, msg: StreamMessage) -> None:
+        self.q.put(msg)
+
+    def _on_detached(self, reason: str, crash: Any) -> None:
+        self.q.put(_Detached(str(reason), crash))
+
+    def _on_exit_watch(self, message: dict[str, Any], _data: Any) -> None:
+        p = message.get("payload") if message.get("type") == "send" else None
+        if isinstance(p, dict) and p.get("type") == "exit-watch":
+            self.q.put(ExitNotice(str(p["how"]), str(p.get("what", "")), int(p.get("tid") or 0)))
+
+    # ---- entry points ---------------------------------------------------------------------------
+    def run_attach(self, spec: str) -> SessionResult:
+        self.mode = "attach"
+        self.device = _local_device()
+        ref = resolve_target(self.device, spec)
+        self.pid = ref.pid
+        self.session = self._attach(ref.pid, f"attach to {ref.name} (PID {ref.pid})")
+        return self._run()
+
+    def run_spawn(self, argv: list[str]) -> SessionResult:
+        if not argv:
+            raise SessionError("spawn needs a program: nvse-monitor spawn [OPTS] -- PROGRAM [ARGS]")
+        self.mode = "spawn"
+        self.device = _local_device()
+        try:
+            self.pid = self.device.spawn(argv, stdio="inherit")
+        except frida.InvalidArgumentError as exc:
+            raise TargetError(f"cannot start {argv[0]!r}: {exc}") from None
+        except (frida.ExecutableNotFoundError, frida.ExecutableNotSupportedError) as exc:
+            raise TargetError(frida_error_message(exc, f"start {argv[0]!r}")) from None
+        except frida.PermissionDeniedError as exc:
+            raise TargetError(frida_error_message(exc, f"start {argv[0]!r}")) from None
+        try:
+            self.session = self._attach(self.pid, f"attach to the spawned {argv[0]!r}")
+        except BaseException:
+            self._kill_spawned()
+            raise
+        return self._run()
+
+    # ---- the session ----------------------------------------------------------------------------
+    def _attach(self, pid: int, what: str) -> frida.core.Session:
+        assert self.device is not None
+        try:
+            session = self.device.attach(pid)
+        except (frida.ProcessNotFoundError, frida.PermissionDeniedError, frida.NotSupportedError,
+                frida.ProcessNotRespondingError, frida.TransportError, frida.TimedOutError,
+                frida.InvalidArgumentError, frida.InvalidOperationError) as exc:
+            raise TargetError(frida_error_message(exc, what)) from None
+        session.on("detached", self._on_detached)
+        return session
+
+    def _run(self) -> SessionResult:
+        try:
+            self._start()
+        except BaseException:
+            self._abandon_start()
+            raise
+        try:
+            end = self._consume()
+        finally:
+            self._restore_signals()
+            if self.status is not None:
+                self.status.close()
+        return self._finish(end)
+
+    def _start(self) -> None:
+        from .agent_host import AgentConfig, AgentLoadError, load_agent
+        from .hookprofile import load_profile, select_profile
+
+        assert self.session is not None
+        try:
+            info = probe(self.session)
+        except frida.InvalidOperationError as exc:
+            raise TargetError(frida_error_message(exc, f"inspect PID {self.pid}")) from None
+        self.info = info
+        try:
+            if self.opts.profile:
+                profile = load_profile(self.opts.profile)
+                profile.check_target(info.main_module, info.platform, info.arch, self.opts.force)
+            else:
+                profile = select_profile(info.main_module, info.platform, info.arch)
+        except ValueError as exc:  # hookprofile.ProfileError
+            raise SessionError(str(exc)) from None
+
+        self._exit_script = self.session.create_script(EXIT_WATCH_JS, name="nvse-monitor-exit")
+        self._exit_script.on("message", self._on_exit_watch)
+        self._exit_script.load()
+
+        try:
+            config = AgentConfig(
+                ring_slots=self.opts.ring_slots,
+                large_alloc_bytes=self.opts.large_alloc_bytes,
+                drain_interval_ms=self.opts.drain_interval_ms,
+                max_batch_bytes=self.opts.max_batch_bytes,
+            )
+        except ValueError as exc:
+            raise SessionError(str(exc)) from None
+        # Messages can flow as soon as hooks are in: keep consuming while init runs.
+        early: list[Any] = []
+        try:
+            self.agent = self._call_in_worker(
+                "init", lambda: load_agent(self.session, profile, config, self._on_stream), early
+            )
+        except AgentLoadError as exc:
+            raise SessionError(f"PID {self.pid}: {exc}") from None
+        init_result = self.agent.init_result
+        self.meta = self.agent.session_meta(
+            target=info.main_module, mode=self.mode, ring_slots=self.opts.ring_slots
+        )
+        self.meta.utc_offset_s = _utc_offset_s()
+        self.meta.monitor_version = __version__
+
+        self.opts.out_dir.mkdir(parents=True, exist_ok=True)
+        self.pipeline = Pipeline(
+            self.meta, self.opts.out_dir, self.opts.prefix, self.opts.engine_config
+        )
+        try:
+            self.pipeline.start()
+        except OutputDirError as exc:
+            raise SessionError(str(exc)) from None
+        if self.opts.record is not None:
+            from .recording import RecordingWriter
+
+            try:
+                self.recorder = RecordingWriter(self.opts.record, self.meta)
+            except OSError as exc:
+                raise SessionError(f"{self.opts.record}: cannot write: {exc.strerror}") from None
+        self._install_signals()
+        for item in early:
+            detached = self._handle(item)
+            if detached is not None and self._pending_detach is None:
+                self._pending_detach = detached  # the target went away during init
+        if self.mode == "spawn":
+            assert self.device is not None
+            self.device.resume(self.pid)
+        hooks_ok = sum(1 for h in init_result.get("hooks", []) if h.get("ok"))
+        agent_bytes = init_result.get("agent_bytes") or init_result.get("ring_bytes") or 0
+        agent_mib = int(agent_bytes) / 2**20
+        self.err.write(
+            f"nvse-monitor: monitoring {self.meta.target} (PID {self.pid}, {self.meta.arch}, "
+            f"{self.meta.platform}) with profile {self.meta.profile}: {hooks_ok}/"
+            f"{len(init_result.get('hooks', []))} hooks, agent memory {agent_mib:.1f} MiB; "
+            f"files in {self.opts.out_dir}{'; Ctrl-C to stop' if self.mode == 'attach' else ''}\n"
+        )
+        self.err.flush()
+        if self.opts.duration is not None:
+            self._duration_deadline = time.monotonic() + self.opts.duration
+
+    def _call_in_worker(self, name: str, fn: Callable[[], Any], sink: list[Any]) -> Any:
+        """Run a blocking agent call on a worker thread while queued items go to `sink`."""
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+                box["error"] = exc
+            self.q.put(_WorkerDone(name))
+
+        threading.Thread(target=work, name=f"nvse-monitor-{name}", daemon=True).start()
+        while True:
+            item = self.q.get()
+            if isinstance(item, _WorkerDone) and item.name == name:
+                break
+            if isinstance(item, _Detached):
+                sink.append(item)
+                continue
+            sink.append(item)
+        if "error" in box:
+            exc = box["error"]
+            if any(isinstance(i, _Detached) for i in sink):
+                raise TargetError(f"the target went away while the agent was loading ({exc})")
+            if isinstance(exc, (TargetError, SessionError)):
+                raise exc
+            if isinstance(exc, frida.core.RPCException | frida.InvalidOperationError):
+                raise SessionError(f"the agent failed to start in PID {self.pid}: {exc}") from None
+            raise exc
+        return box["result"]
+
+    # ---- consumer loop --------------------------------------------------------------------------
+    def _consume(self) -> _Detached:
+        if self._pending_detach is not None:
+            return self._pending_detach
+        last_status = 0.0
+        while True:
+            try:
+                item = self.q.get(timeout=0.1)
+            except queue.Empty:
+                item = None
+            if item is not None:
+                detached = self._handle(item)
+                if detached is not None:
+                    return detached
+            now = time.monotonic()
+            deadline = self._duration_deadline
+            if self._stop_reason is None and deadline is not None and now >= deadline:
+                self._stop_reason = "duration"
+            if self._stop_reason is not None and not self._stop_started:
+                self._begin_stop()
+            if self._stop_started and now > self._stop_deadline:
+                self._notes.append("agent stop() timed out: detached without the final drain")
+                self._stop_deadline = float("inf")
+                threading.Thread(target=self._detach_quietly, daemon=True).start()
+            if self.status is not None and now - last_status >= 0.5:
+                last_status = now
+                self.status.update(self.pipeline, self._last_counters, self._records, now)
+
+    def _handle(self, item: Any) -> _Detached | None:
+        if isinstance(item, STREAM_TYPES):
+            self._feed(item)
+        elif isinstance(item, ExitNotice):
+            self._exit_notice = self._exit_notice or item
+        elif isinstance(item, _WorkerDone):
+            if item.name == "stop" and item.error is None and item.result is not None:
+                self._final_counters = _counters(item.result)
+            elif item.error is not None:
+                self._notes.append(f"agent {item.name}() failed: {item.error}")
+        elif isinstance(item, _Detached):
+            return item
+        return None
+
+    def _feed(self, msg: StreamMessage) -> None:
+        assert self.pipeline is not None
+        self._messages += 1
+        if isinstance(msg, Batch):
+            self._records += len(msg.records)
+            self._last_counters = msg.counters
+            self._last_ts = max(self._last_ts, msg.now_us)
+        else:
+            self._last_ts = max(self._last_ts, int(getattr(msg, "ts_us", 0)))
+            if isinstance(msg, AgentError):
+                self._agent_errors += 1
+        if self.recorder is not None:
+            self.recorder.write(msg)
+        self.pipeline.feed(msg)
+
+    # ---- stopping -------------------------------------------------------------------------------
+    def _begin_stop(self) -> None:
+        self._stop_started = True
+        self._stop_deadline = time.monotonic() + STOP_TIMEOUT_S
+        if self.status is not None:
+            self.status.note(f"stopping ({self._stop_reason}): removing hooks, final drain...")
+
+        def work() -> None:
+            result, error = None, None
+            try:
+                result = self.agent.stop()  # reverts hooks, drains everything, final counters
+            except Exception as exc:  # noqa: BLE001 - the target may be gone already
+                error = exc
+            self.q.put(_WorkerDone("stop", result, error))
+            self._detach_quietly()
+
+        threading.Thread(target=work, name="nvse-monitor-stop", daemon=True).start()
+
+    def _detach_quietly(self) -> None:
+        with contextlib.suppress(Exception):
+            self.agent.unload()
+        with contextlib.suppress(Exception):
+            if self._exit_script is not None:
+                self._exit_script.unload()
+        with contextlib.suppress(Exception):
+            assert self.session is not None
+            self.session.detach()
+
+    def _end_message(self, detached: _Detached) -> SessionEnd:
+        counters = self._final_counters or self._last_counters
+        crash = _crash_summary(detached.crash)
+        if detached.reason == "application-requested" and self._stop_reason is not None:
+            return SessionEnd(self._last_ts, self._stop_reason, True, "", counters)
+        notice = self._exit_notice
+        if detached.reason == "process-terminated" and notice is not None and notice.how == "exit":
+            return SessionEnd(self._last_ts, "target-exited", True, "", counters)
+        if notice is not None and notice.how == "abort":
+            crash = crash or f"the target called abort() (thread {notice.tid})"
+        elif notice is not None and notice.how == "crash":
+            crash = crash or f"crashed: {notice.what} (thread {notice.tid})"
+        elif detached.reason == "process-terminated" and not crash:
+            crash = "no exit() call seen: killed by a signal or crashed"
+        return SessionEnd(self._last_ts, detached.reason, False, crash, counters)
+
+    def _finish(self, detached: _Detached) -> SessionResult:
+        assert self.pipeline is not None and self.meta is not None
+        # Items queued after the detach notice (a late stop() result) still count.
+        while True:
+            try:
+                self._handle(self.q.get_nowait())
+            except queue.Empty:
+                break
+        end = self._end_message(detached)
+        self._feed(end)
+        if self.recorder is not None:
+            self.recorder.close()
+        self.pipeline.finish(end.ts_us)
+        code = 1 if self._agent_errors else 0
+        return SessionResult(
+            code, end, self.meta, self.pipeline.paths, self._messages, self._records,
+            end.counters, self._notes,
+        )
+
+    def _abandon_start(self) -> None:
+        """A failed start: leave the target as we found it (a spawned one is killed)."""
+        if self.agent is not None:
+            with contextlib.suppress(Exception):
+                self.agent.stop()
+        self._detach_quietly()
+        if self.mode == "spawn":
+            self._kill_spawned()
+
+    def _kill_spawned(self) -> None:
+        if self.device is not None and self.pid:
+            with contextlib.suppress(Exception):
+                self.device.kill(self.pid)
+
+    # ---- signals --------------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        self._old_handlers: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, _frame: Any) -> None:
+            if self._stop_reason is None:
+                self._stop_reason = "interrupted"
+                self._notes.append(f"stopped by {signal.Signals(signum).name}")
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old_handlers[sig] = signal.signal(sig, handler)
+
+    def _restore_signals(self) -> None:
+        for sig, old in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, old)
+
+    def request_stop(self, reason: str = "interrupted") -> None:
+        """Ask a running session to stop (thread-safe; used by tests and embedders)."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+
+
+def _local_device() -> frida.core.Device:
+    try:
+        return frida.get_local_device()
+    except frida.InvalidOperationError as exc:  # pragma: no cover
+        raise SessionError(f"cannot use Frida's local device: {exc}") from None
+
+
+def _counters(d: Any) -> AgentCounters | None:
+    if isinstance(d, AgentCounters):
+        return d
+    if isinstance(d, dict):
+        known = AgentCounters.__dataclass_fields__
+        return AgentCounters(**{k: int(v) for k, v in d.items() if k in known})
+    return None
+
+
+def _crash_summary(crash: Any) -> str:
+    if crash is None:
+        return ""
+    summary = getattr(crash, "summary", None) or str(crash)
+    return " ".join(str(summary).split())[:500]
+
+
+def _utc_offset_s() -> int:
+    """The host's local-time offset now (the log shows local time, like the original plugin)."""
+    off = time.localtime().tm_gmtoff
+    return int(off or 0)

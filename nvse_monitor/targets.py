@@ -1,0 +1,151 @@
+"""Finding the target process, learning what it is before the agent loads, and watching it exit.
+
+Everything here turns Frida's exceptions into one-line `TargetError`s the CLI prints as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import frida
+
+
+class TargetError(Exception):
+    """A user-facing, one-line problem with the target (unknown, ambiguous, not attachable)."""
+
+
+@dataclass(frozen=True)
+class ProcessRef:
+    pid: int
+    name: str
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What the probe script saw in the target (Frida's own view, so ia32 under x64 is right)."""
+
+    platform: str  # Process.platform: linux, windows, darwin...
+    arch: str  # Process.arch: x64, ia32, arm64...
+    main_module: str  # the executable's module name, e.g. "FalloutNV.exe"
+    path: str  # the executable's path
+
+
+def frida_error_message(exc: BaseException, what: str) -> str:
+    """One line for a Frida failure while doing `what` (e.g. "attach to PID 42")."""
+    hints = {
+        frida.PermissionDeniedError: "permission denied (run as the target's user or as root; "
+        "on Linux check /proc/sys/kernel/yama/ptrace_scope)",
+        frida.ProcessNotFoundError: "no such process (did it exit?)",
+        frida.ProcessNotRespondingError: "the process is not responding",
+        frida.ExecutableNotFoundError: "executable not found",
+        frida.ExecutableNotSupportedError: "not an executable Frida can start",
+        frida.NotSupportedError: "not supported for this process",
+        frida.TimedOutError: "timed out",
+        frida.TransportError: "lost the connection to the process",
+    }
+    for cls, hint in hints.items():
+        if isinstance(exc, cls):
+            detail = str(exc).strip()
+            return f"cannot {what}: {hint}" + (f" ({detail})" if detail else "")
+    return f"cannot {what}: {type(exc).__name__}: {str(exc).strip()}"
+
+
+def resolve_target(device: frida.core.Device, spec: str) -> ProcessRef:
+    """A PID (all digits) or a process name (case-insensitive, must be unique)."""
+    spec = spec.strip()
+    try:
+        procs = device.enumerate_processes()
+    except frida.InvalidOperationError as exc:  # pragma: no cover - device gone
+        raise TargetError(frida_error_message(exc, "list processes")) from None
+    if spec.isdigit():
+        pid = int(spec)
+        for p in procs:
+            if p.pid == pid:
+                return ProcessRef(p.pid, p.name)
+        raise TargetError(f"no process with PID {pid}")
+    wanted = spec.lower()
+    found = [p for p in procs if p.name.lower() == wanted]
+    if not found and os.sep not in wanted:
+        # Windows users type "FalloutNV" for "FalloutNV.exe".
+        found = [p for p in procs if p.name.lower() == wanted + ".exe"]
+    if not found:
+        raise TargetError(f"no process named {spec!r} (give its PID or its exact name)")
+    if len(found) > 1:
+        listing = ", ".join(f"{p.name} (PID {p.pid})" for p in sorted(found, key=lambda p: p.pid))
+        raise TargetError(f"{len(found)} processes are named {spec!r}: {listing}; give a PID")
+    return ProcessRef(found[0].pid, found[0].name)
+
+
+_PROBE_JS = """
+const m = Process.mainModule;
+send({platform: Process.platform, arch: Process.arch, main: m.name, path: m.path});
+"""
+
+
+def probe(session: frida.core.Session, timeout_s: float = 10.0) -> TargetInfo:
+    """Run a throw-away script to learn the target's platform, arch and executable."""
+    got: dict[str, Any] = {}
+    done = threading.Event()
+
+    def on_message(message: dict[str, Any], _data: Any) -> None:
+        if message.get("type") == "send":
+            got.update(message["payload"])
+        else:
+            got["error"] = message.get("description", str(message))
+        done.set()
+
+    script = session.create_script(_PROBE_JS, name="nvse-monitor-probe")
+    script.on("message", on_message)
+    script.load()
+    if not done.wait(timeout_s):
+        raise TargetError("the target did not answer the probe script")
+    with contextlib.suppress(frida.InvalidOperationError):
+        script.unload()
+    if "error" in got:
+        raise TargetError(f"probe script failed in the target: {got['error']}")
+    return TargetInfo(got["platform"], got["arch"], got["main"], got.get("path", ""))
+
+
+# Tells the host how the target ends, so a normal exit can be told from a kill or a crash (all
+# three detach with "process-terminated"). Frida calls rpc.exports.dispose when the process
+# exits normally (exit(), return from main, ExitProcess) and after abort(), never on a kill; the
+# exception handler describes a crash and lets it proceed (never handles it). Measured here: a
+# hook on exit() itself does not run reliably (Frida's own exit handling comes first), and a
+# message sent from the crashing thread is lost unless that thread waits a moment for the
+# transport to flush it. Nothing here runs on the allocation path.
+EXIT_WATCH_JS = """
+let reported = false;
+Process.setExceptionHandler(d => {
+  if (!reported) {
+    reported = true;
+    const where = (p) => {
+      const m = p === null ? null : Process.findModuleByAddress(p);
+      return m === null ? String(p) : `${m.name}+0x${p.sub(m.base).toString(16)}`;
+    };
+    let text = `${d.type} at ${where(d.address)}`;
+    if (d.memory) text += ` (${d.memory.operation} of ${d.memory.address})`;
+    send({type: 'exit-watch', how: d.type === 'abort' ? 'abort' : 'crash', what: text,
+          tid: Process.getCurrentThreadId()});
+    Thread.sleep(0.1); // the process dies when we return: let the message leave first
+  }
+  return false; // not handled: the target crashes exactly as it would have without us
+});
+rpc.exports.dispose = function () {
+  if (!reported)
+    send({type: 'exit-watch', how: 'exit', what: 'exit', tid: Process.getCurrentThreadId()});
+};
+"""
+
+
+@dataclass(frozen=True)
+class ExitNotice:
+    """How the target is ending: "exit" (exit() or return from main; also sent when the host
+    unloads the watcher itself), "abort" or "crash" (`what` describes the exception)."""
+
+    how: str
+    what: str
+    tid: int

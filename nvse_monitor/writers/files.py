@@ -1,0 +1,133 @@
+"""The four output files of one session together: routes engine outputs to their writer and
+turns write errors into one stderr line plus a WriteFailure the pipeline reports to the engine."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from ..outputs import CsvRow, LogLine, Output, Snapshot
+from ..stream import SessionMeta
+from .csv import CsvWriter
+from .json import JsonWriter
+from .log import LogWriter
+from .status import StatusWriter
+
+DEFAULT_PREFIX = "MemoryPoolNVSE"
+
+
+@dataclass(frozen=True)
+class FilePaths:
+    log: Path
+    json: Path
+    csv: Path
+    status: Path
+
+    @classmethod
+    def of(cls, out_dir: Path | str, prefix: str = DEFAULT_PREFIX) -> FilePaths:
+        d = Path(out_dir)
+        return cls(
+            log=d / f"{prefix}_rpmalloc.log",
+            json=d / f"{prefix}_stats.json",
+            csv=d / f"{prefix}_performance.csv",
+            status=d / f"{prefix}_status.txt",
+        )
+
+    def all(self) -> tuple[Path, Path, Path, Path]:
+        return (self.log, self.json, self.csv, self.status)
+
+
+@dataclass(frozen=True)
+class WriteFailure:
+    path: Path
+    error: str  # e.g. "No space left on device"
+
+
+class OutputDirError(Exception):
+    """The output directory cannot be created or written (raised at start only)."""
+
+
+def describe(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+class OutputFiles:
+    """Owns the four writers. A file that fails is reported once (stderr + WriteFailure) until
+    a write to it succeeds again; its data is retried at every later update."""
+
+    def __init__(self, meta: SessionMeta, out_dir: Path | str, prefix: str = DEFAULT_PREFIX,
+                 err: TextIO | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.prefix = prefix
+        self.paths = FilePaths.of(self.out_dir, prefix)
+        zero = meta.wall_clock_zero_us
+        self.log = LogWriter(self.paths.log, zero, meta.utc_offset_s, meta.pid)
+        self.csv = CsvWriter(self.paths.csv, zero)
+        self.json = JsonWriter(self.paths.json, zero)
+        self.status = StatusWriter(self.paths.status, zero, prefix)
+        self.failing: set[Path] = set()
+        self._err = err
+        self._last_ts = 0
+
+    def open(self) -> None:
+        """Create the directory and start the log and CSV afresh. Raises OutputDirError."""
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.out_dir, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+            self.log.start()
+            self.csv.start()
+        except OSError as e:
+            where = "" if e.filename in (None, str(self.out_dir)) else f" ({e.filename})"
+            raise OutputDirError(
+                f"cannot write to output directory {self.out_dir}{where}: {describe(e)}"
+            ) from None
+
+    def write(self, out: Output) -> list[WriteFailure]:
+        if isinstance(out, LogLine):
+            self._last_ts = out.ts_us
+            if self.log.add(out):
+                return self._try(self.log.path, lambda: self.log.flush(out.ts_us))
+            return []
+        if isinstance(out, CsvRow):
+            self._last_ts = out.ts_us
+            if self.csv.add(out):
+                return self._try(self.csv.path, self.csv.flush)
+            return []
+        if isinstance(out, Snapshot):
+            self._last_ts = out.ts_us
+            return self.update(out)
+        raise TypeError(f"not an engine output: {out!r}")
+
+    def update(self, snap: Snapshot) -> list[WriteFailure]:
+        """Every file brought up to date: buffered log and CSV lines, JSON and status."""
+        failures = self.flush()
+        failures += self._try(self.json.path, lambda: self.json.write(snap))
+        failures += self._try(self.status.path, lambda: self.status.write(snap))
+        return failures
+
+    def flush(self) -> list[WriteFailure]:
+        ts = self._last_ts
+        return (self._try(self.log.path, lambda: self.log.flush(ts))
+                + self._try(self.csv.path, self.csv.flush))
+
+    def _try(self, path: Path, write: Callable[[], None]) -> list[WriteFailure]:
+        try:
+            write()
+        except OSError as e:
+            if path in self.failing:
+                return []  # already reported; retried at the next update
+            self.failing.add(path)
+            self._say(f"nvse-monitor: cannot write {path}: {describe(e)} (will retry)")
+            return [WriteFailure(path, describe(e))]
+        if path in self.failing:
+            self.failing.discard(path)
+            self._say(f"nvse-monitor: writing {path} works again")
+        return []
+
+    def _say(self, line: str) -> None:
+        print(line, file=self._err or sys.stderr, flush=True)

@@ -1,0 +1,208 @@
+"""Shared fixtures: C test targets compiled with gcc for x86_64 and -m32 (live tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+TARGETS_DIR = Path(__file__).parent / "targets"
+ARCHES = ("x64", "ia32")
+_ARCH_FLAGS = {"x64": ["-m64"], "ia32": ["-m32"]}
+
+
+@dataclass
+class TargetBuilder:
+    """Compiles tests/targets/*.c on demand, once per session and arch."""
+
+    build_dir: Path
+    _cache: dict[tuple[str, str, bool], Path]
+    _m32_error: str | None = None
+
+    def m32_problem(self) -> str | None:
+        """Why -m32 programs cannot be built here (None: they can)."""
+        if self._m32_error is None:
+            probe = self.build_dir / "m32-probe.c"
+            probe.write_text("#include <pthread.h>\nint main(void){return 0;}\n")
+            r = subprocess.run(
+                ["gcc", "-m32", "-pthread", str(probe), "-o", str(self.build_dir / "m32-probe")],
+                capture_output=True,
+                text=True,
+            )
+            last = (r.stderr.strip().splitlines() or ["?"])[-1]
+            self._m32_error = "" if r.returncode == 0 else last
+        return self._m32_error or None
+
+    def build(self, name: str, arch: str = "x64", shared: bool = False) -> Path:
+        """Path of the compiled target `name` (tests/targets/<name>.c); skips the test if a
+        32-bit toolchain is missing."""
+        key = (name, arch, shared)
+        if key in self._cache:
+            return self._cache[key]
+        if shutil.which("gcc") is None:
+            pytest.skip("gcc is not installed")
+        if arch == "ia32" and (why := self.m32_problem()):
+            pytest.skip(f"gcc -m32 cannot link here (install gcc-multilib): {why}")
+        src = TARGETS_DIR / f"{name}.c"
+        out = self.build_dir / arch / (f"lib{name}.so" if shared else name)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cmd = ["gcc", *_ARCH_FLAGS[arch], "-O2", "-g", "-Wall", "-pthread", str(src)]
+        cmd += ["-o", str(out)]
+        if shared:
+            cmd[1:1] = ["-shared", "-fPIC"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"building {src.name} for {arch} failed:\n{r.stderr}")
+        self._cache[key] = out
+        return out
+
+
+@pytest.fixture(scope="session")
+def targets(tmp_path_factory: pytest.TempPathFactory) -> TargetBuilder:
+    return TargetBuilder(tmp_path_factory.mktemp("build"), {})
+
+
+# ---- live-session helpers: a C target and the CLI as real subprocesses -------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Target:
+    """A test target speaking the READY / DONE / AFTER line protocol on stdin/stdout."""
+
+    def __init__(self, argv: list[str | Path]) -> None:
+        self.proc = subprocess.Popen(
+            [str(a) for a in argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.pid = self.proc.pid
+
+    def expect(self, tag: str, timeout: float = 60.0) -> str:
+        """The rest of the next stdout line starting with `tag`."""
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"target exited (rc {self.proc.poll()}) before {tag}")
+            if line.startswith(tag):
+                return line[len(tag):].strip()
+        raise AssertionError(f"no {tag} line from the target in {timeout}s")
+
+    def wait_ready(self) -> None:
+        assert int(self.expect("READY")) == self.pid
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+
+    def done(self, timeout: float = 60.0) -> dict:
+        return json.loads(self.expect("DONE", timeout))
+
+    def finish(self) -> dict | None:
+        """Let a --wait target end; returns its AFTER report when it prints one."""
+        self.go()
+        after = None
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("AFTER"):
+                after = json.loads(line[5:])
+        assert self.proc.wait(timeout=30) == 0
+        return after
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+class Monitor:
+    """`nvse-monitor ARGS` as a subprocess, its stderr collected by a thread."""
+
+    def __init__(self, args: list[str | Path], stdout: int | None = subprocess.DEVNULL) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nvse_monitor", *[str(a) for a in args]],
+            stderr=subprocess.PIPE, stdout=stdout, text=True, cwd=REPO, env=env,
+        )
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append("<eof>")
+            self._cond.notify_all()
+
+    @property
+    def stderr(self) -> str:
+        with self._cond:
+            return "\n".join(x for x in self.lines if x != "<eof>")
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if text in line:
+                        return line
+                if "<eof>" in self.lines:
+                    raise AssertionError(f"monitor exited before {text!r}:\n{self.stderr}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"no {text!r} from the monitor in {timeout}s:\n{self.stderr}")
+                self._cond.wait(left)
+
+    def wait_monitoring(self, timeout: float = 60.0) -> str:
+        return self.wait_for("nvse-monitor: monitoring ", timeout)
+
+    def signal(self, sig: int = signal.SIGINT) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"monitor did not end in {timeout}s:\n{self.stderr}") from None
+        self.wait_for("<eof>", 10)  # all of stderr read
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def live_procs():
+    """Collects Target/Monitor objects and kills whatever a failing test left running."""
+    procs: list[Target | Monitor] = []
+    yield procs
+    for p in reversed(procs):
+        p.kill()
+
+
+def read_outputs(out_dir: Path, prefix: str = "MemoryPoolNVSE") -> dict[str, Path]:
+    names = {
+        "log": f"{prefix}_rpmalloc.log",
+        "json": f"{prefix}_stats.json",
+        "csv": f"{prefix}_performance.csv",
+        "status": f"{prefix}_status.txt",
+    }
+    return {k: out_dir / v for k, v in names.items()}

@@ -1,0 +1,68 @@
+/* Waits for the monitor, then dlopen()s the plugin given as argv[1] and uses its allocator:
+ * N plugin_malloc calls of known sizes, every third block plugin_free'd. Prints the truth. */
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef void *(*alloc_fn)(size_t);
+typedef void (*free_fn)(void *);
+
+static void out(const char *s) {
+    size_t n = strlen(s);
+    while (n) {
+        ssize_t w = write(1, s, n);
+        if (w <= 0) return;
+        s += w;
+        n -= (size_t)w;
+    }
+}
+
+static void wait_line(void) {
+    char c;
+    while (read(0, &c, 1) == 1 && c != '\n') {
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) return 2;
+    int n = argc > 2 ? atoi(argv[2]) : 500;
+    static void *blk[100000];
+    if (n > 100000) n = 100000;
+    char msg[512];
+    snprintf(msg, sizeof msg, "READY %ld\n", (long)getpid());
+    out(msg);
+    wait_line();
+    void *h = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+        snprintf(msg, sizeof msg, "ERROR %s\n", dlerror());
+        out(msg);
+        return 3;
+    }
+    alloc_fn pm = (alloc_fn)dlsym(h, "plugin_malloc");
+    free_fn pf = (free_fn)dlsym(h, "plugin_free");
+    unsigned long long allocs = 0, frees = 0, bytes = 0, freed = 0;
+    for (int i = 0; i < n; i++) {
+        size_t s = 8 + (size_t)(i * 37 % 500);
+        blk[i] = pm(s);
+        if (blk[i]) {
+            allocs++;
+            bytes += s;
+        }
+        if (i % 3 == 2 && blk[i - 1]) {
+            pf(blk[i - 1]);
+            frees++;
+            freed += 8 + (size_t)((i - 1) * 37 % 500);
+            blk[i - 1] = NULL;
+        }
+    }
+    snprintf(msg, sizeof msg,
+             "DONE {\"total_allocations\":%llu,\"total_frees\":%llu,\"total_bytes_allocated\":%llu,"
+             "\"total_bytes_freed\":%llu,\"current_allocations\":%llu,"
+             "\"current_bytes_allocated\":%llu}\n",
+             allocs, frees, bytes, freed, allocs - frees, bytes - freed);
+    out(msg);
+    wait_line();
+    return 0;
+}

@@ -1,0 +1,439 @@
+"""The agent on real processes: records equal the targets' own ground truth, exactly.
+
+Targets: tests/agent_targets/*.c, compiled here for x86_64 and -m32 (skipped with the reason
+when gcc -m32 cannot link). Harness: tests/test_agent_harness.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_agent_harness import Monitored, build, counters_delta, m32_problem, tally
+
+from nvse_monitor.agent_host import AgentConfig
+from nvse_monitor.events import Kind
+from nvse_monitor.hookprofile import load_profile, parse_profile
+
+pytestmark = pytest.mark.frida
+
+ARCHES = [
+    "x64",
+    pytest.param("ia32", marks=pytest.mark.m32),
+]
+KINDS = {"A": Kind.ALLOC, "F": Kind.FREE, "R": Kind.REALLOC, "X": Kind.FAILED}
+
+
+@pytest.fixture(scope="session")
+def bin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("agent-bin")
+
+
+@pytest.fixture(scope="session")
+def m32_reason() -> str | None:
+    return m32_problem()
+
+
+def exe(bin_dir: Path, src: str, arch: str, m32_reason: str | None, **kw) -> Path:
+    if arch == "ia32" and m32_reason:
+        pytest.skip(m32_reason)
+    return build(src, bin_dir, arch, **kw)
+
+
+def check_stream(mon: Monitored, recs: np.ndarray) -> None:
+    """Transport invariants: contiguous ring positions, time never goes back, counters agree."""
+    seq = recs["seq"].astype(np.int64)
+    assert len(recs) == 0 or np.array_equal(seq, (seq[0] + np.arange(len(seq))) & 0xFFFFFFFF)
+    assert np.all(np.diff(recs["ts_us"].astype(np.int64)) >= 0)
+    batches = mon.batches()
+    nows = [b.now_us for b in batches]
+    assert nows == sorted(nows)
+    for b in batches:
+        assert len(b.records) * 56 <= (1 << 20)
+        if len(b.records):
+            assert int(b.records["ts_us"].max()) <= b.now_us
+    last = batches[-1].counters
+    assert last.published == len(recs)
+    assert tally(recs) == counters_delta(type(last)(), last) if last.dropped == 0 else True
+
+
+# ------------------------------------------------------------------ exact sequence
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_sequence_matches_ground_truth(bin_dir, m32_reason, arch):
+    path = exe(bin_dir, "sequence.c", arch, m32_reason)
+    with Monitored([str(path)]) as mon:
+        info = mon.agent.init_result
+        assert info["arch"] == arch and info["platform"] == "linux"
+        tid = int(mon.ready[2])
+        mon.say()
+        truth = mon.read_until("done")
+        final = mon.stop()
+        recs = mon.records()
+        rc = mon.close()
+    assert rc == 0
+    check_stream(mon, recs)
+    assert final.dropped == 0
+
+    # the sequence is cut out of the stream by its markers: malloc(0x7777) at both ends
+    mine = recs[recs["tid"] == tid]
+    marks = np.flatnonzero((mine["size"] == 0x7777) & (mine["kind"] == Kind.ALLOC))
+    assert len(marks) == 2
+    seq = mine[marks[0]: marks[1] + 1]
+    want = [(KINDS[k], int(p), int(o), int(s)) for k, p, o, s in truth]
+    got = [(int(r["kind"]), int(r["ptr"]), int(r["old_ptr"]), int(r["size"])) for r in seq]
+    # FAILED records carry the requested size and the old block (realloc) but no result
+    assert got == [(k, 0 if k == Kind.FAILED else p, o, s) for k, p, o, s in want]
+
+    # which hook recorded each call (memalign may share aligned_alloc's code: an alias)
+    alias = {h["name"]: h["detail"].split("same code as hook ")[1].split(",")[0]
+             for h in info["hooks"] if "same code as hook" in h["detail"]}
+    names = [h.name for h in mon.profile.hooks]
+    fns = ["malloc"] * 21 + ["calloc", "realloc", "realloc", "posix_memalign", "aligned_alloc",
+                             "memalign", "malloc", "free", "malloc", "calloc", "realloc",
+                             "realloc"] + ["free"] * (len(seq) - 34) + ["malloc"]
+    assert [names[h] for h in seq["hook"]] == [alias.get(f, f) for f in fns]
+
+    # callers are in the target's own code; durations only for the large block
+    main = next(m for m in info["modules"] if m["name"] == info["main_module"])
+    assert np.all((seq["caller"] >= main["base"]) & (seq["caller"] < main["base"] + main["size"]))
+    small = seq["size"] <= (1 << 20)
+    assert np.all(seq["dur_us"][small] == 0)
+    assert np.all(seq["flags"] == 0)
+
+
+# ------------------------------------------------------------------ threads
+
+
+def read_thread_truth(mon: Monitored) -> tuple[dict[int, dict[str, int]], dict[str, int]]:
+    per, total = {}, {}
+    for words in mon.read_until("done"):
+        vals = dict(zip(("allocs", "frees", "reallocs", "failures", "bytes_allocated"),
+                        map(int, words[2:]), strict=True))
+        if words[0] == "tid":
+            per[int(words[1])] = vals
+        else:
+            total = vals
+    return per, total
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_threads_exact_no_loss(bin_dir, m32_reason, arch):
+    path = exe(bin_dir, "threads.c", arch, m32_reason, opt="-O1")
+    with Monitored([str(path), "8", "6000"]) as mon:
+        before = mon.agent.flush()
+        mon.say()
+        per, total = read_thread_truth(mon)
+        after = mon.agent.flush()
+        final = mon.stop()
+        recs = mon.records()
+        assert mon.close() == 0
+    assert final.dropped == 0
+    assert counters_delta(before, after) == total
+    check_stream(mon, recs)
+    # every worker's records, and nothing twice
+    for tid, want in per.items():
+        assert tally(recs[recs["tid"] == tid]) == want, f"thread {tid}"
+    assert len(np.unique(recs["seq"])) == len(recs)
+
+
+def test_tiny_ring_overflow_keeps_counters_exact(bin_dir, m32_reason):
+    path = exe(bin_dir, "threads.c", "x64", m32_reason, opt="-O1")
+    cfg = AgentConfig(ring_slots=64, drain_interval_ms=20)
+    with Monitored([str(path), "8", "20000"], config=cfg) as mon:
+        before = mon.agent.flush()
+        mon.say()
+        per, total = read_thread_truth(mon)
+        after = mon.agent.flush()
+        mon.stop()
+        recs = mon.records()
+        assert mon.close() == 0
+    assert after.dropped - before.dropped > 0
+    assert counters_delta(before, after) == total  # exact despite the drops
+    assert after.published + after.dropped >= sum(total[k] for k in
+                                                  ("allocs", "frees", "reallocs", "failures"))
+    assert after.published == len(recs)
+    seq = recs["seq"].astype(np.int64)  # drops take no ring position: still contiguous
+    assert np.array_equal(seq, seq[0] + np.arange(len(seq)))
+
+
+# ------------------------------------------------------------------ hooks that cannot go in
+
+
+def test_bad_hooks_reported_others_work(bin_dir, tmp_path):
+    path = build("sequence.c", bin_dir, "x64")
+    text = textwrap.dedent("""
+        [profile]
+        name = "broken"
+        platform = "linux"
+        arch = ["x64"]
+        [[hook]]
+        name = "missing"
+        heap = "libc"
+        role = "alloc"
+        module = "libc.so.6"
+        export = "no_such_allocator_xyz"
+        args = { size = 0 }
+        [[hook]]
+        name = "header"
+        heap = "libc"
+        role = "alloc"
+        module = "libc.so.6"
+        offset = 0
+        args = { size = 0 }
+        [[hook]]
+        name = "nowhere"
+        heap = "x"
+        role = "free"
+        address = 0x1000
+        args = { ptr = 0 }
+        [[hook]]
+        name = "later"
+        heap = "x"
+        role = "free"
+        module = "libnotloaded*.so"
+        export = "f"
+        args = { ptr = 0 }
+        [[hook]]
+        name = "malloc"
+        heap = "libc"
+        role = "alloc"
+        module = "libc.so.6"
+        export = "malloc"
+        args = { size = 0 }
+        [[hook]]
+        name = "free"
+        heap = "libc"
+        role = "free"
+        module = "LIBC.so.*"
+        export = "free"
+        args = { ptr = 0 }
+        """)
+    profile = parse_profile(text, "broken.toml")
+    with Monitored([str(path)], profile=profile) as mon:
+        events = {e.name: e for e in mon.hook_events()}
+        assert not events["missing"].ok and "no_such_allocator_xyz" in events["missing"].detail
+        assert not events["header"].ok and "not executable" in events["header"].detail
+        assert not events["nowhere"].ok and "not inside any loaded module" in events["nowhere"].detail
+        assert not events["later"].ok and events["later"].detail.startswith("pending")
+        assert events["malloc"].ok and events["free"].ok  # glob, case-insensitive
+        assert [h["ok"] for h in mon.agent.init_result["hooks"]] == [False] * 4 + [True] * 2
+        mon.say()
+        truth = mon.read_until("done")
+        mon.stop()
+        recs = mon.records()
+        assert mon.close() == 0
+    assert len(truth) > 50
+    assert (recs["hook"] == 4).sum() >= 23  # the sequence's 23 malloc calls at least
+    assert (recs["hook"] == 5).sum() >= 25
+    assert set(np.unique(recs["hook"]).tolist()) <= {4, 5}
+
+
+# ------------------------------------------------------------------ modules loaded later
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_dlopen_library_hooked_on_load(bin_dir, m32_reason, arch, tmp_path):
+    lib = exe(bin_dir, "fakealloc.c", arch, m32_reason, shared=True)
+    path = build("dlopen_target.c", bin_dir, arch)
+    text = textwrap.dedent("""
+        [profile]
+        name = "fake"
+        platform = "linux"
+        arch = ["x64", "ia32"]
+        [[hook]]
+        name = "fa_malloc"
+        heap = "plugin"
+        role = "alloc"
+        module = "libfakealloc-*.so"
+        export = "fa_malloc"
+        args = { size = 0 }
+        [[hook]]
+        name = "fa_free"
+        heap = "plugin"
+        role = "free"
+        module = "libfakealloc-*.so"
+        export = "fa_free"
+        args = { ptr = 0 }
+        [[hook]]
+        name = "malloc"
+        heap = "libc"
+        role = "alloc"
+        module = "libc.so.6"
+        export = "malloc"
+        args = { size = 0 }
+        [[hook]]
+        name = "free"
+        heap = "libc"
+        role = "free"
+        module = "libc.so.6"
+        export = "free"
+        args = { ptr = 0 }
+        """)
+    profile = parse_profile(text, "fake.toml")
+    with Monitored([str(path), str(lib)], profile=profile) as mon:
+        assert [h["ok"] for h in mon.agent.init_result["hooks"]] == [False, False, True, True]
+        mon.say()
+        truth = mon.read_until("done")
+        mon.agent.flush()
+        adds = [e for e in mon.module_events() if e.action == "add"]
+        assert any(e.module.name == lib.name for e in adds)
+        oks = [e.name for e in mon.hook_events() if e.ok]
+        assert "fa_malloc" in oks and "fa_free" in oks
+        mon.say()
+        assert mon.readline() == "closed"
+        assert mon.wait_for(lambda: any(e.action == "remove" and e.module.name == lib.name
+                                        for e in mon.module_events()))
+        mon.say()
+        assert mon.readline() == "bye"
+        final = mon.stop()
+        recs = mon.records()
+        assert mon.close() == 0
+    assert final.dropped == 0
+    names = [h.name for h in profile.hooks]
+    want = [(KINDS[k], int(p), int(s), fn) for k, p, s, fn in truth]
+    # fa_malloc calls libc malloc inside: only the outer call is recorded (re-entrancy guard)
+    got = [(int(r["kind"]), int(r["ptr"]), int(r["size"]), names[r["hook"]]) for r in recs
+           if r["ptr"] in {p for _, p, _, _ in want}]
+    assert got == want
+    # after dlclose the library's hooks are gone, libc's still record
+    tail = recs[recs["size"] >= 1000]
+    assert sum(1 for r in tail if names[r["hook"]] == "malloc" and 1000 <= r["size"] < 1005) == 5
+
+
+# ------------------------------------------------------------------ stop, detach, host death
+
+
+def read_code(pid: int, address: int, n: int = 16) -> bytes:
+    with open(f"/proc/{pid}/mem", "rb") as f:
+        f.seek(address)
+        return f.read(n)
+
+
+def malloc_address(pid: int) -> int:
+    """libc malloc in an x86_64 target: our own libc.so.6 is the same file, so same offset."""
+    import ctypes
+
+    def libc_base(maps: str) -> int:
+        with open(maps) as f:
+            return min(int(line.split("-")[0], 16) for line in f if "/libc.so.6" in line)
+
+    mine = ctypes.cast(ctypes.CDLL("libc.so.6").malloc, ctypes.c_void_p).value
+    return libc_base(f"/proc/{pid}/maps") + mine - libc_base("/proc/self/maps")
+
+
+def test_stop_reverts_hooks_target_keeps_running(bin_dir):
+    path = build("threads.c", bin_dir, "x64", opt="-O1")
+    target = subprocess.Popen([str(path), "4", "1"], stdin=subprocess.PIPE)
+    original = read_code(target.pid, malloc_address(target.pid))  # before any Frida
+    target.kill()
+    target.wait()
+    with Monitored([str(path), "4", "1500000"]) as mon:
+        addr = malloc_address(mon.pid)
+        assert libc_malloc_address(mon) == addr
+        patched = read_code(mon.pid, addr)
+        mon.say()  # the workers hammer malloc/free while we stop
+        time.sleep(0.3)
+        final = mon.stop()
+        restored = read_code(mon.pid, addr)
+        per, total = read_thread_truth(mon)  # the workers finish their work unharmed
+        assert len(mon.records()) == final.published  # nothing after the final drain
+        assert mon.close() == 0
+    assert patched != original
+    assert restored == original
+    assert 0 < final.allocs < total["allocs"]  # stopped mid-run, the target went on
+
+
+def libc_malloc_address(mon: Monitored) -> int:
+    detail = next(e.detail for e in mon.hook_events() if e.name == "malloc" and e.ok)
+    return int(detail.split()[0], 16)
+
+
+HOST_SCRIPT = """
+import sys, time, frida
+sys.path.insert(0, {tests!r})
+from nvse_monitor.agent_host import load_agent
+from nvse_monitor.hookprofile import load_profile
+s = frida.attach({pid})
+h = load_agent(s, load_profile("linux-libc"), on_message=lambda m: None)
+print("loaded", flush=True)
+time.sleep(60)
+"""
+
+
+def test_host_death_unloads_agent(bin_dir):
+    path = build("threads.c", bin_dir, "x64", opt="-O1")
+    target = subprocess.Popen([str(path), "4", "100000"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    try:
+        target.stdout.readline()
+        addr = malloc_address(target.pid)
+        original = read_code(target.pid, addr)
+        host = subprocess.Popen(
+            [sys.executable, "-c", HOST_SCRIPT.format(tests=str(Path(__file__).parent),
+                                                      pid=target.pid)],
+            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
+        assert host.stdout.readline().strip() == b"loaded"
+        assert read_code(target.pid, addr) != original  # hooked
+        target.stdin.write(b"go\n")
+        target.stdin.flush()
+        os.kill(host.pid, signal.SIGKILL)
+        host.wait()
+        deadline = time.monotonic() + 10
+        while read_code(target.pid, addr) != original and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert read_code(target.pid, addr) == original  # Frida unloaded the agent
+        lines = []
+        while (line := target.stdout.readline().decode().strip()) != "done":
+            lines.append(line)
+        assert len(lines) == 5  # 4 workers + total: the target finished its work
+        target.stdin.write(b"end\n")
+        target.stdin.close()
+        assert target.wait(timeout=20) == 0
+    finally:
+        if target.poll() is None:
+            target.kill()
+            target.wait()
+
+
+def test_spawned_process_recorded_from_first_call(bin_dir):
+    import frida
+
+    from nvse_monitor.agent_host import load_agent
+
+    path = build("sequence.c", bin_dir, "x64")
+    device = frida.get_local_device()
+    pid = device.spawn([str(path)], stdio="pipe")
+    msgs = []
+    session = device.attach(pid)
+    handle = load_agent(session, load_profile("linux-libc"), on_message=msgs.append)
+    out = []
+    device.on("output", lambda p, fd, data: out.append(data))
+    device.resume(pid)
+    try:
+        deadline = time.monotonic() + 10
+        while b"ready" not in b"".join(out) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        device.input(pid, b"go\n")
+        while b"done" not in b"".join(out) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        final = handle.stop()
+        assert final.dropped == 0
+        assert all(h["ok"] for h in handle.init_result["hooks"])
+        assert final.allocs >= 30  # the sequence's, plus libc's own start-up ones
+    finally:
+        handle.unload()
+        device.input(pid, b"end\n")
+        session.detach()
+        try:
+            device.kill(pid)
+        except frida.ProcessNotFoundError:
+            pass

@@ -1,0 +1,178 @@
+"""Test harness for the agent (no tests here): compile the C targets, run them under a real agent.
+
+Shared by tests/test_agent*.py and bench/bench_hook_cost.py (no pytest dependency here).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nvse_monitor.agent_host import AgentConfig, AgentHandle, load_agent
+from nvse_monitor.events import RECORD_DTYPE
+from nvse_monitor.hookprofile import Profile, load_profile
+from nvse_monitor.stream import AgentCounters, Batch, HookEvent, ModuleEvent
+
+TARGETS = Path(__file__).parent / "agent_targets"
+
+
+def m32_problem() -> str | None:
+    """Why `gcc -m32` cannot build a threaded program here, or None when it can."""
+    probe = "#include <pthread.h>\nint main(void){pthread_self();return 0;}\n"
+    try:
+        r = subprocess.run(["gcc", "-m32", "-pthread", "-x", "c", "-", "-o", os.devnull],
+                           input=probe.encode(), capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"gcc -m32 not usable: {e}"
+    if r.returncode != 0:
+        return "gcc -m32 cannot link (install gcc-multilib): " + r.stderr.decode()[-200:]
+    return None
+
+
+def build(src: str, out_dir: Path, arch: str = "x64", shared: bool = False,
+          opt: str = "-O0") -> Path:
+    """Compile tests/agent_targets/<src> for x64 or ia32 (cached by name in out_dir)."""
+    stem = Path(src).stem
+    out = out_dir / (f"lib{stem}-{arch}.so" if shared else f"{stem}-{arch}")
+    if out.exists():
+        return out
+    cmd = ["gcc", opt, "-g", "-pthread", "-Wno-alloc-size-larger-than", str(TARGETS / src),
+           "-o", str(out)]
+    if arch == "ia32":
+        cmd.insert(1, "-m32")
+    if shared:
+        cmd[1:1] = ["-shared", "-fPIC"]
+    else:
+        cmd.append("-ldl")
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
+class Monitored:
+    """A target process with the agent loaded; collects every stream message in order."""
+
+    def __init__(self, argv: list[str], profile: Profile | str = "linux-libc",
+                 config: AgentConfig | None = None, attach: bool = True) -> None:
+        import frida
+
+        self.profile = load_profile(profile) if isinstance(profile, str) else profile
+        self.messages: list[Any] = []
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.ready = self.readline().split()
+        assert self.ready and self.ready[0] == "ready", f"target said {self.ready!r}"
+        self.pid = self.proc.pid
+        self.session = frida.attach(self.pid)
+        self.detached: list[str] = []
+        self.session.on("detached", lambda reason, crash: self.detached.append(reason))
+        self.agent: AgentHandle = load_agent(self.session, self.profile, config or AgentConfig(),
+                                             on_message=self._on_message)
+
+    def _on_message(self, msg: Any) -> None:
+        with self._lock:
+            self.messages.append(msg)
+
+    # ---------------------------------------------------------------- target I/O
+
+    def readline(self, timeout: float = 30.0) -> str:
+        line = self.proc.stdout.readline()  # the targets answer quickly; pytest-timeout guards
+        if not line:
+            raise AssertionError(f"target exited (rc={self.proc.poll()}) before answering")
+        return line.decode().rstrip("\n")
+
+    def say(self, text: str = "go") -> None:
+        self.proc.stdin.write(text.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def read_until(self, end: str = "done") -> list[list[str]]:
+        lines = []
+        while (line := self.readline()) != end:
+            lines.append(line.split())
+        return lines
+
+    # ---------------------------------------------------------------- collected messages
+
+    def batches(self) -> list[Batch]:
+        with self._lock:
+            return [m for m in self.messages if isinstance(m, Batch)]
+
+    def records(self) -> np.ndarray:
+        bs = [b.records for b in self.batches()]
+        return np.concatenate(bs) if bs else np.empty(0, RECORD_DTYPE)
+
+    def hook_events(self) -> list[HookEvent]:
+        with self._lock:
+            return [m for m in self.messages if isinstance(m, HookEvent)]
+
+    def module_events(self) -> list[ModuleEvent]:
+        with self._lock:
+            return [m for m in self.messages if isinstance(m, ModuleEvent)]
+
+    def hook_index(self, name: str) -> int:
+        return [h.name for h in self.profile.hooks].index(name)
+
+    def wait_for(self, pred, timeout: float = 5.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if pred():
+                return True
+            time.sleep(0.01)
+        return pred()
+
+    # ---------------------------------------------------------------- teardown
+
+    def stop(self) -> AgentCounters:
+        return self.agent.stop()
+
+    def close(self, finish_lines: int = 3) -> int | None:
+        """Unload the agent, let the target run to its end, return its exit code."""
+        try:
+            self.agent.stop()
+        except Exception:
+            pass
+        self.agent.unload()
+        try:
+            self.session.detach()
+        except Exception:
+            pass
+        try:
+            for _ in range(finish_lines):
+                self.say("end")
+            self.proc.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+    def __enter__(self) -> Monitored:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.close()
+
+
+def counters_delta(a: AgentCounters, b: AgentCounters) -> dict[str, int]:
+    return {k: getattr(b, k) - getattr(a, k) for k in
+            ("allocs", "frees", "reallocs", "failures", "bytes_allocated")}
+
+
+def tally(records: np.ndarray) -> dict[str, int]:
+    """What the agent's counters should say about these records."""
+    k = records["kind"]
+    grown = ((k == 1) | ((k == 3) & (records["ptr"] != 0)))
+    return {
+        "allocs": int((k == 1).sum()), "frees": int((k == 2).sum()),
+        "reallocs": int((k == 3).sum()), "failures": int((k == 4).sum()),
+        "bytes_allocated": int(records["size"][grown].sum()),
+    }

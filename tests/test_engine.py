@@ -1,0 +1,283 @@
+"""Counter rules of the engine on hand-built record arrays (docs/engine.md, "Counters")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nvse_monitor.engine import Engine, EngineConfig
+from nvse_monitor.events import RECORD_DTYPE
+from nvse_monitor.outputs import CsvRow, LogLine, Snapshot
+from nvse_monitor.stream import AgentCounters, Batch, HookInfo, Module, SessionMeta
+
+A, F, R, X = 1, 2, 3, 4
+HOOKS = [HookInfo("malloc", "libc", "alloc"), HookInfo("free", "libc", "free"),
+         HookInfo("GameHeap::Allocate", "game", "alloc")]
+
+
+def meta(**kw) -> SessionMeta:
+    d = dict(target="t.exe", pid=1234, arch="ia32", platform="windows", profile="fnv",
+             hooks=list(HOOKS), modules=[Module("FalloutNV.exe", 0x400000, 0x1000000),
+                                         Module("plugin.dll", 0x10000000, 0x10000)])
+    d.update(kw)
+    return SessionMeta(**d)
+
+
+def recs(*rows) -> np.ndarray:
+    """rows: (kind, ptr, size, ts) or (kind, ptr, size, ts, dict of other fields)."""
+    a = np.zeros(len(rows), RECORD_DTYPE)
+    for i, row in enumerate(rows):
+        kind, ptr, size, ts = row[:4]
+        a[i]["kind"], a[i]["ptr"], a[i]["size"], a[i]["ts_us"] = kind, ptr, size, ts
+        a[i]["caller"] = 0x401000
+        a[i]["seq"] = i
+        for k, v in (row[4] if len(row) > 4 else {}).items():
+            a[i][k] = v
+    return a
+
+
+def batch(a: np.ndarray, now: int | None = None, **counters) -> Batch:
+    if now is None:
+        now = int(a["ts_us"].max()) if len(a) else 0
+    return Batch(now, AgentCounters(**counters), a)
+
+
+def run(*batches, config: EngineConfig | None = None, finish: bool = True,
+        m: SessionMeta | None = None) -> tuple[Engine, list]:
+    e = Engine(m or meta(), config)
+    out = e.start()
+    for b in batches:
+        out += e.feed(b)
+    if finish:
+        out += e.finish()
+    return e, out
+
+
+def logs(out, level=None) -> list[LogLine]:
+    return [o for o in out if isinstance(o, LogLine) and (level is None or o.level == level)]
+
+
+def test_alloc_free_counters_and_peaks() -> None:
+    e, out = run(batch(recs((A, 0x10, 100, 1), (A, 0x20, 50, 2), (F, 0x10, 0, 3),
+                            (A, 0x30, 10, 4))))
+    s = out[-1]
+    assert isinstance(s, Snapshot) and s.final
+    assert (s.total_allocations, s.total_frees, s.current_allocations, s.peak_allocations) == (
+        3, 1, 2, 2)
+    assert (s.total_bytes_allocated, s.total_bytes_freed, s.current_bytes_allocated,
+            s.peak_bytes_allocated) == (160, 100, 60, 150)
+    assert s.average_allocation_size == pytest.approx(160 / 3)
+    assert s.tracked_allocations == 2 and s.max_tracked_allocations == 8_000_000
+
+
+def test_realloc_is_free_plus_alloc_and_null_and_zero_forms() -> None:
+    e, out = run(batch(recs(
+        (A, 0x10, 100, 1),
+        (R, 0x40, 300, 2, {"old_ptr": 0x10}),  # move: free 0x10 (100), alloc 0x40 (300)
+        (R, 0x50, 8, 3, {"old_ptr": 0}),  # realloc(NULL, 8) = alloc
+        (R, 0x0, 0, 4, {"old_ptr": 0x50}),  # realloc(p, 0) = free, result ignored
+        (R, 0x0, 64, 5, {"old_ptr": 0x40}),  # realloc that failed: old block stays live
+    )))
+    c = e.state.c
+    assert (c.total_allocations, c.total_frees, c.current_allocations) == (3, 2, 1)
+    assert (c.total_bytes_allocated, c.total_bytes_freed, c.current_bytes) == (408, 108, 300)
+    assert c.allocation_failures == 1
+    assert e.live_allocations()["ptr"].tolist() == [0x40]
+
+
+def test_realloc_in_place_keeps_pointer_with_new_size() -> None:
+    e, _ = run(batch(recs((A, 0x10, 100, 1), (R, 0x10, 200, 2, {"old_ptr": 0x10}))))
+    la = e.live_allocations()
+    assert la["ptr"].tolist() == [0x10] and la["size"].tolist() == [200]
+    assert e.state.c.peak_bytes == 200  # the free of the old size comes first
+
+
+def test_untracked_and_double_frees_change_nothing_else() -> None:
+    e, out = run(batch(recs((F, 0x99, 0, 1), (A, 0x10, 5, 2), (F, 0x10, 0, 3),
+                            (F, 0x10, 0, 4))))
+    s = out[-1]
+    assert s.monitor["untracked_frees"] == 2
+    assert (s.total_frees, s.current_allocations, s.total_bytes_freed) == (1, 0, 5)
+
+
+def test_alloc_of_live_pointer_replaces_it_as_a_free() -> None:
+    e, out = run(batch(recs((A, 0x10, 100, 1))), batch(recs((A, 0x10, 30, 2))))
+    s = out[-1]
+    assert s.monitor["replaced_live"] == 1
+    assert (s.total_allocations, s.total_frees, s.current_allocations) == (2, 1, 1)
+    assert (s.total_bytes_freed, s.current_bytes_allocated, s.peak_bytes_allocated) == (100, 30,
+                                                                                         100)
+
+
+def test_failures_count_and_are_not_allocations() -> None:
+    e, out = run(batch(recs((X, 0, 1 << 30, 1), (A, 0, 16, 2), (A, 0x10, 1, 3))))
+    s = out[-1]
+    assert s.allocation_failures == 2 and s.total_allocations == 1
+
+
+def test_tracking_limit_counts_overflow_and_warns_once() -> None:
+    cfg = EngineConfig(max_tracked=2)
+    e, out = run(batch(recs((A, 0x10, 1, 1), (A, 0x20, 2, 2), (A, 0x30, 4, 3), (A, 0x40, 8, 4),
+                            (F, 0x30, 0, 5), (F, 0x10, 0, 6), (A, 0x50, 16, 7))),
+                 config=cfg)
+    c = e.state.c
+    assert c.overflow_allocations == 2 and c.overflow_bytes == 12
+    assert c.total_allocations == 5 and c.current_allocations == 2
+    assert c.untracked_frees == 1  # 0x30 was never tracked
+    assert c.current_bytes == c.total_bytes_allocated - c.total_bytes_freed - c.overflow_bytes
+    assert sorted(e.live_allocations()["ptr"].tolist()) == [0x20, 0x50]
+    warns = [x for x in logs(out, "WARN") if "Tracking limit" in x.message]
+    assert len(warns) == 1 and warns[0].ts_us == 3
+
+
+def test_tracking_limit_slow_path_matches_reference_on_a_long_stream() -> None:
+    # Long enough that vectorised stretches run between per-event steps near the limit.
+    from test_engine_props import Reference  # noqa: PLC0415
+
+    rng = np.random.default_rng(5)
+    n = 20_000
+    a = np.zeros(n, RECORD_DTYPE)
+    a["kind"] = rng.choice([A, A, F, R], n)
+    a["ptr"] = rng.integers(1, 2000, n, dtype=np.uint64) * 16
+    a["old_ptr"] = rng.integers(0, 2000, n, dtype=np.uint64) * 16
+    a["size"] = rng.integers(0, 100, n, dtype=np.uint64)
+    a["ts_us"] = np.arange(n)
+    a["caller"] = 0x10010
+    cfg = EngineConfig(max_tracked=600, csv_every_allocs=100)
+    e, out = run(*(batch(a[i:i + 3000]) for i in range(0, n, 3000)), config=cfg)
+    ref = Reference(600, 100, 1 << 20)
+    ref.feed(a)
+    for k, v in ref.c.items():
+        assert getattr(e.state.c, k) == v, k
+    rows = [(r.ts_us, r.allocs_per_sec, r.frees_per_sec, r.memory_usage, r.peak_memory)
+            for r in out if isinstance(r, CsvRow)]
+    assert rows[:-1] == ref.rows
+
+
+def test_csv_row_every_1000th_allocation_with_interval_rates() -> None:
+    n = 2800
+    a = recs(*[(A, 0x10 * (i + 1), 8, 10 * (i + 1)) for i in range(n)])
+    a[1500:1800]["kind"] = F  # 300 frees (of pointers never seen: untracked, not counted)
+    a[1800:2100]["kind"] = F
+    a[1800:2100]["ptr"] = a[0:300]["ptr"]  # 300 tracked frees
+    e, out = run(batch(a))
+    rows = [o for o in out if isinstance(o, CsvRow)]
+    # allocations: records 0-1499, then 2100-2799: the 1000th is record 999, the 2000th 2599
+    assert [r.ts_us for r in rows[:-1]] == [10_000, 26_000]
+    assert rows[0].allocs_per_sec == pytest.approx(1000 / 0.01)
+    assert rows[0].frees_per_sec == 0
+    # second interval: 1000 allocs and 300 tracked frees in 16 ms
+    assert rows[1].allocs_per_sec == pytest.approx(1000 / 0.016)
+    assert rows[1].frees_per_sec == pytest.approx(300 / 0.016)
+    assert rows[-1].ts_us == out[-1].ts_us  # final row at finish
+    assert rows[1].memory_usage == 1700 * 8 and rows[1].peak_memory == 1700 * 8
+
+
+def test_csv_rate_with_zero_interval_keeps_previous_rates() -> None:
+    a = recs(*[(A, 0x10 * (i + 1), 8, 5) for i in range(2000)])
+    cfg = EngineConfig(csv_every_allocs=1000)
+    e, out = run(batch(a), config=cfg)
+    rows = [o for o in out if isinstance(o, CsvRow)]
+    assert rows[0].allocs_per_sec == pytest.approx(1000 / 5e-6)
+    assert rows[1].allocs_per_sec == rows[0].allocs_per_sec  # Δt = 0: carried over
+
+
+def test_snapshot_every_10000_allocations_at_that_allocation() -> None:
+    a = recs(*[(A, 0x10 * (i + 1), 1, i + 1) for i in range(25_000)])
+    e, out = run(batch(a[:12_000]), batch(a[12_000:]), finish=False)
+    snaps = [o for o in out if isinstance(o, Snapshot)]
+    at = {s.ts_us: s for s in snaps}
+    assert at[10_000].total_allocations == 10_000  # exact state at the 10,000th allocation
+    assert at[20_000].total_allocations == 20_000
+    assert at[20_000].current_bytes_allocated == 20_000
+
+
+def test_quiet_stream_still_snapshots_and_uptime_advances() -> None:
+    e = Engine(meta(), EngineConfig(quiet_snapshot_us=2_000_000))
+    e.start()
+    out = e.feed(batch(recs((A, 0x10, 1, 1))))
+    assert any(isinstance(o, Snapshot) for o in out)
+    assert not any(isinstance(o, Snapshot) for o in e.feed(batch(recs(), now=1_500_000)))
+    snaps = [o for o in e.feed(batch(recs(), now=2_100_000)) if isinstance(o, Snapshot)]
+    assert len(snaps) == 1 and snaps[0].uptime_seconds == pytest.approx(2.1)
+
+
+def test_perf_line_for_large_allocations_only() -> None:
+    a = recs((A, 0x10, 1 << 20, 1, {"dur_us": 7, "tid": 99}),
+             (A, 0x20, (1 << 20) + 1, 2, {"dur_us": 1250, "tid": 77, "hook": 2}),
+             (R, 0x30, 2 << 20, 3, {"old_ptr": 0x20, "dur_us": 5, "tid": 78}))
+    e, out = run(batch(a))
+    perf = logs(out, "PERF")
+    assert [p.tid for p in perf] == [77, 78]
+    assert perf[0].message.startswith("Large allocation: 1048577 bytes took 1250 microseconds")
+    assert "game heap" in perf[0].message and "FalloutNV.exe" in perf[0].message
+    assert out[-1].log_counts["PERF"] == 2
+
+
+def test_time_never_goes_backwards_in_outputs() -> None:
+    a = recs((A, 0x10, 1, 50), (A, 0x20, 1, 40), (X, 0, 5, 45))  # threads publish out of order
+    e, out = run(batch(a))
+    ts = [o.ts_us for o in out]
+    assert ts == sorted(ts)
+    assert [x.ts_us for x in logs(out, "WARN")] == [50]
+
+
+def test_per_heap_and_per_module_live_bytes() -> None:
+    a = recs((A, 0x10, 100, 1, {"hook": 0, "caller": 0x10000010}),
+             (A, 0x20, 7, 2, {"hook": 2, "caller": 0x401000}),
+             (A, 0x30, 5, 3, {"hook": 2, "caller": 0x5}),
+             (F, 0x10, 0, 4, {"hook": 1}))
+    e, out = run(batch(a))
+    mon = out[-1].monitor
+    assert mon["heaps"]["libc"] == {"current_bytes": 0, "peak_bytes": 100}
+    assert mon["heaps"]["game"] == {"current_bytes": 12, "peak_bytes": 12}
+    assert mon["modules_live_bytes"] == {"FalloutNV.exe": 7, "unknown": 5}
+
+
+def test_module_loaded_later_gets_attribution() -> None:
+    from nvse_monitor.stream import ModuleEvent
+
+    e = Engine(meta())
+    e.start()
+    e.feed(ModuleEvent(1, "add", Module("late.dll", 0x20000000, 0x1000)))
+    e.feed(batch(recs((A, 0x10, 9, 2, {"caller": 0x20000100}))))
+    e.feed(ModuleEvent(3, "remove", Module("late.dll", 0x20000000, 0x1000)))
+    e.feed(batch(recs((A, 0x20, 4, 4, {"caller": 0x20000100}))))
+    assert e.snapshot().monitor["modules_live_bytes"] == {"late.dll": 9, "unknown": 4}
+
+
+def test_monitor_section_has_session_facts_and_agent_counters() -> None:
+    e, out = run(batch(recs((A, 0x10, 1, 1)), allocs=1, published=1))
+    mon = out[-1].monitor
+    assert (mon["target"], mon["pid"], mon["profile"], mon["arch"]) == ("t.exe", 1234, "fnv",
+                                                                        "ia32")
+    assert mon["agent_counters"]["allocs"] == 1 and mon["dropped_events"] == 0
+
+
+def test_log_counts_count_every_line_by_level() -> None:
+    e, out = run(batch(recs((A, 0x10, 2 << 20, 1), (X, 0, 1, 2))))
+    lines = logs(out)
+    final = out[-1]
+    for lvl in final.log_counts:
+        assert final.log_counts[lvl] == sum(1 for x in lines if x.level == lvl)
+    assert final.warning_count == final.log_counts["WARN"] == 1
+
+
+def test_monitor_lines_use_pid_as_tid_and_banner_comes_first() -> None:
+    e, out = run(batch(recs((A, 0x10, 1, 1))))
+    lines = logs(out)
+    assert all(x.tid == 1234 for x in lines if x.level != "PERF")
+    msgs = [x.message for x in lines[:9]]
+    assert any("Process ID: 1234" in x for x in msgs) and any("Profile: fnv" in x for x in msgs)
+    assert any("malloc (libc)" in x for x in msgs)
+
+
+def test_finish_is_idempotent_and_feed_after_finish_is_ignored() -> None:
+    e, out = run(batch(recs((A, 0x10, 1, 1))))
+    assert e.finish() == [] and e.feed(batch(recs((A, 0x20, 1, 2)))) == []
+    assert sum(isinstance(o, Snapshot) and o.final for o in out) == 1
+
+
+def test_unknown_record_kinds_are_counted_not_applied() -> None:
+    e, out = run(batch(recs((9, 0x10, 1, 1), (0, 0x20, 1, 2))))
+    assert out[-1].monitor["unknown_records"] == 2 and out[-1].total_allocations == 0

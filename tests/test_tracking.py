@@ -1,0 +1,88 @@
+"""The vectorised live table against a dict, through growth, deletes and cuckoo evictions."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nvse_monitor.tracking import MAX_LOAD, LiveTable, columns
+
+
+def cols_for(keys: np.ndarray, salt: int = 0):
+    k = keys.astype(np.uint64)
+    return columns(k, k * np.uint64(3) + np.uint64(salt), k + np.uint64(1), k ^ np.uint64(7),
+                   (k % np.uint64(5)).astype(np.uint8), (k % np.uint64(300)).astype(np.uint16))
+
+
+def check_same(t: LiveTable, ref: dict[int, int]) -> None:
+    e = t.entries()
+    assert t.count == len(ref) == len(e)
+    assert dict(zip(e.ptr.tolist(), e.size.tolist(), strict=True)) == ref
+
+
+def test_insert_lookup_delete_and_growth_against_dict() -> None:
+    rng = np.random.default_rng(1)
+    t = LiveTable()
+    ref: dict[int, int] = {}
+    for _round in range(30):
+        new = np.unique(rng.integers(1, 1 << 40, 5000, dtype=np.uint64) << np.uint64(4))
+        new = new[t.lookup(new) < 0]
+        t.insert(cols_for(new))
+        ref.update(zip(new.tolist(), (new * np.uint64(3)).tolist(), strict=True))
+        keys = np.array(list(ref), dtype=np.uint64)
+        gone = rng.choice(keys, len(keys) // 3, replace=False)
+        slots = t.lookup(gone)
+        assert (slots >= 0).all()
+        assert t.get(slots).ptr.tolist() == gone.tolist()
+        t.delete(slots)
+        for k in gone.tolist():
+            del ref[k]
+        assert (t.lookup(gone) == -1).all()
+        assert t.count <= MAX_LOAD * t.slots
+    check_same(t, ref)
+    e = t.entries()
+    assert (t.get(t.lookup(e.ptr)).ts == e.ptr + np.uint64(1)).all()
+
+
+def test_dense_inserts_force_evictions_and_keep_every_key() -> None:
+    # Consecutive small pointers into a table filled to the brim: many both-buckets-full cases.
+    t = LiveTable(slots=2048)
+    keys = (np.arange(1, 1801, dtype=np.uint64)) * np.uint64(16)
+    t.insert(cols_for(keys[:1000]))
+    t.insert(cols_for(keys[1000:]))
+    check_same(t, dict(zip(keys.tolist(), (keys * np.uint64(3)).tolist(), strict=True)))
+
+
+def test_write_changes_columns_not_keys() -> None:
+    t = LiveTable()
+    keys = np.array([16, 32, 48], dtype=np.uint64)
+    t.insert(cols_for(keys))
+    s = t.lookup(keys[:2])
+    t.write(s, cols_for(keys[:2], salt=5))
+    assert t.get(t.lookup(keys)).size.tolist() == [53, 101, 144]
+    assert t.find1(32) == s[1] and t.find1(64) == -1
+
+
+def test_memory_per_live_entry_stays_bounded() -> None:
+    t = LiveTable()
+    keys = np.arange(1, 200_001, dtype=np.uint64) * np.uint64(48)
+    t.insert(cols_for(keys))
+    assert t.nbytes / t.count <= 35 / 0.55  # 35 B a slot, load >= GROW_TO after growth
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 300)), max_size=400))
+def test_random_ops_match_dict(ops) -> None:
+    t = LiveTable()
+    ref: dict[int, int] = {}
+    for ins, k in ops:
+        key = np.array([k * 8], dtype=np.uint64)
+        slot = t.lookup(key)
+        if ins and slot[0] < 0:
+            t.insert(cols_for(key))
+            ref[k * 8] = k * 24
+        elif not ins and slot[0] >= 0:
+            t.delete(slot)
+            del ref[k * 8]
+    check_same(t, ref)
