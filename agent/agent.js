@@ -214,10 +214,21 @@ function fail(entry, reason) {
   return false;
 }
 
+// On Linux, Module#findExportByName dlopen()s the module for dlsym and the handle lives as long
+// as the JS Module object: a dlclose() would then not unload the library. Reading the export
+// table from the mapped image takes no reference.
+function findExport(mod, name) {
+  if (Process.platform !== 'linux') return mod.findExportByName(name);
+  for (const e of mod.enumerateExports()) {
+    if (e.name === name && e.type === 'function') return e.address;
+  }
+  return null;
+}
+
 function tryModule(entry, mod) {
   const spec = entry.spec;
   if (spec.export !== undefined) {
-    const addr = mod.findExportByName(spec.export);
+    const addr = findExport(mod, spec.export);
     if (addr === null) return fail(entry, `export ${spec.export} not found in ${mod.name}`);
     return install(entry, addr, mod);
   }
@@ -238,13 +249,23 @@ function onModuleAdded(mod, initial) {
   }
 }
 
+function revertHook(e) {
+  try {
+    Interceptor.revert(e.address);
+    Interceptor.flush();
+  } catch (err) {
+    send({ type: 'agent-error', ts_us: clockNowUs(), message: `revert ${e.spec.name}: ${err.message}` });
+  }
+  e.installed = false;
+}
+
 function onModuleRemoved(mod) {
   const key = mod.base.toString();
   const j = modules.get(key) || moduleJson(mod);
   modules.delete(key);
   for (const e of hooks) {
-    // The code is gone with the module: forget the hook (nothing left to revert) so a later
-    // load of the same module can be hooked again.
+    // Tell Gum the hook is gone, or it would write the old prologue back at unload time into
+    // whatever is mapped there by then; a later load of the module gets hooked again.
     if (e.installed && e.address.compare(mod.base) >= 0 && e.address.compare(mod.base.add(mod.size)) < 0) {
       e.installed = false;
       sendHook(e, false, `pending: ${mod.name} unloaded`);
@@ -296,6 +317,33 @@ function tick() {
   }
 }
 
+/* ------------------------------------------------------------------ Frida's own threads */
+
+// Frida's threads (JS loop, GLib main loop, D-Bus...) are cloaked: Process.enumerateThreads()
+// leaves them out. On Linux every thread is in /proc/self/task, so the difference is Frida's.
+// Their allocations must not be recorded (they are the monitor's, not the target's).
+function fridaThreadIds() {
+  if (Process.platform !== 'linux') return [];
+  const opendir = new NativeFunction(Module.getGlobalExportByName('opendir'), 'pointer', ['pointer']);
+  const readdir = new NativeFunction(Module.getGlobalExportByName('readdir'), 'pointer', ['pointer']);
+  const closedir = new NativeFunction(Module.getGlobalExportByName('closedir'), 'int', ['pointer']);
+  // struct dirent: d_ino, d_off (long each), d_reclen (u16), d_type (u8), d_name
+  const nameOffset = 2 * Process.pointerSize + 3;
+  const dir = opendir(Memory.allocUtf8String('/proc/self/task'));
+  if (dir.isNull()) return [];
+  const all = [];
+  try {
+    for (let e = readdir(dir); !e.isNull(); e = readdir(dir)) {
+      const name = e.add(nameOffset).readUtf8String();
+      if (/^[0-9]+$/.test(name)) all.push(parseInt(name, 10));
+    }
+  } finally {
+    closedir(dir);
+  }
+  const visible = new Set(Process.enumerateThreads().map(t => t.id));
+  return all.filter(tid => !visible.has(tid));
+}
+
 /* ------------------------------------------------------------------ rpc */
 
 function init(cfg) {
@@ -334,7 +382,8 @@ function init(cfg) {
   fnNowUs = new NativeFunction(cm.nv_now_us, 'uint64', []);
   countersPtr = new NativeFunction(cm.nv_counters, 'pointer', [])();
   const ignoreTid = new NativeFunction(cm.nv_ignore_tid, 'void', ['size_t']);
-  for (const tid of cfg.ignore_tids || []) ignoreTid(tid);
+  const fridaTids = fridaThreadIds();
+  for (const tid of fridaTids.concat(cfg.ignore_tids || [])) ignoreTid(tid);
   new NativeFunction(cm.nv_ignore_current_thread, 'void', [])();
   const wall0 = Number(new NativeFunction(cm.nv_wall0, 'int64', [])());
 
@@ -378,6 +427,7 @@ function init(cfg) {
   return {
     pid: Process.id,
     js_tid: Process.getCurrentThreadId(),
+    ignored_tids: fridaTids,
     arch,
     platform,
     main_module: main !== null ? main.name : '',
@@ -394,10 +444,7 @@ let initialLoad = true;
 
 function flush() {
   drainAll(true);
-  const c = countersJson();
-  c.js_tid = Process.getCurrentThreadId();
-  c.visible = Process.enumerateThreads().map(t => t.id);
-  return c;
+  return countersJson();
 }
 
 function stop() {
@@ -408,12 +455,8 @@ function stop() {
   if (moduleObserver !== null) moduleObserver.detach();
   moduleObserver = null;
   for (const e of hooks) {
-    if (e.installed) {
-      Interceptor.revert(e.address);
-      e.installed = false;
-    }
+    if (e.installed) revertHook(e);
   }
-  Interceptor.flush();
   // Threads that were inside a replacement finish their call and publish (a realloc holds its
   // slot across the original call): give them a moment before the final drain.
   Thread.sleep(0.02);
@@ -422,7 +465,10 @@ function stop() {
 }
 
 function snapshot() {
-  return countersJson();
+  const c = countersJson();
+  c.cm = {}; for (const k of Object.keys(cm)) c.cm[k] = cm[k].toString();
+  c.ring = ring.toString(); c.st = st.toString();
+  return c;
 }
 
 rpc.exports = { init, flush, stop, snapshot };

@@ -148,13 +148,13 @@ def one_run(exe: Path, rate: float, seconds: float, ring: str | None, tmp: Path)
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rates", default="1e6,2e6,3e6,4e6,5e6,6e6,8e6,0",
+    ap.add_argument("--rates", default="2e6,3e6,3.5e6,4e6,5e6",
                     help="events/s to try, comma-separated; 0 = as fast as the target can")
     ap.add_argument("--seconds", type=float, default=3.0, help="target run time per run")
     ap.add_argument("--runs", type=int, default=3, help="runs per rate (medians)")
     ap.add_argument("--ring-size", default=None, help="--ring-size for the monitor")
     ap.add_argument("--arch", choices=["x64", "ia32"], default="x64")
-    ap.add_argument("--max-lag", type=float, default=1.5,
+    ap.add_argument("--max-lag", type=float, default=1.0,
                     help="seconds from the target's end to the monitor's final files")
     ap.add_argument("--json", type=Path, help="also write all runs here")
     a = ap.parse_args()

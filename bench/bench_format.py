@@ -1,6 +1,6 @@
 """Recording format benchmark: bytes per event, encode and decode throughput.
 
-    python bench/bench_format.py [--events 5000000] [--repeat 3] [--no-real] [--level 6]
+    python bench/bench_format.py [--events 5000000] [--repeat 3] [--no-real] [--level 3]
 
 Measures, in one run (throughputs are medians of --repeat runs):
   - the committed fixtures (fixtures/*.nvmrec): bytes per event;
@@ -197,7 +197,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--events", type=int, default=5_000_000)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--level", type=int, default=6, help="zlib level for the writer")
+    ap.add_argument("--level", type=int, default=3, help="zlib level for the writer")
     ap.add_argument("--no-real", action="store_true", help="skip the LD_PRELOAD real trace")
     args = ap.parse_args()
 

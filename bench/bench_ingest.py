@@ -6,7 +6,7 @@ frees, failures) of >= 20 M events with >= 1 M live allocations, feeds it to the
 recording-sized chunks, and reports the median of a few runs, plus in the same run:
 - a naive per-event Python dict loop on a subset (the ratio is what matters across machines);
 - small live-sized batches (per-batch overhead);
-- live-set memory: table bytes / live blocks, and the peak RSS growth of the first run.
+- live-set memory: table bytes / live blocks, and the RSS growth of the first run.
 
     python bench/bench_ingest.py            # full: 20 M events, ~1.2 M live (< 3 min)
     python bench/bench_ingest.py --quick    # 3 M events, 300 K live (~20 s)
@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import resource
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -27,8 +31,21 @@ from nvse_monitor.engine import Engine, EngineConfig
 from nvse_monitor.stream import AgentCounters, Batch
 
 
-def rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss() -> None:
+    """Linux: make VmHWM (peak RSS) restart from the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def feed_all(meta, recs: np.ndarray, chunk: int, cfg: EngineConfig) -> tuple[float, Engine, int]:
@@ -45,37 +62,125 @@ def feed_all(meta, recs: np.ndarray, chunk: int, cfg: EngineConfig) -> tuple[flo
     return time.perf_counter() - t0, eng, peak_live
 
 
-def naive(recs: np.ndarray) -> float:
-    """The per-event dict loop the issue compares against (counters + live dict only)."""
-    live: dict[int, int] = {}
-    total = frees = cur = peak = untracked = fails = 0
+def naive(meta, recs: np.ndarray) -> float:
+    """The per-event Python loop with a dict that the issue compares against, doing the
+    engine's counter work: live dict, totals, peaks, untracked frees, failures, per-heap bytes,
+    module of the caller (bisect), a CSV sample every 1000 allocations."""
+    import bisect
+
+    heap_of = [h.heap for h in meta.hooks]
+    mods = sorted((m.base, m.base + m.size, m.name) for m in meta.modules)
+    bases = [m[0] for m in mods]
+    live: dict[int, tuple[int, int, int, int, str]] = {}
+    heap_cur: dict[str, int] = {}
+    heap_peak: dict[str, int] = {}
+    c = dict(allocs=0, frees=0, cur=0, peak=0, peak_n=0, untracked=0, fails=0, bytes=0)
+    rows = []
+    last_t = last_f = 0
+
+    def alloc(t, ptr, size, caller, hook):  # noqa: ANN001, ANN202
+        nonlocal last_t, last_f
+        if ptr in live:
+            free(ptr)
+        i = bisect.bisect_right(bases, caller) - 1
+        mod = mods[i][2] if i >= 0 and caller < mods[i][1] else "unknown"
+        heap = heap_of[hook] if hook < len(heap_of) else "unknown"
+        live[ptr] = (size, t, caller, hook, mod)
+        c["allocs"] += 1
+        c["bytes"] += size
+        c["cur"] += size
+        c["peak"] = max(c["peak"], c["cur"])
+        c["peak_n"] = max(c["peak_n"], len(live))
+        heap_cur[heap] = heap_cur.get(heap, 0) + size
+        heap_peak[heap] = max(heap_peak.get(heap, 0), heap_cur[heap])
+        if c["allocs"] % 1000 == 0:
+            dt = max(t - last_t, 1)
+            rows.append((t, 1000e6 / dt, (c["frees"] - last_f) * 1e6 / dt, c["cur"], c["peak"]))
+            last_t, last_f = t, c["frees"]
+
+    def free(ptr):  # noqa: ANN001, ANN202
+        b = live.pop(ptr, None)
+        if b is None:
+            c["untracked"] += 1
+            return
+        c["frees"] += 1
+        c["cur"] -= b[0]
+        heap = heap_of[b[3]] if b[3] < len(heap_of) else "unknown"
+        heap_cur[heap] -= b[0]
+
     t0 = time.perf_counter()
-    for kind, ptr, old, size in zip(recs["kind"].tolist(), recs["ptr"].tolist(),
-                                    recs["old_ptr"].tolist(), recs["size"].tolist(), strict=True):
+    for t, ptr, old, size, caller, kind, hook in zip(
+            recs["ts_us"].tolist(), recs["ptr"].tolist(), recs["old_ptr"].tolist(),
+            recs["size"].tolist(), recs["caller"].tolist(), recs["kind"].tolist(),
+            recs["hook"].tolist(), strict=True):
         if kind == 1:
-            total += 1
-            live[ptr] = size
-            cur += size
-        elif kind == 2:
-            s = live.pop(ptr, None)
-            if s is None:
-                untracked += 1
+            if ptr:
+                alloc(t, ptr, size, caller, hook)
             else:
-                frees += 1
-                cur -= s
+                c["fails"] += 1
+        elif kind == 2:
+            if ptr:
+                free(ptr)
         elif kind == 3:
-            s = live.pop(old, None)
-            if s is not None:
-                frees += 1
-                cur -= s
+            if size and not ptr:
+                c["fails"] += 1
+                continue
+            if old:
+                free(old)
             if size:
-                total += 1
-                live[ptr] = size
-                cur += size
+                alloc(t, ptr, size, caller, hook)
         else:
-            fails += 1
-        peak = max(peak, cur)
+            c["fails"] += 1
     return time.perf_counter() - t0
+
+
+def memory_in_fresh_process(meta, recs: np.ndarray, chunk: int) -> None:
+    """Anonymous RSS growth of a fresh interpreter feeding the stream (records memory-mapped
+    from a file, so they are not anonymous memory): at the end and at its peak."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "recs.npy")
+        np.save(path, recs)
+        with open(os.path.join(d, "meta.json"), "w") as f:
+            json.dump(meta.to_json(), f)
+        out = subprocess.run([sys.executable, __file__, "--memory-child", d, "--chunk", str(chunk)],
+                             capture_output=True, text=True, check=True).stdout
+    m = json.loads(out.strip().splitlines()[-1])
+    live = m["live"]
+    print(f"fresh process: anonymous RSS growth {m['end'] / 2**20:.0f} MiB at the end = "
+          f"{m['end'] / live:.1f} B per live allocation (peak {m['peak'] / 2**20:.0f} MiB); "
+          f"after malloc_trim {m['trimmed'] / 2**20:.0f} MiB = {m['trimmed'] / live:.1f} B "
+          "(the rest is freed memory glibc keeps: old tables, per-batch temporaries)")
+
+
+def memory_child(d: str, chunk: int) -> None:
+    from nvse_monitor.stream import SessionMeta
+
+    recs = np.load(os.path.join(d, "recs.npy"), mmap_mode="r")
+    with open(os.path.join(d, "meta.json")) as f:
+        meta = SessionMeta.from_json(json.load(f))
+    eng = Engine(meta, EngineConfig())
+    eng.start()
+    gc.collect()
+    base = _status_kb("RssAnon")
+    peak = peak_live = 0
+    ts = recs["ts_us"]
+    for i in range(0, len(recs), chunk):
+        part = np.asarray(recs[i:i + chunk])
+        eng.feed(Batch(int(ts[min(i + chunk, len(recs)) - 1]), AgentCounters(), part))
+        del part
+        peak = max(peak, _status_kb("RssAnon") - base)
+        peak_live = max(peak_live, eng.table.count)
+    end = _status_kb("RssAnon") - base
+    trimmed = end
+    try:  # glibc keeps freed heap memory (old tables, per-batch temporaries): give it back
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        trimmed = _status_kb("RssAnon") - base
+    except (OSError, AttributeError):
+        pass
+    print(json.dumps({"end": end * 1024, "peak": peak * 1024, "trimmed": trimmed * 1024,
+                      "live": eng.table.count, "peak_live": peak_live}))
 
 
 def main() -> None:
@@ -87,7 +192,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--naive-events", type=int, default=1_000_000)
     ap.add_argument("--small-chunk", type=int, default=512, help="live-sized batches")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.memory_child:
+        memory_child(a.memory_child, a.chunk)
+        return
     if a.quick:
         a.events, a.live, a.naive_events = 3_000_000, 300_000, 300_000
     t = time.perf_counter()
@@ -96,27 +205,24 @@ def main() -> None:
     print(f"generated {len(recs):,} records in {time.perf_counter() - t:.1f} s "
           f"(kinds alloc/free/realloc/failed: {np.bincount(recs['kind'], minlength=5)[1:]})")
     cfg = EngineConfig()
-    gc.collect()
-    rss0 = rss_peak_mb()
     times = []
     for run in range(a.runs):
+        gc.collect()
         dt, eng, peak_live = feed_all(meta, recs, a.chunk, cfg)
         times.append(dt)
         if run == 0:
-            rss_delta = rss_peak_mb() - rss0
             live = eng.table.count
             table_b = eng.table.nbytes
-            print(f"live tracked at end: {live:,} (peak {peak_live:,}); "
-                  f"table {table_b / 2**20:.1f} MiB = {table_b / max(live, 1):.1f} B per live "
-                  f"allocation; peak RSS growth {rss_delta:.0f} MiB = "
-                  f"{rss_delta * 2**20 / max(peak_live, 1):.1f} B per peak live allocation")
+            print(f"live tracked at end: {live:,} (peak {peak_live:,}); live table "
+                  f"{table_b / 2**20:.1f} MiB = {table_b / max(live, 1):.1f} B per live "
+                  f"allocation ({eng.table.count / eng.table.slots:.0%} load)")
         print(f"run {run + 1}: {dt:.2f} s = {len(recs) / dt / 1e6:.2f} M events/s")
         del eng
-        gc.collect()
+    memory_in_fresh_process(meta, recs, a.chunk)
     med = statistics.median(times)
     eps = len(recs) / med
     sub = recs[: a.naive_events]
-    dn = naive(sub)
+    dn = naive(meta, sub)
     n_eps = len(sub) / dn
     dsmall, _, _ = feed_all(meta, sub, a.small_chunk, cfg)
     dbig, _, _ = feed_all(meta, sub, a.chunk, cfg)

@@ -74,6 +74,9 @@ def _run(kind: str, target: Any, **kw: Any) -> None:
     except (TargetError, SessionError) as exc:
         click.echo(f"nvse-monitor: error: {exc}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("nvse-monitor: interrupted before monitoring started", err=True)
+        sys.exit(130)
     end = result.end
     c = result.final_counters
     tail = f", {c.allocs:,} allocations, {c.dropped:,} dropped" if c is not None else ""

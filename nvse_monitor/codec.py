@@ -35,7 +35,7 @@ COLUMN_HEADER = struct.Struct("<BB")  # transform, width
 
 MAX_RAW_BYTES = 128 << 20  # decompressed body cap (the writer stays far below it)
 MAX_CHUNK_RECORDS = 1 << 20
-MAX_CHUNK_BATCHES = 1 << 20
+MAX_CHUNK_BATCHES = 1 << 16
 
 
 class ChunkError(ValueError):
@@ -99,7 +99,7 @@ def _encode_column(v: np.ndarray, allow_delta: bool) -> list[bytes | memoryview]
     return [COLUMN_HEADER.pack(transform, width), np.ascontiguousarray(planes).data]
 
 
-def encode_chunk(rows: list[BatchRow], records: np.ndarray, level: int = 6) -> bytes:
+def encode_chunk(rows: list[BatchRow], records: np.ndarray, level: int = 3) -> bytes:
     """The chunk payload for these batches; records are all of theirs, concatenated."""
     if len(rows) > MAX_CHUNK_BATCHES or len(records) > MAX_CHUNK_RECORDS:
         raise ValueError("chunk too large")

@@ -3,8 +3,9 @@
 No clock and no I/O: time comes only from the messages. Each Batch is processed with whole-array
 numpy operations (docs/engine.md explains the steps and every counter rule):
 1. records -> events: a realloc becomes free(old) + alloc(new); failures stay in place;
-2. events are grouped by pointer (stable sort) so each event knows the state of its block from
-   the previous event on the same pointer in the batch, or from the live table;
+2. events are grouped by pointer (stable radix sort of a pointer hash) so each event knows the
+   state of its block from the previous event on the same pointer in the batch, or from the
+   live table (tracking.py);
 3. per-event deltas are cumulated in time order -> current/peak counts and bytes, CSV samples at
    every 1000th allocation, the 10,000-allocation snapshot point;
 4. a short Python walk over the sparse points of interest (CSV rows, large allocations, failure
@@ -21,7 +22,7 @@ import numpy as np
 from . import BUILD_DATE, NAME, __version__
 from .health import Health
 from .modmap import ModuleMap
-from .outputs import CsvRow, LogLine, Output, Snapshot
+from .outputs import CsvRow, Output, Snapshot
 from .stream import (
     AgentCounters,
     AgentError,
@@ -32,7 +33,7 @@ from .stream import (
     SessionMeta,
     StreamMessage,
 )
-from .tracking import LiveColumns, LiveTable
+from .tracking import LiveColumns, LiveTable, radix_order_u32
 
 # Outcome of one event (after realloc expansion).
 NEW = 1  # allocation, now tracked
@@ -43,6 +44,38 @@ FREE_U = 5  # free of a pointer not tracked (allocated before attach, double fre
 FAILURE = 6  # allocation that returned NULL
 
 _ALLOC, _FREE, _REALLOC, _FAILED = 1, 2, 3, 4
+
+
+def _record_tables() -> tuple[np.ndarray, ...]:
+    """Per record code (kind 0-5, ptr = 0 << 3, size = 0 << 4, old_ptr = 0 << 5): number of
+    events, type of the first (0 free, 1 alloc, 2 failure), whether that free is of old_ptr,
+    whether it is a failure, whether the kind is unknown. Rules in docs/engine.md."""
+    cnt, etype, free_old, fail, unknown = (np.zeros(64, dt) for dt in (
+        np.int8, np.int8, bool, bool, bool))
+    for c in range(64):
+        kind, zp, zs, zo = c & 7, c >> 3 & 1, c >> 4 & 1, c >> 5 & 1
+        allocish = kind == _ALLOC or (kind == _REALLOC and not zs)
+        f = kind == _FAILED or (allocish and zp)
+        a = allocish and not zp
+        fr = (kind == _FREE and not zp) or (kind == _REALLOC and not zo and not f)
+        cnt[c] = a + fr + f
+        etype[c] = 2 if f else (0 if fr else 1)
+        free_old[c] = kind == _REALLOC and fr
+        fail[c] = f
+        unknown[c] = kind not in (_ALLOC, _FREE, _REALLOC, _FAILED)
+    return cnt, etype, free_old, fail, unknown
+
+
+_T_CNT, _T_ETYPE, _T_FREE_OLD, _T_FAIL, _T_UNKNOWN = _record_tables()
+
+# Per outcome (index = outcome code): tracked bytes added, block freed, allocation counted,
+# change of the live count.
+_O_PLUS = np.array([0, 1, 1, 0, 0, 0, 0], dtype=bool)
+_O_FREE = np.array([0, 0, 1, 0, 1, 0, 0], dtype=bool)
+_O_ALLOC = np.array([0, 1, 1, 1, 0, 0, 0], dtype=bool)
+_O_DCOUNT = np.array([0, 1, 0, 0, -1, 0, 0], dtype=np.int8)
+# Outcome from (is alloc, block live before): 0b00 free of dead, 0b01 free of live, ...
+_O_FROM = np.array([FREE_U, FREE_T, NEW, REPLACE], dtype=np.uint8)
 
 
 @dataclass
@@ -82,10 +115,6 @@ class State:
     heap_peak: np.ndarray
     mod_cur: np.ndarray  # int64 live bytes per module index, last entry = unknown module
 
-    def copy(self) -> State:
-        return State(dataclasses.replace(self.c), self.heap_cur.copy(), self.heap_peak.copy(),
-                     self.mod_cur.copy())
-
 
 @dataclass
 class _Batch:
@@ -103,7 +132,36 @@ class _Batch:
     mod: np.ndarray
     old_mod: np.ndarray
     rec: np.ndarray | None  # record index of each event (None: identity)
-    heap_runs: dict[int, np.ndarray] = field(default_factory=dict)
+    heap_runs: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    delta: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(7, np.intp))
+
+
+_HASH = np.uint64(0x9E3779B97F4A7C15)
+_S32 = np.uint64(32)
+
+
+def pointer_order(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A stable order that makes events on one pointer contiguous (in time order), and p in
+    that order. Radix-sorts a 32-bit hash of the pointer (fast 16-bit passes); pointers whose
+    hashes collide are put right by an exact sort of just their runs."""
+    h = (p * _HASH) >> _S32
+    order = radix_order_u32(h)
+    sp = p[order]
+    if len(p) < 2:
+        return order, sp
+    hs = h[order]
+    same_h = hs[1:] == hs[:-1]
+    coll = same_h & (sp[1:] != sp[:-1])
+    if coll.any():
+        run = np.concatenate(([0], np.cumsum(~same_h)))
+        bad = np.zeros(int(run[-1]) + 1, dtype=bool)
+        bad[run[1:][coll]] = True
+        sel = np.flatnonzero(bad[run])
+        sub = order[sel]
+        order[sel] = sub[np.lexsort((sub, p[sub], hs[sel]))]
+        sp = p[order]
+    return order, sp
 
 
 class Engine:
@@ -346,73 +404,62 @@ class Engine:
         self.health.activate(t0, "first batch")
         if len(recs):
             self._process_records(recs)
+            self.now = max(self.now, int(recs["ts_us"].max()))
         t = self._advance(b.now_us)
-        self._agent_counters(t, b.counters)
+        if b.counters is not None:
+            self._agent_counters(t, b.counters)
 
     def _process_records(self, r: np.ndarray) -> None:
         n = len(r)
-        kind = r["kind"]
         ptr = r["ptr"]
         size = r["size"]
-        ts = np.maximum.accumulate(r["ts_us"])  # publication order; keep output time monotonic
+        ts = r["ts_us"]  # publication order: keep output time monotonic
+        if not (ts[1:] >= ts[:-1]).all():
+            ts = np.maximum.accumulate(ts)
         if ts[0] < self.now:
             ts = np.maximum(ts, np.uint64(self.now))
-        is_a = kind == _ALLOC
-        is_f = kind == _FREE
-        is_r = kind == _REALLOC
-        nullres = ptr == 0
-        allocish = is_a | (is_r & (size != 0))
-        fail = (kind == _FAILED) | (allocish & nullres)
-        apart = allocish & ~nullres
-        any_r = bool(is_r.any())
+        # A 6-bit code per record (kind, ptr = 0, size = 0, old_ptr = 0) and lookup tables
+        # give its events (see _record_tables) in a few passes.
+        code = np.minimum(r["kind"], 5)
+        code |= (ptr == 0).view(np.uint8) << 3
+        code |= (size == 0).view(np.uint8) << 4
+        counts = np.bincount(code, minlength=64)
+        any_r = bool(counts[_REALLOC::8].any())
         if any_r:
             old = r["old_ptr"]
-            fpart = (is_f & ~nullres) | (is_r & (old != 0) & ~fail)
-        else:
-            fpart = is_f & ~nullres
-        cnt = apart.view(np.int8) + fpart.view(np.int8) + fail.view(np.int8)
-        self.unknown_records += int(np.count_nonzero(kind > _FAILED) + np.count_nonzero(kind == 0))
-        if not any_r and bool((cnt == 1).all()):
+            code |= (old == 0).view(np.uint8) << 5
+            counts = np.bincount(code, minlength=64)
+        self.unknown_records += int(counts[_T_UNKNOWN].sum())
+        if not counts[_T_CNT != 1].any():  # one event per record
             rec = None
-            etype = np.where(fail, 2, np.where(fpart, 0, 1)).astype(np.int8)
-            evp = ptr
+            etype = _T_ETYPE[code]
+            evp = np.where(_T_FREE_OLD[code], old, ptr) if any_r else ptr
         else:
-            ci = cnt.astype(np.intp)
+            ci = _T_CNT[code].astype(np.intp)
             rec = np.repeat(np.arange(n), ci)
             if not len(rec):
                 return
-            start = np.cumsum(ci) - ci
-            j = np.arange(len(rec)) - start[rec]
-            etype = np.where(fail[rec], 2, np.where(fpart[rec] & (j == 0), 0, 1)).astype(np.int8)
-            freeptr = np.where(is_r, old, ptr) if any_r else ptr
-            evp = np.where(etype == 0, freeptr[rec], ptr[rec])
+            second = np.zeros(len(rec), dtype=bool)  # the alloc part of a realloc
+            np.equal(rec[1:], rec[:-1], out=second[1:])
+            etype = np.where(second, np.int8(1), _T_ETYPE[code][rec])
+            evp = ptr[rec]
+            if any_r:
+                fo = ~second & _T_FREE_OLD[code][rec]
+                evp[fo] = old[rec][fo]
 
         def g(a: np.ndarray) -> np.ndarray:
             return a if rec is None else a[rec]
 
         ev_ts, ev_size, ev_hook, ev_caller = g(ts), g(size), g(r["hook"]), g(r["caller"])
-        m = len(ev_ts)
-        nfail = int(np.count_nonzero(etype == 2))
+        nfail = int(counts[_T_FAIL].sum())
+        if nfail:  # failures ride along as frees of pointer 0 (never tracked), then are marked
+            failed = etype == 2
+            evp = np.where(failed, np.uint64(0), evp)
+        mod = self.modmap.lookup(ev_caller)
+        outcome, old_size, old_hook, old_mod = self._track(evp, etype == 1, ev_size, ev_ts,
+                                                           ev_caller, ev_hook, mod)
         if nfail:
-            tr = np.flatnonzero(etype != 2)
-            s = (evp[tr], etype[tr] == 1, ev_size[tr], ev_ts[tr], ev_caller[tr], ev_hook[tr])
-        else:
-            s = (evp, etype == 1, ev_size, ev_ts, ev_caller, ev_hook)
-        s_mod = self.modmap.lookup(s[4])
-        out, osz, ohk, omd = self._track(*s, s_mod)
-        if nfail:
-            outcome = np.full(m, FAILURE, np.uint8)
-            outcome[tr] = out
-            old_size = np.zeros(m, np.uint64)
-            old_size[tr] = osz
-            old_hook = np.zeros(m, np.uint8)
-            old_hook[tr] = ohk
-            old_mod = np.zeros(m, np.uint16)
-            old_mod[tr] = omd
-            mod = np.zeros(m, np.uint16)
-            mod[tr] = s_mod
-        else:
-            outcome, old_size, old_hook, old_mod, mod = out, osz, ohk, omd, s_mod
+            outcome[failed] = FAILURE
         self._aggregate(r, _Batch(ev_ts, ev_size, outcome, np.empty(0), np.empty(0), np.empty(0),
                                   np.empty(0), ev_hook, old_hook, mod, old_mod, rec), old_size)
         self.now = max(self.now, int(ts[-1]))
@@ -473,19 +520,16 @@ class Engine:
     def _step(self, k, p, isalloc, cols, out, osz, ohk, omd) -> None:  # noqa: ANN001
         t = self.table
         key = int(p[k])
-        slot = t.find1(key) if t.count else -1
+        slot = t.find1(key) if t.count and key else -1
         size, ts, caller, hook, mod = (c[k] for c in cols)
         osz[k] = ohk[k] = omd[k] = 0
         if slot >= 0:
-            osz[k] = t.cols["size"][slot]
-            ohk[k] = t.cols["hook"][slot]
-            omd[k] = t.cols["module"][slot]
+            old = t.get(np.array([slot]))
+            osz[k], ohk[k], omd[k] = old.size[0], old.hook[0], old.module[0]
         if isalloc[k]:
             if slot >= 0:
                 out[k] = REPLACE
-                for name, v in zip(("size", "ts", "caller", "hook", "module"),
-                                   (size, ts, caller, hook, mod), strict=True):
-                    t.cols[name][slot] = v
+                t.write(np.array([slot]), LiveColumns(p[k:k + 1], *(c[k:k + 1] for c in cols)))
             elif t.count < self.config.max_tracked:
                 out[k] = NEW
                 t.insert(LiveColumns(p[k:k + 1], *(c[k:k + 1] for c in cols)))
@@ -503,46 +547,51 @@ class Engine:
         state is the previous event's (an alloc leaves it live, a free leaves it not) or, for the
         first event of a pointer, whether the table holds it."""
         m = len(p)
-        order = np.argsort(p, kind="stable")
-        sp = p[order]
+        order, sp = pointer_order(p)
         first = np.empty(m, dtype=bool)
         first[0] = True
         np.not_equal(sp[1:], sp[:-1], out=first[1:])
         gstart = np.flatnonzero(first)
-        slots = self.table.lookup(sp[gstart])
+        up = sp[gstart]
+        probe = self.table.probe(up)  # pointer 0 (failures) is never live:
+        if up[0] == 0:  # it hashes to 0 and sorts first
+            probe.slots[0] = -1
+        slots = probe.slots
         found = slots >= 0
         sa = isalloc[order]
         live = np.empty(m, dtype=bool)
         live[1:] = sa[:-1]
         live[gstart] = found
-        prev = np.empty(m, dtype=np.intp)
-        prev[0] = 0
-        prev[1:] = order[:-1]
-        osz_s, ohk_s, omd_s = size[prev], hook[prev], mod[prev]
-        fs = gstart[found]
-        if len(fs):
-            tv = self.table.get(slots[found])
-            osz_s[fs] = tv.size
-            ohk_s[fs] = tv.hook
-            omd_s[fs] = tv.module
-        res_s = np.where(sa, np.where(live, REPLACE, NEW), np.where(live, FREE_T, FREE_U))
         out = np.empty(m, np.uint8)
-        out[order] = res_s
-        osz = np.empty(m, np.uint64)
-        osz[order] = osz_s
-        ohk = np.empty(m, np.uint8)
-        ohk[order] = ohk_s
-        omd = np.empty(m, np.uint16)
-        omd[order] = omd_s
+        out[order] = _O_FROM[(sa.view(np.uint8) << 1) | live.view(np.uint8)]
+        # The block a free or replacement ends: the previous event's (an alloc), or the table's
+        # for the first event of a pointer. Only those events need it.
+        li = np.flatnonzero(live)
+        src = order[li - 1]  # li = 0 wraps to garbage: it is a group start, overwritten below
+        vz, vh, vm = size[src], hook[src], mod[src]
+        fl = first[li]
+        if fl.any():
+            tv = self.table.get(slots[found])
+            vz[fl] = tv.size
+            vh[fl] = tv.hook
+            vm[fl] = tv.module
+        tl = order[li]
+        osz = np.zeros(m, np.uint64)
+        osz[tl] = vz
+        ohk = np.zeros(m, np.uint8)
+        ohk[tl] = vh
+        omd = np.zeros(m, np.uint16)
+        omd[tl] = vm
         glast = np.empty(len(gstart), dtype=np.intp)
         glast[:-1] = gstart[1:] - 1
         glast[-1] = m - 1
-        plan = (sp[gstart], slots, found, sa[glast], order[glast])
+        plan = (up, probe, found, sa[glast], order[glast])
         return out, osz, ohk, omd, plan
 
     def _apply(self, plan, size, ts, caller, hook, mod) -> None:  # noqa: ANN001
         """Make the table match the end of the classified run."""
-        keys, slots, found, fin, last = plan
+        keys, probe, found, fin, last = plan
+        slots = probe.slots
         t = self.table
         upd = found & fin
         if upd.any():
@@ -555,60 +604,56 @@ class Engine:
         ins = ~found & fin
         if ins.any():
             li = last[ins]
-            t.insert(LiveColumns(keys[ins], size[li], ts[li], caller[li], hook[li], mod[li]))
+            ii = np.flatnonzero(ins)
+            t.insert(LiveColumns(keys[ii], size[li], ts[li], caller[li], hook[li], mod[li]),
+                     hint=probe.take(ii))
 
     # -- aggregation and outputs --
     def _aggregate(self, r: np.ndarray, bt: _Batch, old_size: np.ndarray) -> None:
         cfg = self.config
-        st0 = self.state
-        c0 = st0.c
+        c0 = self.state.c
         o = bt.outcome
-        is_new = o == NEW
-        is_rep = o == REPLACE
-        is_ft = o == FREE_T
-        plus_m = is_new | is_rep
-        cnt_alloc = plus_m | (o == OVERFLOW)
-        cnt_free = is_ft | is_rep
-        szi = bt.size.view(np.int64)
-        bt.plus = np.where(plus_m, szi, 0)
-        bt.minus = np.where(cnt_free, old_size.view(np.int64), 0)
-        bt.cur_b = np.cumsum(bt.plus - bt.minus) + c0.current_bytes
-        bt.cur_c = np.cumsum(is_new.view(np.int8).astype(np.int64) - is_ft) + \
-            c0.current_allocations
-        acum = np.cumsum(cnt_alloc) + c0.total_allocations
+        bt.plus = np.where(_O_PLUS[o], bt.size.view(np.int64), 0)
+        bt.minus = old_size.view(np.int64)  # 0 except where a live block ends
+        bt.delta = bt.plus - bt.minus
+        # Running sums relative to the state before the batch (bases added when read).
+        bt.cur_b = np.cumsum(bt.delta)
+        bt.cur_c = np.cumsum(_O_DCOUNT[o], dtype=np.int64)
+        acum = np.cumsum(_O_ALLOC[o], dtype=np.int64)
+        bt.counts = np.bincount(o, minlength=7)
         m = len(o)
-        a_end = int(acum[-1])
-        points: list[tuple[int, int, str, int]] = []
+        a0 = c0.total_allocations
+        a_end = a0 + int(acum[-1])
+        points: list[tuple[int, int, str]] = []
         every = cfg.csv_every_allocs
-        first_mult = (c0.total_allocations // every + 1) * every
-        fcum = None
-        pts = np.empty(0, np.intp)
+        first_mult = (a0 // every + 1) * every
         if first_mult <= a_end:
-            pts = np.searchsorted(acum, np.arange(first_mult, a_end + 1, every), side="left")
-            fcum = np.cumsum(cnt_free) + c0.total_frees
-            runmax_b = np.maximum(np.maximum.accumulate(bt.cur_b), c0.peak_bytes)
-            points += [(int(k), 2, "csv", i) for i, k in enumerate(pts)]
-        big = np.flatnonzero(cnt_alloc & (bt.size > np.uint64(cfg.large_alloc_bytes)))
-        points += [(int(k), 1, "perf", 0) for k in big]
-        if not self._overflow_warned:
-            ov = np.flatnonzero(o == OVERFLOW)
-            if len(ov):
-                points.append((int(ov[0]), 0, "overflow", 0))
-        fidx = np.flatnonzero(o == FAILURE)
-        if len(fidx):
+            pts = np.searchsorted(acum, np.arange(first_mult - a0, a_end - a0 + 1, every),
+                                  side="left")
+            fcum = np.cumsum(_O_FREE[o], dtype=np.int64)
+            runmax_b = np.maximum.accumulate(bt.cur_b)
+            points += [(k, 2, "csv") for k in pts.tolist()]
+        big = np.flatnonzero(bt.size > np.uint64(cfg.large_alloc_bytes))
+        points += [(k, 1, "perf") for k in big[_O_ALLOC[o[big]]].tolist()]
+        if not self._overflow_warned and bt.counts[OVERFLOW]:
+            points.append((int(np.argmax(o == OVERFLOW)), 0, "overflow"))
+        fidx = np.flatnonzero(o == FAILURE) if bt.counts[FAILURE] else None
+        if fidx is not None:
             points += self._failure_points(bt.ts[fidx], fidx)
         jevery = cfg.json_every_allocs
         last_mult = (a_end // jevery) * jevery
-        if last_mult > c0.total_allocations:
-            points.append((int(np.searchsorted(acum, last_mult, side="left")), 3, "snap", 0))
+        if last_mult > a0:
+            points.append((int(np.searchsorted(acum, last_mult - a0, side="left")), 3, "snap"))
         points.sort()
         h = self.health
-        fail_cum = None
-        for k, _prio, what, _arg in points:
+        snap_state, snap_at = None, 0
+        for k, _prio, what in points:
             t = int(bt.ts[k])
             h.advance(t)
             if what == "csv":
-                self._csv_row(t, int(acum[k]), int(fcum[k]), int(bt.cur_b[k]), int(runmax_b[k]))
+                b0 = c0.current_bytes
+                self._csv_row(t, a0 + int(acum[k]), c0.total_frees + int(fcum[k]),
+                              b0 + int(bt.cur_b[k]), max(c0.peak_bytes, b0 + int(runmax_b[k])))
             elif what == "perf":
                 ri = k if bt.rec is None else int(bt.rec[k])
                 heap = self.heap_names[self._heap_of_hook[int(bt.hook[k])]]
@@ -621,18 +666,22 @@ class Engine:
                       "further allocations are counted but not tracked")
                 h.degrade_persistent(t, "tracking limit reached")
             elif what == "failwarn":
-                if fail_cum is None:
-                    fail_cum = np.cumsum(o == FAILURE) + c0.allocation_failures
                 self._last_fail_warn = t
                 heap = self.heap_names[self._heap_of_hook[int(bt.hook[k])]]
+                so_far = c0.allocation_failures + int(np.searchsorted(fidx, k, side="right"))
                 h.log(t, "WARN", f"Allocation failure: {int(bt.size[k])} bytes ({heap} heap); "
-                      f"{int(fail_cum[k])} failures so far")
+                      f"{so_far} failures so far")
                 h.degrade_transient(t, "allocation failures")
             elif what == "failtouch":
                 h.degrade_transient(t, "allocation failures")
             elif what == "snap":
-                self._emit_snapshot(t, self._state_after(bt, k + 1))
-        self.state = self._state_after(bt, m)
+                snap_state = self._state_span(bt, self.state, 0, k + 1)
+                snap_at = k + 1
+                self._emit_snapshot(t, snap_state)
+        if snap_state is None or snap_at == m:
+            self.state = snap_state or self._state_span(bt, self.state, 0, m)
+        else:
+            self.state = self._state_span(bt, snap_state, snap_at, m)
         assert self.state.c.current_allocations == self.table.count
 
     def _failure_points(self, fts: np.ndarray, fidx: np.ndarray) -> list:
@@ -647,63 +696,87 @@ class Engine:
                 break
             visits.append(i)
             nxt = int(fts[i]) + iv
-        pts = [(int(fidx[i]), 0, "failwarn", 0) for i in visits]
+        pts = [(int(fidx[i]), 0, "failwarn") for i in visits]
         touch = {v - 1 for v in visits if v > 0} | {len(fidx) - 1}
-        pts += [(int(fidx[i]), 0, "failtouch", 0) for i in touch if i not in visits]
+        pts += [(int(fidx[i]), 0, "failtouch") for i in touch if i not in visits]
         return pts
 
-    def _state_after(self, bt: _Batch, e: int) -> State:
-        """State after the first e events of the batch."""
-        c0 = self.state.c
-        o = bt.outcome[:e]
-        plus, minus = bt.plus[:e], bt.minus[:e]
-        c = Counters()
-        n_new = int(np.count_nonzero(o == NEW))
-        n_rep = int(np.count_nonzero(o == REPLACE))
-        ovf = o == OVERFLOW
-        n_ovf = int(np.count_nonzero(ovf))
-        ovf_bytes = int(bt.size[:e][ovf].sum(dtype=np.uint64)) if n_ovf else 0
-        c.total_allocations = c0.total_allocations + n_new + n_rep + n_ovf
-        c.total_frees = c0.total_frees + int(np.count_nonzero(o == FREE_T)) + n_rep
-        c.current_allocations = int(bt.cur_c[e - 1])
-        c.peak_allocations = max(c0.peak_allocations, int(bt.cur_c[:e].max()))
-        c.total_bytes_allocated = c0.total_bytes_allocated + int(plus.sum()) + ovf_bytes
-        c.total_bytes_freed = c0.total_bytes_freed + int(minus.sum())
-        c.current_bytes = int(bt.cur_b[e - 1])
-        c.peak_bytes = max(c0.peak_bytes, int(bt.cur_b[:e].max()))
-        c.allocation_failures = c0.allocation_failures + int(np.count_nonzero(o == FAILURE))
-        c.untracked_frees = c0.untracked_frees + int(np.count_nonzero(o == FREE_U))
-        c.replaced_live = c0.replaced_live + n_rep
-        c.overflow_allocations = c0.overflow_allocations + n_ovf
-        c.overflow_bytes = c0.overflow_bytes + ovf_bytes
-        heap_cur, heap_peak = self._heaps_after(bt, e)
+    def _state_span(self, bt: _Batch, base: State, lo: int, hi: int) -> State:
+        """State after events [lo, hi) of the batch, given `base`, the state before event lo
+        (self.state is still the state before the batch)."""
+        cb = base.c
+        pre = self.state.c  # the running sums are relative to the state before the batch
+        whole = lo == 0 and hi == len(bt.outcome)
+        o = bt.outcome if whole else bt.outcome[lo:hi]
+        plus, minus = (bt.plus, bt.minus) if whole else (bt.plus[lo:hi], bt.minus[lo:hi])
+        n = bt.counts if whole else np.bincount(o, minlength=7)
+        n_new, n_rep, n_ovf = int(n[NEW]), int(n[REPLACE]), int(n[OVERFLOW])
+        ovf_bytes = int(bt.size[lo:hi][o == OVERFLOW].sum(dtype=np.uint64)) if n_ovf else 0
+        c = Counters(
+            total_allocations=cb.total_allocations + n_new + n_rep + n_ovf,
+            total_frees=cb.total_frees + int(n[FREE_T]) + n_rep,
+            current_allocations=pre.current_allocations + int(bt.cur_c[hi - 1]),
+            peak_allocations=max(cb.peak_allocations,
+                                 pre.current_allocations + int(bt.cur_c[lo:hi].max())),
+            total_bytes_allocated=cb.total_bytes_allocated + int(plus.sum()) + ovf_bytes,
+            total_bytes_freed=cb.total_bytes_freed + int(minus.sum()),
+            current_bytes=pre.current_bytes + int(bt.cur_b[hi - 1]),
+            peak_bytes=max(cb.peak_bytes, pre.current_bytes + int(bt.cur_b[lo:hi].max())),
+            allocation_failures=cb.allocation_failures + int(n[FAILURE]),
+            untracked_frees=cb.untracked_frees + int(n[FREE_U]),
+            replaced_live=cb.replaced_live + n_rep,
+            overflow_allocations=cb.overflow_allocations + n_ovf,
+            overflow_bytes=cb.overflow_bytes + ovf_bytes,
+        )
+        heap_cur, heap_peak = self._heaps_span(bt, base, lo, hi)
         k = len(self.modmap.modules)
-        mp = np.minimum(bt.mod[:e], k)
-        mm = np.minimum(bt.old_mod[:e], k)
+        mp = np.minimum(bt.mod[lo:hi], k)
+        mm = np.minimum(bt.old_mod[lo:hi], k)
         dm = np.bincount(mp, weights=plus, minlength=k + 1) - np.bincount(
             mm, weights=minus, minlength=k + 1)
-        mod_cur = self.state.mod_cur + np.rint(dm).astype(np.int64)
+        mod_cur = base.mod_cur + np.rint(dm).astype(np.int64)
         return State(c, heap_cur, heap_peak, mod_cur)
 
-    def _heaps_after(self, bt: _Batch, e: int) -> tuple[np.ndarray, np.ndarray]:
-        st = self.state
-        cur, peak = st.heap_cur.copy(), st.heap_peak.copy()
-        if self._single_heap and int(bt.hook.max()) < len(self.meta.hooks) and (
-                not len(bt.old_hook) or int(bt.old_hook.max()) < len(self.meta.hooks)):
-            run = bt.cur_b[:e] - st.c.current_bytes + cur[0]
-            cur[0] = run[-1]
-            peak[0] = max(peak[0], int(run.max()))
+    def _heaps_span(self, bt: _Batch, base: State, lo: int,
+                    hi: int) -> tuple[np.ndarray, np.ndarray]:
+        st = self.state  # before the batch: heap runs are relative to it
+        cur, peak = base.heap_cur.copy(), base.heap_peak.copy()
+        nh = len(self.meta.hooks)
+        if self._single_heap and int(bt.hook.max()) < nh and int(bt.old_hook.max()) < nh:
+            off = st.heap_cur[0]
+            cur[0] = bt.cur_b[hi - 1] + off
+            peak[0] = max(peak[0], int(bt.cur_b[lo:hi].max()) + off)
             return cur, peak
         if not bt.heap_runs:
+            # Each event's delta goes to one heap (the new block's, or the freed block's): per
+            # heap, the positions of its events and the running sum of their deltas. Only a
+            # REPLACE across heaps splits: +size to the new heap, -old size to the old one.
+            o = bt.outcome
             hp = self._heap_of_hook[bt.hook]
             hm = self._heap_of_hook[bt.old_hook]
-            for hi in range(len(self.heap_names)):
-                d = np.where(hp == hi, bt.plus, 0) - np.where(hm == hi, bt.minus, 0)
-                if d.any():
-                    bt.heap_runs[hi] = np.cumsum(d)
-        for hi, run in bt.heap_runs.items():
-            cur[hi] = st.heap_cur[hi] + run[e - 1]
-            peak[hi] = max(peak[hi], st.heap_cur[hi] + int(run[:e].max()))
+            ev_heap = np.where(_O_PLUS[o], hp, hm)
+            split = np.empty(0, np.intp)
+            if bt.counts[REPLACE]:
+                split = np.flatnonzero(o == REPLACE)
+                split = split[hp[split] != hm[split]]
+            for h in range(len(self.heap_names)):
+                idx = np.flatnonzero(ev_heap == h)
+                d = bt.delta[idx]
+                if len(split):
+                    d[np.isin(idx, split)] += bt.minus[idx[np.isin(idx, split)]]
+                    extra = split[hm[split] == h]
+                    if len(extra):
+                        idx = np.concatenate((idx, extra))
+                        d = np.concatenate((d, -bt.minus[extra]))
+                        o2 = np.argsort(idx, kind="stable")
+                        idx, d = idx[o2], d[o2]
+                if len(idx):
+                    bt.heap_runs[h] = (idx, np.cumsum(d))
+        for h, (idx, run) in bt.heap_runs.items():
+            a, b = np.searchsorted(idx, (lo, hi)).tolist()
+            if b > a:
+                cur[h] = st.heap_cur[h] + run[b - 1]
+                peak[h] = max(peak[h], st.heap_cur[h] + int(run[a:b].max()))
         return cur, peak
 
     def _csv_row(self, t: int, allocs: int, frees: int, cur_b: int, peak_b: int,
@@ -762,4 +835,4 @@ class Engine:
         }
 
 
-__all__ = ["Engine", "EngineConfig", "Counters", "LogLine"]
+__all__ = ["Counters", "Engine", "EngineConfig", "State"]

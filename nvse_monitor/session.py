@@ -11,6 +11,7 @@ batches sent before it, so a full queue with a blocked consumer would deadlock.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import signal
 import sys
@@ -22,9 +23,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import frida
+import numpy as np
 
 from . import __version__
 from .agent_host import DEFAULT_RING_SLOTS
+from .events import RECORD_DTYPE
 from .live_status import StatusLine
 from .pipeline import DEFAULT_OUT_DIR, Pipeline
 from .stream import (
@@ -65,10 +68,13 @@ class SessionOptions:
     ring_slots: int = DEFAULT_RING_SLOTS  # agent_host's default
     large_alloc_bytes: int = 1 << 20
     drain_interval_ms: int = 10
-    max_batch_bytes: int = 1 << 20
+    # Agent batch size: measured on 2 cores under load, 64 KiB batches sustain 5 M events/s
+    # where 1 MiB batches stall the drain (bench/bench_e2e.py, docs/sessions.md).
+    max_batch_bytes: int = 64 << 10
+    merge_records: int = 1 << 17  # coalesce queued batches up to this many records per feed
     force: bool = False  # use --profile even if it names other executables
     status_line: bool | None = None  # None: when stderr is a terminal
-    queue_max: int = 2048  # messages (a batch is <= max_batch_bytes)
+    queue_max: int = 8192  # messages (a batch is <= max_batch_bytes: 512 MiB at most)
     engine_config: Any = None
 
 
@@ -187,6 +193,11 @@ class LiveSession:
     def _run(self) -> SessionResult:
         try:
             self._start()
+        except (frida.InvalidOperationError, frida.TransportError, frida.ProcessNotFoundError,
+                frida.ProcessNotRespondingError, frida.TimedOutError) as exc:
+            self._abandon_start()  # e.g. the process died during setup
+            raise TargetError(frida_error_message(exc, f"set up monitoring of PID {self.pid}")) \
+                from None
         except BaseException:
             self._abandon_start()
             raise
@@ -322,10 +333,14 @@ class LiveSession:
                 item = self.q.get(timeout=0.1)
             except queue.Empty:
                 item = None
-            if item is not None:
+            while item is not None:
+                if isinstance(item, Batch):
+                    item = self._feed_batches(item)  # may hand back the next non-batch item
+                    continue
                 detached = self._handle(item)
                 if detached is not None:
                     return detached
+                item = None
             now = time.monotonic()
             deadline = self._duration_deadline
             if self._stop_reason is None and deadline is not None and now >= deadline:
@@ -354,6 +369,35 @@ class LiveSession:
             return item
         return None
 
+    def _feed_batches(self, first: Batch) -> Any:
+        """Feed `first` merged with the batches queued right behind it (one engine call per
+        merged batch instead of one per agent message); returns the first queued item that is
+        not a batch, or None. The merged batch is what is recorded too, so replay is identical:
+        it holds the same records in the same order, with the latest batch's time and counters."""
+        batches = [first]
+        n = len(first.records)
+        nxt = None
+        while n < self.opts.merge_records:
+            try:
+                item = self.q.get_nowait()
+            except queue.Empty:
+                break
+            if not isinstance(item, Batch):
+                nxt = item
+                break
+            batches.append(item)
+            n += len(item.records)
+        if len(batches) == 1:
+            self._feed(first)
+        else:
+            last = batches[-1]
+            # Joining the raw bytes is ~30x faster than np.concatenate on a structured dtype.
+            parts = [b.records for b in batches if len(b.records)]
+            records = (np.frombuffer(b"".join(parts), dtype=RECORD_DTYPE) if parts
+                       else first.records)
+            self._feed(Batch(now_us=last.now_us, counters=last.counters, records=records))
+        return nxt
+
     def _feed(self, msg: StreamMessage) -> None:
         assert self.pipeline is not None
         self._messages += 1
@@ -366,7 +410,13 @@ class LiveSession:
             if isinstance(msg, AgentError):
                 self._agent_errors += 1
         if self.recorder is not None:
-            self.recorder.write(msg)
+            try:
+                self.recorder.write(msg)
+            except OSError as exc:  # disk full...: keep monitoring, the recording ends here
+                self._notes.append(f"recording stopped: {self.opts.record}: {exc.strerror or exc}")
+                with contextlib.suppress(OSError):
+                    self.recorder.close()
+                self.recorder = None
         self.pipeline.feed(msg)
 
     # ---- stopping -------------------------------------------------------------------------------
@@ -403,6 +453,17 @@ class LiveSession:
         if detached.reason == "application-requested" and self._stop_reason is not None:
             return SessionEnd(self._last_ts, self._stop_reason, True, "", counters)
         notice = self._exit_notice
+        if detached.reason == "process-terminated" and self.mode == "spawn":
+            # Our own child: its wait status says exactly how it ended.
+            status = self._reap_spawned()
+            if status is not None and os.WIFEXITED(status):
+                self._notes.append(f"target exit status {os.WEXITSTATUS(status)}")
+                return SessionEnd(self._last_ts, "target-exited", True, "", counters)
+            if status is not None and os.WIFSIGNALED(status):
+                sig = _signal_name(os.WTERMSIG(status))
+                what = f"crashed: {notice.what}; " if notice and notice.how == "crash" else ""
+                return SessionEnd(self._last_ts, detached.reason, False,
+                                  crash or f"{what}killed by {sig}", counters)
         if detached.reason == "process-terminated" and notice is not None and notice.how == "exit":
             return SessionEnd(self._last_ts, "target-exited", True, "", counters)
         if notice is not None and notice.how == "abort":
@@ -412,6 +473,23 @@ class LiveSession:
         elif detached.reason == "process-terminated" and not crash:
             crash = "no exit() call seen: killed by a signal or crashed"
         return SessionEnd(self._last_ts, detached.reason, False, crash, counters)
+
+    def _reap_spawned(self, timeout_s: float = 2.0) -> int | None:
+        """The wait status of the spawned program (Frida's spawn makes it our child), or None
+        when it is not ours to reap (another platform, or already reaped)."""
+        if not hasattr(os, "waitpid") or not self.pid:
+            return None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return None
+            if pid == self.pid:
+                return status
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.01)
 
     def _finish(self, detached: _Detached) -> SessionResult:
         assert self.pipeline is not None and self.meta is not None
@@ -424,7 +502,10 @@ class LiveSession:
         end = self._end_message(detached)
         self._feed(end)
         if self.recorder is not None:
-            self.recorder.close()
+            try:
+                self.recorder.close()
+            except OSError as exc:
+                self._notes.append(f"recording incomplete: {self.opts.record}: {exc.strerror}")
         self.pipeline.finish(end.ts_us)
         code = 1 if self._agent_errors else 0
         return SessionResult(
@@ -491,6 +572,13 @@ def _crash_summary(crash: Any) -> str:
         return ""
     summary = getattr(crash, "summary", None) or str(crash)
     return " ".join(str(summary).split())[:500]
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
 
 
 def _utc_offset_s() -> int:

@@ -319,9 +319,12 @@ def _main_events(w: _Workload, k: int, failure_rate: float) -> dict[str, np.ndar
         mv_excl = _group_exclusive_cumsum(s_sorted, move[order])
         moved = np.empty(cut, dtype=np.uint8)
         moved[order] = (w.moved[s_sorted] ^ (mv_excl & 1)).astype(np.uint8)
-        n_slots = w.hot + w.cold
-        w.parity ^= (np.bincount(slot[toggle], minlength=n_slots) & 1).astype(np.uint8)
-        w.moved ^= (np.bincount(slot[move], minlength=n_slots) & 1).astype(np.uint8)
+        # carry each touched slot's state: parity of its toggles and moves in this prefix
+        if cut:
+            starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
+            touched = s_sorted[starts]
+            w.parity[touched] ^= (np.add.reduceat(toggle[order], starts) & 1).astype(np.uint8)
+            w.moved[touched] ^= (np.add.reduceat(move[order], starts) & 1).astype(np.uint8)
 
         sel = valid
         cols = (slot, toggle, live, is_realloc, failed, move, heap, realloc_hook, moved)

@@ -1,32 +1,66 @@
-"""The live-allocation set: pointer -> (size, ts, caller, hook, module), as numpy columns.
+"""The live-allocation set: pointer -> (size, ts, caller, hook, module), in numpy arrays.
 
 A bucketised cuckoo hash table (two candidate buckets of `WAYS` slots per key) operated on whole
 arrays of keys at once, so the engine never loops per event in Python:
-- lookup is a fixed two-bucket gather and compare (no probe chains, no tombstones);
+- a probe compares the 16-bit fingerprints of both buckets (rows that stay in cache) and reads
+  the full key only to confirm a match; no probe chains, no tombstones;
 - delete just clears the slot;
 - insert places keys in the emptier of their two buckets, resolving same-slot races by
-  scatter-then-verify, and evicts (cuckoo moves) only when both buckets are full, which is rare
-  below `MAX_LOAD`. Loads of 60-90 % keep the memory per live block near 40-60 bytes.
-Key 0 marks an empty slot; the engine never tracks pointer 0.
+  scatter-then-verify; a key whose buckets are both full moves one occupant to its other
+  bucket (a one-step cuckoo move). Load stays in 60-85 %: 44-62 bytes per live block.
+Key 0 marks an empty slot; the engine never tracks pointer 0. Keys live in their own array;
+the values of a slot are one packed 27-byte record, so moving or reading an entry touches one
+place instead of five column arrays.
 """
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
 
+if not np.little_endian:  # _row_mask reads 8 bools as one little-endian u64
+    raise ImportError("nvse_monitor.tracking needs a little-endian machine")
+
 WAYS = 8  # slots per bucket: 8 u64 keys = one 64-byte cache line
-MAX_LOAD = 0.90  # grow when an insert would pass this load
-GROW_TO = 0.60  # load right after a grow (so growth is x1.5)
+MAX_LOAD = 0.85  # grow when an insert would pass this load
+GROW_TO = 0.60  # load right after a grow (growth x1.42)
 MIN_SLOTS = 1024
 MAX_ROUNDS = 64  # insert rounds before giving up and growing (pathological collisions only)
+BULK_WAYS = 5  # ways filled directly when rebuilding after a grow (leaves room to balance)
 
 _C1 = np.uint64(0x9E3779B97F4A7C15)
 _C2 = np.uint64(0xC2B2AE3D27D4EB4F)
+_C3 = np.uint64(0xD6E8FEB86659FD93)
+_S48 = np.uint64(48)
 _S32 = np.uint64(32)
 _M64 = (1 << 64) - 1
 _BYTESUM = np.uint64(0x0101010101010101)  # w * this: top byte = sum of w's bytes
+_ALLFREE = _BYTESUM  # free-way mask of an empty bucket
+
+
+@dataclass
+class Probe:
+    """Result of LiveTable.probe: slots, and bucket facts an insert of the absent keys reuses."""
+
+    slots: np.ndarray  # intp, -1 where absent
+    b1: np.ndarray
+    b2: np.ndarray
+    f1: np.ndarray  # u64 free-way masks of the b1 rows
+    f2: np.ndarray  # of the b2 rows (where absent)
+    nbuckets: int  # table geometry the hint is valid for
+
+    def take(self, idx: np.ndarray) -> Probe:
+        return Probe(self.slots[idx], self.b1[idx], self.b2[idx], self.f1[idx], self.f2[idx],
+                     self.nbuckets)
+
+
+def radix_order_u32(x: np.ndarray) -> np.ndarray:
+    """Stable argsort of values < 2**32 by two 16-bit radix passes (numpy sorts 16-bit keys
+    with a radix sort: much faster than a comparison sort of 64-bit keys)."""
+    o = np.argsort((x & 0xFFFF).astype(np.uint16), kind="stable")
+    return o[np.argsort((x[o] >> 16).astype(np.uint16), kind="stable")]
 
 
 @dataclass
@@ -48,8 +82,27 @@ class LiveColumns:
 
 
 _COLS = ("ptr", "size", "ts", "caller", "hook", "module")
-_DTYPES = {"size": np.uint64, "ts": np.uint64, "caller": np.uint64, "hook": np.uint8,
-           "module": np.uint16}
+VAL_DTYPE = np.dtype([("size", "<u8"), ("ts", "<u8"), ("caller", "<u8"), ("hook", "u1"),
+                      ("module", "<u2")])  # packed: 27 bytes
+# Stored and moved as opaque 27-byte items: numpy gathers/scatters those with a plain copy,
+# while fancy indexing of the structured dtype itself is an order of magnitude slower.
+VAL_VOID = np.dtype((np.void, VAL_DTYPE.itemsize))
+
+
+def pack(v: LiveColumns) -> np.ndarray:
+    """The value records of v (VAL_VOID items)."""
+    a = np.empty(len(v), VAL_DTYPE)
+    a["size"] = v.size
+    a["ts"] = v.ts
+    a["caller"] = v.caller
+    a["hook"] = v.hook
+    a["module"] = v.module
+    return a.view(VAL_VOID)
+
+
+def unpack(ptr: np.ndarray, vals: np.ndarray) -> LiveColumns:
+    f = vals.view(VAL_DTYPE)
+    return LiveColumns(ptr, f["size"], f["ts"], f["caller"], f["hook"], f["module"])
 
 
 class LiveTable:
@@ -63,9 +116,13 @@ class LiveTable:
     def _alloc(self, slots: int) -> None:
         nb = max(1, -(-slots // WAYS))
         self.nbuckets = nb
-        self.keys2d = np.zeros((nb, WAYS), dtype=np.uint64)
-        self.keys = self.keys2d.reshape(-1)  # flat view
-        self.cols = {name: np.zeros(nb * WAYS, dtype=dt) for name, dt in _DTYPES.items()}
+        self.keys = _zeros(nb * WAYS, np.uint64)
+        self.keys2d = self.keys.reshape(nb, WAYS)
+        # 16-bit fingerprints of the keys (0 = empty): probes compare these 16-byte rows, which
+        # stay in cache, and read a full key only to confirm a fingerprint match.
+        self.fp = _zeros(nb * WAYS, np.uint16)
+        self.fp2d = self.fp.reshape(nb, WAYS)
+        self.vals = _zeros(nb * WAYS, VAL_VOID)
         self._nb_u64 = np.uint64(nb)
 
     @property
@@ -74,7 +131,7 @@ class LiveTable:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + sum(c.nbytes for c in self.cols.values())
+        return self.keys.nbytes + self.fp.nbytes + self.vals.nbytes
 
     def _buckets(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # Multiplicative hashes, mapped onto [0, nbuckets) by "fast range" (high 32 bits x n) >> 32,
@@ -90,118 +147,144 @@ class LiveTable:
         ) * nb >> 32
 
     # -- vectorised operations ---------------------------------------------------------------------
+    def probe(self, q: np.ndarray) -> Probe:
+        """Where each key is (slot, -1 if absent), plus its buckets and their free ways as seen
+        now, which a following insert of the absent keys reuses instead of reading them again."""
+        n = len(q)
+        slots = np.full(n, -1, dtype=np.intp)
+        b1, b2 = self._buckets(q)
+        if not self.count:
+            f = np.full(n, _ALLFREE, dtype=np.uint64)
+            return Probe(slots, b1, b2, f, f.copy(), self.nbuckets)
+        fp = _fingerprint(q)
+        fp2d, keys = self.fp2d, self.keys
+        r1 = fp2d[b1]
+        f1 = _row_mask(r1 == 0)
+        m1 = _row_mask(r1 == fp[:, None])
+        c = np.flatnonzero(m1)  # fingerprint seen in b1: confirm with the key
+        s1 = b1[c] * WAYS + _first_byte(m1[c])
+        ok = keys[s1] == q[c]
+        slots[c[ok]] = s1[ok]
+        doubt = [c[~ok]]
+        rest = np.flatnonzero(slots < 0)
+        f2 = np.zeros(n, dtype=np.uint64)
+        if len(rest):
+            b2r = b2[rest]
+            r2 = fp2d[b2r]
+            f2[rest] = _row_mask(r2 == 0)
+            m2 = _row_mask(r2 == fp[rest, None])
+            c2 = np.flatnonzero(m2)
+            s2 = b2r[c2] * WAYS + _first_byte(m2[c2])
+            ok2 = keys[s2] == q[rest[c2]]
+            slots[rest[c2[ok2]]] = s2[ok2]
+            doubt.append(rest[c2[~ok2]])
+        dd = np.concatenate(doubt)
+        if len(dd):  # a fingerprint matched another key (rare): compare whole key rows
+            dd = dd[slots[dd] < 0]
+            for b in (b1[dd], b2[dd]):
+                m = _row_mask(self.keys2d[b] == q[dd, None])
+                h = np.flatnonzero(m)
+                slots[dd[h]] = b[h] * WAYS + _first_byte(m[h])
+        return Probe(slots, b1, b2, f1, f2, self.nbuckets)
+
     def lookup(self, q: np.ndarray) -> np.ndarray:
         """Slot of each key (intp), -1 where absent. Keys must be non-zero."""
-        out = np.full(len(q), -1, dtype=np.intp)
         if not len(q) or not self.count:
-            return out
-        b1, b2 = self._buckets(q)
-        hit = _row_mask(self.keys2d[b1] == q[:, None])  # 8 bools of a row read as one u64
-        h = np.flatnonzero(hit)
-        out[h] = b1[h] * WAYS + _first_byte(hit[h])
-        miss = np.flatnonzero(hit == 0)
-        if len(miss):
-            b2m = b2[miss]
-            hit2 = _row_mask(self.keys2d[b2m] == q[miss, None])
-            h2 = np.flatnonzero(hit2)
-            out[miss[h2]] = b2m[h2] * WAYS + _first_byte(hit2[h2])
-        return out
+            return np.full(len(q), -1, dtype=np.intp)
+        return self.probe(q).slots
 
     def get(self, slots: np.ndarray) -> LiveColumns:
-        c = self.cols
-        return LiveColumns(self.keys[slots], c["size"][slots], c["ts"][slots],
-                           c["caller"][slots], c["hook"][slots], c["module"][slots])
+        return unpack(self.keys[slots], self.vals[slots])
 
     def write(self, slots: np.ndarray, v: LiveColumns) -> None:
-        """Overwrite the columns (not the key) of occupied slots."""
-        c = self.cols
-        c["size"][slots] = v.size
-        c["ts"][slots] = v.ts
-        c["caller"][slots] = v.caller
-        c["hook"][slots] = v.hook
-        c["module"][slots] = v.module
+        """Overwrite the values (not the key) of occupied slots."""
+        self.vals[slots] = pack(v)
 
     def delete(self, slots: np.ndarray) -> None:
         self.keys[slots] = 0
+        self.fp[slots] = 0
         self.count -= len(slots)
 
-    def insert(self, v: LiveColumns) -> None:
-        """Insert keys known to be absent and distinct."""
+    def insert(self, v: LiveColumns, hint: Probe | None = None) -> None:
+        """Insert keys known to be absent and distinct. `hint`: their probe (same order), taken
+        since the last insert (deletes in between only make it conservative)."""
         n = len(v)
         if not n:
             return
         if self.count + n > MAX_LOAD * self.slots:
             self._grow(int((self.count + n) / GROW_TO))
+            hint = None
         self.count += n
-        pending = self._place(v)
-        while pending is not None:  # only after MAX_ROUNDS of evictions: grow and retry
-            self.count -= len(pending)
+        if hint is not None and hint.nbuckets != self.nbuckets:
+            hint = None
+        pending = self._place(v.ptr, pack(v), hint)
+        while pending is not None:  # rounds stopped making progress: grow and retry
             self._grow(int(self.slots * 1.5))
-            self.count += len(pending)
-            pending = self._place(pending)
+            pending = self._place(*pending)
 
-    def _place(self, v: LiveColumns) -> LiveColumns | None:
+    def _place(self, ptr: np.ndarray, vals: np.ndarray,
+               hint: Probe | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """Put entries in a free way of the emptier of their two buckets (keys racing for one
         way: the last write wins, the others retry). An entry whose two buckets are full moves
         one of their 16 occupants to that occupant's other bucket if it has room (a one-step
         cuckoo move) and takes its way. Returns the entries still unplaced when rounds stop
         making progress (the caller grows the table), else None."""
-        keys, keys2d, cols = self.keys, self.keys2d, self.cols
+        fp2d = self.fp2d
         stalled = 0
         for _ in range(MAX_ROUNDS):
-            b1, b2 = self._buckets(v.ptr)
-            f1 = _row_mask(keys2d[b1] == 0)
-            f2 = _row_mask(keys2d[b2] == 0)
+            if hint is not None:
+                b1, b2, f1, f2 = hint.b1, hint.b2, hint.f1, hint.f2
+                hint = None
+            else:
+                b1, b2 = self._buckets(ptr)
+                f1 = _row_mask(fp2d[b1] == 0)
+                f2 = _row_mask(fp2d[b2] == 0)
             use2 = (f2 * _BYTESUM) > (f1 * _BYTESUM)  # top byte = number of free ways
             b = np.where(use2, b2, b1)
             free = np.where(use2, f2, f1)
             # Half the keys take their bucket's first free way, half the last: fewer races.
-            way = np.where(v.ptr & np.uint64(16), _first_byte(free), _last_byte(free))
+            way = np.where(ptr & np.uint64(16), _first_byte(free), _last_byte(free))
             slot = b * WAYS + way
             stuck = free == 0
             if stuck.any():
-                slot[stuck] = -1
                 ok = np.flatnonzero(~stuck)
-                placed = np.zeros(len(v), dtype=bool)
-                placed[ok] = self._write_racing(slot[ok], v, ok)
+                placed = np.zeros(len(ptr), dtype=bool)
+                placed[ok] = self._write_racing(slot[ok], ptr[ok], vals[ok])
                 si = np.flatnonzero(stuck)
-                placed[si] = self._relocate(v, si, b1[si], b2[si])
+                placed[si] = self._relocate(ptr[si], vals[si], b1[si], b2[si])
             else:
-                placed = self._write_racing(slot, v, None)
+                placed = self._write_racing(slot, ptr, vals)
                 if placed.all():
                     return None
             left = np.flatnonzero(~placed)
             if not len(left):
                 return None
-            stalled = stalled + 1 if len(left) == len(v) else 0
+            stalled = stalled + 1 if len(left) == len(ptr) else 0
+            ptr, vals = ptr[left], vals[left]
             if stalled >= 2:
                 break
-            v = v.take(left)
-        return v
+        return ptr, vals
 
-    def _write_racing(self, slot: np.ndarray, v: LiveColumns, idx: np.ndarray | None) -> np.ndarray:
-        """Write entries (v, or v[idx]) into free slots; returns which won their slot."""
-        keys, cols = self.keys, self.cols
-        ptr = v.ptr if idx is None else v.ptr[idx]
+    def _write_racing(self, slot: np.ndarray, ptr: np.ndarray, vals: np.ndarray) -> np.ndarray:
+        """Write entries into free slots; returns which won their slot."""
+        keys = self.keys
         keys[slot] = ptr
         won = keys[slot] == ptr
         if won.all():
-            for name in _DTYPES:
-                col = getattr(v, name)
-                cols[name][slot] = col if idx is None else col[idx]
+            self.vals[slot] = vals
+            self.fp[slot] = _fingerprint(ptr)
         else:
-            sel = np.flatnonzero(won) if idx is None else idx[won]
             ws = slot[won]
-            for name in _DTYPES:
-                cols[name][ws] = getattr(v, name)[sel]
+            self.vals[ws] = vals[won]
+            self.fp[ws] = _fingerprint(ptr[won])
         return won
 
-    def _relocate(self, v: LiveColumns, si: np.ndarray, b1: np.ndarray,
+    def _relocate(self, ptr: np.ndarray, vals: np.ndarray, b1: np.ndarray,
                   b2: np.ndarray) -> np.ndarray:
-        """Entries v[si] whose buckets b1, b2 are both full: move the occupant (of the 16) whose
+        """Entries whose buckets b1, b2 are both full: move the occupant (of the 16) whose
         other bucket has the most room there, and take its way. Returns which succeeded."""
-        keys, keys2d, cols = self.keys, self.keys2d, self.cols
-        n = len(si)
+        keys, fp2d = self.keys, self.fp2d
+        n = len(ptr)
         own = np.concatenate((np.repeat(b1, WAYS), np.repeat(b2, WAYS))).reshape(2, n, WAYS)
         own = own.transpose(1, 0, 2).reshape(n, 2 * WAYS)  # row i: b1 x8 then b2 x8
         ways = np.tile(np.arange(WAYS), 2)
@@ -209,7 +292,7 @@ class LiveTable:
         occ = keys[cand.reshape(-1)]
         o1, o2 = self._buckets(occ)
         alt = np.where(o1 == own.reshape(-1), o2, o1)
-        altfree = _row_mask(keys2d[alt] == 0)
+        altfree = _row_mask(fp2d[alt] == 0)
         room = ((altfree * _BYTESUM) >> np.uint64(56)).reshape(n, 2 * WAYS)
         best = room.argmax(axis=1)
         rows = np.arange(n)
@@ -226,22 +309,45 @@ class LiveTable:
         g = np.sort(g[f2])
         vs, ds = victim[g], dest[g]
         keys[ds] = keys[vs]
-        for name in _DTYPES:
-            cols[name][ds] = cols[name][vs]
-        keys[vs] = v.ptr[si[g]]
-        for name in _DTYPES:
-            cols[name][vs] = getattr(v, name)[si[g]]
+        self.fp[ds] = self.fp[vs]
+        self.vals[ds] = self.vals[vs]
+        keys[vs] = ptr[g]
+        self.fp[vs] = _fingerprint(ptr[g])
+        self.vals[vs] = vals[g]
         done = np.zeros(n, dtype=bool)
         done[g] = True
         return done
 
     def _grow(self, slots: int) -> None:
-        live = self.entries()
+        occ = np.flatnonzero(self.keys)
+        ptr, vals = self.keys[occ], self.vals[occ]
         self._alloc(max(slots, MIN_SLOTS))
-        pending = self._place(live)
+        pending = self._place(*self._bulk(ptr, vals))
         while pending is not None:
             self._alloc(int(self.slots * 1.5))
-            pending = self._place(live)
+            pending = self._place(*self._bulk(ptr, vals))
+
+    def _bulk(self, ptr: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fill an empty table: the first BULK_WAYS entries of each first bucket go straight to
+        ways 0, 1, ... (rank in the bucket, by a radix sort); returns the others."""
+        if not len(ptr):
+            return ptr, vals
+        b1 = ((((ptr * _C1) >> _S32) * self._nb_u64) >> _S32).astype(np.intp)
+        order = radix_order_u32(b1)
+        sb = b1[order]
+        first = np.empty(len(sb), dtype=bool)
+        first[0] = True
+        np.not_equal(sb[1:], sb[:-1], out=first[1:])
+        gs = np.flatnonzero(first)
+        rank = np.arange(len(sb)) - np.repeat(gs, np.diff(np.append(gs, len(sb))))
+        ok = rank < BULK_WAYS
+        sel = order[ok]
+        slot = sb[ok] * WAYS + rank[ok]
+        self.keys[slot] = ptr[sel]
+        self.fp[slot] = _fingerprint(ptr[sel])
+        self.vals[slot] = vals[sel]
+        rest = order[~ok]
+        return ptr[rest], vals[rest]
 
     def entries(self) -> LiveColumns:
         """All live blocks, in slot order (callers sort if they need an order)."""
@@ -257,8 +363,25 @@ class LiveTable:
         return -1
 
 
+def _zeros(n: int, dtype) -> np.ndarray:  # noqa: ANN001
+    """Zeroed array; big ones in their own anonymous mapping, so that the memory of a table
+    replaced by a bigger one goes back to the OS instead of staying in the C heap."""
+    dtype = np.dtype(dtype)
+    nbytes = n * dtype.itemsize
+    if nbytes < 1 << 20:
+        return np.zeros(n, dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=n)
+
+
+def _fingerprint(k: np.ndarray) -> np.ndarray:
+    """16-bit fingerprint, never 0 (empty), from a hash independent of the bucket hashes."""
+    f = ((k * _C3) >> _S48).astype(np.uint16)
+    f[f == 0] = 1
+    return f
+
+
 def _row_mask(m: np.ndarray) -> np.ndarray:
-    """A (n, 8) bool array as n u64 words: non-zero iff the row has a True; the lowest set byte
+    """An (n, 8) bool array as n u64 words: non-zero iff the row has a True; the lowest set byte
     is the first True way (little-endian)."""
     return m.view(np.uint64).reshape(-1).copy()
 
@@ -272,14 +395,6 @@ def _first_byte(w: np.ndarray) -> np.ndarray:
 def _last_byte(w: np.ndarray) -> np.ndarray:
     """Index of the highest non-zero byte of each non-zero u64 (garbage for 0)."""
     return (np.frexp(w.astype(np.float64))[1] - 1) >> 3
-
-
-def _concat(a: LiveColumns, b: LiveColumns) -> LiveColumns:
-    if not len(b):
-        return a
-    if not len(a):
-        return b
-    return LiveColumns(*(np.concatenate((getattr(a, f), getattr(b, f))) for f in _COLS))
 
 
 def columns(ptr, size, ts, caller, hook, module) -> LiveColumns:  # noqa: ANN001

@@ -148,8 +148,10 @@ class Monitored:
         except (BrokenPipeError, ValueError):
             pass
         try:
-            return self.proc.wait(timeout=20)
+            return self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
+            import sys as _s
+            _s.stderr.write(subprocess.run(["gdb", "-p", str(self.pid), "-batch", "-ex", "thread apply all bt 10"], capture_output=True, text=True).stdout)
             self.proc.kill()
             self.proc.wait()
             return None

@@ -281,3 +281,26 @@ def test_finish_is_idempotent_and_feed_after_finish_is_ignored() -> None:
 def test_unknown_record_kinds_are_counted_not_applied() -> None:
     e, out = run(batch(recs((9, 0x10, 1, 1), (0, 0x20, 1, 2))))
     assert out[-1].monitor["unknown_records"] == 2 and out[-1].total_allocations == 0
+
+
+def test_pointers_with_colliding_grouping_hashes_match_reference() -> None:
+    from test_engine_props import Reference  # noqa: PLC0415
+    from test_tracking import _colliding  # noqa: PLC0415
+
+    rng = np.random.default_rng(11)
+    ptrs = _colliding(8)
+    n = 3000
+    a = np.zeros(n, RECORD_DTYPE)
+    a["kind"] = rng.choice([A, A, F, R], n)
+    a["ptr"] = rng.choice(ptrs, n)
+    a["old_ptr"] = rng.choice(ptrs, n)
+    a["size"] = rng.integers(1, 50, n, dtype=np.uint64)
+    a["ts_us"] = np.arange(n)
+    a["caller"] = 0x10010
+    cfg = EngineConfig(csv_every_allocs=50)
+    e, out = run(*(batch(a[i:i + 700]) for i in range(0, n, 700)), config=cfg)
+    ref = Reference(1 << 30, 50, 1 << 20)
+    ref.feed(a)
+    for k, v in ref.c.items():
+        assert getattr(e.state.c, k) == v, k
+    assert e.live_allocations()["ptr"].tolist() == sorted(ref.live)

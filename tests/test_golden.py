@@ -159,6 +159,21 @@ def test_replay_is_byte_identical_to_golden(case, tmp_path):
                         "(if intended: python tests/test_golden.py, then review the diff)")
 
 
+@pytest.mark.parametrize("truth", sorted(FIXTURES_DIR.glob("*.truth.json")),
+                         ids=lambda p: p.name.split(".")[0])
+def test_real_recordings_golden_json_matches_the_targets_own_count(truth):
+    """A real recording's target counted its own calls: the golden JSON agrees."""
+    want = json.loads(truth.read_text())
+    doc = json.loads((EXPECTED_DIR / truth.name.split(".")[0] / "MemoryPoolNVSE_stats.json")
+                     .read_text())
+    stats = doc["memory_stats"]
+    keys = [k for k in want if k in stats]
+    assert len(keys) >= 9
+    assert {k: stats[k] for k in keys} == {k: want[k] for k in keys}
+    if "untracked_frees" in want:
+        assert doc["monitor"]["untracked_frees"] == want["untracked_frees"]
+
+
 def test_replay_is_deterministic_across_runs_and_time_zones(tmp_path, monkeypatch):
     recording = min(FIXTURES, key=lambda p: p.stat().st_size)
     first = replay_into(recording, tmp_path / "a")

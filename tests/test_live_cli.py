@@ -103,3 +103,48 @@ def test_bad_profile_is_one_line(targets, tmp_path, live_procs):
     line = one_line_error(cli("attach", target.pid, "--profile", bad, "--out", tmp_path))
     assert "bad.toml" in line and "role" in line
     target.proc.send_signal(signal.SIGKILL)
+
+
+@pytest.mark.frida
+def test_live_status_line_on_a_terminal(targets, tmp_path, live_procs):
+    """On a terminal stderr, a one-line status is redrawn in place (\\r) about twice a second."""
+    import pty
+
+    target = Target([targets.build("hammer", "x64"), "--seconds", "3", "--rate", "50000"])
+    live_procs.append(target)
+    target.wait_ready()
+    target.go()
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nvse_monitor", "attach", str(target.pid), "--out", str(tmp_path),
+         "--duration", "1.6"],
+        stderr=slave, stdout=subprocess.DEVNULL, cwd=REPO,
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the monitor closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=30) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    redraws = [x for x in text.split("\r") if "ev/s" in x]
+    assert len(redraws) >= 2, text  # refreshed during the 1.6 s
+    last = redraws[-1]
+    assert "allocs" in last and "drops 0" in last and "MB" in last
+    assert "session ended: duration" in text
+
+
+@pytest.mark.frida
+def test_unwritable_recording_is_a_clear_error(targets, tmp_path, live_procs):
+    target = Target([targets.build("workload", "x64"), "--wait"])
+    live_procs.append(target)
+    target.wait_ready()
+    line = one_line_error(cli("attach", target.pid, "--out", tmp_path, "--record", "/dev/full"))
+    assert "/dev/full" in line and "No space left" in line
+    target.finish()  # unharmed: it still runs its workload and exits 0

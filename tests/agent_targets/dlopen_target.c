@@ -2,7 +2,7 @@
  * Usage: dlopen_target LIBPATH
  * Protocol: "ready <pid>"; line; dlopen + 10 x (fa_malloc, fa_free) + 1 malloc/free pair,
  * truth lines "<kind> <ptr> <size> <fn>"; "done"; line; dlclose; "closed"; line;
- * 5 malloc/free pairs; "bye"; exit 0. */
+ * 5 malloc/free pairs; "bye"; line; exit 0. */
 #include <dlfcn.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -42,5 +42,6 @@ int main(int argc, char **argv) {
   wait_line();
   for (int i = 0; i < 5; i++) free(malloc(1000 + i));
   say("bye\n");
+  wait_line();
   return 0;
 }

@@ -1,0 +1,410 @@
+"""The FNV profile on a fake game: real Frida sessions against a -m32 Linux FalloutNV.exe whose
+allocator entry points sit at the real game's addresses (thiscall, absolute-address hooks), with
+plugins that allocate through fake CRT DLLs loaded after attach (tests/fnv/, docs/fnv.md).
+
+The monitor's records, JSON and per-module figures must equal the fake game's own ground truth
+exactly. Tests that need an agent feature not there yet are xfail(strict=False) with the feature
+named in the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fnv.build import FakeInstall, GroundTruth, build_fake_install, parse_truth
+from test_agent_harness import Monitored, m32_problem
+
+from nvse_monitor import fnv
+from nvse_monitor.agent_host import AgentConfig, load_agent
+from nvse_monitor.events import Kind
+from nvse_monitor.hookprofile import Profile, load_profile
+from nvse_monitor.pipeline import Pipeline
+from nvse_monitor.stream import Batch, HookEvent, ModuleEvent, SessionMeta
+
+pytestmark = [pytest.mark.frida, pytest.mark.m32]
+
+FAKE_PROFILE = Path(__file__).parent / "profiles" / "fake-fnv.toml"
+MSVCR_GLOB = "an agent hook whose module glob matches several loaded modules is installed in " \
+             "the first one only (libfake_msvcr*.so: msvcr120 yes, msvcr100 no)"
+LATE_MODULE = "hooks on a module loaded after attach go in asynchronously (on Linux): calls " \
+              "made right after dlopen() can be missed"
+GAME_EXIT = "the -m32 target sometimes crashes (SIGSEGV) or hangs after the agent is stopped " \
+            "and unloaded"
+SPAWN_MAIN = "spawn mode: the agent records nothing from the main thread (it is taken for a " \
+             "Frida thread when the agent loads at the exec gate)"
+NVHR_DETECT = "the agent does not detect an entry point that already jumps into another module " \
+              "(hook the destination and say so, or skip with a WARN naming the module)"
+NVHR_LATE = "the agent does not re-check entry points patched after attach; stop() then " \
+            "reverts over the replacer's JMP and the game frees a replacer block with its own heap"
+
+
+@pytest.fixture(scope="module")
+def install(tmp_path_factory: pytest.TempPathFactory) -> FakeInstall:
+    if why := m32_problem():
+        pytest.skip(why)
+    return build_fake_install(tmp_path_factory.mktemp("fnv-install"))
+
+
+@pytest.fixture(scope="module")
+def profile() -> Profile:
+    return load_profile(FAKE_PROFILE)
+
+
+@dataclass
+class Run:
+    gt: GroundTruth
+    records: np.ndarray
+    messages: list[Any]
+    meta: SessionMeta
+    rc: int | None
+    out_lines: list[list[str]]
+
+    def per_hook(self, profile: Profile) -> dict[str, tuple[int, int]]:
+        """hook name -> (records, bytes) as the agent saw them (FAILED records excluded)."""
+        names = [h.name for h in profile.hooks]
+        out: dict[str, tuple[int, int]] = {}
+        for r in self.records:
+            if r["kind"] == Kind.FAILED:
+                continue
+            n = names[r["hook"]]
+            c, b = out.get(n, (0, 0))
+            out[n] = (c + 1, b + int(r["size"]))
+        return out
+
+    def hook_details(self) -> dict[str, list[str]]:
+        d: dict[str, list[str]] = {}
+        for m in self.messages:
+            if isinstance(m, HookEvent):
+                d.setdefault(m.name, []).append(m.detail)
+        return d
+
+
+def _env(**kw: str) -> dict[str, str]:
+    env = dict(os.environ, FAKE_GAME_THREADS="4", FAKE_GAME_ITERS="300")
+    env.update(kw)
+    return env
+
+
+def attach_run(install: FakeInstall, profile: Profile, **env: str) -> Run:
+    old = dict(os.environ)
+    os.environ.update(_env(**env))  # Monitored starts the target with our environment
+    try:
+        mon = Monitored(install.game_argv(), profile)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    try:
+        meta = mon.agent.session_meta(target=str(install.game), mode="attach")
+        mon.say("go")
+        lines = mon.read_until("done")
+        mon.stop()
+        rc = mon.close()
+        with mon._lock:
+            msgs = list(mon.messages)
+        return Run(parse_truth(lines), mon.records(), msgs, meta, rc, lines)
+    finally:
+        if mon.proc.poll() is None:
+            mon.proc.kill()
+            mon.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def run(install: FakeInstall, profile: Profile) -> Run:
+    return attach_run(install, profile)
+
+
+def _fixed(profile: Profile, table: dict[str, Any]) -> dict[str, Any]:
+    """Only the hooks at absolute addresses (game heap, scrap heap, static CRT)."""
+    fixed = {h.name for h in profile.hooks if h.address is not None}
+    return {k: v for k, v in table.items() if k in fixed}
+
+
+def _dll(profile: Profile, table: dict[str, Any]) -> dict[str, Any]:
+    """Only the CRT DLL hooks (modules loaded after attach, one of them by a glob)."""
+    dll = {h.name for h in profile.hooks if h.address is None}
+    return {k: v for k, v in table.items() if k in dll}
+
+
+# ---------------------------------------------------------------- attach: exact records
+
+
+def test_entry_points_at_fnv_addresses_hooked(run: Run, profile: Profile) -> None:
+    ok = {m.name for m in run.messages if isinstance(m, HookEvent) and m.ok}
+    for h in profile.hooks:
+        if h.address is not None and h.role != "size":
+            assert h.name in ok, f"{h.name} at {h.address:#x} not hooked: {run.hook_details()}"
+
+
+def test_records_equal_ground_truth(run: Run, profile: Profile) -> None:
+    """Game heap (thiscall), scrap heap (thiscall, 2 arguments), static CRT (cdecl), called from
+    four threads and from a plugin by absolute address: every call recorded once, with its size.
+    The fake game aborts on a wrong `this` or a bad result, so it also checks the stack."""
+    want = _fixed(profile, run.gt.hooks)
+    assert want["MemoryManager::Allocate"][0] > 1000  # the workload ran
+    assert _fixed(profile, run.per_hook(profile)) == want
+    assert run.out_lines[-1][:2] == ["gt", "game_calls"]
+
+
+def test_nested_call_recorded_once(run: Run, profile: Profile) -> None:
+    """MemoryManager::Reallocate2 calls Reallocate: one record, under the outer entry."""
+    got = run.per_hook(profile)
+    assert got["MemoryManager::Reallocate"] == run.gt.hooks["MemoryManager::Reallocate"]
+    assert got["MemoryManager::Reallocate2"] == run.gt.hooks["MemoryManager::Reallocate2"]
+
+
+@pytest.mark.xfail(strict=False, reason=GAME_EXIT)
+def test_game_survives_the_monitor_leaving(run: Run) -> None:
+    assert run.rc == 0, "the game must run on unharmed after the monitor left"
+
+
+@pytest.mark.xfail(strict=False, reason=LATE_MODULE)
+def test_late_module_hooks_exact(run: Run, profile: Profile) -> None:
+    """Plugin A's fake ucrtbase is loaded after attach and called right away."""
+    got = {k: v for k, v in _dll(profile, run.per_hook(profile)).items() if "ucrtbase" in k}
+    want = {k: v for k, v in _dll(profile, run.gt.hooks).items() if "ucrtbase" in k}
+    assert got == want
+
+
+@pytest.mark.xfail(strict=False, reason=MSVCR_GLOB + "; " + LATE_MODULE)
+def test_glob_hooks_every_matching_module(run: Run, profile: Profile) -> None:
+    assert _dll(profile, run.per_hook(profile)) == _dll(profile, run.gt.hooks)
+
+
+# ---------------------------------------------------------------- the JSON and per-module figures
+
+
+@dataclass
+class Stats:
+    json: dict[str, Any]
+    live: dict[tuple[str, str], int]  # (module, heap) -> live bytes, from the engine
+
+
+@pytest.fixture(scope="module")
+def stats(run: Run, tmp_path_factory: pytest.TempPathFactory) -> Stats:
+    out = tmp_path_factory.mktemp("fnv-out")
+    pipe = Pipeline(run.meta, out_dir=out, prefix="fnv")
+    pipe.feed_all(run.messages)
+    engine = pipe.engine
+    blocks = engine.live_allocations()
+    live: dict[tuple[str, str], int] = {}
+    for size, heap, mod in zip(blocks["size"].tolist(), blocks["heap"].tolist(),
+                               blocks["module"].tolist(), strict=True):
+        key = (engine.modmap.name(mod), engine.heap_names[heap])
+        live[key] = live.get(key, 0) + size
+    pipe.finish()
+    return Stats(json.loads(pipe.paths.json.read_text()), live)
+
+
+def test_json_heaps_equal_ground_truth(stats: Stats, run: Run) -> None:
+    heaps = stats.json["monitor"]["heaps"]
+    for heap in ("game", "scrap", "crt"):
+        assert heaps[heap]["current_bytes"] == run.gt.heaps[heap], heap
+    assert heaps["scrap"]["peak_bytes"] > 0
+    assert stats.json["memory_stats"]["allocation_failures"] == 0
+
+
+def test_attribution_by_caller_module(stats: Stats, run: Run) -> None:
+    """Live bytes per (calling module, heap): the game's own blocks under FalloutNV.exe, the
+    game-heap blocks plugin A allocated by absolute address under libfnvplugin_a.so."""
+    for (mod, heap), want in run.gt.live.items():
+        if heap in ("game", "crt"):
+            assert stats.live.get((mod, heap), 0) == want, (mod, heap)
+    assert run.gt.live[("libfnvplugin_a.so", "game")] > 0
+
+
+@pytest.mark.xfail(strict=False, reason=MSVCR_GLOB + "; " + LATE_MODULE)
+def test_plugin_crt_attribution(stats: Stats, run: Run) -> None:
+    for (mod, heap), want in run.gt.live.items():
+        assert stats.live.get((mod, heap), 0) == want, (mod, heap)
+    mods = stats.json["monitor"]["modules_live_bytes"]
+    assert {m: mods.get(m, 0) for m in run.gt.modules} == run.gt.modules
+    assert stats.json["memory_stats"]["current_bytes_allocated"] == sum(run.gt.heaps.values())
+
+
+def test_banner_from_module_map(run: Run) -> None:
+    mods = list(run.meta.modules) + [m.module for m in run.messages
+                                     if isinstance(m, ModuleEvent) and m.action == "add"]
+    b = fnv.banner(mods, Path(run.meta.target).name)
+    assert b.game == "FalloutNV.exe"
+    assert b.plugins == ("libfnvplugin_a.so", "libfnvplugin_b.so")
+    assert b.nvse is None
+    assert "Plugins loaded: 2: libfnvplugin_a.so, libfnvplugin_b.so" in b.lines()
+
+
+def test_default_out_dir_is_plugins_folder(install: FakeInstall, tmp_path: Path) -> None:
+    assert fnv.default_out_dir(install.game, tmp_path) == install.plugins_dir
+
+
+# ---------------------------------------------------------------- a heap replacer in the process
+
+
+def _merge_reallocs(table: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """Both reallocate entries as one: a replacer that sends both to one function makes Gum hook
+    that function once (Gum follows a JMP at the entry to its destination)."""
+    out = dict(table)
+    a, b = out.pop("MemoryManager::Reallocate", (0, 0)), out.pop("MemoryManager::Reallocate2",
+                                                                  (0, 0))
+    out["MemoryManager::Reallocate*"] = (a[0] + b[0], a[1] + b[1])
+    return out
+
+
+def test_replacer_patched_before_attach(install: FakeInstall, profile: Profile) -> None:
+    """NVHR patched the entry points before the monitor came: the game stays correct and every
+    call is still seen (the hook lands on the JMP's destination, NVHR's function)."""
+    r = attach_run(install, profile, FAKE_REPLACER="early")
+    assert r.out_lines[-1][:2] == ["gt", "game_calls"]
+    assert _merge_reallocs(_fixed(profile, r.per_hook(profile))) == \
+        _merge_reallocs(_fixed(profile, r.gt.hooks))
+
+
+@pytest.mark.xfail(strict=False, reason=NVHR_DETECT)
+def test_replacer_jump_named_in_hook_detail(install: FakeInstall, profile: Profile) -> None:
+    r = attach_run(install, profile, FAKE_REPLACER="early", FAKE_GAME_ITERS="20")
+    details = r.hook_details()["MemoryManager::Allocate"]
+    assert any("libfake_nvhr.so" in d for d in details), details
+
+
+@pytest.mark.xfail(strict=False, reason=NVHR_LATE)
+def test_replacer_patching_after_attach(install: FakeInstall, profile: Profile) -> None:
+    r = attach_run(install, profile, FAKE_REPLACER="late", FAKE_GAME_ITERS="50")
+    assert r.rc == 0, "the game crashed after the monitor left (a hook reverted over NVHR)"
+    assert _fixed(profile, r.per_hook(profile)) == _fixed(profile, r.gt.hooks)
+
+
+# ---------------------------------------------------------------- through the fake loader
+
+
+@pytest.fixture(scope="module")
+def spawned(install: FakeInstall, profile: Profile) -> Run:
+    """nvse_loader's way: the loader starts the game as a suspended child; with child gating the
+    monitor attaches to it and installs the hooks before the game's first allocation."""
+    import frida
+
+    plan = fnv.plan_launch(install.root, install.game_argv()[1:], env=_env(FAKE_GAME_AUTORUN="1"))
+    assert plan.mode == "loader" and plan.child_name == "FalloutNV.exe"
+    dev = frida.get_local_device()
+    children: queue.Queue = queue.Queue()
+    out: list[bytes] = []
+    on_child = lambda c: children.put(c)  # noqa: E731
+    on_output = lambda _pid, _fd, data: out.append(data)  # noqa: E731
+    dev.on("child-added", on_child)
+    dev.on("output", on_output)
+    msgs: list[Any] = []
+    pids: list[int] = []
+    handle = None
+    try:
+        pid = dev.spawn(list(plan.argv), cwd=str(plan.cwd), env=plan.env, stdio="pipe")
+        pids.append(pid)
+        dev.attach(pid).enable_child_gating()
+        dev.resume(pid)
+        while handle is None:
+            child = children.get(timeout=20)
+            pids.append(child.pid)
+            session = dev.attach(child.pid)
+            if child.origin == "fork":  # Linux: fork, then exec of the game
+                session.enable_child_gating()
+            elif Path(child.path or "").name == plan.child_name:
+                handle = load_agent(session, profile, AgentConfig(), msgs.append)
+                meta = handle.session_meta(target=str(install.game), mode="spawn")
+            dev.resume(child.pid)
+        deadline = time.monotonic() + 60
+        while b"done\n" not in b"".join(out) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        handle.stop()
+        text = b"".join(out).decode()
+    finally:
+        dev.off("child-added", on_child)
+        dev.off("output", on_output)
+        for p in pids:
+            with contextlib.suppress(frida.ProcessNotFoundError, frida.InvalidOperationError,
+                                     frida.NotSupportedError):
+                dev.kill(p)
+    assert "done\n" in text, text[-500:]
+    lines = [ln.split() for ln in text.splitlines()]
+    recs = np.concatenate([m.records for m in msgs if isinstance(m, Batch)])
+    return Run(parse_truth(lines), recs, msgs, meta, None, lines)
+
+
+def test_spawn_through_loader_from_first_allocation(spawned: Run, profile: Profile) -> None:
+    """Every call of the worker threads (which start right after the game's first
+    instructions) is recorded: the hooks were in before the game ran."""
+    worker_only = [h.name for h in profile.hooks
+                   if h.heap in ("scrap", "crt") or h.name.startswith("MemoryManager::Realloc")]
+    got = spawned.per_hook(profile)
+    want = spawned.gt.hooks
+    assert want["crt!malloc"][0] > 0
+    assert {n: got.get(n) for n in worker_only if n in want} == \
+        {n: want[n] for n in worker_only if n in want}
+
+
+@pytest.mark.xfail(strict=False, reason=SPAWN_MAIN)
+def test_spawn_records_main_thread(spawned: Run, profile: Profile) -> None:
+    assert _fixed(profile, spawned.per_hook(profile)) == _fixed(profile, spawned.gt.hooks)
+
+
+def test_fake_loader_alone_resumes_the_game(install: FakeInstall) -> None:
+    """Without a monitor the loader starts the game suspended and lets it go."""
+    p = subprocess.run([str(install.loader), *install.game_argv()[1:]], cwd=install.root,
+                       env=_env(FAKE_GAME_AUTORUN="1", FAKE_LOADER_WAIT="1", FAKE_GAME_ITERS="20"),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[0].startswith("loader child ")
+    assert p.stdout.rstrip().endswith("bye")
+
+
+# ---------------------------------------------------------------- the CLI on the fake game
+
+
+@dataclass
+class CliRun:
+    rc: int
+    gt: GroundTruth
+    json: dict[str, Any]
+    stderr: str
+
+
+@pytest.fixture(scope="module")
+def cli_spawn(install: FakeInstall, tmp_path_factory: pytest.TempPathFactory) -> CliRun:
+    """`nvse-monitor spawn --profile tests/profiles/fake-fnv.toml -- ./FalloutNV.exe ...`, run in
+    the fake game directory; the output directory is given (the default rule is unit-tested)."""
+    import sys
+
+    out = tmp_path_factory.mktemp("fnv-cli")
+    p = subprocess.run(
+        [sys.executable, "-m", "nvse_monitor", "spawn", "--profile", str(FAKE_PROFILE),
+         "--out", str(out), "--", *install.game_argv()],
+        cwd=install.root, env=_env(FAKE_GAME_AUTORUN="1"), stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=120)
+    gt = parse_truth([ln.split() for ln in p.stdout.splitlines()])
+    files = list(out.glob("*_stats.json"))
+    assert files, f"no JSON written (rc={p.returncode}): {p.stderr[-800:]}"
+    return CliRun(p.returncode, gt, json.loads(files[0].read_text()), p.stderr)
+
+
+def test_cli_spawn_worker_heaps_exact(cli_spawn: CliRun) -> None:
+    """Scrap heap and static CRT are used only by the worker threads: exact in spawn mode."""
+    assert cli_spawn.rc == 0, cli_spawn.stderr[-800:]
+    heaps = cli_spawn.json["monitor"]["heaps"]
+    assert cli_spawn.gt.heaps["crt"] > 0
+    for heap in ("scrap", "crt"):
+        assert heaps[heap]["current_bytes"] == cli_spawn.gt.heaps[heap], heap
+    assert cli_spawn.json["monitor"]["profile"] == "fake-fnv"
+
+
+@pytest.mark.xfail(strict=False, reason=SPAWN_MAIN)
+def test_cli_spawn_json_equals_ground_truth(cli_spawn: CliRun) -> None:
+    heaps = cli_spawn.json["monitor"]["heaps"]
+    assert {h: heaps.get(h, {}).get("current_bytes", 0) for h in cli_spawn.gt.heaps} == \
+        cli_spawn.gt.heaps
+    mods = cli_spawn.json["monitor"]["modules_live_bytes"]
+    assert {m: mods.get(m, 0) for m in cli_spawn.gt.modules} == cli_spawn.gt.modules

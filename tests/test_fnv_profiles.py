@@ -1,0 +1,123 @@
+"""The bundled Fallout New Vegas / GECK profiles: they load, fit the reference addresses, hook one
+level of the game heap only, and the variant and test profiles stay in step with the base."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+from fnv.fakeprofile import MODULES, fake_profile_toml
+
+from nvse_monitor.hookprofile import HookSpec, Profile, list_profiles, load_profile, select_profile
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = REPO.parent / "shared" / "reference" / "fnv-entry-points.md"
+FNV = "fnv-1.4.0.525"
+ALL = [FNV, f"{FNV}-noscrap", f"{FNV}-win32", "geck-1.4.0.518"]
+DLL_EXPORTS = {"malloc", "free", "calloc", "realloc", "_aligned_malloc", "_aligned_realloc",
+               "_aligned_free", "_msize"}
+
+
+@pytest.fixture(scope="module")
+def base() -> Profile:
+    return load_profile(FNV)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_profile_loads(name: str) -> None:
+    p = load_profile(name)
+    assert p.platform == "windows" and p.arch == ("ia32",)
+    assert p.pe_version in ("1.4.0.525", "1.4.0.518")
+    assert p.name == name
+    assert name in {q.name for q in list_profiles()}
+
+
+def test_selected_by_executable() -> None:
+    assert select_profile("FalloutNV.exe", "windows", "ia32").name == FNV
+    assert select_profile("falloutnv.EXE", "windows", "ia32").name == FNV
+    assert select_profile("GECK.exe", "windows", "ia32").name == "geck-1.4.0.518"
+
+
+def _addr_hooks(p: Profile) -> dict[int, HookSpec]:
+    return {h.address: h for h in p.hooks if h.address is not None}
+
+
+def test_game_heap_is_thiscall_with_exact_argument_counts(base: Profile) -> None:
+    want = {"alloc": 1, "free": 1, "realloc": 2, "size": 1, "aligned_alloc": 2}
+    for h in base.hooks:
+        if h.heap in ("game", "scrap"):
+            assert h.abi == "thiscall", h.name
+            assert h.nargs == want[h.role], h.name  # the callee pops exactly these
+        elif h.heap in ("crt", "dll-crt"):
+            assert h.abi == "cdecl", h.name
+
+
+def test_one_level_of_the_game_heap(base: Profile) -> None:
+    """FormHeap_Allocate/Free wrap MemoryManager: hooking both would count twice."""
+    assert not {0x00401000, 0x00401030} & set(_addr_hooks(base))
+    geck = load_profile("geck-1.4.0.518")
+    assert not {0x00401000, 0x00401180} & set(_addr_hooks(geck))
+    assert {0x00AA3E40, 0x00AA4060, 0x00AA4150, 0x00AA4200} <= set(_addr_hooks(base))
+
+
+def test_uncertain_entries_are_optional(base: Profile) -> None:
+    by_addr = _addr_hooks(base)
+    for a in (0x00AA4200, 0x00ED0CDF, 0x00ED0D24, 0x00ED0D70):
+        assert not by_addr[a].required, hex(a)
+    assert by_addr[0x00AA3E40].required
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason=f"{REFERENCE} not present")
+@pytest.mark.parametrize("name", [FNV, "geck-1.4.0.518"])
+def test_addresses_are_in_the_reference(name: str) -> None:
+    ref = {int(a, 16) for a in re.findall(r"0x([0-9A-Fa-f]{8})", REFERENCE.read_text())}
+    for a, h in _addr_hooks(load_profile(name)).items():
+        assert a in ref, f"{h.name} at {a:#010x} is not in {REFERENCE.name}"
+
+
+@pytest.mark.parametrize("name", [FNV, "geck-1.4.0.518"])
+def test_plugin_crt_hooks(name: str) -> None:
+    p = load_profile(name)
+    dll = [h for h in p.hooks if h.heap == "dll-crt"]
+    assert {h.module for h in dll} == {"ucrtbase.dll", "msvcr*.dll"}
+    for mod in ("ucrtbase.dll", "msvcr*.dll"):
+        assert {h.export for h in dll if h.module == mod} == DLL_EXPORTS
+    assert all(not h.required and h.abi == "cdecl" for h in dll)
+
+
+def _same(a: HookSpec, b: HookSpec) -> bool:
+    return dataclasses.asdict(a) == dataclasses.asdict(b)
+
+
+def test_noscrap_is_base_without_scrap(base: Profile) -> None:
+    v = load_profile(f"{FNV}-noscrap")
+    want = [h for h in base.hooks if h.heap != "scrap"]
+    assert len(v.hooks) == len(want) and all(map(_same, v.hooks, want))
+    assert v.executable == base.executable and v.pe_version == base.pe_version
+
+
+def test_win32_is_base_plus_kernel32(base: Profile) -> None:
+    v = load_profile(f"{FNV}-win32")
+    n = len(base.hooks)
+    assert all(map(_same, v.hooks[:n], base.hooks))
+    extra = v.hooks[n:]
+    assert {h.export for h in extra} == {"HeapAlloc", "HeapReAlloc", "HeapFree", "HeapSize",
+                                        "VirtualAlloc", "VirtualFree"}
+    assert all(h.abi == "stdcall" and not h.required and h.module == "kernel32.dll"
+               for h in extra)
+    assert not {h.heap for h in extra} & {h.heap for h in base.hooks}
+    assert not any(h.module == "kernel32.dll" for h in base.hooks)  # off by default
+
+
+def test_fake_profile_is_generated_from_base(base: Profile) -> None:
+    path = REPO / "tests" / "profiles" / "fake-fnv.toml"
+    assert path.read_text() == fake_profile_toml(base), \
+        "regenerate: python tests/fnv/fakeprofile.py > tests/profiles/fake-fnv.toml"
+    fake = load_profile(path)
+    assert fake.platform == "linux" and fake.pe_version is None
+    assert len(fake.hooks) == len(base.hooks)
+    for f, b in zip(fake.hooks, base.hooks, strict=True):
+        assert f.module == MODULES.get(b.module, b.module)
+        assert _same(dataclasses.replace(f, module=b.module), b)
