@@ -5,7 +5,7 @@ numpy operations (docs/engine.md explains the steps and every counter rule):
 1. records -> events: a realloc becomes free(old) + alloc(new); failures stay in place;
 2. events are grouped by pointer (stable radix sort of a pointer hash) so each event knows the
    state of its block from the previous event on the same pointer in the batch, or from the
-   live table (tracking.py);
+   live table (classify.py, tracking.py); here the tracking limit is enforced;
 3. per-event deltas are cumulated in time order -> current/peak counts and bytes, CSV samples at
    every 1000th allocation, the 10,000-allocation snapshot point;
 4. a short Python walk over the sparse points of interest (CSV rows, large allocations, failure
@@ -15,11 +15,29 @@ numpy operations (docs/engine.md explains the steps and every counter rule):
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import BUILD_DATE, NAME, __version__
+from .classify import (
+    FAILURE,
+    FREE_T,
+    FREE_U,
+    NEW,
+    O_ALLOC,
+    O_DCOUNT,
+    O_FREE,
+    O_PLUS,
+    OVERFLOW,
+    REPLACE,
+    apply_plan,
+    classify,
+    expand_records,
+)
+from .events import RECORD_DTYPE
 from .health import Health
 from .modmap import ModuleMap
 from .outputs import CsvRow, Output, Snapshot
@@ -33,49 +51,7 @@ from .stream import (
     SessionMeta,
     StreamMessage,
 )
-from .tracking import LiveColumns, LiveTable, radix_order_u32
-
-# Outcome of one event (after realloc expansion).
-NEW = 1  # allocation, now tracked
-REPLACE = 2  # allocation of a pointer already live: the old block counts as freed unseen
-OVERFLOW = 3  # allocation while tracking is full: counted in totals, not tracked
-FREE_T = 4  # free of a tracked block
-FREE_U = 5  # free of a pointer not tracked (allocated before attach, double free, overflow)
-FAILURE = 6  # allocation that returned NULL
-
-_ALLOC, _FREE, _REALLOC, _FAILED = 1, 2, 3, 4
-
-
-def _record_tables() -> tuple[np.ndarray, ...]:
-    """Per record code (kind 0-5, ptr = 0 << 3, size = 0 << 4, old_ptr = 0 << 5): number of
-    events, type of the first (0 free, 1 alloc, 2 failure), whether that free is of old_ptr,
-    whether it is a failure, whether the kind is unknown. Rules in docs/engine.md."""
-    cnt, etype, free_old, fail, unknown = (np.zeros(64, dt) for dt in (
-        np.int8, np.int8, bool, bool, bool))
-    for c in range(64):
-        kind, zp, zs, zo = c & 7, c >> 3 & 1, c >> 4 & 1, c >> 5 & 1
-        allocish = kind == _ALLOC or (kind == _REALLOC and not zs)
-        f = kind == _FAILED or (allocish and zp)
-        a = allocish and not zp
-        fr = (kind == _FREE and not zp) or (kind == _REALLOC and not zo and not f)
-        cnt[c] = a + fr + f
-        etype[c] = 2 if f else (0 if fr else 1)
-        free_old[c] = kind == _REALLOC and fr
-        fail[c] = f
-        unknown[c] = kind not in (_ALLOC, _FREE, _REALLOC, _FAILED)
-    return cnt, etype, free_old, fail, unknown
-
-
-_T_CNT, _T_ETYPE, _T_FREE_OLD, _T_FAIL, _T_UNKNOWN = _record_tables()
-
-# Per outcome (index = outcome code): tracked bytes added, block freed, allocation counted,
-# change of the live count.
-_O_PLUS = np.array([0, 1, 1, 0, 0, 0, 0], dtype=bool)
-_O_FREE = np.array([0, 0, 1, 0, 1, 0, 0], dtype=bool)
-_O_ALLOC = np.array([0, 1, 1, 1, 0, 0, 0], dtype=bool)
-_O_DCOUNT = np.array([0, 1, 0, 0, -1, 0, 0], dtype=np.int8)
-# Outcome from (is alloc, block live before): 0b00 free of dead, 0b01 free of live, ...
-_O_FROM = np.array([FREE_U, FREE_T, NEW, REPLACE], dtype=np.uint8)
+from .tracking import LiveColumns, LiveTable
 
 
 @dataclass
@@ -137,31 +113,7 @@ class _Batch:
     counts: np.ndarray = field(default_factory=lambda: np.zeros(7, np.intp))
 
 
-_HASH = np.uint64(0x9E3779B97F4A7C15)
-_S32 = np.uint64(32)
-
-
-def pointer_order(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A stable order that makes events on one pointer contiguous (in time order), and p in
-    that order. Radix-sorts a 32-bit hash of the pointer (fast 16-bit passes); pointers whose
-    hashes collide are put right by an exact sort of just their runs."""
-    h = (p * _HASH) >> _S32
-    order = radix_order_u32(h)
-    sp = p[order]
-    if len(p) < 2:
-        return order, sp
-    hs = h[order]
-    same_h = hs[1:] == hs[:-1]
-    coll = same_h & (sp[1:] != sp[:-1])
-    if coll.any():
-        run = np.concatenate(([0], np.cumsum(~same_h)))
-        bad = np.zeros(int(run[-1]) + 1, dtype=bool)
-        bad[run[1:][coll]] = True
-        sel = np.flatnonzero(bad[run])
-        sub = order[sel]
-        order[sel] = sub[np.lexsort((sub, p[sub], hs[sel]))]
-        sp = p[order]
-    return order, sp
+_REC_VOID = np.dtype((np.void, RECORD_DTYPE.itemsize))
 
 
 class Engine:
@@ -221,7 +173,7 @@ class Engine:
         if not self.started:
             self._start()
         if isinstance(msg, Batch):
-            self._feed_batch(msg)
+            self._feed_batches([msg])
         elif isinstance(msg, HookEvent):
             self._feed_hook(msg)
         elif isinstance(msg, ModuleEvent):
@@ -236,12 +188,49 @@ class Engine:
         self._end_feed()
         return self._take()
 
+    def feed_many(self, msgs: Iterable[StreamMessage]) -> list[Output]:
+        """Like feed() on each message in turn, faster for runs of small batches (replay): each
+        run of consecutive Batches is processed in one pass. Log lines and CSV rows are the
+        same; only snapshots that a later one in the same call supersedes are left out."""
+        out: list[Output] = []
+        run: list[Batch] = []
+        for msg in msgs:
+            if isinstance(msg, Batch) and not self.finished:
+                run.append(msg)
+                continue
+            if run:
+                out += self._feed_run(run)
+                run = []
+            out += self.feed(msg)
+        if run:
+            out += self._feed_run(run)
+        return out
+
+    def _feed_run(self, run: list[Batch]) -> list[Output]:
+        if not self.started:
+            self._start()
+        self._feed_batches(run)
+        self._end_feed()
+        return self._take()
+
     def note_write_failure(self, ts_us: int, path: str, error: str) -> list[Output]:
         if self.finished:
             return []
         t = self._advance(ts_us)
         self.health.log(t, "WARN", f"Failed to write {path}: {error}")
         self.health.degrade_transient(t, "output write failures")
+        return self._take()
+
+    def note_input_error(self, message: str) -> list[Output]:
+        """The input stream itself is damaged (a cut or corrupt recording): the files cover what
+        came before it, so the session's figures are incomplete -> ERROR (not part of the stream)."""
+        if self.finished:
+            return []
+        if not self.started:
+            self._start()
+        t = self._advance(self.now)
+        self.health.fail(t, "ERROR", f"Input damaged, figures cover the intact prefix: {message}",
+                         "damaged input")
         return self._take()
 
     def finish(self, ts_us: int | None = None) -> list[Output]:
@@ -398,71 +387,60 @@ class Engine:
             self._last_drop_warn = t
 
     # -- batches --
-    def _feed_batch(self, b: Batch) -> None:
-        recs = b.records
-        t0 = self._advance(int(recs["ts_us"][0]) if len(recs) else b.now_us)
+    def _feed_batches(self, run: list[Batch]) -> None:
+        """Consecutive batches in one pass; each batch boundary keeps its effects (time,
+        agent counters, drops) at its place in the timeline."""
+        first = run[0].records
+        t0 = self._advance(int(first["ts_us"][0]) if len(first) else run[0].now_us)
         self.health.activate(t0, "first batch")
+        if len(run) == 1:
+            recs, floor, bounds = first, None, []
+        else:
+            sizes = [len(b.records) for b in run]
+            # as opaque items: concatenating structured arrays promotes dtypes field by field
+            recs = np.concatenate([b.records.view(_REC_VOID) for b in run]).view(
+                run[0].records.dtype)
+            # As if fed one by one: a batch's records are no earlier than the batches before.
+            floors = np.maximum.accumulate(
+                np.array([self.now] + [b.now_us for b in run[:-1]], dtype=np.uint64))
+            floor = np.repeat(floors, sizes)
+            bounds = list(zip(np.cumsum(sizes)[:-1].tolist(), run[:-1], strict=True))
         if len(recs):
-            self._process_records(recs)
+            self._process_records(recs, floor, bounds)
             self.now = max(self.now, int(recs["ts_us"].max()))
+        else:
+            for _, b in bounds:
+                self._batch_end(b)
+        self._batch_end(run[-1])
+
+    def _batch_end(self, b: Batch) -> None:
         t = self._advance(b.now_us)
         if b.counters is not None:
             self._agent_counters(t, b.counters)
 
-    def _process_records(self, r: np.ndarray) -> None:
-        n = len(r)
-        ptr = r["ptr"]
-        size = r["size"]
-        ts = r["ts_us"]  # publication order: keep output time monotonic
-        if not (ts[1:] >= ts[:-1]).all():
-            ts = np.maximum.accumulate(ts)
-        if ts[0] < self.now:
-            ts = np.maximum(ts, np.uint64(self.now))
-        # A 6-bit code per record (kind, ptr = 0, size = 0, old_ptr = 0) and lookup tables
-        # give its events (see _record_tables) in a few passes.
-        code = np.minimum(r["kind"], 5)
-        code |= (ptr == 0).view(np.uint8) << 3
-        code |= (size == 0).view(np.uint8) << 4
-        counts = np.bincount(code, minlength=64)
-        any_r = bool(counts[_REALLOC::8].any())
-        if any_r:
-            old = r["old_ptr"]
-            code |= (old == 0).view(np.uint8) << 5
-            counts = np.bincount(code, minlength=64)
-        self.unknown_records += int(counts[_T_UNKNOWN].sum())
-        if not counts[_T_CNT != 1].any():  # one event per record
-            rec = None
-            etype = _T_ETYPE[code]
-            evp = np.where(_T_FREE_OLD[code], old, ptr) if any_r else ptr
+    def _process_records(self, r: np.ndarray, floor: np.ndarray | None = None,
+                         bounds: list[tuple[int, Batch]] | None = None) -> None:
+        """Records of one batch, or of several (bounds: record index where each batch but the
+        last ends, and that batch)."""
+        bounds = bounds or []
+        ev = expand_records(r, self.now, floor)
+        self.unknown_records += ev.unknown
+        if ev.ptr is None:
+            for _, b in bounds:
+                self._batch_end(b)
         else:
-            ci = _T_CNT[code].astype(np.intp)
-            rec = np.repeat(np.arange(n), ci)
-            if not len(rec):
-                return
-            second = np.zeros(len(rec), dtype=bool)  # the alloc part of a realloc
-            np.equal(rec[1:], rec[:-1], out=second[1:])
-            etype = np.where(second, np.int8(1), _T_ETYPE[code][rec])
-            evp = ptr[rec]
-            if any_r:
-                fo = ~second & _T_FREE_OLD[code][rec]
-                evp[fo] = old[rec][fo]
-
-        def g(a: np.ndarray) -> np.ndarray:
-            return a if rec is None else a[rec]
-
-        ev_ts, ev_size, ev_hook, ev_caller = g(ts), g(size), g(r["hook"]), g(r["caller"])
-        nfail = int(counts[_T_FAIL].sum())
-        if nfail:  # failures ride along as frees of pointer 0 (never tracked), then are marked
-            failed = etype == 2
-            evp = np.where(failed, np.uint64(0), evp)
-        mod = self.modmap.lookup(ev_caller)
-        outcome, old_size, old_hook, old_mod = self._track(evp, etype == 1, ev_size, ev_ts,
-                                                           ev_caller, ev_hook, mod)
-        if nfail:
-            outcome[failed] = FAILURE
-        self._aggregate(r, _Batch(ev_ts, ev_size, outcome, np.empty(0), np.empty(0), np.empty(0),
-                                  np.empty(0), ev_hook, old_hook, mod, old_mod, rec), old_size)
-        self.now = max(self.now, int(ts[-1]))
+            mod = self.modmap.lookup(ev.caller)
+            outcome, old_size, old_hook, old_mod = self._track(
+                ev.ptr, ev.etype == 1, ev.size, ev.ts, ev.caller, ev.hook, mod)
+            if ev.failed is not None:
+                outcome[ev.failed] = FAILURE
+            if bounds and ev.rec is not None:  # record index -> index of its first event
+                at = np.searchsorted(ev.rec, [i for i, _ in bounds]).tolist()
+                bounds = [(k, b) for k, (_, b) in zip(at, bounds, strict=True)]
+            self._aggregate(r, _Batch(ev.ts, ev.size, outcome, np.empty(0), np.empty(0),
+                                      np.empty(0), np.empty(0), ev.hook, old_hook, mod, old_mod,
+                                      ev.rec), old_size, bounds)
+        self.now = max(self.now, ev.last_ts)
 
     # -- tracking: classify each event against the live set --
     def _track(self, p, isalloc, size, ts, caller, hook, mod):  # noqa: ANN001, ANN202
@@ -478,7 +456,7 @@ class Engine:
         cols = (size, ts, caller, hook, mod)
         cap = self.config.max_tracked
         c0 = self.table.count
-        res = self._classify(p, isalloc, *cols)
+        res = classify(self.table, p, isalloc, *cols)
         e = ms
         if c0 + int(np.count_nonzero(isalloc)) > cap:
             o = res[0]
@@ -488,7 +466,7 @@ class Engine:
                 e = int(over.argmax())
         if e == ms:
             out[:], osz[:], ohk[:], omd[:] = res[:4]
-            self._apply(res[4], *cols)
+            apply_plan(self.table, res[4], *cols)
             return out, osz, ohk, omd
         # Tracking fills up in this batch: the exact (slower) path. Stretches that cannot
         # overflow (no more allocations than free room) still go vectorised.
@@ -513,9 +491,9 @@ class Engine:
         if j <= i:
             return
         sc = tuple(c[i:j] for c in cols)
-        res = self._classify(p[i:j], isalloc[i:j], *sc)
+        res = classify(self.table, p[i:j], isalloc[i:j], *sc)
         out[i:j], osz[i:j], ohk[i:j], omd[i:j] = res[:4]
-        self._apply(res[4], *sc)
+        apply_plan(self.table, res[4], *sc)
 
     def _step(self, k, p, isalloc, cols, out, osz, ohk, omd) -> None:  # noqa: ANN001
         t = self.table
@@ -541,85 +519,19 @@ class Engine:
         else:
             out[k] = FREE_U
 
-    def _classify(self, p, isalloc, size, ts, caller, hook, mod):  # noqa: ANN001, ANN202
-        """Outcomes of a run of events assuming no tracking limit, without touching the table.
-        Events on one pointer are consecutive after a stable sort by pointer; an event's block
-        state is the previous event's (an alloc leaves it live, a free leaves it not) or, for the
-        first event of a pointer, whether the table holds it."""
-        m = len(p)
-        order, sp = pointer_order(p)
-        first = np.empty(m, dtype=bool)
-        first[0] = True
-        np.not_equal(sp[1:], sp[:-1], out=first[1:])
-        gstart = np.flatnonzero(first)
-        up = sp[gstart]
-        probe = self.table.probe(up)  # pointer 0 (failures) is never live:
-        if up[0] == 0:  # it hashes to 0 and sorts first
-            probe.slots[0] = -1
-        slots = probe.slots
-        found = slots >= 0
-        sa = isalloc[order]
-        live = np.empty(m, dtype=bool)
-        live[1:] = sa[:-1]
-        live[gstart] = found
-        out = np.empty(m, np.uint8)
-        out[order] = _O_FROM[(sa.view(np.uint8) << 1) | live.view(np.uint8)]
-        # The block a free or replacement ends: the previous event's (an alloc), or the table's
-        # for the first event of a pointer. Only those events need it.
-        li = np.flatnonzero(live)
-        src = order[li - 1]  # li = 0 wraps to garbage: it is a group start, overwritten below
-        vz, vh, vm = size[src], hook[src], mod[src]
-        fl = first[li]
-        if fl.any():
-            tv = self.table.get(slots[found])
-            vz[fl] = tv.size
-            vh[fl] = tv.hook
-            vm[fl] = tv.module
-        tl = order[li]
-        osz = np.zeros(m, np.uint64)
-        osz[tl] = vz
-        ohk = np.zeros(m, np.uint8)
-        ohk[tl] = vh
-        omd = np.zeros(m, np.uint16)
-        omd[tl] = vm
-        glast = np.empty(len(gstart), dtype=np.intp)
-        glast[:-1] = gstart[1:] - 1
-        glast[-1] = m - 1
-        plan = (up, probe, found, sa[glast], order[glast])
-        return out, osz, ohk, omd, plan
-
-    def _apply(self, plan, size, ts, caller, hook, mod) -> None:  # noqa: ANN001
-        """Make the table match the end of the classified run."""
-        keys, probe, found, fin, last = plan
-        slots = probe.slots
-        t = self.table
-        upd = found & fin
-        if upd.any():
-            li = last[upd]
-            t.write(slots[upd], LiveColumns(keys[upd], size[li], ts[li], caller[li], hook[li],
-                                            mod[li]))
-        dele = found & ~fin
-        if dele.any():
-            t.delete(slots[dele])
-        ins = ~found & fin
-        if ins.any():
-            li = last[ins]
-            ii = np.flatnonzero(ins)
-            t.insert(LiveColumns(keys[ii], size[li], ts[li], caller[li], hook[li], mod[li]),
-                     hint=probe.take(ii))
-
     # -- aggregation and outputs --
-    def _aggregate(self, r: np.ndarray, bt: _Batch, old_size: np.ndarray) -> None:
+    def _aggregate(self, r: np.ndarray, bt: _Batch, old_size: np.ndarray,
+                   bounds: list[tuple[int, Batch]]) -> None:
         cfg = self.config
         c0 = self.state.c
         o = bt.outcome
-        bt.plus = np.where(_O_PLUS[o], bt.size.view(np.int64), 0)
+        bt.plus = np.where(O_PLUS[o], bt.size.view(np.int64), 0)
         bt.minus = old_size.view(np.int64)  # 0 except where a live block ends
         bt.delta = bt.plus - bt.minus
         # Running sums relative to the state before the batch (bases added when read).
         bt.cur_b = np.cumsum(bt.delta)
-        bt.cur_c = np.cumsum(_O_DCOUNT[o], dtype=np.int64)
-        acum = np.cumsum(_O_ALLOC[o], dtype=np.int64)
+        bt.cur_c = np.cumsum(O_DCOUNT[o], dtype=np.int64)
+        acum = np.cumsum(O_ALLOC[o], dtype=np.int64)
         bt.counts = np.bincount(o, minlength=7)
         m = len(o)
         a0 = c0.total_allocations
@@ -630,11 +542,11 @@ class Engine:
         if first_mult <= a_end:
             pts = np.searchsorted(acum, np.arange(first_mult - a0, a_end - a0 + 1, every),
                                   side="left")
-            fcum = np.cumsum(_O_FREE[o], dtype=np.int64)
+            fcum = np.cumsum(O_FREE[o], dtype=np.int64)
             runmax_b = np.maximum.accumulate(bt.cur_b)
             points += [(k, 2, "csv") for k in pts.tolist()]
         big = np.flatnonzero(bt.size > np.uint64(cfg.large_alloc_bytes))
-        points += [(k, 1, "perf") for k in big[_O_ALLOC[o[big]]].tolist()]
+        points += [(k, 1, "perf") for k in big[O_ALLOC[o[big]]].tolist()]
         if not self._overflow_warned and bt.counts[OVERFLOW]:
             points.append((int(np.argmax(o == OVERFLOW)), 0, "overflow"))
         fidx = np.flatnonzero(o == FAILURE) if bt.counts[FAILURE] else None
@@ -644,10 +556,17 @@ class Engine:
         last_mult = (a_end // jevery) * jevery
         if last_mult > a0:
             points.append((int(np.searchsorted(acum, last_mult - a0, side="left")), 3, "snap"))
+        points += [(k, -1, "batch") for k, _ in bounds]  # before the next batch's events
+        batches = deque(b for _, b in bounds)
         points.sort()
         h = self.health
         snap_state, snap_at = None, 0
         for k, _prio, what in points:
+            if what == "batch":
+                if k:  # time reached by the records before this boundary
+                    self.now = max(self.now, int(bt.ts[k - 1]))
+                self._batch_end(batches.popleft())
+                continue
             t = int(bt.ts[k])
             h.advance(t)
             if what == "csv":
@@ -754,24 +673,37 @@ class Engine:
             o = bt.outcome
             hp = self._heap_of_hook[bt.hook]
             hm = self._heap_of_hook[bt.old_hook]
-            ev_heap = np.where(_O_PLUS[o], hp, hm)
+            ev_heap = np.where(O_PLUS[o], hp, hm)
             split = np.empty(0, np.intp)
             if bt.counts[REPLACE]:
                 split = np.flatnonzero(o == REPLACE)
                 split = split[hp[split] != hm[split]]
-            for h in range(len(self.heap_names)):
-                idx = np.flatnonzero(ev_heap == h)
-                d = bt.delta[idx]
-                if len(split):
-                    d[np.isin(idx, split)] += bt.minus[idx[np.isin(idx, split)]]
-                    extra = split[hm[split] == h]
+            if not len(split):  # usual case: one radix sort by heap, one running sum
+                order = np.argsort(ev_heap, kind="stable")
+                ends = np.cumsum(np.bincount(ev_heap, minlength=len(self.heap_names))).tolist()
+                run_all = np.cumsum(bt.delta[order])
+                start = 0
+                for h, end in enumerate(ends):
+                    if end > start:
+                        run = run_all[start:end]
+                        if start:
+                            run = run - run_all[start - 1]
+                        bt.heap_runs[h] = (order[start:end], run)
+                    start = end
+            else:  # a REPLACE across heaps: per heap, with the split parts added
+                for h in range(len(self.heap_names)):
+                    idx = np.flatnonzero(ev_heap == h)
+                    d = bt.delta[idx]
+                    both = np.isin(idx, split)
+                    d[both] += bt.minus[idx[both]]  # the new heap gets +size only
+                    extra = split[hm[split] == h]  # the old heap gets -old size
                     if len(extra):
                         idx = np.concatenate((idx, extra))
                         d = np.concatenate((d, -bt.minus[extra]))
                         o2 = np.argsort(idx, kind="stable")
                         idx, d = idx[o2], d[o2]
-                if len(idx):
-                    bt.heap_runs[h] = (idx, np.cumsum(d))
+                    if len(idx):
+                        bt.heap_runs[h] = (idx, np.cumsum(d))
         for h, (idx, run) in bt.heap_runs.items():
             a, b = np.searchsorted(idx, (lo, hi)).tolist()
             if b > a:

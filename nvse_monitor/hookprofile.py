@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -139,16 +139,17 @@ class _Ctx:
 
 
 def _str(ctx: _Ctx, table: dict[str, Any], key: str, hook: str | None, required: bool = True,
-         default: str = "") -> str:
+         default: str = "", prefix: str = "") -> str:
+    label = prefix + key
     if key not in table:
         if required:
-            raise ctx.err("missing", hook, key)
+            raise ctx.err("missing", hook, label)
         return default
     value = table[key]
     if not isinstance(value, str):
-        raise ctx.err(f"must be a string, got {value!r}", hook, key)
+        raise ctx.err(f"must be a string, got {value!r}", hook, label)
     if required and not value.strip():
-        raise ctx.err("must not be empty", hook, key)
+        raise ctx.err("must not be empty", hook, label)
     return value
 
 
@@ -267,9 +268,9 @@ def parse_profile(text: str, source: str) -> Profile:
     if bad:
         raise ctx.err(f"unknown field (known: {', '.join(sorted(PROFILE_KEYS))})", None,
                       f"profile.{bad[0]}")
-    name = _str(ctx, prof, "name", None)
+    name = _str(ctx, prof, "name", None, prefix="profile.")
     ctx.source = f"{source} (profile {name})" if Path(source).stem != name else source
-    platform = _str(ctx, prof, "platform", None)
+    platform = _str(ctx, prof, "platform", None, prefix="profile.")
     if platform not in PLATFORMS:
         raise ctx.err(f"unknown platform {platform!r} (expected {', '.join(PLATFORMS)})", None,
                       "profile.platform")
@@ -283,8 +284,8 @@ def parse_profile(text: str, source: str) -> Profile:
     executable = _str_list(ctx, prof, "executable", required=False)
     pe_version = None
     if "pe_version" in prof:
-        pe_version = _str(ctx, prof, "pe_version", None)
-    description = _str(ctx, prof, "description", None, required=False)
+        pe_version = _str(ctx, prof, "pe_version", None, prefix="profile.")
+    description = _str(ctx, prof, "description", None, required=False, prefix="profile.")
 
     raw_hooks = data.get("hook", [])
     if not isinstance(raw_hooks, list) or not raw_hooks:

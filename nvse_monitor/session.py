@@ -477,13 +477,13 @@ class LiveSession:
     def _reap_spawned(self, timeout_s: float = 2.0) -> int | None:
         """The wait status of the spawned program (Frida's spawn makes it our child), or None
         when it is not ours to reap (another platform, or already reaped)."""
-        if not hasattr(os, "waitpid") or not self.pid:
+        if os.name != "posix" or not self.pid:
             return None
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
+            except OSError:  # ECHILD: not our child, or Frida reaped it first
                 return None
             if pid == self.pid:
                 return status

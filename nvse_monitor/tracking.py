@@ -15,7 +15,6 @@ place instead of five column arrays.
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +27,7 @@ MAX_LOAD = 0.85  # grow when an insert would pass this load
 GROW_TO = 0.60  # load right after a grow (growth x1.42)
 MIN_SLOTS = 1024
 MAX_ROUNDS = 64  # insert rounds before giving up and growing (pathological collisions only)
-BULK_WAYS = 5  # ways filled directly when rebuilding after a grow (leaves room to balance)
+GROW_SLICE = 1 << 17  # entries moved per step when the table grows
 
 _C1 = np.uint64(0x9E3779B97F4A7C15)
 _C2 = np.uint64(0xC2B2AE3D27D4EB4F)
@@ -116,13 +115,13 @@ class LiveTable:
     def _alloc(self, slots: int) -> None:
         nb = max(1, -(-slots // WAYS))
         self.nbuckets = nb
-        self.keys = _zeros(nb * WAYS, np.uint64)
+        self.keys = np.zeros(nb * WAYS, np.uint64)
         self.keys2d = self.keys.reshape(nb, WAYS)
         # 16-bit fingerprints of the keys (0 = empty): probes compare these 16-byte rows, which
         # stay in cache, and read a full key only to confirm a fingerprint match.
-        self.fp = _zeros(nb * WAYS, np.uint16)
+        self.fp = np.zeros(nb * WAYS, np.uint16)
         self.fp2d = self.fp.reshape(nb, WAYS)
-        self.vals = _zeros(nb * WAYS, VAL_VOID)
+        self.vals = np.zeros(nb * WAYS, VAL_VOID)
         self._nb_u64 = np.uint64(nb)
 
     @property
@@ -158,7 +157,7 @@ class LiveTable:
             return Probe(slots, b1, b2, f, f.copy(), self.nbuckets)
         fp = _fingerprint(q)
         fp2d, keys = self.fp2d, self.keys
-        r1 = fp2d[b1]
+        r1 = _rows(fp2d, b1)
         f1 = _row_mask(r1 == 0)
         m1 = _row_mask(r1 == fp[:, None])
         c = np.flatnonzero(m1)  # fingerprint seen in b1: confirm with the key
@@ -170,7 +169,7 @@ class LiveTable:
         f2 = np.zeros(n, dtype=np.uint64)
         if len(rest):
             b2r = b2[rest]
-            r2 = fp2d[b2r]
+            r2 = _rows(fp2d, b2r)
             f2[rest] = _row_mask(r2 == 0)
             m2 = _row_mask(r2 == fp[rest, None])
             c2 = np.flatnonzero(m2)
@@ -182,7 +181,7 @@ class LiveTable:
         if len(dd):  # a fingerprint matched another key (rare): compare whole key rows
             dd = dd[slots[dd] < 0]
             for b in (b1[dd], b2[dd]):
-                m = _row_mask(self.keys2d[b] == q[dd, None])
+                m = _row_mask(_rows(self.keys2d, b) == q[dd, None])
                 h = np.flatnonzero(m)
                 slots[dd[h]] = b[h] * WAYS + _first_byte(m[h])
         return Probe(slots, b1, b2, f1, f2, self.nbuckets)
@@ -237,8 +236,8 @@ class LiveTable:
                 hint = None
             else:
                 b1, b2 = self._buckets(ptr)
-                f1 = _row_mask(fp2d[b1] == 0)
-                f2 = _row_mask(fp2d[b2] == 0)
+                f1 = _row_mask(_rows(fp2d, b1) == 0)
+                f2 = _row_mask(_rows(fp2d, b2) == 0)
             use2 = (f2 * _BYTESUM) > (f1 * _BYTESUM)  # top byte = number of free ways
             b = np.where(use2, b2, b1)
             free = np.where(use2, f2, f1)
@@ -292,7 +291,7 @@ class LiveTable:
         occ = keys[cand.reshape(-1)]
         o1, o2 = self._buckets(occ)
         alt = np.where(o1 == own.reshape(-1), o2, o1)
-        altfree = _row_mask(fp2d[alt] == 0)
+        altfree = _row_mask(_rows(fp2d, alt) == 0)
         room = ((altfree * _BYTESUM) >> np.uint64(56)).reshape(n, 2 * WAYS)
         best = room.argmax(axis=1)
         rows = np.arange(n)
@@ -319,35 +318,19 @@ class LiveTable:
         return done
 
     def _grow(self, slots: int) -> None:
+        """Move every entry to a bigger table, a slice at a time: the temporaries stay small
+        (the C heap keeps what a big rebuild would have taken)."""
         occ = np.flatnonzero(self.keys)
-        ptr, vals = self.keys[occ], self.vals[occ]
-        self._alloc(max(slots, MIN_SLOTS))
-        pending = self._place(*self._bulk(ptr, vals))
-        while pending is not None:
-            self._alloc(int(self.slots * 1.5))
-            pending = self._place(*self._bulk(ptr, vals))
-
-    def _bulk(self, ptr: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Fill an empty table: the first BULK_WAYS entries of each first bucket go straight to
-        ways 0, 1, ... (rank in the bucket, by a radix sort); returns the others."""
-        if not len(ptr):
-            return ptr, vals
-        b1 = ((((ptr * _C1) >> _S32) * self._nb_u64) >> _S32).astype(np.intp)
-        order = radix_order_u32(b1)
-        sb = b1[order]
-        first = np.empty(len(sb), dtype=bool)
-        first[0] = True
-        np.not_equal(sb[1:], sb[:-1], out=first[1:])
-        gs = np.flatnonzero(first)
-        rank = np.arange(len(sb)) - np.repeat(gs, np.diff(np.append(gs, len(sb))))
-        ok = rank < BULK_WAYS
-        sel = order[ok]
-        slot = sb[ok] * WAYS + rank[ok]
-        self.keys[slot] = ptr[sel]
-        self.fp[slot] = _fingerprint(ptr[sel])
-        self.vals[slot] = vals[sel]
-        rest = order[~ok]
-        return ptr[rest], vals[rest]
+        old_keys, old_vals = self.keys, self.vals
+        while True:
+            self._alloc(max(slots, MIN_SLOTS))
+            for i in range(0, len(occ), GROW_SLICE):
+                o = occ[i:i + GROW_SLICE]
+                if self._place(old_keys[o], old_vals[o]) is not None:
+                    break  # rounds stopped making progress (pathological): bigger still
+            else:
+                return
+            slots = int(self.slots * 1.5)
 
     def entries(self) -> LiveColumns:
         """All live blocks, in slot order (callers sort if they need an order)."""
@@ -363,27 +346,21 @@ class LiveTable:
         return -1
 
 
-def _zeros(n: int, dtype) -> np.ndarray:  # noqa: ANN001
-    """Zeroed array; big ones in their own anonymous mapping, so that the memory of a table
-    replaced by a bigger one goes back to the OS instead of staying in the C heap."""
-    dtype = np.dtype(dtype)
-    nbytes = n * dtype.itemsize
-    if nbytes < 1 << 20:
-        return np.zeros(n, dtype)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=n)
-
-
 def _fingerprint(k: np.ndarray) -> np.ndarray:
-    """16-bit fingerprint, never 0 (empty), from a hash independent of the bucket hashes."""
-    f = ((k * _C3) >> _S48).astype(np.uint16)
-    f[f == 0] = 1
-    return f
+    """15-bit fingerprint with the low bit set (never 0 = empty), from a hash independent of
+    the bucket hashes."""
+    return ((k * _C3) >> _S48).astype(np.uint16) | np.uint16(1)
+
+
+def _rows(a2d: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """a2d[idx] for whole rows: np.take copies rows ~10x faster than fancy indexing does."""
+    return np.take(a2d, idx, axis=0)
 
 
 def _row_mask(m: np.ndarray) -> np.ndarray:
     """An (n, 8) bool array as n u64 words: non-zero iff the row has a True; the lowest set byte
     is the first True way (little-endian)."""
-    return m.view(np.uint64).reshape(-1).copy()
+    return m.view(np.uint64).reshape(-1)
 
 
 def _first_byte(w: np.ndarray) -> np.ndarray:

@@ -108,16 +108,16 @@ class Target:
     def done(self, timeout: float = 60.0) -> dict:
         return json.loads(self.expect("DONE", timeout))
 
-    def finish(self) -> dict | None:
+    def finish(self, timeout: float = 30.0) -> dict | None:
         """Let a --wait target end; returns its AFTER report when it prints one."""
-        self.go()
-        after = None
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("AFTER"):
-                after = json.loads(line[5:])
-        assert self.proc.wait(timeout=30) == 0
-        return after
+        try:
+            rest, _ = self.proc.communicate(input="\n", timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"target did not end within {timeout}s") from None
+        assert self.proc.returncode == 0, f"target exit status {self.proc.returncode}"
+        after = [line[5:] for line in rest.splitlines() if line.startswith("AFTER")]
+        return json.loads(after[-1]) if after else None
 
     def kill(self) -> None:
         if self.proc.poll() is None:

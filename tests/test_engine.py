@@ -304,3 +304,27 @@ def test_pointers_with_colliding_grouping_hashes_match_reference() -> None:
     for k, v in ref.c.items():
         assert getattr(e.state.c, k) == v, k
     assert e.live_allocations()["ptr"].tolist() == sorted(ref.live)
+
+
+@pytest.mark.parametrize("name", ["synthetic-mixed", "synthetic-small", "live-x64", "live-ia32"])
+def test_feed_many_on_a_bundled_recording_matches_feed(name) -> None:
+    from pathlib import Path
+
+    from nvse_monitor.recording import read_recording
+
+    path = Path(__file__).parent.parent / "fixtures" / f"{name}.nvmrec"
+    meta_, msgs = read_recording(path)
+    e1 = Engine(meta_)
+    o1 = e1.start()
+    for m in msgs:
+        o1 += e1.feed(m)
+    o1 += e1.finish()
+    e2 = Engine(meta_)
+    o2 = e2.start()
+    for i in range(0, len(msgs), 50):  # as a replay would hand over a chunk's messages
+        o2 += e2.feed_many(msgs[i:i + 50])
+    o2 += e2.finish()
+    lines1 = [o for o in o1 if not isinstance(o, Snapshot)]
+    assert len(lines1) > 20
+    assert lines1 == [o for o in o2 if not isinstance(o, Snapshot)]
+    assert o1[-1] == o2[-1]

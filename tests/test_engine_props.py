@@ -235,3 +235,37 @@ def test_batch_split_does_not_change_outputs(recs, cuts1, cuts2, cap) -> None:
     assert [o for o in o1 if not isinstance(o, Snapshot)] == [
         o for o in o2 if not isinstance(o, Snapshot)]
     assert o1[-1] == o2[-1]  # final snapshots equal
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(record, min_size=1, max_size=150), st.lists(st.integers(0, 200), max_size=10),
+       st.lists(st.integers(0, 3), max_size=12), st.lists(st.integers(0, 12), max_size=4),
+       st.sampled_from([2, 1000]))
+def test_feed_many_gives_the_same_lines_and_rows(recs, cuts, extra, groups, cap) -> None:
+    """Replay can feed runs of batches at once: same log lines and CSV rows as one by one,
+    with batch times after their records, drops, and control messages between batches."""
+    from nvse_monitor.stream import ModuleEvent
+
+    a = build(recs)
+    bounds = [0, *sorted({c % (len(a) + 1) for c in cuts}), len(a)]
+    msgs = []
+    dropped = 0
+    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        part = a[lo:hi]
+        now = (int(part["ts_us"].max()) if len(part) else 0) + extra[i % len(extra)] if extra else 0
+        dropped += i % 3 == 1
+        msgs.append(Batch(now, AgentCounters(dropped=dropped), part))
+        if i in groups:
+            msgs.append(ModuleEvent(now, "add", Module(f"m{i}.so", 0x40000 + i * 0x1000, 0x100)))
+    cfg = EngineConfig(max_tracked=cap, csv_every_allocs=3, json_every_allocs=9,
+                       large_alloc_bytes=4096, warn_interval_us=4, recovery_us=15)
+    e1 = Engine(meta(), cfg)
+    o1 = e1.start()
+    for m in msgs:
+        o1 += e1.feed(m)
+    o1 += e1.finish()
+    e2 = Engine(meta(), cfg)
+    o2 = e2.start() + e2.feed_many(msgs) + e2.finish()
+    assert [o for o in o1 if not isinstance(o, Snapshot)] == [
+        o for o in o2 if not isinstance(o, Snapshot)]
+    assert o1[-1] == o2[-1]

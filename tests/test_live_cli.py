@@ -147,4 +147,6 @@ def test_unwritable_recording_is_a_clear_error(targets, tmp_path, live_procs):
     target.wait_ready()
     line = one_line_error(cli("attach", target.pid, "--out", tmp_path, "--record", "/dev/full"))
     assert "/dev/full" in line and "No space left" in line
-    target.finish()  # unharmed: it still runs its workload and exits 0
+    target.go()  # unharmed: it still runs its workload, checks its blocks and exits 0
+    assert target.done()["ok"]
+    assert target.finish() == {"prologue_restored": True}  # and nothing is left hooked

@@ -91,9 +91,9 @@ def test_random_ops_match_dict(ops) -> None:
 def _colliding(n: int) -> np.ndarray:
     """Pointers in pairs whose 32-bit grouping hashes are equal (p*C and p*C + 1 share the
     high half when the low half does not carry)."""
-    from nvse_monitor.engine import _HASH
+    from nvse_monitor.classify import HASH
 
-    c = int(_HASH)
+    c = int(HASH)
     inv = pow(c, -1, 1 << 64)
     out = []
     p = 0x10000
@@ -105,10 +105,10 @@ def _colliding(n: int) -> np.ndarray:
 
 
 def test_pointer_order_groups_colliding_hashes_exactly() -> None:
-    from nvse_monitor.engine import _HASH, pointer_order
+    from nvse_monitor.classify import HASH, pointer_order
 
     pairs = _colliding(50)
-    h = (pairs * _HASH) >> np.uint64(32)
+    h = (pairs * HASH) >> np.uint64(32)
     assert (h[0::2] == h[1::2]).all() and (pairs[0::2] != pairs[1::2]).all()
     rng = np.random.default_rng(3)
     p = rng.choice(pairs, 2000)  # interleaved events on colliding pointers

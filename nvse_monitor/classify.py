@@ -1,0 +1,227 @@
+"""Per-batch event classification, vectorised (docs/engine.md, "Events" and "Counters").
+
+Records become events by lookup tables on a 6-bit record code; events are grouped by pointer
+with a radix sort of a pointer hash; each event's outcome (NEW, REPLACE, FREE_T, FREE_U...)
+follows from the previous event on its pointer or, for the first one, from the live table.
+The engine adds the tracking limit, the running sums and the outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .events import Kind
+from .tracking import LiveColumns, LiveTable, radix_order_u32
+
+# Outcome of one event (after realloc expansion).
+NEW = 1  # allocation, now tracked
+REPLACE = 2  # allocation of a pointer already live: the old block counts as freed unseen
+OVERFLOW = 3  # allocation while tracking is full: counted in totals, not tracked
+FREE_T = 4  # free of a tracked block
+FREE_U = 5  # free of a pointer not tracked (allocated before attach, double free, overflow)
+FAILURE = 6  # allocation that returned NULL
+
+_ALLOC, _FREE, _REALLOC, _FAILED = (int(k) for k in (Kind.ALLOC, Kind.FREE, Kind.REALLOC,
+                                                   Kind.FAILED))
+
+
+def _record_tables() -> tuple[np.ndarray, ...]:
+    """Per record code (kind 0-5, ptr = 0 << 3, size = 0 << 4, old_ptr = 0 << 5): number of
+    events, type of the first (0 free, 1 alloc, 2 failure), whether that free is of old_ptr,
+    whether it is a failure, whether the kind is unknown. Rules in docs/engine.md."""
+    cnt, etype, free_old, fail, unknown = (np.zeros(64, dt) for dt in (
+        np.int8, np.int8, bool, bool, bool))
+    for c in range(64):
+        kind, zp, zs, zo = c & 7, c >> 3 & 1, c >> 4 & 1, c >> 5 & 1
+        allocish = kind == _ALLOC or (kind == _REALLOC and not zs)
+        f = kind == _FAILED or (allocish and zp)
+        a = allocish and not zp
+        fr = (kind == _FREE and not zp) or (kind == _REALLOC and not zo and not f)
+        cnt[c] = a + fr + f
+        etype[c] = 2 if f else (0 if fr else 1)
+        free_old[c] = kind == _REALLOC and fr
+        fail[c] = f
+        unknown[c] = kind not in (_ALLOC, _FREE, _REALLOC, _FAILED)
+    return cnt, etype, free_old, fail, unknown
+
+
+T_CNT, T_ETYPE, T_FREE_OLD, T_FAIL, T_UNKNOWN = _record_tables()
+
+# Per outcome (index = outcome code): tracked bytes added, block freed, allocation counted,
+# change of the live count.
+O_PLUS = np.array([0, 1, 1, 0, 0, 0, 0], dtype=bool)
+O_FREE = np.array([0, 0, 1, 0, 1, 0, 0], dtype=bool)
+O_ALLOC = np.array([0, 1, 1, 1, 0, 0, 0], dtype=bool)
+O_DCOUNT = np.array([0, 1, 0, 0, -1, 0, 0], dtype=np.int8)
+# Outcome from (is alloc, block live before): 0b00 free of dead, 0b01 free of live, ...
+O_FROM = np.array([FREE_U, FREE_T, NEW, REPLACE], dtype=np.uint8)
+
+
+@dataclass
+class Events:
+    """A batch's records as events, in time order (ptr is None when there are none)."""
+
+    ptr: np.ndarray | None  # u64; the freed pointer for frees, 0 for failures
+    etype: np.ndarray  # int8: 0 free, 1 alloc, 2 failure
+    ts: np.ndarray  # u64, clamped so time never goes backwards
+    size: np.ndarray
+    hook: np.ndarray
+    caller: np.ndarray
+    rec: np.ndarray | None  # record of each event (None: one event per record)
+    failed: np.ndarray | None  # bool mask of failures (None: no failures)
+    unknown: int  # records of unknown kinds
+    last_ts: int
+
+
+def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> Events:
+    """Records -> events: a realloc becomes free(old) then alloc(new); the rest one event or
+    none (rules in docs/engine.md). `now`: the stream time already reached; `floor`: a
+    per-record lower bound on time (the times of the batches before a record's batch)."""
+    n = len(r)
+    ptr = r["ptr"]
+    size = r["size"]
+    ts = r["ts_us"]  # publication order: keep output time monotonic
+    if floor is not None:
+        ts = np.maximum(ts, floor)
+    if not (ts[1:] >= ts[:-1]).all():
+        ts = np.maximum.accumulate(ts)
+    if ts[0] < now:
+        ts = np.maximum(ts, np.uint64(now))
+    # A 6-bit code per record (kind, ptr = 0, size = 0, old_ptr = 0) and lookup tables give
+    # its events in a few passes.
+    code = np.minimum(r["kind"], 5)
+    code |= (ptr == 0).view(np.uint8) << 3
+    code |= (size == 0).view(np.uint8) << 4
+    counts = np.bincount(code, minlength=64)
+    any_r = bool(counts[_REALLOC::8].any())
+    if any_r:
+        old = r["old_ptr"]
+        code |= (old == 0).view(np.uint8) << 5
+        counts = np.bincount(code, minlength=64)
+    unknown = int(counts[T_UNKNOWN].sum())
+    last_ts = int(ts[-1])
+    if not counts[T_CNT != 1].any():  # one event per record
+        rec = None
+        etype = T_ETYPE[code]
+        evp = np.where(T_FREE_OLD[code], old, ptr) if any_r else ptr
+    else:
+        ci = T_CNT[code].astype(np.intp)
+        rec = np.repeat(np.arange(n), ci)
+        if not len(rec):
+            return Events(None, etype=np.empty(0, np.int8), ts=ts, size=size, hook=r["hook"],
+                          caller=r["caller"], rec=rec, failed=None, unknown=unknown,
+                          last_ts=last_ts)
+        second = np.zeros(len(rec), dtype=bool)  # the alloc part of a realloc
+        np.equal(rec[1:], rec[:-1], out=second[1:])
+        etype = np.where(second, np.int8(1), T_ETYPE[code][rec])
+        evp = ptr[rec]
+        if any_r:
+            fo = ~second & T_FREE_OLD[code][rec]
+            evp[fo] = old[rec][fo]
+
+    def g(a: np.ndarray) -> np.ndarray:
+        return a if rec is None else a[rec]
+
+    failed = None
+    if counts[T_FAIL].any():  # failures ride along as frees of pointer 0 (never tracked)
+        failed = etype == 2
+        evp = np.where(failed, np.uint64(0), evp)
+    return Events(evp, etype, g(ts), g(size), g(r["hook"]), g(r["caller"]), rec, failed,
+                  unknown, last_ts)
+
+
+HASH = np.uint64(0x9E3779B97F4A7C15)
+_S32 = np.uint64(32)
+
+
+def pointer_order(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A stable order that makes events on one pointer contiguous (in time order), and p in
+    that order. Radix-sorts a 32-bit hash of the pointer (fast 16-bit passes); pointers whose
+    hashes collide are put right by an exact sort of just their runs."""
+    h = (p * HASH) >> _S32
+    order = radix_order_u32(h)
+    sp = p[order]
+    if len(p) < 2:
+        return order, sp
+    hs = h[order]
+    same_h = hs[1:] == hs[:-1]
+    coll = same_h & (sp[1:] != sp[:-1])
+    if coll.any():
+        run = np.concatenate(([0], np.cumsum(~same_h)))
+        bad = np.zeros(int(run[-1]) + 1, dtype=bool)
+        bad[run[1:][coll]] = True
+        sel = np.flatnonzero(bad[run])
+        sub = order[sel]
+        order[sel] = sub[np.lexsort((sub, p[sub], hs[sel]))]
+        sp = p[order]
+    return order, sp
+
+
+
+def classify(table: LiveTable, p, isalloc, size, ts, caller, hook, mod):  # noqa: ANN001, ANN201
+    """Outcomes of a run of events assuming no tracking limit, without touching the table.
+    Events on one pointer are consecutive after a stable sort by pointer; an event's block
+    state is the previous event's (an alloc leaves it live, a free leaves it not) or, for the
+    first event of a pointer, whether the table holds it."""
+    m = len(p)
+    order, sp = pointer_order(p)
+    first = np.empty(m, dtype=bool)
+    first[0] = True
+    np.not_equal(sp[1:], sp[:-1], out=first[1:])
+    gstart = np.flatnonzero(first)
+    up = sp[gstart]
+    probe = table.probe(up)  # pointer 0 (failures) is never live:
+    if up[0] == 0:  # it hashes to 0 and sorts first
+        probe.slots[0] = -1
+    slots = probe.slots
+    found = slots >= 0
+    sa = isalloc[order]
+    live = np.empty(m, dtype=bool)
+    live[1:] = sa[:-1]
+    live[gstart] = found
+    out = np.empty(m, np.uint8)
+    out[order] = O_FROM[(sa.view(np.uint8) << 1) | live.view(np.uint8)]
+    # The block a free or replacement ends: the previous event's (an alloc), or the table's
+    # for the first event of a pointer. Only those events need it.
+    li = np.flatnonzero(live)
+    src = order[li - 1]  # li = 0 wraps to garbage: it is a group start, overwritten below
+    vz, vh, vm = size[src], hook[src], mod[src]
+    fl = first[li]
+    if fl.any():
+        tv = table.get(slots[found])
+        vz[fl] = tv.size
+        vh[fl] = tv.hook
+        vm[fl] = tv.module
+    tl = order[li]
+    osz = np.zeros(m, np.uint64)
+    osz[tl] = vz
+    ohk = np.zeros(m, np.uint8)
+    ohk[tl] = vh
+    omd = np.zeros(m, np.uint16)
+    omd[tl] = vm
+    glast = np.empty(len(gstart), dtype=np.intp)
+    glast[:-1] = gstart[1:] - 1
+    glast[-1] = m - 1
+    plan = (up, probe, found, sa[glast], order[glast])
+    return out, osz, ohk, omd, plan
+
+def apply_plan(table: LiveTable, plan, size, ts, caller, hook, mod) -> None:  # noqa: ANN001
+    """Make the table match the end of the classified run."""
+    keys, probe, found, fin, last = plan
+    slots = probe.slots
+    upd = found & fin
+    if upd.any():
+        li = last[upd]
+        table.write(slots[upd], LiveColumns(keys[upd], size[li], ts[li], caller[li], hook[li],
+                                        mod[li]))
+    dele = found & ~fin
+    if dele.any():
+        table.delete(slots[dele])
+    ins = ~found & fin
+    if ins.any():
+        li = last[ins]
+        ii = np.flatnonzero(ins)
+        table.insert(LiveColumns(keys[ii], size[li], ts[li], caller[li], hook[li], mod[li]),
+                 hint=probe.take(ii))
