@@ -151,7 +151,7 @@ class Engine:
         self._last_drop_warn: int | None = None
         self._last_fail_warn: int | None = None
         self._overflow_warned = False
-        self._hook_ok: dict[object, bool] = {}
+        self._hook_state: dict[object, str] = {}  # hook index -> ok, failed, pending
         self._hooks_complete = False
         self.hooks_installed: list[str] = []
         self.hooks_failed: list[dict[str, str]] = []
@@ -318,25 +318,32 @@ class Engine:
         t = self._advance(msg.ts_us)
         h = self.health
         detail = f" ({msg.detail})" if msg.detail else ""
-        if msg.ok:
+        if msg.pending:
+            h.log(t, "INFO", f"Hook pending: {msg.name}{detail}")
+            state = "pending"
+        elif msg.ok:
             h.log(t, "INFO", f"Hook installed: {msg.name}{detail}")
             self.hooks_installed.append(msg.name)
+            state = "ok"
         else:
             h.log(t, "WARN", f"Hook failed: {msg.name}{detail}")
             self.hooks_failed.append({"name": msg.name, "detail": msg.detail})
-        self._hook_ok[msg.hook if msg.hook >= 0 else ("name", msg.name)] = msg.ok
+            state = "failed"
+        self._hook_state[msg.hook if msg.hook >= 0 else ("name", msg.name)] = state
         nh = len(self.meta.hooks)
-        if not self._hooks_complete and nh and all(i in self._hook_ok for i in range(nh)):
+        if not self._hooks_complete and nh and all(i in self._hook_state for i in range(nh)):
             self._hooks_complete = True
-            ok = sum(self._hook_ok[i] for i in range(nh))
-            if ok == 0:
+            states = [self._hook_state[i] for i in range(nh)]
+            ok, pending = states.count("ok"), states.count("pending")
+            if ok == 0 and pending == 0:
                 h.fail(t, "ERROR", f"All {nh} hooks failed to install", "all hooks failed")
                 return
-            h.log(t, "INFO", f"Hooks installed: {ok} of {nh}")
-            if not msg.ok:
+            h.log(t, "INFO", f"Hooks installed: {ok} of {nh}"
+                  + (f", {pending} waiting for their modules" if pending else ""))
+            if state == "failed":  # earlier failures degraded when they came
                 h.degrade_persistent(t, f"hook {msg.name} failed")
             h.activate(t, "hooks installed")
-        elif not msg.ok:
+        elif state == "failed":
             h.degrade_persistent(t, f"hook {msg.name} failed")
 
     def _feed_module(self, msg: ModuleEvent) -> None:

@@ -97,6 +97,8 @@ class HookEvent:
     name: str
     ok: bool  # installed, or failed/skipped
     detail: str = ""  # why it failed, or where it went (e.g. "followed JMP into nvhr.dll")
+    # Its module is not loaded (yet): neither installed nor failed; a later event says which.
+    pending: bool = False
 
 
 @dataclass(frozen=True)

@@ -182,3 +182,39 @@ def test_finish_without_batches_still_gives_final_outputs() -> None:
 def test_free_of_unknown_pointer_does_not_degrade() -> None:
     e, _ = run(batch(recs((F, 0x10, 0, 1))), finish=False)
     assert e.health.status == Status.ACTIVE
+
+
+def test_pending_hooks_are_neither_installed_nor_failed():
+    # A hook whose module is not loaded yet (a plugin's CRT) must not count as failed.
+    from nvse_monitor.engine import Engine
+    from nvse_monitor.outputs import Status
+    from nvse_monitor.stream import HookEvent, HookInfo, SessionMeta
+
+    meta = SessionMeta(target="t", pid=1, arch="x64", platform="linux", profile="p",
+                       hooks=[HookInfo("malloc", "libc", "alloc"),
+                              HookInfo("plugin_malloc", "plugin", "alloc")])
+    e = Engine(meta)
+    e.start()
+    e.feed(HookEvent(ts_us=1, hook=1, name="plugin_malloc", ok=False, pending=True,
+                     detail="waiting for libplugin.so"))
+    out = e.feed(HookEvent(ts_us=2, hook=0, name="malloc", ok=True))
+    assert e.health.status == Status.ACTIVE
+    assert not [o for o in out if getattr(o, "level", "") in ("WARN", "ERROR")]
+    snap = e.snapshot()
+    assert snap.monitor["hooks_failed"] == [] and snap.is_healthy
+
+
+def test_only_pending_hooks_is_not_all_failed():
+    from nvse_monitor.engine import Engine
+    from nvse_monitor.outputs import Status
+    from nvse_monitor.stream import HookEvent, HookInfo, SessionMeta
+
+    meta = SessionMeta(target="t", pid=1, arch="x64", platform="linux", profile="p",
+                       hooks=[HookInfo("plugin_malloc", "plugin", "alloc")])
+    e = Engine(meta)
+    e.start()
+    e.feed(HookEvent(ts_us=1, hook=0, name="plugin_malloc", ok=False, pending=True))
+    assert e.health.status == Status.ACTIVE
+    e.feed(HookEvent(ts_us=2, hook=0, name="plugin_malloc", ok=True))
+    assert e.health.status == Status.ACTIVE and e.snapshot().monitor["hooks_installed"] == [
+        "plugin_malloc"]
