@@ -12,6 +12,7 @@ const RECORD_SIZE = 56;
 const SLOT_SIZE = 64;
 const STATE_BYTES = 4096;
 const EMPTY_BATCH_MS = 250;
+const IN_FLIGHT_GRACE_S = 0.05;  // after reverting hooks, before the code may go away
 
 let cm = null;            // the CModule
 let st = null;            // NvState (Memory.alloc'd)
@@ -20,6 +21,7 @@ let ring = null;
 let ringRaw = null;       // keeps the ring allocation alive (a derived pointer does not)
 let outBuf = null;
 let maxRecs = 0;
+let ringSlots = 0;
 let fnDrain = null;
 let countersPtr = null;
 let drainTimer = null;
@@ -117,7 +119,7 @@ function genHook(index, h, arch, slow) {
     case 'free':
     case 'aligned_free':
       body = `  {\n    gsize p = ${arg('ptr')};\n` +
-        `    if (p != 0)\n      nv_free_before (${index}, p, ${ra}, th);\n` +
+        `    if (p != 0)\n      nv_emit (KIND_FREE, ${index}, p, 0, 0, ${ra}, th, 0);\n` +
         `    r = ${call};\n  }\n`;
       break;
     case 'realloc':
@@ -132,8 +134,12 @@ function genHook(index, h, arch, slow) {
   return head + body + tail;
 }
 
-function buildSource(profile, arch, platform, clock) {
+function buildSource(profile, arch, platform, clock, extraDefines) {
   const defs = [];
+  for (const d of extraDefines) {
+    if (!/^NV_BENCH_[A-Z_]+$/.test(d)) throw new Error(`unknown define ${d}`);
+    defs.push(`#define ${d} 1`);
+  }
   if (platform === 'windows') defs.push('#define NV_WINDOWS 1');
   if (clock === 'tsc') defs.push('#define NV_CLOCK_TSC 1');
   let src = defs.join('\n') + '\n' + HOTPATH_C + '\n';
@@ -145,8 +151,10 @@ function buildSource(profile, arch, platform, clock) {
 
 /* ------------------------------------------------------------------ hooks */
 
-function sendHook(entry, ok, detail) {
-  send({ type: 'hook', ts_us: clockNowUs(), hook: entry.index, name: entry.spec.name, ok, detail });
+// pending: the hook's module is not loaded (yet): neither installed nor failed
+function sendHook(entry, ok, detail, pending = false) {
+  entry.pending = pending;
+  send({ type: 'hook', ts_us: clockNowUs(), hook: entry.index, name: entry.spec.name, ok, detail, pending });
 }
 
 function checkCode(address, mod) {
@@ -268,7 +276,7 @@ function onModuleRemoved(mod) {
     // whatever is mapped there by then; a later load of the module gets hooked again.
     if (e.installed && e.address.compare(mod.base) >= 0 && e.address.compare(mod.base.add(mod.size)) < 0) {
       e.installed = false;
-      sendHook(e, false, `pending: ${mod.name} unloaded`);
+      sendHook(e, false, `pending: ${mod.name} unloaded`, true);
     }
   }
   send({ type: 'module', ts_us: clockNowUs(), action: 'remove', module: j });
@@ -291,13 +299,15 @@ function countersJson() {
 function drainAll(forceEmpty) {
   if (cm === null) return;
   let sent = false;
-  for (;;) {
-    const n = fnDrain(outBuf, maxRecs);
+  // At most one ring's worth per call: producers refilling as fast as we drain must not keep
+  // the JS thread (and with it stop() and every RPC) busy forever.
+  for (let budget = ringSlots; budget > 0; budget -= maxRecs) {
+    const n = fnDrain(outBuf, Math.min(maxRecs, budget));
     if (n === 0) break;
     const h = countersJson();
     send({ type: 'batch', now_us: h.now_us, counters: h.counters }, outBuf.readByteArray(n * RECORD_SIZE));
     sent = true;
-    if (n < maxRecs) break;
+    if (n < Math.min(maxRecs, budget)) break;
   }
   const t = Date.now();
   if (sent) {
@@ -341,6 +351,7 @@ function fridaThreadIds() {
     closedir(dir);
   }
   const visible = new Set(Process.enumerateThreads().map(t => t.id));
+  visible.add(Process.id);  // a spawned, still suspended main thread is not listed either
   return all.filter(tid => !visible.has(tid));
 }
 
@@ -362,6 +373,7 @@ function init(cfg) {
   ringRaw = Memory.alloc(ringBytes + 64);
   ring = ringRaw.add((64 - ringRaw.and(63).toInt32()) & 63);
   maxRecs = Math.max(1, Math.floor(cfg.max_batch_bytes / RECORD_SIZE));
+  ringSlots = slots;
   outBuf = Memory.alloc(maxRecs * RECORD_SIZE);
 
   const symbols = { nv_state: st, nv_orig: origTable };
@@ -370,7 +382,7 @@ function init(cfg) {
   } else {
     symbols.syscall = Module.getGlobalExportByName('syscall');
   }
-  const source = buildSource(profile, arch, platform, clock);
+  const source = buildSource(profile, arch, platform, clock, cfg.defines || []);
   cm = new CModule(source, symbols);
 
   const stateSize = new NativeFunction(cm.nv_state_size, 'size_t', [])();
@@ -416,7 +428,7 @@ function init(cfg) {
   for (const e of hooks) {
     if (!e.ok && e.re !== null && e.detail === '') {
       e.detail = `pending: no loaded module matches ${e.spec.module}`;
-      sendHook(e, false, e.detail);
+      sendHook(e, false, e.detail, true);
     }
   }
 
@@ -434,7 +446,10 @@ function init(cfg) {
     main_path: main !== null ? main.path : '',
     wall_clock_zero_us: wall0,
     modules: Array.from(modules.values()),
-    hooks: hooks.map(e => ({ index: e.index, name: e.spec.name, ok: e.ok, detail: e.detail, module: e.module })),
+    hooks: hooks.map(e => ({
+      index: e.index, name: e.spec.name, ok: e.ok, detail: e.detail, module: e.module,
+      pending: e.pending === true,
+    })),
     ring_bytes: ringBytes,
     agent_bytes: STATE_BYTES + ringBytes + 64 + maxRecs * RECORD_SIZE,
     clock,
@@ -459,7 +474,7 @@ function stop() {
   }
   // Threads that were inside a replacement finish their call and publish (a realloc holds its
   // slot across the original call): give them a moment before the final drain.
-  Thread.sleep(0.02);
+  Thread.sleep(IN_FLIGHT_GRACE_S);
   drainAll(true);
   return countersJson();
 }
@@ -471,4 +486,21 @@ function snapshot() {
   return c;
 }
 
-rpc.exports = { init, flush, stop, snapshot };
+// Frida calls this right before the script is unloaded, also when the host went away without
+// stop(). The CModule (our replacements' code) is freed after it: revert every hook first, then
+// give threads that are inside a replacement (mostly inside the original call) time to return
+// through it, or they would return into freed memory.
+function dispose() {
+  if (drainTimer !== null) clearInterval(drainTimer);
+  drainTimer = null;
+  let any = false;
+  for (const e of hooks) {
+    if (e.installed) {
+      revertHook(e);
+      any = true;
+    }
+  }
+  if (any || !stopped) Thread.sleep(IN_FLIGHT_GRACE_S);
+}
+
+rpc.exports = { init, flush, stop, snapshot, dispose };

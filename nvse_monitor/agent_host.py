@@ -13,6 +13,7 @@ Protocol: notes/agent-protocol.md; design: docs/agent.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable
@@ -50,7 +51,8 @@ class AgentConfig:
     drain_interval_ms: int = 10
     max_batch_bytes: int = 1 << 20
     clock: str = "tsc"  # "tsc" (rdtsc, converted at drain) or "monotonic" (g_get_monotonic_time)
-    ignore_tids: tuple[int, ...] = ()  # threads never recorded (the agent's JS thread always is)
+    ignore_tids: tuple[int, ...] = ()  # threads never recorded (Frida's own never are)
+    defines: tuple[str, ...] = ()  # bench only: NV_BENCH_PASSTHROUGH, NV_BENCH_NO_THREAD_STATE
 
     def __post_init__(self) -> None:
         s = self.ring_slots
@@ -72,6 +74,7 @@ class AgentConfig:
             "max_batch_bytes": self.max_batch_bytes,
             "clock": self.clock,
             "ignore_tids": list(self.ignore_tids),
+            "defines": list(self.defines),
         }
 
 
@@ -132,7 +135,8 @@ class AgentHandle:
             elif kind == "hook":
                 self._emit(HookEvent(ts_us=int(payload["ts_us"]), hook=int(payload["hook"]),
                                      name=payload["name"], ok=bool(payload["ok"]),
-                                     detail=payload.get("detail", "")))
+                                     detail=payload.get("detail", ""),
+                                     pending=bool(payload.get("pending", False))))
             elif kind == "module":
                 self._emit(ModuleEvent(ts_us=int(payload["ts_us"]), action=payload["action"],
                                        module=_module(payload["module"])))
@@ -189,10 +193,8 @@ class AgentHandle:
             if self._unloaded:
                 return
             self._unloaded = True
-        try:
+        with contextlib.suppress(Exception):  # the session may be gone (target exited)
             self.script.unload()
-        except Exception:  # the session may be gone already (target exited)
-            pass
 
 
 def load_agent(session: Any, profile: Profile, config: AgentConfig | None = None,

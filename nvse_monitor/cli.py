@@ -15,7 +15,7 @@ def main() -> None:
 
 def _register() -> None:
     # Commands live in their own modules; each module adds its commands to `main`.
-    from . import cli_live, cli_offline  # noqa: F401
+    from . import cli_live, cli_offline, cli_views  # noqa: F401
 
 
 _register()

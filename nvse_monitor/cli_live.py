@@ -10,6 +10,8 @@ from typing import Any
 import click
 
 from .cli import main
+from .cli_offline import file_limit_options, limits_from
+from .cli_views import metrics_options
 from .pipeline import DEFAULT_OUT_DIR
 from .writers import DEFAULT_PREFIX
 
@@ -51,7 +53,9 @@ def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for opt in reversed(opts):
         f = opt(f)
-    return f
+    f = click.option("--top", is_flag=True, help="Show the live dashboard (docs/views.md) "
+                     "instead of the status line.")(f)
+    return file_limit_options(metrics_options(f))
 
 
 def _run(kind: str, target: Any, **kw: Any) -> None:
@@ -65,6 +69,10 @@ def _run(kind: str, target: Any, **kw: Any) -> None:
         record=kw["record"],
         duration=kw["duration"],
         force=kw["force"],
+        limits=limits_from(kw),
+        metrics_port=kw["metrics_port"],
+        metrics_address=kw["metrics_address"],
+        top=kw["top"],
     )
     if kw.get("ring_size"):
         opts.ring_slots = kw["ring_size"]

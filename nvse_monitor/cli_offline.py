@@ -3,14 +3,40 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from .cli import main
+from .cli_views import metrics_options, start_metrics
 from .pipeline import DEFAULT_OUT_DIR, replay
-from .writers import DEFAULT_PREFIX, FilePaths, OutputDirError
+from .writers import DEFAULT_PREFIX, FileLimits, FilePaths, OutputDirError
 from .writers import status as status_file
+
+
+def file_limit_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--log-max-mb / --csv-max-mb / --keep-rotated (shared by replay, attach and spawn)."""
+    d = FileLimits()
+    opts = [
+        click.option("--log-max-mb", type=click.FloatRange(min=0), default=d.log_max_bytes / 2**20,
+                     show_default=True, help="Rotate the log past this size (0: no cap)."),
+        click.option("--csv-max-mb", type=click.FloatRange(min=0), default=d.csv_max_bytes / 2**20,
+                     show_default=True, help="Rotate the CSV past this size (0: no cap)."),
+        click.option("--keep-rotated", type=click.IntRange(min=0, max=100), default=d.backups,
+                     show_default=True, help="Rotated files kept per file (<name>.1 newest)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def limits_from(kw: dict[str, Any]) -> FileLimits:
+    return FileLimits(log_max_bytes=int(kw.pop("log_max_mb") * 2**20),
+                      csv_max_bytes=int(kw.pop("csv_max_mb") * 2**20),
+                      backups=kw.pop("keep_rotated"))
+
 
 # Nagios plugin convention, which monitoring tools already understand.
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -75,7 +101,9 @@ def status(directory: Path, prefix: str) -> None:
 @click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
               help="File name prefix of the monitoring files.")
 @click.option("--realtime", is_flag=True, help="Pace the replay by the events' own time.")
-def replay_cmd(recording: Path, out_dir: Path, prefix: str, realtime: bool) -> None:
+@file_limit_options
+@metrics_options
+def replay_cmd(recording: Path, out_dir: Path, prefix: str, realtime: bool, **kw: Any) -> None:
     """Write the four monitoring files from RECORDING.
 
     A damaged recording: the files are written for its intact part, one line names the file
@@ -92,6 +120,7 @@ def replay_cmd(recording: Path, out_dir: Path, prefix: str, realtime: bool) -> N
             size = 0
         bar = click.progressbar(length=max(size, 1), label="replaying", file=stderr)
     done = 0
+    metrics = None
 
     def progress(offset: int) -> None:
         nonlocal done
@@ -103,10 +132,14 @@ def replay_cmd(recording: Path, out_dir: Path, prefix: str, realtime: bool) -> N
         if bar is not None:
             bar.__enter__()
         try:
-            result = replay(recording, out_dir, prefix, progress=progress, realtime=realtime)
+            metrics = start_metrics(kw.pop("metrics_port"), kw.pop("metrics_address"))
+            result = replay(recording, out_dir, prefix, progress=progress, realtime=realtime,
+                            limits=limits_from(kw), on_start=metrics and metrics.attach)
         finally:
             if bar is not None:
                 bar.__exit__(None, None, None)
+            if metrics is not None:
+                metrics.stop()
     except (RecordingError, OutputDirError) as e:
         raise UserError(str(e)) from None
     final = result.final

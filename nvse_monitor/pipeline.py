@@ -7,6 +7,7 @@ another calls finish(): a lock serialises them.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from .leaks import LeakReport, from_engine, leaks_path
 from .outputs import Output, Snapshot
 from .stream import Batch, SessionMeta, StreamMessage
-from .writers import DEFAULT_PREFIX, FilePaths, OutputFiles
+from .writers import DEFAULT_PREFIX, FileLimits, FilePaths, OutputFiles
 
 # Where replay writes (and `status` looks) when no directory is given.
 DEFAULT_OUT_DIR = Path("nvse-monitor-out")
@@ -43,6 +45,7 @@ class Pipeline:
         *,
         engine: EngineLike | None = None,
         err: TextIO | None = None,
+        limits: FileLimits | None = None,
     ) -> None:
         if engine is None:
             from .engine import Engine
@@ -50,9 +53,12 @@ class Pipeline:
             engine = Engine(meta, engine_config)
         self.meta = meta
         self.engine = engine
-        self.files = OutputFiles(meta, out_dir, prefix, err)
+        self.files = OutputFiles(meta, out_dir, prefix, err, limits)
         self.on_snapshot = on_snapshot
         self.last_snapshot: Snapshot | None = None
+        self.leaks_path = leaks_path(out_dir, prefix)
+        self.leak_report: LeakReport | None = None  # set by finish()
+        self._err = err
         self._lock = threading.Lock()
         self._started = False
         self._finished = False
@@ -111,10 +117,48 @@ class Pipeline:
         with self._lock:
             if not self._finished:
                 self._start()
+                self._leak_report()
                 self._finished = True
                 self._route(self.engine.finish(ts_us))
                 self.files.flush()  # in case the engine's last output was not a snapshot
             return self.last_snapshot
+
+    def snapshot_now(self) -> Snapshot | None:
+        """The engine's state now (between feeds), for dashboards and /metrics; the final
+        snapshot once finished. Cheap: counters only, no walk over live blocks."""
+        with self._lock:
+            if self._finished or not self._started:
+                return self.last_snapshot
+            snap = getattr(self.engine, "snapshot", None)
+            return snap() if snap is not None else self.last_snapshot
+
+    def leaks_now(self) -> LeakReport | None:
+        """The blocks live now grouped by module and call site (on demand: walks every live
+        block, ~0.1-0.3 s per million, holding the feed lock)."""
+        with self._lock:
+            if self.leak_report is not None or not hasattr(self.engine, "live_allocations"):
+                return self.leak_report
+            return from_engine(self.engine)
+
+    def _leak_report(self) -> None:
+        """At finish, before the engine's SHUTDOWN: `<prefix>_leaks.csv` and the top modules
+        and call sites as WARN lines (through the engine, so the JSON counts them)."""
+        health = getattr(self.engine, "health", None)
+        if health is None or not hasattr(self.engine, "live_allocations"):
+            return  # a stand-in engine (tests)
+        from .writers.fileio import atomic_write_text
+
+        report = self.leak_report = from_engine(self.engine)
+        now = int(getattr(self.engine, "now", 0))
+        try:
+            atomic_write_text(self.leaks_path, report.csv_text(self.meta.wall_clock_zero_us))
+        except OSError as e:
+            error = e.strerror or str(e)
+            print(f"nvse-monitor: cannot write {self.leaks_path}: {error}",
+                  file=self._err or sys.stderr, flush=True)
+            self._route(self.engine.note_write_failure(now, str(self.leaks_path), error))
+        for msg in report.log_lines(csv_name=self.leaks_path.name):
+            health.log(now, "WARN", msg)
 
     def _route(self, outputs: list[Output], depth: int = 0) -> None:
         for out in outputs:
@@ -138,6 +182,7 @@ class ReplayResult:
     messages: int  # stream messages fed
     final: Snapshot | None  # the final (SHUTDOWN) snapshot
     error: str | None = None  # the recording's damage, one line; the files cover what preceded it
+    leaks: Path | None = None  # `<prefix>_leaks.csv` (docs/views.md)
 
 
 def message_ts(msg: StreamMessage) -> int:
@@ -171,6 +216,8 @@ def replay(
     progress: Callable[[int], None] | None = None,
     realtime: bool = False,
     err: TextIO | None = None,
+    limits: FileLimits | None = None,
+    on_start: Callable[[Pipeline], None] | None = None,
 ) -> ReplayResult:
     """The four files from a recording.
 
@@ -183,8 +230,10 @@ def replay(
 
     rec = open_recording(path)
     try:
-        pipe = Pipeline(rec.meta, out_dir, prefix, engine_config, err=err)
+        pipe = Pipeline(rec.meta, out_dir, prefix, engine_config, err=err, limits=limits)
         pipe.start()
+        if on_start is not None:  # e.g. a /metrics endpoint reading pipe.snapshot_now()
+            on_start(pipe)
         pacer = Pacer() if realtime else None
         n = 0
         error = None
@@ -218,7 +267,7 @@ def replay(
             pipe.note_input_error(f"{Path(e.path).name}: {e.problem}{where}")
         finally:
             final = pipe.finish()  # also on Ctrl-C: the files end with a SHUTDOWN update
-        return ReplayResult(pipe.paths, n, final, error)
+        return ReplayResult(pipe.paths, n, final, error, pipe.leaks_path)
     finally:
         close = getattr(rec, "close", None)
         if close is not None:

@@ -46,7 +46,8 @@ from .targets import (
     probe,
     resolve_target,
 )
-from .writers import DEFAULT_PREFIX, OutputDirError
+from .writers import DEFAULT_PREFIX, FileLimits, OutputDirError, check_prefix
+from .writers.files import check_writable_dir
 
 STREAM_TYPES = (Batch, ModuleEvent, HookEvent, AgentError, SessionEnd)
 STOP_TIMEOUT_S = 15.0  # agent stop() + detach; then we detach without the final drain
@@ -74,6 +75,11 @@ class SessionOptions:
     status_line: bool | None = None  # None: when stderr is a terminal
     queue_max: int = 8192  # messages (a batch is <= max_batch_bytes: 512 MiB at most)
     engine_config: Any = None
+    # Views (docs/views.md): /metrics on metrics_address:metrics_port, the `top` dashboard.
+    metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
+    top: bool = False
+    limits: FileLimits | None = None  # log/CSV size caps (None: writers' defaults)
 
 
 @dataclass
@@ -132,7 +138,9 @@ class LiveSession:
         self._duration_deadline: float | None = None
         use_status = opts.status_line
         if use_status is None:
-            use_status = bool(getattr(self.err, "isatty", lambda: False)())
+            use_status = bool(getattr(self.err, "isatty", lambda: False)()) and not opts.top
+        self.metrics: Any = None  # metrics.MetricsServer
+        self.dashboard: Any = None  # top.LiveDashboard
         self.status = StatusLine(self.err) if use_status else None
 
     # ---- Frida-thread callbacks: enqueue only -----------------------------------------------
@@ -150,8 +158,16 @@ class LiveSession:
     # ---- entry points ---------------------------------------------------------------------------
     def run_attach(self, spec: str) -> SessionResult:
         self.mode = "attach"
+        self._preflight()
         self.device = _local_device()
-        ref = resolve_target(self.device, spec)
+        try:
+            ref = resolve_target(self.device, spec)
+        except TargetError:
+            if _pid_exists(spec):  # Frida lists only processes it may inspect
+                raise TargetError(
+                    f"cannot attach to PID {spec.strip()}: the process exists but Frida cannot "
+                    "see it: permission denied (run as the target's user or as root)") from None
+            raise
         self.pid = ref.pid
         self.session = self._attach(ref.pid, f"attach to {ref.name} (PID {ref.pid})")
         return self._run()
@@ -160,6 +176,7 @@ class LiveSession:
         if not argv:
             raise SessionError("spawn needs a program: nvse-monitor spawn [OPTS] -- PROGRAM [ARGS]")
         self.mode = "spawn"
+        self._preflight()
         self.device = _local_device()
         try:
             self.pid = self.device.spawn(argv, stdio="inherit")
@@ -177,6 +194,28 @@ class LiveSession:
         return self._run()
 
     # ---- the session ----------------------------------------------------------------------------
+    def _preflight(self) -> None:
+        """What can be checked before touching the target: the output directory can be written,
+        the prefix is a plain name, a --profile file parses. One-line SessionError otherwise."""
+        from .hookprofile import load_profile
+
+        out = Path(self.opts.out_dir)
+        try:
+            check_prefix(self.opts.prefix)
+            out.mkdir(parents=True, exist_ok=True)
+            check_writable_dir(out)
+        except OutputDirError as exc:
+            raise SessionError(str(exc)) from None
+        except OSError as exc:
+            raise SessionError(
+                f"cannot write to output directory {out}: {exc.strerror or exc}") from None
+        self._profile = None
+        if self.opts.profile:
+            try:
+                self._profile = load_profile(self.opts.profile)
+            except ValueError as exc:  # hookprofile.ProfileError
+                raise SessionError(str(exc)) from None
+
     def _attach(self, pid: int, what: str) -> frida.core.Session:
         assert self.device is not None
         try:
@@ -205,13 +244,29 @@ class LiveSession:
             self._restore_signals()
             if self.status is not None:
                 self.status.close()
-        return self._finish(end)
+            if self.dashboard is not None:
+                self.dashboard.stop()
+        try:
+            return self._finish(end)
+        finally:
+            if self.metrics is not None:
+                self.metrics.stop()
 
     def _start(self) -> None:
         from .agent_host import AgentConfig, AgentLoadError, load_agent
         from .hookprofile import load_profile, select_profile
 
         assert self.session is not None
+        if self.opts.metrics_port is not None:  # bind first: a busy port fails before any hook
+            from .metrics import MetricsServer
+
+            try:
+                self.metrics = MetricsServer(port=self.opts.metrics_port,
+                                             address=self.opts.metrics_address).start()
+            except OSError as exc:
+                raise SessionError(f"cannot serve metrics on {self.opts.metrics_address}:"
+                                   f"{self.opts.metrics_port}: {exc.strerror or exc}") from None
+            self.err.write(f"nvse-monitor: metrics on {self.metrics.url}\n")
         try:
             info = probe(self.session)
         except frida.InvalidOperationError as exc:
@@ -219,7 +274,7 @@ class LiveSession:
         self.info = info
         try:
             if self.opts.profile:
-                profile = load_profile(self.opts.profile)
+                profile = getattr(self, "_profile", None) or load_profile(self.opts.profile)
                 profile.check_target(info.main_module, info.platform, info.arch, self.opts.force)
             else:
                 profile = select_profile(info.main_module, info.platform, info.arch)
@@ -254,14 +309,20 @@ class LiveSession:
         self.meta.utc_offset_s = _utc_offset_s()
         self.meta.monitor_version = __version__
 
-        self.opts.out_dir.mkdir(parents=True, exist_ok=True)
-        self.pipeline = Pipeline(
-            self.meta, self.opts.out_dir, self.opts.prefix, self.opts.engine_config
-        )
         try:
+            self.pipeline = Pipeline(
+                self.meta, self.opts.out_dir, self.opts.prefix, self.opts.engine_config,
+                limits=self.opts.limits,
+            )
             self.pipeline.start()
         except OutputDirError as exc:
             raise SessionError(str(exc)) from None
+        if self.metrics is not None:
+            self.metrics.attach(self.pipeline)
+        if self.opts.top:
+            from .top import LiveDashboard
+
+            self.dashboard = LiveDashboard(self.pipeline, on_quit=self.request_stop).start()
         if self.opts.record is not None:
             from .recording import RecordingWriter
 
@@ -512,6 +573,9 @@ class LiveSession:
 
     def _abandon_start(self) -> None:
         """A failed start: leave the target as we found it (a spawned one is killed)."""
+        for view in (self.dashboard, self.metrics):
+            if view is not None:
+                view.stop()
         if self.agent is not None:
             with contextlib.suppress(Exception):
                 self.agent.stop()
@@ -553,6 +617,19 @@ def _local_device() -> frida.core.Device:
         return frida.get_local_device()
     except frida.InvalidOperationError as exc:  # pragma: no cover
         raise SessionError(f"cannot use Frida's local device: {exc}") from None
+
+
+def _pid_exists(spec: str) -> bool:
+    spec = spec.strip()
+    if not spec.isdigit() or os.name != "posix":
+        return False
+    try:
+        os.kill(int(spec), 0)
+    except PermissionError:
+        return True
+    except (OSError, OverflowError):
+        return False
+    return True
 
 
 def _counters(d: Any) -> AgentCounters | None:

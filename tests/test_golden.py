@@ -58,7 +58,8 @@ STATES = {"UNINITIALIZED", "INITIALIZING", "ACTIVE", "DEGRADED", "ERROR", "SHUTD
 def replay_into(recording: Path, out: Path) -> dict[str, bytes]:
     """The replay's files by name (plus error.txt when the recording is damaged)."""
     result = replay(recording, out, err=io.StringIO())
-    files = {p.name: p.read_bytes() for p in result.paths.all()}
+    paths = [*result.paths.all(), result.leaks]  # the four files and the leak report
+    files = {p.name: p.read_bytes() for p in paths}
     if result.error:
         files[ERROR_FILE] = (result.error.replace(str(recording), recording.name) + "\n").encode()
     return files

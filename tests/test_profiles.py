@@ -181,7 +181,8 @@ def test_every_role_and_default_nargs():
     roles = {
         "alloc": "{ size = 0 }", "calloc": "{ count = 0, size = 1 }",
         "realloc": "{ ptr = 0, size = 1 }", "free": "{ ptr = 0 }",
-        "aligned_alloc": "{ size = 0, align = 1 }", "posix_memalign": "{ out = 0, align = 1, size = 2 }",
+        "aligned_alloc": "{ size = 0, align = 1 }",
+        "posix_memalign": "{ out = 0, align = 1, size = 2 }",
         "aligned_free": "{ ptr = 0 }", "size": "{ ptr = 0 }",
     }
     for role, args in roles.items():

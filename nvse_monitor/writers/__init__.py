@@ -7,6 +7,15 @@
 - files.OutputFiles  the four together, with write-failure bookkeeping
 """
 
-from .files import DEFAULT_PREFIX, FilePaths, OutputDirError, OutputFiles, WriteFailure
+from .files import (
+    DEFAULT_PREFIX,
+    FileLimits,
+    FilePaths,
+    OutputDirError,
+    OutputFiles,
+    WriteFailure,
+    check_prefix,
+)
 
-__all__ = ["DEFAULT_PREFIX", "FilePaths", "OutputDirError", "OutputFiles", "WriteFailure"]
+__all__ = ["DEFAULT_PREFIX", "FileLimits", "FilePaths", "OutputDirError", "OutputFiles",
+           "WriteFailure", "check_prefix"]

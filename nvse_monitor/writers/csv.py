@@ -16,8 +16,10 @@ FLUSH_ROWS = 4096
 
 
 class CsvWriter:
-    def __init__(self, path: Path, wall_clock_zero_us: int) -> None:
-        self.file = AppendFile(path)
+    def __init__(self, path: Path, wall_clock_zero_us: int, *, max_bytes: int = 0,
+                 backups: int = 3) -> None:
+        # A rotated-in file starts with the header too, so every file loads on its own.
+        self.file = AppendFile(path, max_bytes=max_bytes, backups=backups, header=HEADER)
         self.wall_clock_zero_us = wall_clock_zero_us
 
     @property

@@ -61,20 +61,40 @@ class AppendFile:
     bytes the oldest whole lines are dropped and counted in `lost_lines`.
     """
 
-    def __init__(self, path: Path, max_pending: int = 16 << 20) -> None:
+    def __init__(self, path: Path, max_pending: int = 16 << 20, *, max_bytes: int = 0,
+                 backups: int = 3, header: str = "") -> None:
         self.path = path
         self.max_pending = max_pending
+        # Size cap with rotation (0: none): a file never grows past max_bytes (unless one line
+        # alone is longer); then path -> path.1 -> ... -> path.<backups> and a fresh file
+        # starting with `header`. Cuts fall between whole lines and depend only on the bytes
+        # written, not on when flushes happen: a live session and its replay rotate alike.
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.header = header.encode("utf-8")
         self.lines: list[str] = []  # each ends with "\n"
         self._carry = b""  # unwritten bytes of earlier flushes (may start mid-line)
         self.lost_lines = 0
+        self.rotations = 0
+
+    def rotated(self, n: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{n}")
 
     def truncate(self, text: str = "") -> None:
-        """Start the file afresh with `text` (a new session). Raises OSError."""
+        """Start the file afresh with `text` (a new session); rotated files of an earlier
+        session are removed (a new session starts its files afresh). Raises OSError."""
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
             _write_all(fd, text.encode("utf-8"))
         finally:
             os.close(fd)
+        n = 1
+        while n <= self.backups or self.rotated(n).exists():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.rotated(n))
+            n += 1
+            if n > 1000:
+                break
 
     def prepend(self, line: str) -> None:
         """Put a line before everything pending (e.g. a note about lost lines, which were the
@@ -97,6 +117,9 @@ class AppendFile:
         except OSError:
             self._keep(data)
             raise
+        if self.max_bytes > 0:
+            self._flush_capped(fd, data)
+            return
         try:
             _write_all(fd, data)
         except OSError as e:
@@ -104,6 +127,53 @@ class AppendFile:
             raise
         finally:
             os.close(fd)
+
+    def _flush_capped(self, fd: int, data: bytes) -> None:
+        """Write `data` (consumes fd), rotating at line ends to keep each file <= max_bytes."""
+        pos = 0  # data[:pos] is written
+        try:
+            while pos < len(data):
+                size = os.fstat(fd).st_size
+                room = max(0, self.max_bytes - size)
+                if len(data) - pos <= room:
+                    cut = len(data)
+                else:
+                    cut = data.rfind(b"\n", pos, pos + room) + 1
+                    if cut == 0 and size <= len(self.header):
+                        # one line longer than the cap alone in a fresh file: write it whole
+                        cut = data.find(b"\n", pos) + 1 or len(data)
+                if cut > pos:
+                    try:
+                        pos += _write_all(fd, memoryview(data)[pos:cut])
+                    except OSError as e:
+                        pos += getattr(e, "written", 0)
+                        raise
+                if pos < len(data):
+                    os.close(fd)
+                    fd = -1
+                    self._rotate()
+                    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError:
+            self._keep(data[pos:])
+            raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _rotate(self) -> None:
+        """path -> path.1 -> ... -> path.<backups> (the oldest dropped); a new file with the
+        header. Raises OSError."""
+        if self.backups > 0:
+            for n in range(self.backups - 1, 0, -1):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(self.rotated(n), self.rotated(n + 1))
+            os.replace(self.path, self.rotated(1))
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, self.header)
+        finally:
+            os.close(fd)
+        self.rotations += 1
 
     def _keep(self, data: bytes) -> None:
         excess = len(data) - self.max_pending

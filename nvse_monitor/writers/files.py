@@ -48,7 +48,46 @@ class WriteFailure:
 
 
 class OutputDirError(Exception):
-    """The output directory cannot be created or written (raised at start only)."""
+    """The output directory cannot be created or written, or the prefix is not a plain file
+    name (raised at start only)."""
+
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileLimits:
+    """Size caps of the two growing files (0: no cap); past a cap the file is rotated to
+    `<name>.1` ... `<name>.<backups>` (docs/reliability.md)."""
+
+    log_max_bytes: int = 64 * MIB
+    csv_max_bytes: int = 0
+    backups: int = 3
+
+
+def prefix_problem(prefix: str) -> str | None:
+    """Why `prefix` cannot name files inside the output directory (None: it can). A prefix is a
+    plain name: no directory part, so nothing is ever written outside the output directory."""
+    if not prefix:
+        return "must not be empty"
+    if "/" in prefix or "\\" in prefix or "\0" in prefix:
+        return "must be a plain name (no '/', '\\' or NUL)"
+    if prefix in (".", ".."):
+        return "must be a plain name, not '.' or '..'"
+    return None
+
+
+def check_writable_dir(path: Path) -> None:
+    """Raise OSError (EROFS or EACCES) when files cannot be created in directory `path`."""
+    if not os.access(path, os.W_OK | os.X_OK):
+        if hasattr(os, "statvfs") and os.statvfs(path).f_flag & os.ST_RDONLY:
+            raise OSError(30, "Read-only file system")
+        raise PermissionError(13, "Permission denied")
+
+
+def check_prefix(prefix: str) -> None:
+    if (why := prefix_problem(prefix)) is not None:
+        raise OutputDirError(f"bad file prefix {prefix!r}: {why}")
 
 
 def describe(e: OSError) -> str:
@@ -60,13 +99,17 @@ class OutputFiles:
     a write to it succeeds again; its data is retried at every later update."""
 
     def __init__(self, meta: SessionMeta, out_dir: Path | str, prefix: str = DEFAULT_PREFIX,
-                 err: TextIO | None = None) -> None:
+                 err: TextIO | None = None, limits: FileLimits | None = None) -> None:
+        check_prefix(prefix)
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.paths = FilePaths.of(self.out_dir, prefix)
+        self.limits = limits = limits if limits is not None else FileLimits()
         zero = meta.wall_clock_zero_us
-        self.log = LogWriter(self.paths.log, zero, meta.utc_offset_s, meta.pid)
-        self.csv = CsvWriter(self.paths.csv, zero)
+        self.log = LogWriter(self.paths.log, zero, meta.utc_offset_s, meta.pid,
+                             max_bytes=limits.log_max_bytes, backups=limits.backups)
+        self.csv = CsvWriter(self.paths.csv, zero, max_bytes=limits.csv_max_bytes,
+                             backups=limits.backups)
         self.json = JsonWriter(self.paths.json, zero)
         self.status = StatusWriter(self.paths.status, zero, prefix)
         self.failing: set[Path] = set()
@@ -77,8 +120,7 @@ class OutputFiles:
         """Create the directory and start the log and CSV afresh. Raises OutputDirError."""
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if not os.access(self.out_dir, os.W_OK | os.X_OK):
-                raise PermissionError(13, "Permission denied")
+            check_writable_dir(self.out_dir)
             self.log.start()
             self.csv.start()
         except OSError as e:

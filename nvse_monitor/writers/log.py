@@ -23,8 +23,8 @@ class LogWriter:
     (an ERROR/CRITICAL line, or a full buffer)."""
 
     def __init__(self, path: Path, wall_clock_zero_us: int, utc_offset_s: int = 0,
-                 own_tid: int = 0) -> None:
-        self.file = AppendFile(path)
+                 own_tid: int = 0, *, max_bytes: int = 0, backups: int = 3) -> None:
+        self.file = AppendFile(path, max_bytes=max_bytes, backups=backups)
         self.own_tid = own_tid  # TID of the monitor's own lines (the engine uses the target PID)
         self._zero_us = wall_clock_zero_us + utc_offset_s * 1_000_000
         self._sec = None  # cache: most lines of a burst share their second

@@ -1,0 +1,129 @@
+"""Added cost per hooked allocator call: a C target times malloc+free pairs with and without
+the agent, in one run (rounds alternate between the targets; medians; ratios).
+
+    python bench/bench_hook_cost.py [--pairs 100000] [--rounds 15] [--arch x64]
+
+Targets (each its own process of tests/agent_targets/bench_target.c, -O2):
+  native        no monitor
+  passthrough   replaceFast into a C replacement that only calls the original (the floor)
+  full          the agent as shipped (rdtsc clock, TLS thread state), drain + host consuming
+  monotonic     same with g_get_monotonic_time() as the record clock
+  no-tls        same without the per-thread TLS word (no re-entrancy guard: unsafe, bench only)
+  no-clock      same with timestamps 0 (bench only: the clock's share)
+The ring is big enough for a round (no drops: checked); the drain and the host run meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import frida  # noqa: E402
+from test_agent_harness import build  # noqa: E402
+
+from nvse_monitor.agent_host import AgentConfig, load_agent  # noqa: E402
+from nvse_monitor.hookprofile import load_profile  # noqa: E402
+from nvse_monitor.stream import Batch  # noqa: E402
+
+VARIANTS: dict[str, dict | None] = {
+    "native": None,
+    "passthrough": {"defines": ("NV_BENCH_PASSTHROUGH",)},
+    "full": {},
+    "monotonic": {"clock": "monotonic"},
+    "no-tls": {"defines": ("NV_BENCH_NO_THREAD_STATE",)},
+    "no-clock": {"defines": ("NV_BENCH_NO_CLOCK",)},
+}
+
+
+class Target:
+    def __init__(self, exe: Path, pairs: int, agent: dict | None, ring_slots: int) -> None:
+        self.proc = subprocess.Popen([str(exe), str(pairs)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
+        assert self.proc.stdout.readline().startswith(b"ready")
+        self.records = 0
+        self.lock = threading.Lock()
+        self.session = self.handle = None
+        if agent is not None:
+            self.session = frida.attach(self.proc.pid)
+            cfg = AgentConfig(ring_slots=ring_slots, **agent)
+            self.handle = load_agent(self.session, load_profile("linux-libc"), cfg,
+                                     on_message=self._on_message)
+
+    def _on_message(self, msg: object) -> None:
+        if isinstance(msg, Batch):  # the host consumes: decode and count every record
+            n = int((msg.records["kind"] != 0).sum())
+            with self.lock:
+                self.records += n
+
+    def round(self) -> float:
+        self.proc.stdin.write(b"r\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> dict:
+        info = {}
+        if self.handle is not None:
+            final = self.handle.stop()
+            info = {"dropped": final.dropped, "published": final.published,
+                    "agent_bytes": self.handle.init_result["agent_bytes"],
+                    "ring_bytes": self.handle.init_result["ring_bytes"]}
+            self.handle.unload()
+            self.session.detach()
+        self.proc.stdin.close()
+        self.proc.wait(timeout=20)
+        return info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", type=int, default=100_000, help="malloc+free pairs per round")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--arch", default="x64", choices=["x64", "ia32"])
+    ap.add_argument("--ring-slots", type=int, default=1 << 19)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = build("bench_target.c", Path(tmp), args.arch, opt="-O2")
+        targets = {name: Target(exe, args.pairs, agent, args.ring_slots)
+                   for name, agent in VARIANTS.items()}
+        times: dict[str, list[float]] = {name: [] for name in targets}
+        try:
+            for t in targets.values():  # warm-up round each (page faults, tcache)
+                t.round()
+            for _ in range(args.rounds):
+                for name, t in targets.items():
+                    times[name].append(t.round())
+                    if t.handle is not None:
+                        t.handle.flush()  # empty the ring before the next round
+        finally:
+            infos = {name: t.close() for name, t in targets.items()}
+
+    med = {name: statistics.median(v) for name, v in times.items()}
+    base = med["native"]
+    print(f"bench_hook_cost: {args.arch}, {args.rounds} rounds x {args.pairs} malloc+free pairs,"
+          f" ring {args.ring_slots} slots; ns per call (median; min-max)")
+    for name, v in times.items():
+        extra = "" if name == "native" else \
+            f"  +{med[name] - base:5.1f} ns  x{med[name] / base:4.2f}"
+        info = infos[name]
+        drop = f"  dropped {info['dropped']}" if info else ""
+        print(f"  {name:12s} {med[name]:6.1f}  ({min(v):.1f}-{max(v):.1f}){extra}{drop}")
+    full = infos["full"]
+    print(f"agent memory in the target: {full['agent_bytes'] / 2**20:.1f} MiB "
+          f"(ring {full['ring_bytes'] / 2**20:.1f} MiB)")
+    print(f"added by the agent (full - native): {med['full'] - base:.1f} ns per call; "
+          f"of which replaceFast floor {med['passthrough'] - base:.1f}, "
+          f"TLS thread state {med['full'] - med['no-tls']:.1f}, "
+          f"rdtsc clock {med['full'] - med['no-clock']:.1f}, "
+          f"monotonic clock instead of rdtsc {med['monotonic'] - med['full']:+.1f}")
+
+
+if __name__ == "__main__":
+    main()

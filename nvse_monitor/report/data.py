@@ -1,0 +1,295 @@
+"""What the HTML report shows, gathered from a recording (a pure engine pass: no files written)
+or from an output directory (the JSON, CSV, log and leaks files). Times are seconds since the
+session's time zero."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import leaks as leaks_mod
+from ..events import Kind
+from ..outputs import CsvRow, LogLine, Snapshot
+from ..stream import Batch, Module
+from ..writers import FilePaths
+
+RUN_RECORDS = 1 << 14  # engine pass granularity: one module-series sample per run
+MAX_POINTS = 4000  # per plotted series (downsampled beyond, keeping the peak)
+LARGEST = 25
+MAX_MESSAGES = 300
+
+STATUS_RE = re.compile(r"Status: (\w+) -> (\w+) \((.*)\)$")
+PERF_RE = re.compile(r"Large allocation: (\d+) bytes took (\d+) microseconds \((.*), (.*)\)$")
+LOG_RE = re.compile(r"^\[([\d\- :.]+)\] \[(\w+)\] \[TID:(\d+)\] (.*)$")
+
+
+class ReportError(Exception):
+    """SOURCE cannot be read (one line)."""
+
+
+@dataclass
+class Largest:
+    t: float
+    size: int
+    dur_us: int
+    tid: int
+    heap: str
+    where: str
+
+
+@dataclass
+class ReportData:
+    source: str
+    kind: str  # "recording" or "directory"
+    doc: dict[str, Any]  # the final stats JSON document
+    t: list[float] = field(default_factory=list)  # CSV points
+    current: list[int] = field(default_factory=list)
+    peak: list[int] = field(default_factory=list)
+    alloc_rate: list[float] = field(default_factory=list)
+    free_rate: list[float] = field(default_factory=list)
+    peak_t: float | None = None
+    status: list[tuple[float, str, str, str]] = field(default_factory=list)  # t, from, to, why
+    end_t: float = 0.0
+    module_t: list[float] = field(default_factory=list)
+    module_series: dict[str, list[int]] = field(default_factory=dict)
+    leaks: leaks_mod.LeakReport | None = None
+    hist: list[tuple[str, int, int]] | None = None  # label, count, bytes
+    largest: list[Largest] = field(default_factory=list)
+    messages: list[tuple[float, str, str]] = field(default_factory=list)  # t, level, text
+    messages_omitted: int = 0
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _downsample(n: int, keep: int | None) -> np.ndarray:
+    if n <= MAX_POINTS:
+        return np.arange(n)
+    idx = np.unique(np.linspace(0, n - 1, MAX_POINTS).astype(np.int64))
+    if keep is not None:
+        idx = np.unique(np.append(idx, keep))
+    return idx
+
+
+def _size_hist(counts: np.ndarray, nbytes: np.ndarray) -> list[tuple[str, int, int]]:
+    out = []
+    nz = np.flatnonzero(counts)
+    if not len(nz):
+        return out
+    for k in range(int(nz.min()), int(nz.max()) + 1):
+        hi = 1 << k
+        lo = (hi >> 1) + 1 if k else 0
+        label = f"{_human(lo)}–{_human(hi)}" if lo < hi else _human(hi)
+        out.append((label, int(counts[k]), int(nbytes[k])))
+    return out
+
+
+def _human(n: int) -> str:
+    for unit, s in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= s and n % s == 0:
+            return f"{n // s}{unit}"
+    return str(n)
+
+
+def _site(caller: int, modules: list[Module]) -> str:
+    for m in reversed(modules):  # a module loaded later at the same place wins
+        if m.base <= caller < m.base + m.size:
+            return f"{m.name}+0x{caller - m.base:x}"
+    return f"0x{caller:x}"
+
+
+def from_recording(path: Path) -> ReportData:
+    """Replay `path` through the engine, keeping time series instead of writing files."""
+    from ..engine import Engine
+    from ..recording import RecordingError, open_recording
+    from ..writers.json import render
+
+    rec = open_recording(path)  # RecordingError when not even the header is readable
+    try:
+        meta = rec.meta
+        eng = Engine(meta)
+        rows: list[CsvRow] = []
+        lines: list[LogLine] = []
+        mod_t: list[float] = []
+        mod_rows: list[dict[str, int]] = []
+        counts = np.zeros(65, np.int64)
+        nbytes = np.zeros(65, np.float64)
+        top = np.zeros(0, dtype=[("ts", "u8"), ("size", "u8"), ("dur", "u4"), ("tid", "u4"),
+                                 ("hook", "u1"), ("caller", "u8")])
+
+        def take(outs: list) -> None:
+            for o in outs:
+                if isinstance(o, CsvRow):
+                    rows.append(o)
+                elif isinstance(o, LogLine):
+                    lines.append(o)
+
+        def sample() -> None:
+            snap: Snapshot = eng.snapshot()
+            mod_t.append(snap.ts_us / 1e6)
+            mod_rows.append(dict(snap.monitor.get("modules_live_bytes", {})))
+
+        def records(r: np.ndarray) -> None:
+            nonlocal top
+            k, ptr, size = r["kind"], r["ptr"], r["size"]
+            ok = (ptr != 0) & ((k == Kind.ALLOC) | ((k == Kind.REALLOC) & (size > 0)))
+            s = size[ok]
+            if not len(s):
+                return
+            b = np.ceil(np.log2(np.maximum(s, 1).astype(np.float64))).astype(np.int64)
+            b = np.clip(b, 0, 64)
+            counts[:] += np.bincount(b, minlength=65)
+            nbytes[:] += np.bincount(b, weights=s.astype(np.float64), minlength=65)
+            sel = r[ok]
+            if len(sel) > LARGEST:
+                sel = sel[np.argpartition(sel["size"], len(sel) - LARGEST)[-LARGEST:]]
+            cand = np.zeros(len(sel), top.dtype)
+            cand["ts"], cand["size"], cand["dur"] = sel["ts_us"], sel["size"], sel["dur_us"]
+            cand["tid"], cand["hook"], cand["caller"] = sel["tid"], sel["hook"], sel["caller"]
+            top = np.concatenate([top, cand])
+            top = top[np.argsort(top["size"], kind="stable")[::-1][:LARGEST]]
+
+        take(eng.start())
+        error = None
+        pending: list = []
+        n = 0
+        try:
+            for msg in rec:
+                pending.append(msg)
+                if isinstance(msg, Batch):
+                    records(msg.records)
+                    n += len(msg.records)
+                if n >= RUN_RECORDS or not isinstance(msg, Batch):
+                    take(eng.feed_many(pending))
+                    pending, n = [], 0
+                    sample()
+        except RecordingError as e:
+            error = str(e)
+            if pending:
+                take(eng.feed_many(pending))
+                pending = []
+            where = f" at byte {e.offset}" if e.offset is not None else ""
+            take(eng.note_input_error(f"{Path(e.path).name}: {e.problem}{where}"))
+        if pending:
+            take(eng.feed_many(pending))
+        report_leaks = leaks_mod.from_engine(eng)
+        outs = eng.finish()
+        take(outs)
+        final = next(o for o in reversed(outs) if isinstance(o, Snapshot))
+        sample()
+    finally:
+        close = getattr(rec, "close", None)
+        if close is not None:
+            close()
+
+    doc = json.loads(render(final, meta.wall_clock_zero_us))
+    data = ReportData(str(path), "recording", doc, error=error)
+    _series(data, [(r.ts_us / 1e6, r.memory_usage, r.peak_memory, r.allocs_per_sec,
+                    r.frees_per_sec) for r in rows])
+    data.end_t = final.ts_us / 1e6
+    for ln in lines:
+        _line(data, ln.ts_us / 1e6, ln.level, ln.message)
+    names = sorted({m for row in mod_rows for m in row},
+                   key=lambda m: -max(row.get(m, 0) for row in mod_rows))
+    idx = _downsample(len(mod_t), None)
+    data.module_t = [mod_t[i] for i in idx]
+    data.module_series = {m: [mod_rows[i].get(m, 0) for i in idx] for m in names}
+    data.leaks = report_leaks
+    data.hist = _size_hist(counts, nbytes)
+    heaps = [h.heap for h in meta.hooks]
+    mods = eng.modmap.modules
+    data.largest = [Largest(int(x["ts"]) / 1e6, int(x["size"]), int(x["dur"]), int(x["tid"]),
+                            heaps[x["hook"]] if x["hook"] < len(heaps) else "unknown",
+                            _site(int(x["caller"]), mods)) for x in top]
+    return data
+
+
+def _series(data: ReportData, rows: list[tuple[float, int, int, float, float]]) -> None:
+    if not rows:
+        return
+    cur = np.array([r[1] for r in rows], np.int64)
+    keep = int(np.argmax(cur))
+    for i in _downsample(len(rows), keep).tolist():
+        t, c, p, a, f = rows[i]
+        data.t.append(t)
+        data.current.append(int(c))
+        data.peak.append(int(p))
+        data.alloc_rate.append(float(a))
+        data.free_rate.append(float(f))
+    # The peak happened in the interval ending at the first row whose running peak reaches it.
+    final_peak = max(r[2] for r in rows)
+    data.peak_t = next(r[0] for r in rows if r[2] == final_peak)
+
+
+def _line(data: ReportData, t: float, level: str, msg: str) -> None:
+    m = STATUS_RE.search(msg) if level == "INFO" else None
+    if m:
+        data.status.append((t, m.group(1), m.group(2), m.group(3)))
+    elif level == "PERF" and data.kind == "directory":
+        p = PERF_RE.search(msg)
+        if p:
+            data.largest.append(Largest(t, int(p.group(1)), int(p.group(2)), 0, p.group(3),
+                                        p.group(4)))
+    elif level in ("WARN", "ERROR", "CRITICAL"):
+        if len(data.messages) < MAX_MESSAGES:
+            data.messages.append((t, level, msg))
+        else:
+            data.messages_omitted += 1
+
+
+def from_directory(directory: Path, prefix: str) -> ReportData:
+    """An output directory's files (the session may still be running)."""
+    paths = FilePaths.of(directory, prefix)
+    try:
+        doc = json.loads(paths.json.read_text(encoding="utf-8"))
+        uptime = float(doc["plugin"]["uptime_seconds"])
+        zero = int(doc["timestamp"]) - round(uptime * 1e6)  # epoch µs of time zero (±0.05 s)
+    except FileNotFoundError:
+        raise ReportError(f"{directory}: no {paths.json.name} (not an nvse-monitor output "
+                          "directory, or another --prefix)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ReportError(f"{paths.json}: not a stats file ({e})") from None
+    data = ReportData(str(directory), "directory", doc, end_t=uptime)
+    rows = []
+    try:
+        with open(paths.csv, newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                rows.append(((int(r["timestamp"]) - zero) / 1e6, int(r["memory_usage"]),
+                             int(r["peak_memory"]), float(r["allocs_per_sec"]),
+                             float(r["frees_per_sec"])))
+    except FileNotFoundError:
+        data.notes.append(f"no {paths.csv.name}: no time series")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        data.notes.append(f"{paths.csv.name}: unreadable from some row on ({e})")
+    _series(data, rows)
+    try:
+        with open(paths.log, encoding="utf-8", errors="replace") as f:
+            t0 = None
+            for raw in f:
+                m = LOG_RE.match(raw.rstrip("\n"))
+                if not m:
+                    continue
+                try:
+                    when = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f")
+                except ValueError:
+                    continue
+                t0 = t0 or when  # the banner's first line is at time zero
+                _line(data, (when - t0).total_seconds(), m.group(2), m.group(4))
+    except FileNotFoundError:
+        data.notes.append(f"no {paths.log.name}: no health changes or warnings")
+    data.largest.sort(key=lambda x: -x.size)
+    data.largest = data.largest[:LARGEST]
+    try:
+        data.leaks = leaks_mod.read_csv(leaks_mod.leaks_path(directory, prefix))
+    except FileNotFoundError:
+        data.notes.append("no leaks CSV yet (written when the session ends)")
+    except (OSError, ValueError, KeyError) as e:
+        data.notes.append(f"leaks CSV unreadable ({e})")
+    data.notes.append("allocation size histogram: needs a recording (SOURCE = .nvmrec)")
+    return data

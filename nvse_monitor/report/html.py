@@ -1,0 +1,251 @@
+"""ReportData -> one self-contained HTML page: plotly charts (plotly.js inlined once, no network)
+and plain HTML tables."""
+
+from __future__ import annotations
+
+import html
+from datetime import UTC, datetime
+from importlib import resources
+from string import Template
+from typing import Any
+
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.offline import get_plotlyjs
+
+from .. import __version__
+from .data import ReportData
+
+MIB = 1 << 20
+STATE_COLORS = {"INITIALIZING": "rgba(128,128,128,0.15)", "DEGRADED": "rgba(255,160,0,0.18)",
+                "ERROR": "rgba(220,40,40,0.18)", "UNINITIALIZED": "rgba(128,128,128,0.10)"}
+STATE_ORDER = ["UNINITIALIZED", "INITIALIZING", "ACTIVE", "DEGRADED", "ERROR", "SHUTDOWN"]
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf"]
+CONFIG = {"displaylogo": False, "responsive": True}
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _layout(fig: go.Figure, title: str, y: str, height: int = 340) -> go.Figure:
+    fig.update_layout(title=title, height=height, margin=dict(l=60, r=20, t=50, b=45),
+                      xaxis_title="seconds since start", yaxis_title=y, template="plotly_white",
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def _div(fig: go.Figure, name: str) -> str:
+    return ('<div class="chart">' + pio.to_html(fig, include_plotlyjs=False, full_html=False,
+                                                 div_id=f"chart-{name}", config=CONFIG)
+            + "</div>")
+
+
+def _intervals(data: ReportData) -> list[tuple[float, float, str]]:
+    """(start, end, state) from the status changes."""
+    out = []
+    for i, (t, _frm, to, _why) in enumerate(data.status):
+        end = data.status[i + 1][0] if i + 1 < len(data.status) else data.end_t
+        out.append((t, max(end, t), to))
+    return out
+
+
+def memory_chart(data: ReportData) -> str:
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=data.t, y=[v / MIB for v in data.current], name="live (MiB)",
+                             mode="lines", line=dict(color=PALETTE[0])))
+    fig.add_trace(go.Scatter(x=data.t, y=[v / MIB for v in data.peak], name="peak so far",
+                             mode="lines", line=dict(color=PALETTE[3], dash="dot")))
+    peak = data.doc["memory_stats"]["peak_bytes_allocated"]
+    if data.peak_t is not None:
+        fig.add_trace(go.Scatter(x=[data.peak_t], y=[peak / MIB], name="peak",
+                                 mode="markers+text", text=[f"peak {peak / MIB:.2f} MiB"],
+                                 textposition="top center",
+                                 marker=dict(color=PALETTE[3], size=11, symbol="diamond")))
+    for t0, t1, state in _intervals(data):
+        if state in STATE_COLORS and t1 > t0:
+            fig.add_vrect(x0=t0, x1=t1, fillcolor=STATE_COLORS[state], line_width=0,
+                          annotation_text=state, annotation_position="top left")
+    return _div(_layout(fig, "Memory over time (tracked live bytes; shaded: health not ACTIVE)",
+                        "MiB"), "memory")
+
+
+def rates_chart(data: ReportData) -> str:
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=data.t, y=data.alloc_rate, name="allocations/s", mode="lines",
+                             line=dict(color=PALETTE[2])))
+    fig.add_trace(go.Scatter(x=data.t, y=data.free_rate, name="frees/s", mode="lines",
+                             line=dict(color=PALETTE[1])))
+    return _div(_layout(fig, "Allocation and free rates (per CSV interval)", "per second"),
+                "rates")
+
+
+def health_chart(data: ReportData) -> str:
+    xs, ys, text = [], [], []
+    for t, frm, to, why in data.status:
+        if not xs:
+            xs.append(0.0)
+            ys.append(frm)
+            text.append("start")
+        xs.append(t)
+        ys.append(to)
+        text.append(why)
+    if xs:
+        xs.append(max(data.end_t, xs[-1]))
+        ys.append(ys[-1])
+        text.append("end")
+    fig = go.Figure(go.Scatter(x=xs, y=ys, mode="lines+markers", line_shape="hv", text=text,
+                               hovertemplate="%{x:.3f} s: %{y} (%{text})<extra></extra>",
+                               line=dict(color=PALETTE[4])))
+    fig.update_yaxes(categoryorder="array", categoryarray=STATE_ORDER)
+    return _div(_layout(fig, "Health changes", "status", height=260), "health")
+
+
+def modules_over_time_chart(data: ReportData) -> str:
+    fig = go.Figure()
+    names = list(data.module_series)
+    shown, other = names[:8], names[8:]
+    for i, name in enumerate(shown):
+        fig.add_trace(go.Scatter(x=data.module_t, y=[v / MIB for v in data.module_series[name]],
+                                 name=name, mode="lines", stackgroup="m",
+                                 line=dict(color=PALETTE[i % len(PALETTE)])))
+    if other:
+        tot = [sum(data.module_series[n][i] for n in other) / MIB
+               for i in range(len(data.module_t))]
+        fig.add_trace(go.Scatter(x=data.module_t, y=tot, name=f"{len(other)} others",
+                                 mode="lines", stackgroup="m"))
+    return _div(_layout(fig, "Live bytes per module over time (stacked)", "MiB"), "modules-time")
+
+
+def modules_chart(data: ReportData) -> str:
+    live = data.doc.get("monitor", {}).get("modules_live_bytes", {}) or {}
+    leaked = {g.module: g.bytes for g in data.leaks.modules} if data.leaks else {}
+    names = sorted(set(live) | set(leaked), key=lambda m: -max(live.get(m, 0), leaked.get(m, 0)))
+    names = names[:20]
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=names, y=[live.get(m, 0) / MIB for m in names],
+                         name="live at last snapshot", marker_color=PALETTE[0]))
+    fig.add_trace(go.Bar(x=names, y=[leaked.get(m, 0) / MIB for m in names],
+                         name="leaked (live at end, leak report)", marker_color=PALETTE[3]))
+    fig.update_layout(barmode="group")
+    fig = _layout(fig, "Live and leaked bytes per module", "MiB")
+    fig.update_xaxes(title="module")
+    return _div(fig, "modules")
+
+
+def hist_chart(data: ReportData) -> str:
+    assert data.hist is not None
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=[h[0] for h in data.hist], y=[h[1] for h in data.hist],
+                         name="allocations", marker_color=PALETTE[0],
+                         customdata=[h[2] for h in data.hist],
+                         hovertemplate="%{x} bytes: %{y} allocations, %{customdata} bytes"
+                         "<extra></extra>"))
+    fig = _layout(fig, "Allocation sizes (power-of-two bins)", "allocations")
+    fig.update_xaxes(title="size (bytes)", type="category")
+    fig.update_yaxes(type="log")
+    return _div(fig, "sizes")
+
+
+def _table(head: list[str], rows: list[list[Any]], numeric: set[int]) -> str:
+    out = ['<table class="t"><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
+    for r in rows:
+        cells = []
+        for i, v in enumerate(r):
+            cls = ' class="n"' if i in numeric else ""
+            cells.append(f"<td{cls}>{v}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "\n".join(out) + "</table>"
+
+
+def _cards(data: ReportData) -> str:
+    d = data.doc
+    p, ms, mon = d["plugin"], d["memory_stats"], d.get("monitor", {}) or {}
+    status = str(p["status"]).upper()
+    health = "HEALTHY" if p["is_healthy"] else "UNHEALTHY"
+    cards = [
+        ("status", f'<span class="{status}">{status}</span>'),
+        ("health", f'<span class="{health}">{health}</span>'),
+        ("uptime", f"{p['uptime_seconds']:,.1f} s"),
+        ("allocations", f"{ms['total_allocations']:,}"),
+        ("frees", f"{ms['total_frees']:,}"),
+        ("live at end", f"{ms['current_bytes_allocated'] / MIB:,.2f} MiB"),
+        ("peak", f"{ms['peak_bytes_allocated'] / MIB:,.2f} MiB"),
+        ("failures", f"{ms['allocation_failures']:,}"),
+        ("dropped events", f"{int(mon.get('dropped_events', 0)):,}"),
+        ("untracked frees", f"{int(mon.get('untracked_frees', 0)):,}"),
+        ("warnings / errors", f"{d['health']['warning_count']} / {d['health']['error_count']}"),
+    ]
+    return "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{v}</div>'
+                   "</div>" for k, v in cards)
+
+
+def render(data: ReportData) -> str:
+    mon = data.doc.get("monitor", {}) or {}
+    body: list[str] = []
+    body.append("<h2>Memory</h2>")
+    if data.t:
+        body.append(memory_chart(data))
+        body.append(rates_chart(data))
+    else:
+        body.append('<p class="note">no CSV rows: no time series</p>')
+    body.append("<h2>Health</h2>")
+    body.append(health_chart(data))
+    body.append("<h2>Modules</h2>")
+    if data.module_series and data.module_t:
+        body.append(modules_over_time_chart(data))
+    body.append(modules_chart(data))
+    if data.leaks is not None and data.leaks.sites:
+        rows = [[_e(g.module), _e("" if g.offset is None else f"0x{g.offset:x}"),
+                 f"{g.allocations:,}", f"{g.bytes:,}", _e(f"{g.min_size}..{g.max_size}"),
+                 _e("+".join(g.heaps))] for g in data.leaks.sites[:50]]
+        body.append(f"<h2>Leaks: {data.leaks.allocations:,} blocks, {data.leaks.bytes:,} bytes "
+                    f"live at end, top call sites</h2>")
+        body.append(_table(["module", "offset", "blocks", "bytes", "sizes", "heaps"], rows,
+                           {2, 3}))
+        if len(data.leaks.sites) > 50:
+            body.append(f'<p class="note">{len(data.leaks.sites) - 50} more call sites in the '
+                        "leaks CSV</p>")
+    body.append("<h2>Allocation sizes</h2>")
+    if data.hist:
+        body.append(hist_chart(data))
+    else:
+        body.append('<p class="note">the size histogram needs a recording as SOURCE</p>')
+    body.append("<h2>Largest allocations</h2>")
+    if data.largest:
+        rows = [[f"{x.t:.6f}", f"{x.size:,}", f"{x.dur_us:,}", x.tid or "", _e(x.heap),
+                 _e(x.where)] for x in data.largest]
+        body.append(_table(["time (s)", "bytes", "took (µs)", "thread", "heap", "caller"], rows,
+                           {0, 1, 2, 3}))
+    else:
+        body.append('<p class="note">none</p>')
+    body.append("<h2>Warnings and errors</h2>")
+    if data.messages:
+        rows = [[f"{t:.6f}", f'<span class="lvl-{_e(lvl)}">{_e(lvl)}</span>', _e(msg)]
+                for t, lvl, msg in data.messages]
+        body.append(_table(["time (s)", "level", "message"], rows, {0}))
+        if data.messages_omitted:
+            body.append(f'<p class="note">{data.messages_omitted} more in the log</p>')
+    else:
+        body.append('<p class="note">none</p>')
+    for note in data.notes:
+        body.append(f'<p class="note">{_e(note)}</p>')
+
+    banner = ""
+    if data.error:
+        banner = (f'<p class="banner">The recording is damaged: {_e(data.error)}. '
+                  "This report covers the intact part.</p>")
+    zero = int(data.doc["timestamp"]) - round(float(data.doc["plugin"]["uptime_seconds"]) * 1e6)
+    started = datetime.fromtimestamp(zero / 1e6, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    target = mon.get("target", "?")
+    tpl = Template(resources.files(__package__).joinpath("template.html").read_text("utf-8"))
+    return tpl.safe_substitute(
+        title=_e(f"nvse-monitor report: {target}"),
+        heading=_e(f"nvse-monitor report: {target} (PID {mon.get('pid', '?')})"),
+        subtitle=_e(f"{mon.get('platform', '?')}/{mon.get('arch', '?')}, {mon.get('mode', '?')}, "
+                    f"profile {mon.get('profile', '?')}; started {started}; from {data.kind} "
+                    f"{data.source}; nvse-monitor {__version__}"),
+        banner=banner, cards=_cards(data), body="\n".join(body),
+        plotlyjs=get_plotlyjs().replace("</script", "<\\/script"),
+    )

@@ -1,0 +1,385 @@
+"""`nvse-monitor top`: a live terminal dashboard (rich) of a running session.
+
+Two sources, one dashboard: a live session's Pipeline (`attach/spawn --top`: the engine's state
+between feeds via Pipeline.snapshot_now) or an output directory another session is writing (the
+stats JSON, replaced atomically, and the log's tail). Either way the dashboard samples its
+source on its own thread at ~2 Hz and never sees single events, so the session's consumer
+thread only pays for one snapshot (a few dict copies) per refresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from . import leaks as leaks_mod
+from .writers import FilePaths
+
+SPARK = "▁▂▃▄▅▆▇█"
+MIB = 1 << 20
+STATUS_STYLE = {"ACTIVE": "bold green", "DEGRADED": "bold yellow", "ERROR": "bold red",
+                "SHUTDOWN": "bold blue", "INITIALIZING": "cyan", "UNINITIALIZED": "dim"}
+LEVEL_STYLE = {"WARN": "yellow", "ERROR": "red", "CRITICAL": "bold red"}
+
+
+def sparkline(values: list[float], width: int) -> str:
+    """The last `width` values as block characters, scaled 0..max (flat memory looks flat)."""
+    vals = values[-width:]
+    if not vals:
+        return ""
+    top = max(vals)
+    if top <= 0:
+        return SPARK[0] * len(vals)
+    return "".join(SPARK[min(len(SPARK) - 1, int(v / top * (len(SPARK) - 1) + 0.5))]
+                   for v in vals)
+
+
+def mb(n: float) -> str:
+    return f"{n / MIB:,.2f} MB"
+
+
+class LogTail:
+    """The last warning/error lines of a log file, read incrementally (new bytes only)."""
+
+    def __init__(self, path: Path, keep: int = 8) -> None:
+        self.path = path
+        self.lines: deque[str] = deque(maxlen=keep)
+        self._pos = 0
+        self._ino: int | None = None
+        self._rest = b""
+
+    def poll(self) -> list[str]:
+        try:
+            st = os.stat(self.path)
+            if st.st_ino != self._ino or st.st_size < self._pos:  # new session or rotated
+                self._ino, self._pos, self._rest = st.st_ino, 0, b""
+                self.lines.clear()
+            if st.st_size > self._pos:
+                with open(self.path, "rb") as f:
+                    f.seek(self._pos)
+                    data = f.read(min(st.st_size - self._pos, 4 << 20))
+                self._pos += len(data)
+                chunk = self._rest + data
+                *complete, self._rest = chunk.split(b"\n")
+                for raw in complete:
+                    line = raw.decode("utf-8", "replace")
+                    if any(f"] [{lvl}] " in line for lvl in LEVEL_STYLE):
+                        self.lines.append(line)
+        except OSError:
+            pass
+        return list(self.lines)
+
+
+class DirSource:
+    """An output directory another session is writing."""
+
+    def __init__(self, directory: Path | str, prefix: str) -> None:
+        self.paths = FilePaths.of(directory, prefix)
+        self.leaks_path = leaks_mod.leaks_path(directory, prefix)
+        self.tail = LogTail(self.paths.log)
+        self.label = str(directory)
+        self.problem = ""
+
+    def poll(self) -> dict[str, Any] | None:
+        try:
+            doc = json.loads(self.paths.json.read_text(encoding="utf-8"))
+            self.problem = ""
+            return doc
+        except FileNotFoundError:
+            self.problem = f"waiting for {self.paths.json}"
+        except (OSError, ValueError) as e:
+            self.problem = f"cannot read {self.paths.json}: {e}"
+        return None
+
+    def warnings(self) -> list[str]:
+        return self.tail.poll()
+
+    def leaks(self) -> leaks_mod.LeakReport | None:
+        """The leaks CSV, written when the session ends (None before)."""
+        try:
+            return leaks_mod.read_csv(self.leaks_path)
+        except (OSError, ValueError, KeyError):
+            return None
+
+
+class PipelineSource:
+    """A live session's pipeline (attach/spawn --top)."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+        self.tail = LogTail(pipeline.paths.log)
+        self.label = str(pipeline.paths.log.parent)
+        self.problem = ""
+
+    def poll(self) -> dict[str, Any] | None:
+        from .writers.json import render
+
+        snap = self.pipeline.snapshot_now()
+        if snap is None:
+            return None
+        return json.loads(render(snap, self.pipeline.meta.wall_clock_zero_us))
+
+    def warnings(self) -> list[str]:
+        return self.tail.poll()
+
+    def leaks(self) -> leaks_mod.LeakReport | None:
+        return self.pipeline.leaks_now()
+
+
+class Dashboard:
+    """Samples a source and renders one frame (pure rendering: testable with a recording
+    Console)."""
+
+    def __init__(self, source: Any, history: int = 240) -> None:
+        self.source = source
+        self.doc: dict[str, Any] | None = None
+        self.mem: deque[float] = deque(maxlen=history)
+        self.samples: deque[tuple[int, int, int]] = deque(maxlen=8)  # (timestamp, allocs, frees)
+        self.warn: list[str] = []
+        self.show_leaks = False
+        self.leak_report: leaks_mod.LeakReport | None = None
+        self._leaks_at = 0.0
+        self.rates = (0.0, 0.0)
+
+    def poll(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        doc = self.source.poll()
+        if doc is not None:
+            self.doc = doc
+            ms = doc["memory_stats"]
+            ts = int(doc.get("timestamp", 0))
+            if not self.samples or ts > self.samples[-1][0]:
+                self.samples.append((ts, ms["total_allocations"], ms["total_frees"]))
+                self.mem.append(ms["current_bytes_allocated"])
+            if len(self.samples) >= 2:
+                # over the last ~2 samples' span: per-second rates of the stream's own time
+                t0, a0, f0 = self.samples[-2]
+                t1, a1, f1 = self.samples[-1]
+                dt = (t1 - t0) / 1e6
+                if dt > 0:
+                    self.rates = ((a1 - a0) / dt, (f1 - f0) / dt)
+            else:
+                perf = doc.get("performance", {})
+                self.rates = (perf.get("allocations_per_second", 0.0),
+                              perf.get("frees_per_second", 0.0))
+        self.warn = self.source.warnings()
+        if self.show_leaks and (self.leak_report is None or now - self._leaks_at > 5.0):
+            self.leak_report = self.source.leaks()
+            self._leaks_at = now
+
+    def toggle_leaks(self) -> None:
+        self.show_leaks = not self.show_leaks
+        self.leak_report = None
+
+    def render(self, width: int = 100) -> RenderableType:
+        doc = self.doc
+        if doc is None:
+            return Panel(Text(self.source.problem or "waiting for the first snapshot...",
+                              style="dim"), title="nvse-monitor top")
+        plugin, ms = doc["plugin"], doc["memory_stats"]
+        mon = doc.get("monitor", {}) or {}
+        status = str(plugin.get("status", "?")).upper()
+        health = "HEALTHY" if plugin.get("is_healthy") else "UNHEALTHY"
+        head = Text()
+        head.append(f"{mon.get('target', '?')} (PID {mon.get('pid', '?')}, "
+                    f"{mon.get('arch', '?')}) profile {mon.get('profile', '?')}   ")
+        head.append(status, STATUS_STYLE.get(status, ""))
+        head.append("  ")
+        head.append(health, "green" if plugin.get("is_healthy") else "bold red")
+        head.append(f"   uptime {plugin.get('uptime_seconds', 0):,.1f} s")
+        causes = mon.get("degradation_causes") or []
+        if causes:
+            head.append(f"   ({', '.join(causes)})", "yellow")
+
+        act = Table.grid(padding=(0, 2))
+        act.add_column(style="bold", no_wrap=True)
+        act.add_column(justify="right", no_wrap=True)
+        act.add_column(style="bold", no_wrap=True)
+        act.add_column(justify="right", no_wrap=True)
+        a_rate, f_rate = self.rates
+        drops = int(mon.get("dropped_events", 0))
+        act.add_row("allocs/s", f"{a_rate:,.0f}", "allocations", f"{ms['total_allocations']:,}")
+        act.add_row("frees/s", f"{f_rate:,.0f}", "frees", f"{ms['total_frees']:,}")
+        act.add_row("failures", f"{ms['allocation_failures']:,}", "live blocks",
+                    f"{ms['current_allocations']:,}")
+        act.add_row(Text("dropped", style="bold red" if drops else "bold"), f"{drops:,}",
+                    "untracked frees", f"{int(mon.get('untracked_frees', 0)):,}")
+
+        mem = Table.grid(padding=(0, 2))
+        mem.add_column(style="bold")
+        mem.add_column(justify="right")
+        mem.add_row("current", mb(ms["current_bytes_allocated"]))
+        mem.add_row("peak", mb(ms["peak_bytes_allocated"]))
+        spark_w = max(10, min(60, width - 40))
+        mem.add_row("history", Text(sparkline(list(self.mem), spark_w), style="cyan"))
+
+        mods = Table(title="modules holding live bytes", title_justify="left", expand=True,
+                     box=None, show_edge=False)
+        mods.add_column("module")
+        mods.add_column("live", justify="right")
+        mods.add_column("share", justify="right")
+        live = sorted((mon.get("modules_live_bytes") or {}).items(), key=lambda kv: -kv[1])
+        total = sum(v for _, v in live) or 1
+        for name, v in live[:6]:
+            mods.add_row(name, mb(v), f"{100 * v / total:.0f}%")
+        if not live:
+            mods.add_row(Text("none", style="dim"), "", "")
+
+        wlines: list[RenderableType] = []
+        for line in self.warn[-6:]:
+            lvl = next((lv for lv in LEVEL_STYLE if f"] [{lv}] " in line), "WARN")
+            msg = line.split("] ", 3)[-1] if line.count("] ") >= 3 else line
+            t = Text(no_wrap=True, overflow="ellipsis")
+            t.append(f"{line[1:20]}  ", "dim")
+            t.append(msg, LEVEL_STYLE[lvl])
+            wlines.append(t)
+        warn = Group(*wlines) if wlines else Text("no warnings", style="dim")
+
+        grid = Table.grid(expand=True, padding=(0, 2))
+        grid.add_column(ratio=1)
+        grid.add_column(ratio=1)
+        grid.add_row(Panel(act, title="activity"), Panel(mem, title="memory"))
+        parts: list[RenderableType] = [head, grid, mods]
+        parts.append(Panel(warn, title="last warnings"))
+        if self.show_leaks:
+            parts.append(self._leak_panel(width))
+        parts.append(Text("l: leak report   q: quit", style="dim"))
+        return Panel(Group(*parts), title=f"nvse-monitor top: {self.source.label}")
+
+    def _leak_panel(self, width: int) -> RenderableType:
+        rep = self.leak_report
+        if rep is None:
+            return Panel(Text("leak report: available when the session ends (leaks CSV)",
+                              style="dim"), title="leaks")
+        t = Table(box=None, expand=True)
+        t.add_column("call site")
+        t.add_column("blocks", justify="right")
+        t.add_column("bytes", justify="right")
+        for g in rep.sites[:8]:
+            t.add_row(g.where, f"{g.allocations:,}", f"{g.bytes:,}")
+        return Panel(t, title=f"live now by call site: {rep.allocations:,} blocks, "
+                     f"{mb(rep.bytes)} in {len(rep.sites)} sites")
+
+
+class _Keys:
+    """Single key presses from a terminal's stdin (cbreak mode), on a daemon thread."""
+
+    def __init__(self, on_key: Callable[[str], None]) -> None:
+        self.on_key = on_key
+        self._stop = threading.Event()
+        self._old: Any = None
+        self._fd = -1
+
+    def start(self) -> _Keys:
+        try:
+            import termios
+            import tty
+
+            if not sys.stdin.isatty():
+                return self
+            self._fd = sys.stdin.fileno()
+            self._old = termios.tcgetattr(self._fd)
+            tty.setcbreak(self._fd)
+        except (ImportError, OSError, ValueError):
+            return self
+        threading.Thread(target=self._run, name="nvse-monitor-keys", daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([self._fd], [], [], 0.2)
+                if ready:
+                    ch = os.read(self._fd, 1).decode(errors="ignore")
+                    if ch:
+                        self.on_key(ch)
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._old is not None:
+            import termios
+
+            with contextlib.suppress(OSError, ValueError):
+                termios.tcsetattr(self._fd, termios.TCSADRAIN, self._old)
+            self._old = None
+
+
+def run_dashboard(source: Any, interval: float = 0.5, console: Console | None = None,
+                  stop: threading.Event | None = None,
+                  on_quit: Callable[[], None] | None = None) -> Dashboard:
+    """Refresh the dashboard every `interval` s until `stop` is set or q is pressed."""
+    console = console or Console()
+    dash = Dashboard(source)
+    stop = stop or threading.Event()
+
+    def key(ch: str) -> None:
+        if ch in "qQ":
+            stop.set()
+            if on_quit is not None:
+                on_quit()
+        elif ch in "lL":
+            dash.toggle_leaks()
+
+    keys = _Keys(key).start() if console.is_terminal else None
+    try:
+        dash.poll()
+        with Live(dash.render(console.width), console=console, auto_refresh=False,
+                  screen=console.is_terminal, transient=False) as live:
+            while not stop.wait(interval):
+                dash.poll()
+                live.update(dash.render(console.width), refresh=True)
+    finally:
+        if keys is not None:
+            keys.stop()
+    if console.is_terminal:  # the alternate screen is gone: leave the last frame visible
+        console.print(dash.render(console.width))
+    return dash
+
+
+class LiveDashboard:
+    """`attach/spawn --top`: the dashboard on its own thread for a live session's pipeline."""
+
+    def __init__(self, pipeline: Any, on_quit: Callable[[], None] | None = None,
+                 interval: float = 0.5, console: Console | None = None) -> None:
+        self.source = PipelineSource(pipeline)
+        self.on_quit = on_quit
+        self.interval = interval
+        self.console = console
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> LiveDashboard:
+        def run() -> None:
+            try:
+                run_dashboard(self.source, self.interval, self.console, self._stop,
+                              self.on_quit)
+            except Exception as exc:  # noqa: BLE001 - a broken terminal must not end the session
+                self.error = exc
+
+        self._thread = threading.Thread(target=run, name="nvse-monitor-top", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

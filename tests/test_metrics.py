@@ -1,0 +1,166 @@
+"""/metrics (OpenMetrics via prometheus_client): the collector on real snapshots, scraped during
+a --realtime replay and during a live session, parsed with the client's own parsers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import prometheus_client
+import pytest
+from conftest import REPO, Monitor, Target
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
+from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
+
+from nvse_monitor.metrics import MetricsServer
+from nvse_monitor.pipeline import Pipeline
+from nvse_monitor.recording import read_recording
+
+FIXTURE = REPO / "fixtures" / "synthetic-mixed.nvmrec"
+
+
+def samples(text: str, openmetrics: bool = False) -> dict[tuple[str, tuple], float]:
+    parse = parse_openmetrics if openmetrics else parse_prometheus
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in parse(text) for s in fam.samples}
+
+
+def scrape(url: str, openmetrics: bool = False) -> str:
+    req = urllib.request.Request(url)
+    if openmetrics:
+        req.add_header("Accept", "application/openmetrics-text; version=1.0.0")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.read().decode()
+
+
+def test_collector_on_a_replayed_session(tmp_path):
+    meta, msgs = read_recording(FIXTURE)
+    pipe = Pipeline(meta, tmp_path)
+    server = MetricsServer(port=0).start()
+    try:
+        assert server.url.startswith("http://127.0.0.1:")  # local only by default
+        assert samples(scrape(server.url)) == {}  # nothing attached yet: empty, not an error
+        server.attach(pipe)
+        pipe.start()
+        pipe.feed_all(msgs)
+        pipe.finish()
+        doc = json.loads((tmp_path / "MemoryPoolNVSE_stats.json").read_text())
+        for om in (False, True):
+            s = samples(scrape(server.url, om), om)
+            ms, mon = doc["memory_stats"], doc["monitor"]
+            assert s[("nvse_monitor_allocations_total", ())] == ms["total_allocations"]
+            assert s[("nvse_monitor_frees_total", ())] == ms["total_frees"]
+            assert s[("nvse_monitor_allocated_bytes_total", ())] == ms["total_bytes_allocated"]
+            assert s[("nvse_monitor_live_bytes", ())] == ms["current_bytes_allocated"]
+            assert s[("nvse_monitor_live_allocations", ())] == ms["current_allocations"]
+            assert s[("nvse_monitor_allocation_failures_total", ())] == ms["allocation_failures"]
+            assert s[("nvse_monitor_dropped_events_total", ())] == mon["dropped_events"] > 0
+            assert s[("nvse_monitor_untracked_frees_total", ())] == mon["untracked_frees"]
+            for mod, v in mon["modules_live_bytes"].items():
+                assert s[("nvse_monitor_module_live_bytes", (("module", mod),))] == v
+            for heap, h in mon["heaps"].items():
+                assert s[("nvse_monitor_heap_live_bytes", (("heap", heap),))] == \
+                    h["current_bytes"]
+            states = {dict(k[1])["nvse_monitor_status"]: v for k, v in s.items()
+                      if k[0] == "nvse_monitor_status"}
+            assert states["SHUTDOWN"] == 1 and sum(states.values()) == 1 and len(states) == 6
+            assert s[("nvse_monitor_healthy", ())] == 1
+            info = next(k for k in s if k[0] == "nvse_monitor_session_info")
+            assert dict(info[1])["target"] == meta.target
+    finally:
+        server.stop()
+    # a private registry: the process-wide default one is untouched
+    assert b"nvse_monitor" not in prometheus_client.generate_latest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape_while(proc_alive, url: str, period: float = 0.1) -> list[dict]:
+    seen = []
+    while proc_alive():
+        with contextlib.suppress(urllib.error.URLError, ConnectionError):
+            seen.append(samples(scrape(url)))
+        time.sleep(period)
+    return seen
+
+
+def test_scraped_during_a_realtime_replay(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nvse_monitor", "replay", FIXTURE, "-o", tmp_path / "out",
+         "--realtime", "--metrics-port", "0"],
+        cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", line)
+        assert m, line
+        seen = scrape_while(lambda: proc.poll() is None, m.group(1), 0.05)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    allocs = [s[("nvse_monitor_allocations_total", ())] for s in seen
+              if ("nvse_monitor_allocations_total", ()) in s]
+    assert len(set(allocs)) >= 3, allocs  # it moved while we watched
+    assert allocs == sorted(allocs)  # a counter never goes back
+    doc = json.loads((tmp_path / "out" / "MemoryPoolNVSE_stats.json").read_text())
+    assert allocs[-1] <= doc["memory_stats"]["total_allocations"]
+
+
+def test_busy_port_is_a_one_line_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "nvse_monitor", "replay", FIXTURE, "-o",
+                            tmp_path / "o", "--metrics-port", str(port)],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert f"cannot serve metrics on 127.0.0.1:{port}: Address already in use" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.frida
+def test_scraped_during_a_live_session(targets, tmp_path, live_procs):
+    exe = targets.build("hammer", "x64")
+    target = Target([exe, "--seconds", "6", "--rate", "20000"])
+    live_procs.append(target)
+    target.wait_ready()
+    target.go()
+    port = free_port()
+    mon = Monitor(["attach", target.pid, "--out", tmp_path / "out", "--metrics-port", port])
+    live_procs.append(mon)
+    url = f"http://127.0.0.1:{port}/metrics"
+    assert url in mon.wait_for("metrics on ")
+    mon.wait_monitoring()
+    seen: list[dict] = []
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        seen.append(samples(scrape(url)))
+        time.sleep(0.1)
+    mon.signal(signal.SIGINT)
+    assert mon.wait() == 0, mon.stderr
+    allocs = [s.get(("nvse_monitor_allocations_total", ()), 0) for s in seen]
+    assert allocs == sorted(allocs) and allocs[-1] > allocs[0] > 0
+    last = seen[-1]
+    status = {dict(k[1])["nvse_monitor_status"] for k, v in last.items()
+              if k[0] == "nvse_monitor_status" and v == 1}
+    assert status == {"ACTIVE"}
+    assert ("nvse_monitor_heap_live_bytes", (("heap", "libc"),)) in last
+    info = next(k for k in last if k[0] == "nvse_monitor_session_info")
+    assert dict(info[1])["pid"] == str(target.pid)
+    # the endpoint goes away with the session
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        scrape(url)
