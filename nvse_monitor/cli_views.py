@@ -21,10 +21,9 @@ class UserError(click.ClickException):
 
 
 def metrics_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--metrics-port / --metrics-address (attach, spawn, replay)."""
-    from .metrics import DEFAULT_ADDRESS
-
-    f = click.option("--metrics-address", default=DEFAULT_ADDRESS, show_default=True,
+    """--metrics-port / --metrics-address (attach, spawn, replay). prometheus_client is only
+    imported when a port is given (CLI start-up stays fast)."""
+    f = click.option("--metrics-address", default="127.0.0.1", show_default=True,
                      help="Address /metrics listens on (keep it local unless you mean it).")(f)
     return click.option("--metrics-port", type=click.IntRange(0, 65535),
                         help="Serve OpenMetrics on http://ADDRESS:PORT/metrics while running "

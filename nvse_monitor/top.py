@@ -50,7 +50,7 @@ def sparkline(values: list[float], width: int) -> str:
 
 
 def mb(n: float) -> str:
-    return f"{n / MIB:,.2f} MB"
+    return f"{n / MIB:,.2f} MB" if n >= MIB else f"{n / 1024:,.1f} KB"
 
 
 class LogTail:

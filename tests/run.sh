@@ -4,14 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# 32-bit C targets need gcc-multilib (Debian). Install it when missing and we can.
-if ! echo 'int main(void){return 0;}' | gcc -m32 -x c - -o /tmp/nvse-m32-probe 2>/dev/null; then
+# System packages the tests use (Debian): gcc-multilib for the -m32 targets, mingw for a real PE
+# file, chromium for the HTML report, tmux for the dashboard. Installed when missing and root.
+need=()
+echo 'int main(void){return 0;}' | gcc -m32 -x c - -o /tmp/nvse-m32-probe 2>/dev/null || need+=(gcc-multilib)
+command -v i686-w64-mingw32-gcc >/dev/null || need+=(gcc-mingw-w64-i686)
+command -v chromium >/dev/null || need+=(chromium)
+command -v tmux >/dev/null || need+=(tmux)
+if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq gcc-multilib >/dev/null
+    apt-get install -y -qq "${need[@]}" >/dev/null
   else
-    echo "warning: gcc -m32 unavailable and cannot install gcc-multilib; 32-bit tests will skip" >&2
+    echo "warning: missing ${need[*]} and cannot install them; the tests needing them skip" >&2
   fi
 fi
 

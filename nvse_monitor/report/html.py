@@ -237,7 +237,7 @@ def render(data: ReportData) -> str:
         banner = (f'<p class="banner">The recording is damaged: {_e(data.error)}. '
                   "This report covers the intact part.</p>")
     zero = int(data.doc["timestamp"]) - round(float(data.doc["plugin"]["uptime_seconds"]) * 1e6)
-    started = datetime.fromtimestamp(zero / 1e6, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    started = datetime.fromtimestamp(round(zero / 1e6), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     target = mon.get("target", "?")
     tpl = Template(resources.files(__package__).joinpath("template.html").read_text("utf-8"))
     return tpl.safe_substitute(
