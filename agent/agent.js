@@ -480,14 +480,11 @@ function stop() {
 }
 
 function snapshot() {
-  const c = countersJson();
-  c.cm = {}; for (const k of Object.keys(cm)) c.cm[k] = cm[k].toString();
-  c.ring = ring.toString(); c.st = st.toString();
-  return c;
+  return countersJson();
 }
 
-// Frida calls this right before the script is unloaded, also when the host went away without
-// stop(). The CModule (our replacements' code) is freed after it: revert every hook first, then
+// Frida calls this right before the script is unloaded: when the target exits, and also when
+// the host went away without stop(). The CModule (our replacements' code) is freed after it: revert every hook first, then
 // give threads that are inside a replacement (mostly inside the original call) time to return
 // through it, or they would return into freed memory.
 function dispose() {
@@ -500,7 +497,16 @@ function dispose() {
       any = true;
     }
   }
-  if (any || !stopped) Thread.sleep(IN_FLIGHT_GRACE_S);
+  if (any) Thread.sleep(IN_FLIGHT_GRACE_S);
+  if (!stopped && cm !== null) {
+    // the target is exiting (or the host unloads us without stop()): send what the ring holds
+    stopped = true;
+    try {
+      drainAll(true);
+    } catch (e) {
+      // the connection may be gone already
+    }
+  }
 }
 
 rpc.exports = { init, flush, stop, snapshot, dispose };

@@ -474,7 +474,7 @@ def libc_exports(pid: int, names: list[str]) -> dict[str, int]:
                          check=True).stdout
     found: dict[str, int] = {}
     for w in map(str.split, out.splitlines()):
-        if len(w) == 3 and w[2].split("@")[0] in names and w[1] in "Tt":
+        if len(w) == 3 and w[2].split("@")[0] in names and w[1] in "TtWi":
             found.setdefault(w[2].split("@")[0], base + int(w[0], 16))
     assert set(found) == set(names), found
     return found
