@@ -1,6 +1,6 @@
 /*
  * nvse-monitor agent (Frida 17). The host prepends `const HOTPATH_C = "...";` (agent/hotpath.c)
- * and calls rpc init(config). See docs/agent.md and notes/agent-protocol.md.
+ * and calls rpc init(config). See docs/agent.md and docs/protocol.md.
  *
  * C hot path: one CModule replacement per profile hook, installed with Interceptor.replaceFast,
  * writing 56-byte records into a bounded ring. JS only drains the ring on a timer and send()s

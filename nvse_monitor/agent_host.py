@@ -8,7 +8,7 @@
 
 `on_message` is called on Frida's thread with Batch, ModuleEvent, HookEvent and AgentError, in the
 agent's order; the HookEvents of the first installation arrive before load_agent returns.
-Protocol: notes/agent-protocol.md; design: docs/agent.md.
+Protocol: docs/protocol.md; design: docs/agent.md.
 """
 
 from __future__ import annotations

@@ -87,7 +87,9 @@ def _run(kind: str, target: Any, **kw: Any) -> None:
         sys.exit(130)
     end = result.end
     c = result.final_counters
-    tail = f", {c.allocs:,} allocations, {c.dropped:,} dropped" if c is not None else ""
+    # The agent's exact call counts (the files count reallocs as free + alloc).
+    tail = (f", {c.allocs:,} alloc calls, {c.reallocs:,} realloc calls, {c.frees:,} frees, "
+            f"{c.dropped:,} dropped" if c is not None else "")
     how = "" if end.expected else f" (unexpected: {end.crash})" if end.crash else " (unexpected)"
     click.echo(
         f"nvse-monitor: session ended: {end.reason}{how}{tail}; "

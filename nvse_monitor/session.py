@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import shutil
 import signal
 import sys
 import threading
@@ -178,6 +179,9 @@ class LiveSession:
         self.mode = "spawn"
         self._preflight()
         self.device = _local_device()
+        # Like a shell: a bare program name is looked up on PATH (Frida wants a path).
+        if os.sep not in argv[0] and (found := shutil.which(argv[0])) is not None:
+            argv = [found, *argv[1:]]
         try:
             self.pid = self.device.spawn(argv, stdio="inherit")
         except frida.InvalidArgumentError as exc:
