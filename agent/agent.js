@@ -10,9 +10,17 @@
 
 const RECORD_SIZE = 56;
 const SLOT_SIZE = 64;
-const STATE_BYTES = 4096;
+const STATE_BYTES = 16384;
 const EMPTY_BATCH_MS = 250;
 const IN_FLIGHT_GRACE_S = 0.05;  // after reverting hooks, before the code may go away
+const GLOB_INSTANCES = 8;        // modules one glob hook can be installed in at once
+const CHECK_MS = 1000;           // how often installed entry points are checked for foreign patches
+const SNAP_BYTES = 16;           // bytes of our jump compared by that check
+// Our C calls keep the JS lock (they are short): with the default cooperative scheduling the JS
+// thread would sit inside a Gum interceptor transaction without the lock during a drain, and a
+// module observer callback on a loading thread could not commit its hooks (its flush would be
+// deferred to the end of that transaction, after the module's first calls).
+const EXCL = { scheduling: 'exclusive' };
 
 let cm = null;            // the CModule
 let st = null;            // NvState (Memory.alloc'd)
@@ -23,11 +31,18 @@ let outBuf = null;
 let maxRecs = 0;
 let ringSlots = 0;
 let fnDrain = null;
+let fnFinish = null;
+let fnNextNewTid = null;
+let fnIgnoreLate = null;
+let fnSuspend = null;
+let fnResume = null;
+let lastCheckMs = 0;
+let lateTids = [];
 let countersPtr = null;
 let drainTimer = null;
 let lastSendMs = 0;
 let stopped = false;
-let hooks = [];           // [{index, spec, installed, address, module, pending}]
+let hooks = [];           // [{index, spec, re, ninst, inst: [...], ok, detail, pending}]
 let modules = new Map();  // base string -> module json
 let moduleObserver = null;
 let config = null;
@@ -59,7 +74,9 @@ function cArgList(n) {
   return a;
 }
 
-function genHook(index, h, arch, slow) {
+// One replacement per (hook, instance): a glob hook may be installed in several modules at once,
+// each instance with its own original pointer nv_orig[slot]; all record the hook's index.
+function genHook(index, h, arch, slow, inst, slot) {
   const nargs = h.nargs;
   const abi = h.abi;
   let attr = '';
@@ -82,10 +99,10 @@ function genHook(index, h, arch, slow) {
   }
   if (params.length === 0) params = ['void'];
   const fnType = `gsize (${attr}*)(${params.map(p => p.split(' ')[0]).join(', ')})`;
-  const call = `((${fnType}) nv_orig[${index}]) (${callArgs.join(', ')})`;
+  const call = `((${fnType}) nv_orig[${slot}]) (${callArgs.join(', ')})`;
   const a = h.args;
   const arg = (name) => 'a' + a[name];
-  const head = `${attr}gsize\n${slow ? 'nvs_' : 'nvh_'}${index} (${params.join(', ')})\n{\n` +
+  const head = `${attr}gsize\n${replName(slow, index, inst)} (${params.join(', ')})\n{\n` +
     `  gsize th = nv_enter ();\n  gsize r;\n  if (th == 0)\n    return ${call};\n`;
   const tail = `  nv_leave (th);\n  return r;\n}\n`;
   // Under Interceptor.replace the return address on the stack is Gum's; ask the invocation.
@@ -134,6 +151,23 @@ function genHook(index, h, arch, slow) {
   return head + body + tail;
 }
 
+function replName(slow, index, inst) {
+  return `${slow ? 'nvs_' : 'nvh_'}${index}_${inst}`;
+}
+
+// Instances per hook: one, or GLOB_INSTANCES for a module pattern with wildcards (msvcr*.dll
+// can match several CRTs at once). Returns the total number of nv_orig slots.
+function planInstances(profile) {
+  let slots = 0;
+  for (const h of profile.hooks) {
+    h.ninst = h.role === 'size' ? 0
+      : (h.module !== undefined && /[*?]/.test(h.module) ? GLOB_INSTANCES : 1);
+    h.slot0 = slots;
+    slots += h.ninst;
+  }
+  return slots;
+}
+
 function buildSource(profile, arch, platform, clock, extraDefines) {
   const defs = [];
   for (const d of extraDefines) {
@@ -144,17 +178,31 @@ function buildSource(profile, arch, platform, clock, extraDefines) {
   if (clock === 'tsc') defs.push('#define NV_CLOCK_TSC 1');
   let src = defs.join('\n') + '\n' + HOTPATH_C + '\n';
   profile.hooks.forEach((h, i) => {
-    if (h.role !== 'size') src += genHook(i, h, arch, false) + '\n' + genHook(i, h, arch, true) + '\n';
+    for (let k = 0; k < h.ninst; k++) {
+      src += genHook(i, h, arch, false, k, h.slot0 + k) + '\n' +
+        genHook(i, h, arch, true, k, h.slot0 + k) + '\n';
+    }
   });
   return src;
 }
 
-/* ------------------------------------------------------------------ hooks */
+/* ------------------------------------------------------------------ hooks
+ * A hook (profile entry) has up to `ninst` installed instances, each {k, address (the entry
+ * point), patchAt (where Gum wrote its jump: the entry, or the end of a JMP chain Gum followed),
+ * ours (the bytes there right after we hooked), module, tampered}.
+ */
 
 // pending: the hook's module is not loaded (yet): neither installed nor failed
 function sendHook(entry, ok, detail, pending = false) {
   entry.pending = pending;
   send({ type: 'hook', ts_us: clockNowUs(), hook: entry.index, name: entry.spec.name, ok, detail, pending });
+}
+
+function fail(entry, reason) {
+  entry.ok = entry.inst.length > 0;
+  entry.detail = reason;
+  sendHook(entry, false, reason);
+  return false;
 }
 
 function checkCode(address, mod) {
@@ -166,105 +214,248 @@ function checkCode(address, mod) {
   return null;
 }
 
-function install(entry, address, mod) {
+// Destination of a jump instruction at `a` (jmp rel32, jmp rel8, jmp [mem]), or null.
+function jmpTarget(a) {
+  try {
+    const b0 = a.readU8();
+    if (b0 === 0xE9) return a.add(5).add(a.add(1).readS32());
+    if (b0 === 0xEB) return a.add(2).add(a.add(1).readS8());
+    if (b0 === 0xFF && a.add(1).readU8() === 0x25) {
+      const cell = Process.pointerSize === 8 ? a.add(6).add(a.add(2).readS32()) : ptr(a.add(2).readU32());
+      return cell.readPointer();
+    }
+  } catch (e) {
+    // unreadable: not a jump we can follow
+  }
+  return null;
+}
+
+function installedAt(address) {
+  for (const e of hooks) {
+    for (const i of e.inst) {
+      if (i.patchAt.equals(address)) return e;
+    }
+  }
+  return null;
+}
+
+// Gum follows jumps at an entry point (a heap replacer's 5-byte JMP) and hooks their end.
+function resolveJumps(address) {
+  let cur = address;
+  for (let hop = 0; hop < 4; hop++) {
+    if (installedAt(cur) !== null) break;
+    const t = jmpTarget(cur);
+    if (t === null || t.equals(cur)) break;
+    cur = t;
+  }
+  return cur;
+}
+
+function moduleNameAt(address) {
+  const m = Process.findModuleByAddress(address);
+  return m !== null ? m.name : `unmapped or anonymous code at ${address}`;
+}
+
+function snapLength(address) {
+  const range = Process.findRangeByAddress(address);
+  if (range === null) return 0;
+  const left = range.base.add(range.size).sub(address).toInt32();
+  return Math.max(0, Math.min(SNAP_BYTES, left));
+}
+
+function readBytes(address, n) {
+  return n > 0 ? new Uint8Array(address.readByteArray(n)) : new Uint8Array(0);
+}
+
+function sameBytes(a, b) {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+function freeInstance(entry) {
+  const used = new Set(entry.inst.map(i => i.k));
+  for (let k = 0; k < entry.ninst; k++) if (!used.has(k)) return k;
+  return -1;
+}
+
+// Step 1 of an installation (no flush): checks, then replaceFast (or the slow fallback).
+// Returns a job for finishInstall, or null when the hook was reported (failed / same code).
+function beginInstall(entry, address, mod) {
   const spec = entry.spec;
   const bad = checkCode(address, mod);
-  if (bad !== null) return fail(entry, bad);
+  if (bad !== null) { fail(entry, bad); return null; }
   const where = mod !== null
     ? `${mod.name}!${spec.export !== undefined ? spec.export : '+0x' + address.sub(mod.base).toString(16)}`
     : '';
   let detail = `${address}${where ? ' ' + where : ''}`;
-  for (const other of hooks) {
-    if (other !== entry && other.installed && other.address.equals(address)) {
-      // e.g. glibc's aligned_alloc and memalign are one function: its calls are recorded once,
-      // under the hook installed first
-      entry.ok = true;
-      entry.detail = `${detail}: same code as hook ${other.spec.name}, recorded under it`;
-      sendHook(entry, true, entry.detail);
-      return true;
-    }
+  const target = resolveJumps(address);
+  if (!target.equals(address)) {
+    // e.g. NVHR patched the entry before we came: Gum hooks the JMP's destination, so the calls
+    // are recorded in the replacer's function
+    detail += `: follows JMP into ${moduleNameAt(target)} (${target})`;
+    const bad2 = checkCode(target, null);
+    if (bad2 !== null) { fail(entry, `${detail}: ${bad2}`); return null; }
   }
-  const slot = origTable.add(entry.index * Process.pointerSize);
+  const other = installedAt(target);
+  if (other !== null) {
+    // glibc's aligned_alloc and memalign are one function; a replacer may send both reallocate
+    // entries to one function: recorded once, under the hook installed first
+    entry.ok = true;
+    entry.detail = `${detail}: same code as hook ${other.spec.name}, recorded under it`;
+    sendHook(entry, true, entry.detail);
+    return null;
+  }
+  const k = freeInstance(entry);
+  if (k < 0) {
+    fail(entry, `${detail}: not hooked, already installed in ${entry.ninst} modules (the limit)`);
+    return null;
+  }
+  const slot = origTable.add((entry.spec.slot0 + k) * Process.pointerSize);
+  const beforeEntry = readBytes(address, snapLength(address));
+  const beforeTarget = readBytes(target, snapLength(target));
+  let slow = false;
   try {
-    const orig = Interceptor.replaceFast(address, cm['nvh_' + entry.index]);
-    // replaceFast takes effect when the interceptor transaction ends (the flush below), so the
-    // original pointer is in place before any call can reach the replacement.
-    slot.writePointer(orig);
-    Interceptor.flush();
+    // takes effect at the interceptor flush, after the original pointer is in its slot
+    slot.writePointer(Interceptor.replaceFast(address, cm[replName(false, entry.index, k)]));
   } catch (e) {
     // replaceFast needs a prologue long enough for a direct jump to the replacement (glibc's
     // memalign is a 14-byte tail-call stub). Interceptor.replace works there, at ~0.8 µs a call:
     // the replacement calls the hooked address itself, which Gum routes to the original.
     try {
       slot.writePointer(address);
-      Interceptor.replace(address, cm['nvs_' + entry.index]);
-      Interceptor.flush();
-      entry.slow = true;
+      Interceptor.replace(address, cm[replName(true, entry.index, k)]);
+      slow = true;
       detail += ` (slow path: Interceptor.replace, replaceFast said: ${e.message})`;
     } catch (e2) {
       slot.writePointer(ptr(0));
-      return fail(entry, `cannot hook ${address}: ${e.message}; ${e2.message}`);
+      fail(entry, `cannot hook ${address}: ${e.message}; ${e2.message}`);
+      return null;
     }
   }
-  entry.installed = true;
-  entry.address = address;
-  entry.module = mod !== null ? mod.name : '';
-  entry.detail = detail;
-  entry.ok = true;
-  sendHook(entry, true, detail);
-  return true;
+  const inst = { k, address, target, patchAt: target, ours: null, slow, tampered: false,
+    module: mod !== null ? mod.name : '', modBase: mod !== null ? mod.base : null,
+    modSize: mod !== null ? mod.size : 0, detail };
+  entry.inst.push(inst);
+  return { entry, inst, beforeEntry, beforeTarget };
 }
 
-function fail(entry, reason) {
-  entry.ok = false;
-  entry.detail = reason;
-  sendHook(entry, false, reason);
-  return false;
+function committed(job) {
+  const a = readBytes(job.inst.address, job.beforeEntry.length);
+  const t = readBytes(job.inst.target, job.beforeTarget.length);
+  return !sameBytes(a, job.beforeEntry) || !sameBytes(t, job.beforeTarget);
+}
+
+// Step 2, after Interceptor.flush(): note where Gum's jump is and what it looks like, report.
+function finishInstall(job) {
+  const { entry, inst } = job;
+  const nowTarget = readBytes(inst.target, job.beforeTarget.length);
+  if (sameBytes(nowTarget, job.beforeTarget) && !inst.target.equals(inst.address)) {
+    const nowEntry = readBytes(inst.address, job.beforeEntry.length);
+    if (!sameBytes(nowEntry, job.beforeEntry)) inst.patchAt = inst.address;
+  }
+  const now = readBytes(inst.patchAt, snapLength(inst.patchAt));
+  const before = inst.patchAt.equals(inst.target) ? job.beforeTarget : job.beforeEntry;
+  if (sameBytes(now, before)) {
+    // Inside a module observer callback the flush is deferred to the end of Gum's own
+    // transaction (still before the loading call returns): learn our bytes at the next check.
+    inst.ours = null;
+    inst.before = before;
+  } else {
+    inst.ours = now;
+  }
+  entry.ok = true;
+  entry.detail = inst.detail;
+  sendHook(entry, true, inst.detail);
+}
+
+// Installs a list of [entry, address, module] in one interceptor transaction (one flush: a
+// module's hooks are all in before the call that loaded it returns).
+function installAll(list) {
+  const jobs = [];
+  for (const [entry, address, mod] of list) {
+    const j = beginInstall(entry, address, mod);
+    if (j !== null) jobs.push(j);
+  }
+  if (jobs.length === 0) return;
+  Interceptor.flush();
+  // Gum commits code changes when the last open interceptor transaction ends. If the JS thread
+  // is in one without the JS lock (mid-drain), a module observer callback's flush is deferred to
+  // then, which may be after the loading call returned and the module's first calls ran: yield
+  // the lock until the commit has happened (bounded).
+  for (let i = 0; i < 200 && !jobs.every(committed); i++) {
+    Thread.sleep(0.0005);
+    Interceptor.flush();
+  }
+  for (const j of jobs) finishInstall(j);
 }
 
 // On Linux, Module#findExportByName dlopen()s the module for dlsym and the handle lives as long
 // as the JS Module object: a dlclose() would then not unload the library. Reading the export
 // table from the mapped image takes no reference.
-function findExport(mod, name) {
-  if (Process.platform !== 'linux') return mod.findExportByName(name);
-  for (const e of mod.enumerateExports()) {
-    if (e.name === name && e.type === 'function') return e.address;
-  }
-  return null;
+function exportFinder(mod) {
+  if (Process.platform !== 'linux') return name => mod.findExportByName(name);
+  let table = null;
+  return name => {
+    if (table === null) {
+      table = new Map();
+      for (const e of mod.enumerateExports()) if (e.type === 'function') table.set(e.name, e.address);
+    }
+    const a = table.get(name);
+    return a !== undefined ? a : null;
+  };
 }
 
-function tryModule(entry, mod) {
-  const spec = entry.spec;
-  if (spec.export !== undefined) {
-    const addr = findExport(mod, spec.export);
-    if (addr === null) return fail(entry, `export ${spec.export} not found in ${mod.name}`);
-    return install(entry, addr, mod);
-  }
-  if (spec.offset !== undefined) {
-    if (spec.offset >= mod.size) return fail(entry, `offset 0x${spec.offset.toString(16)} is outside ${mod.name}`);
-    return install(entry, mod.base.add(spec.offset), mod);
-  }
-  return fail(entry, 'no export or offset');
+function inModule(address, base, size) {
+  return address.compare(base) >= 0 && address.compare(base.add(size)) < 0;
 }
 
 function onModuleAdded(mod, initial) {
   const j = moduleJson(mod);
   modules.set(mod.base.toString(), j);
   if (!initial) send({ type: 'module', ts_us: clockNowUs(), action: 'add', module: j });
+  const find = exportFinder(mod);
+  const list = [];
   for (const e of hooks) {
-    if (e.installed || e.re === null || e.spec.role === 'size') continue;
-    if (e.re.test(mod.name)) tryModule(e, mod);
+    if (e.re === null || e.ninst === 0 || !e.re.test(mod.name)) continue;
+    if (e.inst.some(i => i.modBase !== null && i.modBase.equals(mod.base))) continue;
+    if (e.ninst === 1 && e.inst.length > 0) continue;  // not a glob: its one module is hooked
+    const spec = e.spec;
+    if (spec.export !== undefined) {
+      const addr = find(spec.export);
+      if (addr === null) fail(e, `export ${spec.export} not found in ${mod.name}`);
+      else list.push([e, addr, mod]);
+    } else if (spec.offset !== undefined) {
+      if (spec.offset >= mod.size) fail(e, `offset 0x${spec.offset.toString(16)} is outside ${mod.name}`);
+      else list.push([e, mod.base.add(spec.offset), mod]);
+    } else {
+      fail(e, 'no export or offset');
+    }
+  }
+  installAll(list);
+}
+
+// Module observer callbacks run on the thread that loads the module, synchronously: that is
+// what puts a plugin's hooks in before its first call. Our own allocations meanwhile are not
+// the target's.
+function onAddedHook(m) {
+  const saved = fnSuspend !== null ? fnSuspend() : 0;
+  try {
+    onModuleAdded(m, initialLoad);
+  } catch (e) {
+    send({ type: 'agent-error', ts_us: clockNowUs(), message: `module ${m.name}: ${e.stack}` });
+  } finally {
+    if (fnResume !== null) fnResume(saved);
   }
 }
 
-function revertHook(e) {
+function revertInstance(e, inst) {
   try {
-    Interceptor.revert(e.address);
+    Interceptor.revert(inst.address);
     Interceptor.flush();
   } catch (err) {
     send({ type: 'agent-error', ts_us: clockNowUs(), message: `revert ${e.spec.name}: ${err.message}` });
   }
-  e.installed = false;
 }
 
 function onModuleRemoved(mod) {
@@ -272,14 +463,63 @@ function onModuleRemoved(mod) {
   const j = modules.get(key) || moduleJson(mod);
   modules.delete(key);
   for (const e of hooks) {
-    // Tell Gum the hook is gone, or it would write the old prologue back at unload time into
-    // whatever is mapped there by then; a later load of the module gets hooked again.
-    if (e.installed && e.address.compare(mod.base) >= 0 && e.address.compare(mod.base.add(mod.size)) < 0) {
-      e.installed = false;
+    const gone = e.inst.filter(i => inModule(i.patchAt, mod.base, mod.size) || inModule(i.address, mod.base, mod.size));
+    if (gone.length === 0) continue;
+    // the code is unmapped: nothing to revert; a later load of the module gets hooked again
+    e.inst = e.inst.filter(i => gone.indexOf(i) < 0);
+    if (e.inst.length === 0) {
+      e.ok = false;
       sendHook(e, false, `pending: ${mod.name} unloaded`, true);
+    } else {
+      sendHook(e, true, `${mod.name} unloaded; still hooked in ${e.inst.map(i => i.module).join(', ')}`);
     }
   }
   send({ type: 'module', ts_us: clockNowUs(), action: 'remove', module: j });
+}
+
+/* ------------------------------------------------------------------ foreign patches
+ * Another party (a heap replacer such as NVHR) may write its own JMP over an entry point after we
+ * hooked it. Reverting that hook would write the original prologue back over the replacer's jump
+ * and send the replacer's blocks to the game's heap. So: compare our jump's bytes now and then
+ * (once a second, and before any revert), and leave a patched entry alone.
+ */
+function checkHooks() {
+  for (const e of hooks) {
+    for (const inst of e.inst) {
+      if (inst.tampered) continue;
+      let now;
+      try {
+        now = readBytes(inst.patchAt, inst.ours !== null ? inst.ours.length : inst.before.length);
+      } catch (err) {
+        continue;  // unmapped: the module observer deals with it
+      }
+      if (inst.ours === null) {
+        // first look after a deferred flush: ours if it changed into a jump out of every module
+        // (into Gum's trampoline); something else got there first if it jumps into a module
+        if (sameBytes(now, inst.before)) continue;
+        const t = jmpTarget(inst.patchAt);
+        if (t !== null && Process.findModuleByAddress(t) === null) {
+          inst.ours = now;
+          continue;
+        }
+        inst.ours = inst.before;  // report below
+      }
+      if (sameBytes(now, inst.ours)) continue;
+      inst.tampered = true;
+      const dest = jmpTarget(inst.patchAt);
+      const by = dest !== null ? moduleNameAt(dest) : 'unknown code';
+      inst.tamperedBy = by;
+      sendHook(e, false, `${inst.address}${inst.module ? ' ' + inst.module : ''}: entry point ` +
+        `${inst.patchAt} patched by ${by} after attach; left alone (not reverted, calls through ` +
+        `it are no longer recorded)`);
+    }
+  }
+}
+
+function tamperedNames() {
+  const out = [];
+  for (const e of hooks) for (const i of e.inst) if (i.tampered) out.push(`${e.spec.name} (${i.tamperedBy})`);
+  return out;
 }
 
 /* ------------------------------------------------------------------ drain */
@@ -296,18 +536,33 @@ function countersJson() {
   };
 }
 
+// Threads that made their first hooked call since the last look: Frida's own (started after
+// init: cloaked, e.g. a GLib worker doing iconv) get their records filtered out by nv_finish.
+function classifyNewThreads() {
+  for (let tid = Number(fnNextNewTid()); tid !== 0; tid = Number(fnNextNewTid())) {
+    if (Cloak.hasThread(tid) && lateTids.indexOf(tid) < 0) {
+      lateTids.push(tid);
+      fnIgnoreLate(tid);
+    }
+  }
+}
+
 function drainAll(forceEmpty) {
   if (cm === null) return;
   let sent = false;
   // At most one ring's worth per call: producers refilling as fast as we drain must not keep
   // the JS thread (and with it stop() and every RPC) busy forever.
   for (let budget = ringSlots; budget > 0; budget -= maxRecs) {
-    const n = fnDrain(outBuf, Math.min(maxRecs, budget));
-    if (n === 0) break;
-    const h = countersJson();
-    send({ type: 'batch', now_us: h.now_us, counters: h.counters }, outBuf.readByteArray(n * RECORD_SIZE));
-    sent = true;
-    if (n < Math.min(maxRecs, budget)) break;
+    const got = fnDrain(outBuf, Math.min(maxRecs, budget));
+    // every record copied was published after its thread's first-call entry was stored
+    classifyNewThreads();
+    const n = got === 0 ? 0 : fnFinish(outBuf, got);
+    if (n > 0) {
+      const h = countersJson();
+      send({ type: 'batch', now_us: h.now_us, counters: h.counters }, outBuf.readByteArray(n * RECORD_SIZE));
+      sent = true;
+    }
+    if (got < Math.min(maxRecs, budget)) break;
   }
   const t = Date.now();
   if (sent) {
@@ -316,6 +571,10 @@ function drainAll(forceEmpty) {
     const h = countersJson();
     send({ type: 'batch', now_us: h.now_us, counters: h.counters });
     lastSendMs = t;
+  }
+  if (t - lastCheckMs >= CHECK_MS) {
+    lastCheckMs = t;
+    checkHooks();
   }
 }
 
@@ -368,7 +627,8 @@ function init(cfg) {
   const clock = cfg.clock || 'tsc';
 
   st = Memory.alloc(STATE_BYTES);
-  origTable = Memory.alloc(Math.max(1, profile.hooks.length) * Process.pointerSize);
+  const nslots = planInstances(profile);
+  origTable = Memory.alloc(Math.max(1, nslots) * Process.pointerSize);
   const ringBytes = slots * SLOT_SIZE;
   ringRaw = Memory.alloc(ringBytes + 64);
   ring = ringRaw.add((64 - ringRaw.and(63).toInt32()) & 63);
@@ -390,8 +650,13 @@ function init(cfg) {
   new NativeFunction(cm.nv_configure, 'void', ['size_t', 'pointer', 'uint64'])(
       slots, ring, uint64(cfg.large_alloc_bytes));
   new NativeFunction(cm.nv_start, 'void', [])();
-  fnDrain = new NativeFunction(cm.nv_drain, 'uint', ['pointer', 'uint']);
-  fnNowUs = new NativeFunction(cm.nv_now_us, 'uint64', []);
+  fnDrain = new NativeFunction(cm.nv_drain, 'uint', ['pointer', 'uint'], EXCL);
+  fnFinish = new NativeFunction(cm.nv_finish, 'uint', ['pointer', 'uint'], EXCL);
+  fnNextNewTid = new NativeFunction(cm.nv_next_new_tid, 'size_t', [], EXCL);
+  fnIgnoreLate = new NativeFunction(cm.nv_ignore_late_tid, 'void', ['size_t'], EXCL);
+  fnSuspend = new NativeFunction(cm.nv_suspend_current_thread, 'size_t', [], EXCL);
+  fnResume = new NativeFunction(cm.nv_resume_current_thread, 'void', ['size_t'], EXCL);
+  fnNowUs = new NativeFunction(cm.nv_now_us, 'uint64', [], EXCL);
   countersPtr = new NativeFunction(cm.nv_counters, 'pointer', [])();
   const ignoreTid = new NativeFunction(cm.nv_ignore_tid, 'void', ['size_t']);
   const fridaTids = fridaThreadIds();
@@ -400,7 +665,7 @@ function init(cfg) {
   const wall0 = Number(new NativeFunction(cm.nv_wall0, 'int64', [])());
 
   hooks = profile.hooks.map((spec, index) => ({
-    index, spec, installed: false, ok: false, detail: '', address: null, module: '',
+    index, spec, inst: [], ok: false, detail: '', pending: false, ninst: spec.ninst,
     re: spec.module !== undefined && spec.module !== '' ? globToRegExp(spec.module) : null,
   }));
 
@@ -413,15 +678,17 @@ function init(cfg) {
     }
   }
   // absolute addresses: must be code inside a loaded module
+  const fixed = [];
   for (const e of hooks) {
     if (e.re !== null || e.spec.role === 'size') continue;
     const addr = ptr(e.spec.address);
     const mod = Process.findModuleByAddress(addr);
     if (mod === null) fail(e, `address ${addr} is not inside any loaded module`);
-    else install(e, addr, mod);
+    else fixed.push([e, addr, mod]);
   }
+  installAll(fixed);
   moduleObserver = Process.attachModuleObserver({
-    onAdded(m) { onModuleAdded(m, initialLoad); },
+    onAdded(m) { onAddedHook(m); },
     onRemoved(m) { onModuleRemoved(m); },
   });
   initialLoad = false;
@@ -447,8 +714,9 @@ function init(cfg) {
     wall_clock_zero_us: wall0,
     modules: Array.from(modules.values()),
     hooks: hooks.map(e => ({
-      index: e.index, name: e.spec.name, ok: e.ok, detail: e.detail, module: e.module,
-      pending: e.pending === true,
+      index: e.index, name: e.spec.name, ok: e.ok, detail: e.detail,
+      module: e.inst.map(i => i.module).join(','), pending: e.pending === true,
+      instances: e.inst.map(i => ({ module: i.module, address: Number(i.address), detail: i.detail })),
     })),
     ring_bytes: ringBytes,
     agent_bytes: STATE_BYTES + ringBytes + 64 + maxRecs * RECORD_SIZE,
@@ -463,20 +731,32 @@ function flush() {
 }
 
 function stop() {
-  if (stopped) return countersJson();
+  if (stopped) return stopResult();
   stopped = true;
   if (drainTimer !== null) clearInterval(drainTimer);
   drainTimer = null;
   if (moduleObserver !== null) moduleObserver.detach();
   moduleObserver = null;
+  checkHooks();  // never revert over somebody else's patch
   for (const e of hooks) {
-    if (e.installed) revertHook(e);
+    for (const i of e.inst) if (!i.tampered) revertInstance(e, i);
+    e.inst = e.inst.filter(i => i.tampered);
   }
   // Threads that were inside a replacement finish their call and publish (a realloc holds its
   // slot across the original call): give them a moment before the final drain.
   Thread.sleep(IN_FLIGHT_GRACE_S);
   drainAll(true);
-  return countersJson();
+  return stopResult();
+}
+
+// `left_hooked`: hooks whose entry point somebody patched after us. They stay registered with
+// Gum, which would write the original prologue back when the script unloads: the host keeps
+// the script loaded (eternalize) instead.
+function stopResult() {
+  const r = countersJson();
+  r.left_hooked = tamperedNames();
+  r.late_frida_tids = lateTids;
+  return r;
 }
 
 function snapshot() {
@@ -484,18 +764,24 @@ function snapshot() {
 }
 
 // Frida calls this right before the script is unloaded: when the target exits, and also when
-// the host went away without stop(). The CModule (our replacements' code) is freed after it: revert every hook first, then
-// give threads that are inside a replacement (mostly inside the original call) time to return
-// through it, or they would return into freed memory.
+// the host went away without stop(). The CModule (our replacements' code) is freed after it:
+// revert every hook first, then give threads that are inside a replacement (mostly inside the
+// original call) time to return through it, or they would return into freed memory.
 function dispose() {
   if (drainTimer !== null) clearInterval(drainTimer);
   drainTimer = null;
   let any = false;
+  checkHooks();
   for (const e of hooks) {
-    if (e.installed) {
-      revertHook(e);
+    for (const i of e.inst) {
+      if (i.tampered) {
+        unhookUnder(e, i);
+      } else {
+        revertInstance(e, i);
+      }
       any = true;
     }
+    e.inst = [];
   }
   if (any) Thread.sleep(IN_FLIGHT_GRACE_S);
   if (!stopped && cm !== null) {
@@ -509,4 +795,24 @@ function dispose() {
   }
 }
 
-rpc.exports = { init, flush, stop, snapshot, dispose };
+// Unloading without eternalize (the host died, the target exits): Gum would restore the original
+// prologue over the foreign patch for good. Revert, then put the foreign bytes straight back:
+// the original code is exposed for microseconds instead of forever.
+function unhookUnder(e, inst) {
+  try {
+    const n = inst.ours.length;
+    const foreign = inst.patchAt.readByteArray(n);
+    Interceptor.revert(inst.address);
+    Interceptor.flush();
+    Memory.patchCode(inst.patchAt, n, code => code.writeByteArray(foreign));
+  } catch (err) {
+    send({ type: 'agent-error', ts_us: clockNowUs(), message: `unhook ${e.spec.name}: ${err.message}` });
+  }
+}
+
+// Tests: make a target thread look like a thread Frida started after init (Frida cloaks its own).
+function cloakThread(tid) {
+  Cloak.addThread(tid);
+}
+
+rpc.exports = { init, flush, stop, snapshot, dispose, cloakThread };

@@ -55,6 +55,8 @@ typedef struct
 
 #define NV_INIT_TIDS 64
 #define NV_IGNORED_TIDS 64
+#define NV_NEW_TIDS 1024   /* first calls of new threads, for JS to ask Frida's cloak about */
+#define NV_LATE_TIDS 32    /* Frida threads found after init: their records are filtered out */
 
 typedef struct
 {
@@ -82,6 +84,13 @@ typedef struct
   volatile gsize init_tids[NV_INIT_TIDS];
   gsize ignored_tids[NV_IGNORED_TIDS];
   gsize n_ignored;
+  /* new threads (tid, in first-call order): producers append, JS reads and clears */
+  volatile gsize new_head;
+  volatile gsize new_tids[NV_NEW_TIDS];
+  gsize new_read;
+  /* Frida threads seen only after init (JS thread writes; nv_finish filters their records) */
+  gsize late_tids[NV_LATE_TIDS];
+  gsize n_late;
   /* consumer-only state */
   guint64 clock0;        /* raw clock at time zero */
   gint64 mono0;          /* g_get_monotonic_time() at time zero */
@@ -189,7 +198,13 @@ nv_thread_slow (void)
     return 0;
   gum_tls_key_set_value (nv_state.tls_key, GSIZE_TO_POINTER (v));
   nv_state.init_tids[slot] = 0;
-  return (v & 1) ? 0 : v;
+  if (v & 1)
+    return 0;
+  /* JS asks Frida's cloak whether this is one of Frida's threads started after init; the entry
+     is stored before this thread publishes any record (x86 TSO), see nv_finish() */
+  i = nv_fetch_add (&nv_state.new_head, 1);
+  nv_state.new_tids[i % NV_NEW_TIDS] = tid;
+  return v;
 }
 
 /* Returns the thread word (tid << 2 | 2) and marks the thread "inside", or 0 = pass through. */
@@ -477,6 +492,27 @@ nv_ignore_tid (gsize tid)
     nv_state.ignored_tids[nv_state.n_ignored++] = tid;
 }
 
+/* JS running on a target thread (a module observer callback on the thread that loads the
+   module): its allocations are Frida's, not the target's. Returns the word to restore. */
+gsize
+nv_suspend_current_thread (void)
+{
+  gsize v = GPOINTER_TO_SIZE (gum_tls_key_get_value (nv_state.tls_key));
+  if (v == 0)
+    v = nv_thread_slow ();
+  if (v == 0 || (v & 1))
+    return 0;
+  gum_tls_key_set_value (nv_state.tls_key, GSIZE_TO_POINTER (v | 1));
+  return v;
+}
+
+void
+nv_resume_current_thread (gsize v)
+{
+  if (v != 0)
+    gum_tls_key_set_value (nv_state.tls_key, GSIZE_TO_POINTER (v));
+}
+
 void
 nv_ignore_current_thread (void)
 {
@@ -542,23 +578,11 @@ nv_drain (NvRecord * out, guint max)
       ts = (guint64) now_us;
     r->ts = ts;
     last = ts;
-    switch (r->kind)
-    {
-      case KIND_ALLOC: nv_state.c_allocs++; nv_state.c_bytes += r->size; break;
-      case KIND_FREE: nv_state.c_frees++; break;
-      case KIND_REALLOC:
-        nv_state.c_reallocs++;
-        if (r->ptr != 0)
-          nv_state.c_bytes += r->size;
-        break;
-      default: nv_state.c_failures++; break;
-    }
     n++;
     t++;
   }
   NV_BARRIER ();
   nv_state.tail = t;
-  nv_state.c_published += n;
   nv_state.last_ts_us = last;
   nv_state.now_us = (guint64) now_us;
 #ifdef NV_CLOCK_TSC
@@ -571,6 +595,71 @@ nv_drain (NvRecord * out, guint max)
 #endif
   nv_fold_drops ();
   return n;
+}
+
+/*
+ * Second half of a drain, after JS has classified the threads listed since the last drain:
+ * drops the records of Frida threads found late (their first calls looked like the target's),
+ * numbers the rest contiguously (`seq`) and tallies the exact counters. Returns the count kept.
+ */
+guint
+nv_finish (NvRecord * out, guint n)
+{
+  guint i, k = 0;
+  gsize nl = nv_state.n_late;
+  for (i = 0; i != n; i++)
+  {
+    NvRecord * r = out + i;
+    gsize j;
+    for (j = 0; j != nl; j++)
+      if (nv_state.late_tids[j] == r->tid)
+        break;
+    if (j != nl)
+      continue;
+    if (k != i)
+      out[k] = *r;
+    r = out + k;
+    r->seq = (guint32) (nv_state.c_published + k);
+    switch (r->kind)
+    {
+      case KIND_ALLOC: nv_state.c_allocs++; nv_state.c_bytes += r->size; break;
+      case KIND_FREE: nv_state.c_frees++; break;
+      case KIND_REALLOC:
+        nv_state.c_reallocs++;
+        if (r->ptr != 0)
+          nv_state.c_bytes += r->size;
+        break;
+      default: nv_state.c_failures++; break;
+    }
+    k++;
+  }
+  nv_state.c_published += k;
+  return k;
+}
+
+/* Next thread that made its first call, or 0 when none is pending (JS thread only). */
+gsize
+nv_next_new_tid (void)
+{
+  gsize i = nv_state.new_read;
+  gsize tid;
+  if (i == nv_state.new_head)
+    return 0;
+  if (nv_state.new_head - i > NV_NEW_TIDS)
+    i = nv_state.new_head - NV_NEW_TIDS;  /* fell behind (thousands of new threads): skip */
+  tid = nv_state.new_tids[i % NV_NEW_TIDS];
+  if (tid == 0)
+    return 0;  /* position taken, tid not stored yet: next drain */
+  nv_state.new_tids[i % NV_NEW_TIDS] = 0;
+  nv_state.new_read = i + 1;
+  return tid;
+}
+
+void
+nv_ignore_late_tid (gsize tid)
+{
+  if (nv_state.n_late < NV_LATE_TIDS)
+    nv_state.late_tids[nv_state.n_late++] = tid;
 }
 
 gsize

@@ -38,6 +38,18 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
 def build_hammer(dest: Path) -> Path:
     exe = dest / "hammer"
     subprocess.run(["gcc", "-O2", "-pthread", str(HAMMER), "-o", str(exe)], check=True)
@@ -94,8 +106,12 @@ def run_soak(seconds: float, rate: float, work_dir: Path, interval: float = 5.0,
         target.stdin.write("\n")
         target.stdin.flush()
         t0 = time.monotonic()
+        last_cpu, last_t = cpu_seconds(mon.pid), 0.0
         while True:
             el = time.monotonic() - t0
+            cpu = cpu_seconds(mon.pid)
+            cpu_pct = 100 * (cpu - last_cpu) / (el - last_t) if el > last_t else 0.0
+            last_cpu, last_t = cpu, el
             js = read_json(paths["json"]) or {}
             mon_sec = js.get("monitor", {})
             samples.append({
@@ -108,11 +124,14 @@ def run_soak(seconds: float, rate: float, work_dir: Path, interval: float = 5.0,
                 "csv_bytes": size(paths["csv"]),
                 "csv_rows": max(0, count_lines(paths["csv"]) - 1),
                 "log_bytes": size(paths["log"]),
+                "host_cpu_pct": round(cpu_pct),
+                "load": load_average(),
             })
             s = samples[-1]
             log(f"{s['t']:7.1f}s  host RSS {s['rss_mb']:6.1f} MB  target RSS "
                 f"{s['target_rss_mb']:6.1f} MB  allocs {s['allocs']:>12,}  drops {s['dropped']}  "
-                f"csv {s['csv_bytes'] / 1e6:7.2f} MB  log {s['log_bytes'] / 1e3:7.1f} kB")
+                f"csv {s['csv_bytes'] / 1e6:7.2f} MB  log {s['log_bytes'] / 1e3:7.1f} kB  "
+                f"host CPU {s['host_cpu_pct']:3d} %  load {s['load']:.2f}")
             if el >= seconds:
                 break
             time.sleep(min(interval, max(0.05, seconds - el)))
@@ -157,6 +176,8 @@ def run_soak(seconds: float, rate: float, work_dir: Path, interval: float = 5.0,
         "rss_mb_after_warmup_max": max(rss_warm),
         "rss_mb_last": samples[-1]["rss_mb"],
         "rss_mb_per_min_second_half": round(slope, 2),
+        "host_cpu_pct_median": sorted(x["host_cpu_pct"] for x in samples[1:] or samples)[
+            len(samples[1:] or samples) // 2],
         "csv_rows": csv_rows,
         "csv_rows_expected": allocs // 1000,
         "csv_bytes": size(paths["csv"]),

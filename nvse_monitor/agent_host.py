@@ -49,7 +49,7 @@ class AgentConfig:
     ring_slots: int = DEFAULT_RING_SLOTS  # power of two; 64 bytes each in the target
     large_alloc_bytes: int = 1 << 20  # calls above this get a duration
     drain_interval_ms: int = 10
-    max_batch_bytes: int = 1 << 20
+    max_batch_bytes: int = 64 << 10  # 1 MiB batches stalled the drain for 100s of ms under load
     clock: str = "tsc"  # "tsc" (rdtsc, converted at drain) or "monotonic" (g_get_monotonic_time)
     ignore_tids: tuple[int, ...] = ()  # threads never recorded (Frida's own never are)
     defines: tuple[str, ...] = ()  # bench only: NV_BENCH_PASSTHROUGH, NV_BENCH_NO_THREAD_STATE
@@ -104,6 +104,9 @@ class AgentHandle:
         self.init_result: dict[str, Any] = {}
         self.last_now_us = 0  # agent time of the latest message, for host-side errors
         self.final_counters: AgentCounters | None = None
+        # hooks stop() left in place because another party patched their entry point after us
+        self.left_hooked: list[str] = []
+        self.late_frida_tids: list[int] = []  # Frida threads found after init (records dropped)
         self._on_message = on_message
         self._lock = threading.Lock()
         self._stopped = False
@@ -184,17 +187,26 @@ class AgentHandle:
                 assert self.final_counters is not None
                 return self.final_counters
             self._stopped = True
-        self.final_counters = _counters(self.script.exports_sync.stop()["counters"])
+        result = self.script.exports_sync.stop()
+        self.left_hooked = list(result.get("left_hooked", []))
+        self.late_frida_tids = list(result.get("late_frida_tids", []))
+        self.final_counters = _counters(result["counters"])
         return self.final_counters
 
     def unload(self) -> None:
-        """Unload the script (Frida reverts anything still hooked). Safe on a dead session."""
+        """Unload the script (Frida reverts anything still hooked). Safe on a dead session.
+        If stop() left hooks whose entry point another party patched after us (a heap replacer),
+        the script is eternalized instead: unloading would make Gum write the original prologue
+        back over that party's patch. It stays in the target, idle (no timer), ~ring size."""
         with self._lock:
             if self._unloaded:
                 return
             self._unloaded = True
         with contextlib.suppress(Exception):  # the session may be gone (target exited)
-            self.script.unload()
+            if self.left_hooked:
+                self.script.eternalize()
+            else:
+                self.script.unload()
 
 
 def load_agent(session: Any, profile: Profile, config: AgentConfig | None = None,

@@ -38,8 +38,8 @@ def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--profile", "-p", help="Hook profile name or TOML path (default: chosen "
                      "from the target; see `nvse-monitor profiles`)."),
         click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-                     default=DEFAULT_OUT_DIR, show_default=True,
-                     help="Directory for the four monitoring files."),
+                     help="Directory for the four monitoring files (default: the game's "
+                     f"Data/NVSE/Plugins for FalloutNV.exe, else ./{DEFAULT_OUT_DIR})."),
         click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
                      help="File name prefix of the four files."),
         click.option("--record", type=click.Path(dir_okay=False, path_type=Path),
@@ -48,8 +48,13 @@ def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Stop after this many seconds (like Ctrl-C)."),
         click.option("--ring-size", callback=_ring_size,
                      help="Agent ring slots (power of two, 64 bytes each; default 128K)."),
+        click.option("--addrspace-warn-mb", type=click.FloatRange(min=0), default=256,
+                     show_default=True, help="32-bit targets: sample the address space about "
+                     "once a second (<prefix>_addrspace.csv) and warn when its largest free "
+                     "block falls under this many MiB; 0 = do not sample."),
         click.option("--force", is_flag=True,
-                     help="Use --profile even if it names other executables."),
+                     help="Use --profile even if it names other executables or another "
+                     "executable version."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -58,11 +63,12 @@ def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return file_limit_options(metrics_options(f))
 
 
-def _run(kind: str, target: Any, **kw: Any) -> None:
+def _run(kind: str, target: Any, spawn: dict[str, Any] | None = None, **kw: Any) -> None:
     from .session import LiveSession, SessionError, SessionOptions
     from .targets import TargetError
 
     opts = SessionOptions(
+        **(spawn or {}),
         profile=kw["profile"],
         out_dir=kw["out_dir"],
         prefix=kw["prefix"],
@@ -74,6 +80,7 @@ def _run(kind: str, target: Any, **kw: Any) -> None:
         metrics_address=kw["metrics_address"],
         top=kw["top"],
     )
+    opts.addrspace_warn_bytes = int(kw["addrspace_warn_mb"] * 2**20)
     if kw.get("ring_size"):
         opts.ring_slots = kw["ring_size"]
     live = LiveSession(opts)
@@ -93,7 +100,7 @@ def _run(kind: str, target: Any, **kw: Any) -> None:
     how = "" if end.expected else f" (unexpected: {end.crash})" if end.crash else " (unexpected)"
     click.echo(
         f"nvse-monitor: session ended: {end.reason}{how}{tail}; "
-        f"{result.records:,} events; files in {opts.out_dir}"
+        f"{result.records:,} events; files in {live.out_dir}"
         + (f"; recording {opts.record}" if opts.record else ""),
         err=True,
     )
@@ -114,13 +121,58 @@ def attach(target: str, **kw: Any) -> None:
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("program", nargs=-1, required=True, type=click.UNPROCESSED)
 @_session_options
-def spawn(program: tuple[str, ...], **kw: Any) -> None:
+@click.option("--follow-child", is_flag=True, help="Monitor the child PROGRAM starts (a "
+              "launcher such as nvse_loader.exe, which is followed without asking), not PROGRAM.")
+@click.option("--child-name", metavar="NAME", help="With --follow-child: the child's executable "
+              "name (default: the first child that runs a program).")
+def spawn(program: tuple[str, ...], follow_child: bool, child_name: str | None,
+          **kw: Any) -> None:
     """Start PROGRAM suspended, install the hooks, resume it and monitor it until it exits.
 
     Put `--` before the program so its options are not taken as ours:
     nvse-monitor spawn --out stats -- ./game --windowed
     """
-    _run("spawn", program, **kw)
+    _run("spawn", program, {"follow_child": follow_child or child_name is not None,
+                            "child_name": child_name}, **kw)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("game_dir", type=click.Path(exists=True, path_type=Path))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@_session_options
+def launch(game_dir: Path, args: tuple[str, ...], **kw: Any) -> None:
+    """Start Fallout New Vegas from GAME_DIR (or its nvse_loader.exe / FalloutNV.exe) and
+    monitor it from its first allocation.
+
+    Through nvse_loader.exe when the directory has one (the monitor follows the loader to the
+    FalloutNV.exe it starts), else, or for a 4GB-patched FalloutNV.exe, the game directly; in
+    the game directory, with SteamAppID/SteamGameId=22380. Game arguments go after `--`.
+    """
+    from . import fnv
+
+    try:
+        plan = fnv.plan_launch(game_dir, args, large_address_aware=_large_address_aware(game_dir))
+    except ValueError as exc:
+        click.echo(f"nvse-monitor: error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"nvse-monitor: launching {plan.argv[0]} ({plan.reason})", err=True)
+    _run("spawn", list(plan.argv), {
+        "spawn_cwd": plan.cwd, "spawn_env": plan.env, "follow_child": plan.gate_children,
+        "child_name": plan.child_name}, **kw)
+
+
+def _large_address_aware(target: Path) -> bool | None:
+    """Whether the game executable at/in `target` is 4GB patched (None: unknown, not a PE)."""
+    from . import fnv, pe
+
+    gd = fnv.game_dir_at(target) if target.is_dir() else fnv.find_game_dir(target, max_up=0)
+    exe = gd.game_exe if gd is not None else None
+    if exe is None or not pe.is_pe(exe):
+        return None
+    try:
+        return pe.read_pe_version(exe).large_address_aware
+    except pe.PeError:
+        return None
 
 
 @main.command()

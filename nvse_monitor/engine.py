@@ -38,6 +38,7 @@ from .classify import (
     expand_records,
 )
 from .events import RECORD_DTYPE
+from .fnv import is_plugin_path
 from .health import Health
 from .modmap import ModuleMap
 from .outputs import CsvRow, Output, Snapshot
@@ -295,6 +296,8 @@ class Engine:
         log(t, "INFO", f"Target: {m.target} ({m.platform} {m.arch}, {m.mode})")
         log(t, "INFO", f"Process ID: {m.pid}")
         log(t, "INFO", f"Profile: {m.profile}")
+        for line in m.extra.get("banner", []):  # target-specific lines (game/NVSE versions...)
+            log(t, "INFO", str(line))
         hooks = ", ".join(f"{h.name} ({h.heap})" for h in m.hooks) or "none"
         log(t, "INFO", f"Hooks: {len(m.hooks)}: {hooks}")
         log(t, "INFO", f"Modules at start: {len(m.modules)}")
@@ -355,7 +358,11 @@ class Engine:
             if len(self.modmap.modules) > before:
                 mc = self.state.mod_cur
                 self.state.mod_cur = np.insert(mc, len(mc) - 1, 0)
-            self.health.log(t, "DEBUG", f"Module loaded: {m.name} at 0x{m.base:x} ({m.size} bytes)")
+            if is_plugin_path(m.path):  # an NVSE plugin is what a player looks for
+                self.health.log(t, "INFO", f"Plugin loaded: {m.name} at 0x{m.base:x} ({m.path})")
+            else:
+                self.health.log(t, "DEBUG",
+                                f"Module loaded: {m.name} at 0x{m.base:x} ({m.size} bytes)")
         else:
             self.modmap.remove(m)
             self.health.log(t, "DEBUG", f"Module unloaded: {m.name} at 0x{m.base:x}")

@@ -20,15 +20,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, TextIO
 
 import frida
 
-from . import __version__
+from . import __version__, addrspace, fnv
 from .agent_host import DEFAULT_RING_SLOTS
 from .live_status import StatusLine
-from .pipeline import DEFAULT_OUT_DIR, Pipeline
+from .pipeline import Pipeline
 from .stream import (
     AgentCounters,
     AgentError,
@@ -52,6 +52,7 @@ from .writers.files import check_writable_dir
 
 STREAM_TYPES = (Batch, ModuleEvent, HookEvent, AgentError, SessionEnd)
 STOP_TIMEOUT_S = 15.0  # agent stop() + detach; then we detach without the final drain
+CHILD_TIMEOUT_S = 30.0  # --follow-child: the spawned program must start its child by then
 
 
 class SessionError(Exception):
@@ -61,7 +62,9 @@ class SessionError(Exception):
 @dataclass
 class SessionOptions:
     profile: str | None = None  # name or path; None = hookprofile.select_profile
-    out_dir: Path = DEFAULT_OUT_DIR
+    # None: the game's Data/NVSE/Plugins when the target is FalloutNV.exe, else DEFAULT_OUT_DIR
+    # under the working directory (fnv.default_out_dir, decided once the target is known)
+    out_dir: Path | None = None
     prefix: str = DEFAULT_PREFIX
     record: Path | None = None
     duration: float | None = None  # seconds, then stop like Ctrl-C
@@ -72,7 +75,20 @@ class SessionOptions:
     # where 1 MiB batches stall the drain (bench/bench_e2e.py, docs/sessions.md).
     max_batch_bytes: int = 64 << 10
     merge_records: int = 1 << 17  # feed queued batches in runs of up to this many records
-    force: bool = False  # use --profile even if it names other executables
+    force: bool = False  # use --profile even if it names other executables / another version
+    # spawn: start the program in this directory / with these extra environment variables
+    # (None: ours; FalloutNV.exe and nvse_loader.exe get fnv.spawn_env's Steam variables).
+    spawn_cwd: Path | None = None
+    spawn_env: dict[str, str] | None = None
+    # spawn: monitor the child the program starts (nvse_loader's way) instead of the program:
+    # the first child that execs (Linux) / is created (Windows), or the one named child_name.
+    # A spawned nvse_loader.exe is followed to its FalloutNV.exe without asking.
+    follow_child: bool = False
+    child_name: str | None = None
+    # Address-space headroom (addrspace.py): sampled about once a second in ia32 targets, a
+    # WARN when the largest free block falls under this many bytes; 0 = do not sample.
+    addrspace_warn_bytes: int = addrspace.DEFAULT_WARN_BYTES
+    addrspace_interval_ms: int = addrspace.DEFAULT_INTERVAL_MS
     status_line: bool | None = None  # None: when stderr is a terminal
     queue_max: int = 8192  # messages (a batch is <= max_batch_bytes: 512 MiB at most)
     engine_config: Any = None
@@ -99,6 +115,22 @@ class SessionResult:
 class _Detached:
     reason: str
     crash: Any
+
+
+@dataclass(frozen=True)
+class _ChildAdded:
+    child: Any  # frida Child
+
+
+@dataclass(frozen=True)
+class _ParentGone:
+    pid: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class _AddrSpaceError:
+    message: str
 
 
 @dataclass(frozen=True)
@@ -137,6 +169,12 @@ class LiveSession:
         self._notes: list[str] = []
         self._pending_detach: _Detached | None = None
         self._duration_deadline: float | None = None
+        self.out_dir: Path | None = opts.out_dir  # decided in _start when None
+        self._parents: list[Any] = []  # --follow-child: sessions on the launcher (and forks)
+        self._spawned: list[int] = []  # every PID we started or held, killed on a failed start
+        self._launcher_pid = 0
+        self.headroom: addrspace.Headroom | None = None
+        self._addrspace_watch: addrspace.Watch | None = None
         use_status = opts.status_line
         if use_status is None:
             use_status = bool(getattr(self.err, "isatty", lambda: False)()) and not opts.top
@@ -150,6 +188,9 @@ class LiveSession:
 
     def _on_detached(self, reason: str, crash: Any) -> None:
         self.q.put(_Detached(str(reason), crash))
+
+    def _on_child_added(self, child: Any) -> None:
+        self.q.put(_ChildAdded(child))
 
     def _on_exit_watch(self, message: dict[str, Any], _data: Any) -> None:
         p = message.get("payload") if message.get("type") == "send" else None
@@ -177,25 +218,124 @@ class LiveSession:
         if not argv:
             raise SessionError("spawn needs a program: nvse-monitor spawn [OPTS] -- PROGRAM [ARGS]")
         self.mode = "spawn"
-        self._preflight()
-        self.device = _local_device()
         # Like a shell: a bare program name is looked up on PATH (Frida wants a path).
         if os.sep not in argv[0] and (found := shutil.which(argv[0])) is not None:
             argv = [found, *argv[1:]]
+        self._plan_spawn(argv)
+        self._preflight()
+        self.device = _local_device()
+        follow = self.opts.follow_child
+        kwargs: dict[str, Any] = {}
+        if self.opts.spawn_cwd is not None:
+            kwargs["cwd"] = str(self.opts.spawn_cwd)
+        if self.opts.spawn_env is not None:
+            kwargs["env"] = self.opts.spawn_env  # Frida adds these to our environment
+        if follow:
+            self.device.on("child-added", self._on_child_added)
         try:
-            self.pid = self.device.spawn(argv, stdio="inherit")
-        except frida.InvalidArgumentError as exc:
-            raise TargetError(f"cannot start {argv[0]!r}: {exc}") from None
-        except (frida.ExecutableNotFoundError, frida.ExecutableNotSupportedError) as exc:
-            raise TargetError(frida_error_message(exc, f"start {argv[0]!r}")) from None
-        except frida.PermissionDeniedError as exc:
-            raise TargetError(frida_error_message(exc, f"start {argv[0]!r}")) from None
-        try:
-            self.session = self._attach(self.pid, f"attach to the spawned {argv[0]!r}")
+            try:
+                pid = self.device.spawn(argv, stdio="inherit", **kwargs)
+            except frida.InvalidArgumentError as exc:
+                raise TargetError(f"cannot start {argv[0]!r}: {exc}") from None
+            except (frida.ExecutableNotFoundError, frida.ExecutableNotSupportedError,
+                    frida.PermissionDeniedError) as exc:
+                raise TargetError(frida_error_message(exc, f"start {argv[0]!r}")) from None
+            self._spawned.append(pid)
+            if follow:
+                self._launcher_pid = pid
+                self._follow_child(pid, argv[0])
+            else:
+                self.pid = pid
+                self.session = self._attach(pid, f"attach to the spawned {argv[0]!r}")
         except BaseException:
+            self._release_parents()
             self._kill_spawned()
             raise
         return self._run()
+
+    def _plan_spawn(self, argv: list[str]) -> None:
+        """FNV defaults for a spawned FalloutNV.exe or nvse_loader.exe (docs/fnv.md): the Steam
+        variables, the game directory as working directory, and for the loader: follow it to
+        the FalloutNV.exe it starts."""
+        name = PureWindowsPath(argv[0]).name.lower()
+        if name not in (fnv.GAME_EXE.lower(), fnv.LOADER_EXE.lower()):
+            return
+        try:
+            plan = fnv.plan_launch(argv[0], argv[1:])
+        except ValueError as exc:
+            if name == fnv.LOADER_EXE.lower():
+                raise SessionError(str(exc)) from None
+            return  # not a file here: Frida names the problem when it tries to start it
+        if self.opts.spawn_env is None:
+            self.opts.spawn_env = plan.env
+        if self.opts.spawn_cwd is None:
+            self.opts.spawn_cwd = plan.cwd
+        if plan.gate_children and not self.opts.follow_child:
+            self.opts.follow_child = True
+            self.opts.child_name = self.opts.child_name or plan.child_name
+
+    def _follow_child(self, launcher: int, program: str) -> None:
+        """Child gating: attach to the launcher, let it run until it starts the child we monitor
+        (held suspended by Frida), attach to that child; _start resumes it once the hooks are in
+        and then lets the launcher go. On Linux the child is a fork that then execs: the fork is
+        followed (gated too) to its exec."""
+        assert self.device is not None
+        want = self.opts.child_name
+        what = want or "a child process"
+        self._gate(launcher, f"attach to the spawned {program!r}")
+        self.device.resume(launcher)
+        deadline = time.monotonic() + CHILD_TIMEOUT_S
+        seen = 0
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                item = self.q.get(timeout=max(left, 0.01))
+            except queue.Empty:
+                raise TargetError(f"{program!r} did not start {what} within "
+                                  f"{CHILD_TIMEOUT_S:.0f} s") from None
+            if isinstance(item, _ParentGone):
+                if item.pid == launcher and seen == 0:
+                    raise TargetError(f"{program!r} ended ({item.reason}) without starting "
+                                      f"{what}")
+                continue
+            if not isinstance(item, _ChildAdded):
+                continue
+            child = item.child
+            seen += 1
+            self._spawned.append(child.pid)
+            name = PureWindowsPath(child.path or "").name
+            if child.origin == "fork":  # the exec comes next, gated by this fork
+                self._gate(child.pid, f"follow the fork {child.pid} of {program!r}")
+                self.device.resume(child.pid)
+            elif want is None or name.lower() == want.lower():
+                self.pid = child.pid
+                self.session = self._attach(child.pid, f"attach to {name} (PID {child.pid}), "
+                                            f"started by {program!r}")
+                return
+            else:  # another child of the launcher: not ours to hold
+                self.device.resume(child.pid)
+
+    def _gate(self, pid: int, what: str) -> None:
+        assert self.device is not None
+        try:
+            parent = self.device.attach(pid)
+            parent.on("detached", lambda reason, _crash: self.q.put(_ParentGone(pid, reason)))
+            parent.enable_child_gating()
+        except (frida.ProcessNotFoundError, frida.PermissionDeniedError, frida.NotSupportedError,
+                frida.ProcessNotRespondingError, frida.TransportError, frida.TimedOutError,
+                frida.InvalidArgumentError, frida.InvalidOperationError) as exc:
+            raise TargetError(frida_error_message(exc, what)) from None
+        self._parents.append(parent)
+
+    def _release_parents(self) -> None:
+        """Let the launcher go: detaching ends child gating (later children run unmonitored)."""
+        parents, self._parents = self._parents, []
+        if self.opts.follow_child and self.device is not None:
+            with contextlib.suppress(Exception):
+                self.device.off("child-added", self._on_child_added)
+        for parent in parents:
+            with contextlib.suppress(Exception):
+                parent.detach()
 
     # ---- the session ----------------------------------------------------------------------------
     def _preflight(self) -> None:
@@ -203,9 +343,22 @@ class LiveSession:
         the prefix is a plain name, a --profile file parses. One-line SessionError otherwise."""
         from .hookprofile import load_profile
 
-        out = Path(self.opts.out_dir)
         try:
             check_prefix(self.opts.prefix)
+        except OutputDirError as exc:
+            raise SessionError(str(exc)) from None
+        if self.opts.out_dir is not None:  # else checked once the target is known
+            self._check_out_dir(Path(self.opts.out_dir))
+        self._profile = None
+        if self.opts.profile:
+            try:
+                self._profile = load_profile(self.opts.profile)
+            except ValueError as exc:  # hookprofile.ProfileError
+                raise SessionError(str(exc)) from None
+
+    @staticmethod
+    def _check_out_dir(out: Path) -> None:
+        try:
             out.mkdir(parents=True, exist_ok=True)
             check_writable_dir(out)
         except OutputDirError as exc:
@@ -213,12 +366,6 @@ class LiveSession:
         except OSError as exc:
             raise SessionError(
                 f"cannot write to output directory {out}: {exc.strerror or exc}") from None
-        self._profile = None
-        if self.opts.profile:
-            try:
-                self._profile = load_profile(self.opts.profile)
-            except ValueError as exc:  # hookprofile.ProfileError
-                raise SessionError(str(exc)) from None
 
     def _attach(self, pid: int, what: str) -> frida.core.Session:
         assert self.device is not None
@@ -284,6 +431,10 @@ class LiveSession:
                 profile = select_profile(info.main_module, info.platform, info.arch)
         except ValueError as exc:  # hookprofile.ProfileError
             raise SessionError(str(exc)) from None
+        self._check_version(profile, info.path)
+        if self.out_dir is None:
+            self.out_dir = fnv.default_out_dir(info.path or None, Path.cwd())
+            self._check_out_dir(self.out_dir)
 
         self._exit_script = self.session.create_script(EXIT_WATCH_JS, name="nvse-monitor-exit")
         self._exit_script.on("message", self._on_exit_watch)
@@ -312,10 +463,15 @@ class LiveSession:
         )
         self.meta.utc_offset_s = _utc_offset_s()
         self.meta.monitor_version = __version__
+        banner = _fnv_banner(self.meta, info.path)
+        if banner:
+            # The engine logs its banner from SessionMeta; these lines ride along in the meta
+            # (and so in recordings) until the engine logs meta.extra["banner"] itself.
+            self.meta.extra["banner"] = banner
 
         try:
             self.pipeline = Pipeline(
-                self.meta, self.opts.out_dir, self.opts.prefix, self.opts.engine_config,
+                self.meta, self.out_dir, self.opts.prefix, self.opts.engine_config,
                 limits=self.opts.limits,
             )
             self.pipeline.start()
@@ -334,6 +490,7 @@ class LiveSession:
                 self.recorder = RecordingWriter(self.opts.record, self.meta)
             except OSError as exc:
                 raise SessionError(f"{self.opts.record}: cannot write: {exc.strerror}") from None
+        self._start_addrspace(info)
         self._install_signals()
         for item in early:
             detached = self._handle(item)
@@ -342,6 +499,7 @@ class LiveSession:
         if self.mode == "spawn":
             assert self.device is not None
             self.device.resume(self.pid)
+            self._release_parents()  # --follow-child: now the launcher may go on
         hooks_ok = sum(1 for h in init_result.get("hooks", []) if h.get("ok"))
         agent_bytes = init_result.get("agent_bytes") or init_result.get("ring_bytes") or 0
         agent_mib = int(agent_bytes) / 2**20
@@ -349,11 +507,54 @@ class LiveSession:
             f"nvse-monitor: monitoring {self.meta.target} (PID {self.pid}, {self.meta.arch}, "
             f"{self.meta.platform}) with profile {self.meta.profile}: {hooks_ok}/"
             f"{len(init_result.get('hooks', []))} hooks, agent memory {agent_mib:.1f} MiB; "
-            f"files in {self.opts.out_dir}{'; Ctrl-C to stop' if self.mode == 'attach' else ''}\n"
+            f"files in {self.out_dir}{'; Ctrl-C to stop' if self.mode == 'attach' else ''}\n"
         )
+        for line in banner:
+            self.err.write(f"nvse-monitor: {line}\n")
         self.err.flush()
         if self.opts.duration is not None:
             self._duration_deadline = time.monotonic() + self.opts.duration
+
+    def _start_addrspace(self, info: Any) -> None:
+        """The headroom sampler next to the agent (ia32 targets): a failure to load it is a
+        note, never the end of the session."""
+        if self.opts.addrspace_warn_bytes <= 0 or info.arch != "ia32":
+            return
+        assert self.out_dir is not None and self.session is not None
+        path = addrspace.csv_path(self.out_dir, self.opts.prefix)
+        try:
+            self.headroom = addrspace.Headroom(path, self.opts.addrspace_warn_bytes)
+        except OSError as exc:
+            self._notes.append(f"address-space sampling off: {path}: {exc.strerror or exc}")
+            return
+        try:
+            self._addrspace_watch = addrspace.Watch(
+                self.session, addrspace.default_limit(info.arch, info.platform), self.q.put,
+                lambda m: self.q.put(_AddrSpaceError(m)), self.opts.addrspace_interval_ms)
+        except (frida.InvalidOperationError, frida.TransportError) as exc:
+            self._notes.append(f"address-space sampling off: {exc}")
+
+    def _host_line(self, line: str) -> None:
+        if self.status is not None:
+            self.status.note(line)
+        else:
+            self.err.write(f"nvse-monitor: {line}\n")
+            self.err.flush()
+
+    def _check_version(self, profile: Any, exe_path: str) -> None:
+        """A profile made for one PE version (absolute addresses) refuses any other build,
+        naming both versions, unless --force (which also lets it run on a non-PE test build)."""
+        if profile.pe_version is None:
+            return
+        from .pe import PeError, check_profile_version
+
+        try:
+            note = check_profile_version(profile, exe_path, self.opts.force)
+        except PeError as exc:
+            raise SessionError(str(exc)) from None
+        if note:
+            self._notes.append(note)
+            self.err.write(f"nvse-monitor: warning: {note}\n")
 
     def _call_in_worker(self, name: str, fn: Callable[[], Any], sink: list[Any]) -> Any:
         """Run a blocking agent call on a worker thread while queued items go to `sink`."""
@@ -430,6 +631,14 @@ class LiveSession:
                 self._notes.append(f"agent {item.name}() failed: {item.error}")
         elif isinstance(item, _Detached):
             return item
+        elif isinstance(item, addrspace.Sample) and self.headroom is not None:
+            for line in self.headroom.add(item):
+                self._host_line(line)
+        elif isinstance(item, _AddrSpaceError):
+            self._notes.append(f"address-space sampling stopped: {item.message}")
+        elif isinstance(item, _ChildAdded) and self.device is not None:
+            with contextlib.suppress(Exception):  # a later child of a launcher: not monitored
+                self.device.resume(item.child.pid)
         return None
 
     def _feed_batches(self, first: Batch) -> Any:
@@ -500,6 +709,8 @@ class LiveSession:
         threading.Thread(target=work, name="nvse-monitor-stop", daemon=True).start()
 
     def _detach_quietly(self) -> None:
+        if self._addrspace_watch is not None:
+            self._addrspace_watch.unload()
         with contextlib.suppress(Exception):
             self.agent.unload()
         with contextlib.suppress(Exception):
@@ -562,6 +773,9 @@ class LiveSession:
             except queue.Empty:
                 break
         end = self._end_message(detached)
+        if self._launcher_pid and os.name == "posix":  # --follow-child: reap the launcher
+            with contextlib.suppress(OSError):
+                os.waitpid(self._launcher_pid, os.WNOHANG)
         self._feed(end)
         if self.recorder is not None:
             try:
@@ -569,6 +783,13 @@ class LiveSession:
             except OSError as exc:
                 self._notes.append(f"recording incomplete: {self.opts.record}: {exc.strerror}")
         self.pipeline.finish(end.ts_us)
+        if self.headroom is not None:
+            self.headroom.close()
+            low = self.headroom.min_largest_free
+            if low is not None:
+                self._notes.append(
+                    f"address space: smallest largest-free block {low / 2**20:.1f} MiB over "
+                    f"{self.headroom.samples} samples ({self.headroom.path})")
         code = 1 if self._agent_errors else 0
         return SessionResult(
             code, end, self.meta, self.pipeline.paths, self._messages, self._records,
@@ -580,17 +801,23 @@ class LiveSession:
         for view in (self.dashboard, self.metrics):
             if view is not None:
                 view.stop()
+        if self.headroom is not None:
+            self.headroom.close()
         if self.agent is not None:
             with contextlib.suppress(Exception):
                 self.agent.stop()
         self._detach_quietly()
+        self._release_parents()
         if self.mode == "spawn":
             self._kill_spawned()
 
     def _kill_spawned(self) -> None:
-        if self.device is not None and self.pid:
-            with contextlib.suppress(Exception):
-                self.device.kill(self.pid)
+        if self.device is None:
+            return
+        for pid in dict.fromkeys([self.pid, *reversed(self._spawned)]):
+            if pid:
+                with contextlib.suppress(Exception):
+                    self.device.kill(pid)
 
     # ---- signals --------------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -663,3 +890,25 @@ def _utc_offset_s() -> int:
     """The host's local-time offset now (the log shows local time, like the original plugin)."""
     off = time.localtime().tm_gmtoff
     return int(off or 0)
+
+
+def _fnv_banner(meta: SessionMeta, exe_path: str) -> list[str]:
+    """The FNV banner lines (game and NVSE versions, plugins, heap replacers) for the game or
+    the editor; [] for other targets."""
+    name = PureWindowsPath(meta.target).name
+    if name.lower() not in (fnv.GAME_EXE.lower(), fnv.EDITOR_EXE.lower()):
+        return []
+    from .pe import PeError, is_pe, read_pe_version
+
+    def version(path: str) -> str | None:
+        if not path or not is_pe(path):
+            return None
+        try:
+            return read_pe_version(path).file_version
+        except PeError:
+            return None
+
+    nvse = next((m for m in meta.modules if m.name.lower() in fnv.NVSE_MODULES), None)
+    nvse_path = next((m.path for m in meta.modules if m.name.lower() == fnv.NVSE_MODULES[0]),
+                     nvse.path if nvse is not None else "")
+    return fnv.banner(meta.modules, name, version(exe_path), version(nvse_path)).lines()

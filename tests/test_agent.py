@@ -460,3 +460,36 @@ def test_spawned_process_recorded_from_first_call(bin_dir):
         with contextlib.suppress(frida.InvalidOperationError, frida.ProcessNotFoundError,
                                  frida.NotSupportedError):
             device.kill(pid)
+
+
+# ------------------------------------------------------------------ Frida's threads started late
+
+
+def test_thread_cloaked_after_init_not_recorded(bin_dir, m32_reason):
+    """A thread Frida starts after init (cloaked, like a GLib worker doing iconv) is not the
+    target's: its records are dropped at the drain, the counters leave it out, seq stays
+    contiguous. Simulated by cloaking one of the target's idle workers after init."""
+    path = exe(bin_dir, "threads.c", "x64", m32_reason, opt="-O1")
+    with Monitored([str(path), "3", "3000"]) as mon:
+        frida_tids = set(mon.agent.init_result["ignored_tids"]) | {mon.agent.init_result["js_tid"]}
+        workers = sorted(int(t) for t in os.listdir(f"/proc/{mon.pid}/task")
+                         if int(t) != mon.pid and int(t) not in frida_tids)
+        assert len(workers) == 3, workers
+        hidden = workers[0]
+        mon.agent.script.exports_sync.cloak_thread(hidden)
+        before = mon.agent.flush()
+        mon.say()
+        per, total = read_thread_truth(mon)
+        after = mon.agent.flush()
+        mon.stop()
+        recs = mon.records()
+        assert mon.close() == 0
+    assert hidden in per and per[hidden]["allocs"] > 0
+    assert not np.any(recs["tid"] == hidden)
+    assert hidden in mon.agent.late_frida_tids
+    want = {k: sum(per[t][k] for t in per if t != hidden) for k in per[hidden]}
+    assert counters_delta(before, after) == want
+    check_stream(mon, recs)
+    for tid in per:
+        if tid != hidden:
+            assert tally(recs[recs["tid"] == tid]) == per[tid], f"thread {tid}"

@@ -328,3 +328,22 @@ def test_feed_many_on_a_bundled_recording_matches_feed(name) -> None:
     assert len(lines1) > 20
     assert lines1 == [o for o in o2 if not isinstance(o, Snapshot)]
     assert o1[-1] == o2[-1]
+
+
+def test_banner_lines_and_plugins_are_logged_as_info():
+    from nvse_monitor.engine import Engine
+    from nvse_monitor.stream import Module, ModuleEvent, SessionMeta
+
+    meta = SessionMeta(target="FalloutNV.exe", pid=7, arch="ia32", platform="windows",
+                       profile="fnv-1.4.0.525",
+                       extra={"banner": ["Game: FalloutNV.exe 1.4.0.525", "NVSE: 6.3.1"]})
+    e = Engine(meta)
+    lines = [(o.level, o.message) for o in e.start() if hasattr(o, "level")]
+    assert ("INFO", "Game: FalloutNV.exe 1.4.0.525") in lines and ("INFO", "NVSE: 6.3.1") in lines
+    plugin = Module("jip_nvse.dll", 0x10000000, 0x1000,
+                    r"C:\Games\FNV\Data\NVSE\Plugins\jip_nvse.dll")
+    other = Module("d3d9.dll", 0x20000000, 0x1000, r"C:\Windows\SysWOW64\d3d9.dll")
+    out = e.feed(ModuleEvent(ts_us=5, action="add", module=plugin))
+    out += e.feed(ModuleEvent(ts_us=6, action="add", module=other))
+    levels = {o.message.split(":")[0]: o.level for o in out if hasattr(o, "level")}
+    assert levels == {"Plugin loaded": "INFO", "Module loaded": "DEBUG"}

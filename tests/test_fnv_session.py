@@ -1,0 +1,322 @@
+"""FNV in live sessions, through the CLI with real Frida on the fake game (tests/fnv/): following
+nvse_loader to the game it starts (child gating), `launch GAME_DIR`, the default output directory
+(the game's Data/NVSE/Plugins), the banner, and the PE version check with --force.
+
+The fake loader starts the fake game as a suspended child, like nvse_loader; the monitor must
+see the game from its first allocation: every allocation call the game counts (main thread and
+workers) is in the recording, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fnv.build import FakeInstall, GroundTruth, build_fake_install, parse_truth
+from test_agent_harness import m32_problem
+
+from nvse_monitor.events import Kind
+from nvse_monitor.hookprofile import Profile, load_profile
+from nvse_monitor.recording import Recording
+from nvse_monitor.stream import Batch
+
+pytestmark = [pytest.mark.frida, pytest.mark.m32]
+
+FAKE_PROFILE = Path(__file__).parent / "profiles" / "fake-fnv.toml"
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def install(tmp_path_factory: pytest.TempPathFactory) -> FakeInstall:
+    if why := m32_problem():
+        pytest.skip(why)
+    inst = build_fake_install(tmp_path_factory.mktemp("fnv-session-install"))
+    # the same launcher under a name that means nothing to the monitor (generic --follow-child)
+    shutil.copy2(inst.loader, inst.root / "launcher")
+    return inst
+
+
+@pytest.fixture(scope="module")
+def profile() -> Profile:
+    return load_profile(FAKE_PROFILE)
+
+
+def _env(**kw: str) -> dict[str, str]:
+    env = dict(os.environ, FAKE_GAME_THREADS="3", FAKE_GAME_ITERS="100", FAKE_GAME_AUTORUN="1")
+    env.update(kw)
+    return env
+
+
+def cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "nvse_monitor", *args], cwd=cwd,
+                          env=_env(**env), stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+
+
+@dataclass
+class Followed:
+    p: subprocess.CompletedProcess[str]
+    gt: GroundTruth
+    out_dir: Path
+    rec: Path
+
+    def json(self) -> dict[str, Any]:
+        return json.loads(next(self.out_dir.glob("*_stats.json")).read_text())
+
+    def monitored_pid(self) -> int:
+        m = re.search(r"monitoring (\S+) \(PID (\d+)", self.p.stderr)
+        assert m, self.p.stderr[-800:]
+        assert m.group(1) == "FalloutNV.exe"
+        return int(m.group(2))
+
+    def loader_child_pid(self) -> int:
+        m = re.search(r"^loader child (\d+)$", self.p.stdout, re.M)
+        assert m, self.p.stdout[-500:]
+        return int(m.group(1))
+
+
+def _followed(p: subprocess.CompletedProcess[str], out_dir: Path, rec: Path) -> Followed:
+    assert p.returncode == 0, p.stderr[-1500:]
+    gt = parse_truth([ln.split() for ln in p.stdout.splitlines()])
+    assert gt.hooks, p.stdout[-500:]
+    return Followed(p, gt, out_dir, rec)
+
+
+@pytest.fixture(scope="module")
+def via_spawn(install: FakeInstall, tmp_path_factory: pytest.TempPathFactory) -> Followed:
+    """`spawn --follow-child -- ./launcher ARGS` in the game directory, no --out."""
+    rec = tmp_path_factory.mktemp("fnv-follow") / "s.nvmrec"
+    p = cli(["spawn", "--profile", str(FAKE_PROFILE), "--prefix", "Follow", "--record",
+             str(rec), "--follow-child", "--", "./launcher", *install.game_argv()[1:]],
+            cwd=install.root)
+    return _followed(p, install.plugins_dir, rec)
+
+
+@pytest.fixture(scope="module")
+def via_launch(install: FakeInstall, tmp_path_factory: pytest.TempPathFactory) -> Followed:
+    """`launch GAME_DIR -- ARGS` from another directory: the loader is found and started in the
+    game directory (it runs ./FalloutNV.exe from there)."""
+    elsewhere = tmp_path_factory.mktemp("fnv-launch")
+    out = elsewhere / "out"
+    p = cli(["launch", str(install.root), "--profile", str(FAKE_PROFILE), "--out", str(out),
+             "--record", str(elsewhere / "l.nvmrec"), "--", *install.game_argv()[1:]],
+            cwd=elsewhere)
+    return _followed(p, out, elsewhere / "l.nvmrec")
+
+
+def _per_hook(rec: Path, profile: Profile) -> tuple[Any, dict[str, tuple[int, int]]]:
+    names = [h.name for h in profile.hooks]
+    got: dict[str, tuple[int, int]] = {}
+    r = Recording(rec)
+    with r:
+        meta = r.meta
+        for msg in r:
+            if not isinstance(msg, Batch):
+                continue
+            for kind, hook, size in zip(msg.records["kind"].tolist(), msg.records["hook"].tolist(),
+                                        msg.records["size"].tolist(), strict=True):
+                if kind == Kind.FAILED:
+                    continue
+                c, b = got.get(names[hook], (0, 0))
+                got[names[hook]] = (c + 1, b + size)
+    return meta, got
+
+
+def _allocating_fixed_hooks(profile: Profile) -> list[str]:
+    """Hooks at the game's absolute addresses that allocate (frees go on after the ground truth
+    is printed: the game frees what it kept before it exits)."""
+    return [h.name for h in profile.hooks if h.address is not None and h.role not in
+            ("free", "size")]
+
+
+@pytest.mark.parametrize("how", ["via_spawn", "via_launch"])
+def test_child_monitored_from_first_allocation(how: str, request: pytest.FixtureRequest,
+                                               profile: Profile) -> None:
+    run: Followed = request.getfixturevalue(how)
+    assert run.monitored_pid() == run.loader_child_pid()  # the game, not the loader
+    meta, got = _per_hook(run.rec, profile)
+    assert meta.mode == "spawn" and Path(meta.target).name == "FalloutNV.exe"
+    want = {n: run.gt.hooks[n] for n in _allocating_fixed_hooks(profile) if n in run.gt.hooks}
+    assert want["MemoryManager::Allocate"][0] > 100 and want["crt!malloc"][0] > 0
+    assert {n: got.get(n) for n in want} == want
+
+
+@pytest.mark.parametrize("how", ["via_spawn", "via_launch"])
+def test_child_json_final_heaps(how: str, request: pytest.FixtureRequest) -> None:
+    """At its end the game has freed everything it kept; what stays on the game heap is plugin
+    A's blocks (allocated by absolute address, never freed)."""
+    run: Followed = request.getfixturevalue(how)
+    heaps = run.json()["monitor"]["heaps"]
+    assert heaps["game"]["current_bytes"] == run.gt.live[("libfnvplugin_a.so", "game")]
+    assert heaps["crt"]["current_bytes"] == 0 and heaps["scrap"]["current_bytes"] == 0
+    assert heaps["crt"]["peak_bytes"] >= run.gt.heaps["crt"] > 0
+    assert "session ended: target-exited" in run.p.stderr
+
+
+def test_default_out_dir_is_the_games_plugins_folder(via_spawn: Followed,
+                                                      install: FakeInstall) -> None:
+    assert (install.plugins_dir / "Follow_stats.json").is_file()
+    assert f"files in {install.plugins_dir}" in via_spawn.p.stderr
+
+
+def test_banner_on_stderr_and_in_meta(via_spawn: Followed) -> None:
+    meta = Recording(via_spawn.rec).meta
+    lines = meta.extra.get("banner")
+    assert lines and lines[0] == "Game: FalloutNV.exe" and "NVSE: not loaded" in lines
+    for line in lines:
+        assert f"nvse-monitor: {line}\n" in via_spawn.p.stderr
+
+
+def test_launch_says_how(via_launch: Followed) -> None:
+    assert "launching" in via_launch.p.stderr and "nvse_loader.exe" in via_launch.p.stderr
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_launcher_without_child_is_one_line(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "nvse_monitor", "spawn", "--out", str(tmp_path),
+                        "--follow-child", "--", "/bin/true"], capture_output=True, text=True,
+                       timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
+    assert p.returncode == 2, p.stderr
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "without starting a child process" in err[0]
+
+
+def test_launch_not_a_game_dir(tmp_path: Path) -> None:
+    p = cli(["launch", str(tmp_path)], cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"nvse-monitor: error: {tmp_path}: no FalloutNV.exe in this " \
+                               "directory"
+
+
+# ---------------------------------------------------------------- version check
+
+
+@pytest.fixture(scope="module")
+def versioned_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fake profile with the real one's version requirement (the fake game is no PE)."""
+    text = FAKE_PROFILE.read_text().replace('name = "fake-fnv"\n',
+                                            'name = "fake-fnv-pe"\npe_version = "1.4.0.525"\n', 1)
+    assert "pe_version" in text
+    p = tmp_path_factory.mktemp("fnv-pe-profile") / "fake-fnv-pe.toml"
+    p.write_text(text)
+    return p
+
+
+def test_version_check_refuses_a_non_pe_game(install: FakeInstall, versioned_profile: Path,
+                                             tmp_path: Path) -> None:
+    p = cli(["spawn", "--profile", str(versioned_profile), "--out", str(tmp_path), "--",
+             *install.game_argv(plugins=False)], cwd=install.root, FAKE_GAME_ITERS="5")
+    assert p.returncode == 2, p.stderr
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "not a PE executable" in err[0] and "1.4.0.525" in err[0]
+    assert "--force" in err[0]
+    assert "gt hook" not in p.stdout  # the game was killed before it ran
+    assert not list(tmp_path.glob("*_stats.json"))
+
+
+def test_version_check_forced(install: FakeInstall, versioned_profile: Path,
+                              tmp_path: Path) -> None:
+    p = cli(["spawn", "--force", "--profile", str(versioned_profile), "--out", str(tmp_path),
+             "--", *install.game_argv(plugins=False)], cwd=install.root, FAKE_GAME_ITERS="5")
+    assert p.returncode == 0, p.stderr[-1500:]
+    assert "warning:" in p.stderr and "forced" in p.stderr
+    assert json.loads(next(tmp_path.glob("*_stats.json")).read_text())["monitor"]["profile"] \
+        == "fake-fnv-pe"
+
+
+# ---------------------------------------------------------------- address-space headroom
+
+HOG_C = r"""
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+/* "fill": reserve 64 MiB regions (PROT_NONE, no memory behind them) until the 32-bit address
+ * space is full; "free": release them. Prints what it did. */
+static void *blocks[128];
+static int n;
+int main (void) {
+  char line[64];
+  setvbuf (stdout, NULL, _IOLBF, 0);
+  printf ("ready %d\n", (int) getpid ());
+  while (fgets (line, sizeof line, stdin)) {
+    if (!strncmp (line, "fill", 4)) {
+      while (n < 128) {
+        void *p = mmap (NULL, 64 << 20, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                        -1, 0);
+        if (p == MAP_FAILED) break;
+        blocks[n++] = p;
+      }
+      printf ("filled %d\n", n);
+    } else if (!strncmp (line, "free", 4)) {
+      while (n > 0) munmap (blocks[--n], 64 << 20);
+      printf ("freed\n");
+    }
+  }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def hog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if why := m32_problem():
+        pytest.skip(why)
+    d = tmp_path_factory.mktemp("hog")
+    (d / "hog.c").write_text(HOG_C)
+    subprocess.run(["gcc", "-m32", "-O1", "-Wall", "-Werror", str(d / "hog.c"), "-o",
+                    str(d / "hog")], check=True, capture_output=True)
+    return d / "hog"
+
+
+def test_address_space_low_warns_and_is_recorded(hog: Path, tmp_path: Path) -> None:
+    """Reserving the 32-bit address space until it is full trips the warning; releasing it
+    says so; the time series shows both."""
+    mon = subprocess.Popen([sys.executable, "-m", "nvse_monitor", "spawn", "--out", str(tmp_path),
+                            "--prefix", "hog", "--", str(hog)], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert mon.stdin is not None and mon.stdout is not None
+        assert mon.stdout.readline().startswith("ready")
+        time.sleep(1.2)  # a sample of the roomy address space
+        mon.stdin.write("fill\n")
+        mon.stdin.flush()
+        filled = int(mon.stdout.readline().split()[1])
+        assert filled > 40  # ~3.5 GB of reservations
+        time.sleep(2.2)
+        mon.stdin.write("free\n")
+        mon.stdin.flush()
+        assert mon.stdout.readline().strip() == "freed"
+        time.sleep(2.2)
+        mon.stdin.close()  # the target reads EOF and exits
+        mon.stdin = None
+        _, err = mon.communicate(timeout=TIMEOUT_S)
+    finally:
+        if mon.poll() is None:
+            mon.kill()
+            mon.wait()
+    assert mon.returncode == 0, err[-1500:]
+    low = [ln for ln in err.splitlines() if "WARN Address space low" in ln]
+    back = [ln for ln in err.splitlines() if "Address space recovered" in ln]
+    assert len(low) == 1 and len(back) == 1, err[-1500:]
+    assert err.index(low[0]) < err.index(back[0])
+    rows = (tmp_path / "hog_addrspace.csv").read_text().splitlines()
+    assert rows[0].startswith("timestamp,mapped_bytes,")
+    largest = [int(r.split(",")[5]) for r in rows[1:]]
+    limit = 256 << 20
+    first_low = next(i for i, v in enumerate(largest) if v < limit)
+    assert first_low > 0 and any(v >= limit for v in largest[first_low:])
+    mapped = [int(r.split(",")[1]) for r in rows[1:]]
+    assert max(mapped) - mapped[0] >= filled * (64 << 20) * 0.9
+    assert "smallest largest-free block" in err

@@ -1,0 +1,195 @@
+"""FNV decisions inside live sessions that need no target: the spawn plan for nvse_loader.exe /
+FalloutNV.exe, the PE version check, the banner lines, the 4GB-patch probe of `launch`
+(nvse_monitor/session.py, nvse_monitor/cli_live.py; docs/fnv.md)."""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+
+import pytest
+from fnv.pebuild import build_pe
+from test_fnv_unit import make_game
+
+from nvse_monitor import addrspace, fnv
+from nvse_monitor.cli_live import _large_address_aware
+from nvse_monitor.hookprofile import load_profile
+from nvse_monitor.session import LiveSession, SessionError, SessionOptions, _fnv_banner
+from nvse_monitor.stream import Module, SessionMeta
+
+FNV = load_profile("fnv-1.4.0.525")
+
+
+def _session(**kw: object) -> LiveSession:
+    return LiveSession(SessionOptions(**kw), err=io.StringIO())  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- spawn plan
+
+
+def test_spawned_loader_is_followed_to_the_game(tmp_path: Path) -> None:
+    root = make_game(tmp_path / "g")
+    live = _session()
+    live._plan_spawn([str(root / "nvse_loader.exe"), "-x"])
+    o = live.opts
+    assert o.follow_child and o.child_name == "FalloutNV.exe"
+    assert o.spawn_cwd == root  # nvse_loader takes the game from its working directory
+    assert o.spawn_env is not None
+    assert o.spawn_env["SteamAppID"] == o.spawn_env["SteamGameId"] == "22380"
+
+
+def test_spawned_game_gets_steam_env_and_its_dir(tmp_path: Path) -> None:
+    root = make_game(tmp_path / "g")
+    live = _session()
+    live._plan_spawn([str(root / "FalloutNV.exe")])
+    assert not live.opts.follow_child and live.opts.child_name is None
+    assert live.opts.spawn_cwd == root
+    assert live.opts.spawn_env is not None and live.opts.spawn_env["SteamGameId"] == "22380"
+
+
+def test_user_choices_are_kept(tmp_path: Path) -> None:
+    root = make_game(tmp_path / "g")
+    live = _session(spawn_cwd=tmp_path, spawn_env={"A": "1"}, child_name="Other.exe")
+    live._plan_spawn([str(root / "nvse_loader.exe")])
+    assert live.opts.spawn_cwd == tmp_path and live.opts.spawn_env == {"A": "1"}
+    assert live.opts.follow_child and live.opts.child_name == "Other.exe"
+
+
+def test_other_programs_untouched(tmp_path: Path) -> None:
+    live = _session()
+    live._plan_spawn(["/bin/true"])
+    o = live.opts
+    assert (o.follow_child, o.child_name, o.spawn_cwd, o.spawn_env) == (False, None, None, None)
+
+
+def test_loader_without_game_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "nvse_loader.exe").write_bytes(b"MZ")
+    with pytest.raises(SessionError) as e:
+        _session()._plan_spawn([str(tmp_path / "nvse_loader.exe")])
+    assert "FalloutNV.exe" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- version check
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_version_mismatch_names_both(tmp_path: Path, force: bool) -> None:
+    exe = tmp_path / "FalloutNV.exe"
+    exe.write_bytes(build_pe("1.4.0.512"))
+    live = _session(force=force)
+    if not force:
+        with pytest.raises(SessionError) as e:
+            live._check_version(FNV, str(exe))
+        msg = str(e.value)
+        assert "1.4.0.525" in msg and "1.4.0.512" in msg and "--force" in msg
+        assert "\n" not in msg
+    else:
+        live._check_version(FNV, str(exe))
+        assert any("1.4.0.512" in n and "forced" in n for n in live._notes)
+        assert "warning" in live.err.getvalue()  # type: ignore[attr-defined]
+
+
+def test_right_version_passes_silently(tmp_path: Path) -> None:
+    exe = tmp_path / "FalloutNV.exe"
+    exe.write_bytes(build_pe("1.4.0.525"))
+    live = _session()
+    live._check_version(FNV, str(exe))
+    assert live._notes == [] and live.err.getvalue() == ""  # type: ignore[attr-defined]
+
+
+def test_profile_without_version_reads_nothing(tmp_path: Path) -> None:
+    live = _session()
+    live._check_version(load_profile("linux-libc"), str(tmp_path / "missing"))
+    assert live._notes == []
+
+
+# ---------------------------------------------------------------- banner
+
+
+def _meta(target: str, modules: list[Module]) -> SessionMeta:
+    return SessionMeta(target=target, pid=1, arch="ia32", platform="windows", profile="p",
+                       modules=modules)
+
+
+def test_banner_reads_game_and_nvse_versions(tmp_path: Path) -> None:
+    root = make_game(tmp_path / "g")
+    (root / "FalloutNV.exe").write_bytes(build_pe("1.4.0.525"))
+    (root / "nvse_1_4.dll").write_bytes(build_pe("6.3.7.0"))
+    plug = root / "Data" / "NVSE" / "Plugins" / "jip_nvse.dll"
+    mods = [Module("FalloutNV.exe", 0x400000, 0x1000, str(root / "FalloutNV.exe")),
+            Module("nvse_1_4.dll", 0x10000000, 0x1000, str(root / "nvse_1_4.dll")),
+            Module("jip_nvse.dll", 0x20000000, 0x1000, str(plug))]
+    lines = _fnv_banner(_meta("FalloutNV.exe", mods), str(root / "FalloutNV.exe"))
+    assert lines == ["Game: FalloutNV.exe 1.4.0.525", "NVSE: nvse_1_4.dll 6.3.7.0",
+                     "Plugins loaded: 1: jip_nvse.dll"]
+
+
+def test_no_banner_for_other_targets() -> None:
+    assert _fnv_banner(_meta("game", []), "/usr/bin/game") == []
+
+
+# ---------------------------------------------------------------- launch: 4GB patch
+
+
+def _set_laa(exe: Path) -> None:
+    data = bytearray(exe.read_bytes())
+    pe_off = struct.unpack_from("<I", data, 0x3C)[0]
+    chars = struct.unpack_from("<H", data, pe_off + 4 + 18)[0]
+    struct.pack_into("<H", data, pe_off + 4 + 18, chars | 0x20)
+    exe.write_bytes(bytes(data))
+
+
+def test_launch_starts_a_4gb_patched_game_directly(tmp_path: Path) -> None:
+    root = make_game(tmp_path / "g")
+    exe = root / "FalloutNV.exe"
+    exe.write_bytes(build_pe("1.4.0.525"))
+    assert _large_address_aware(root) is False
+    assert fnv.plan_launch(root, large_address_aware=_large_address_aware(root)).mode == "loader"
+    _set_laa(exe)
+    assert _large_address_aware(root) is True
+    assert fnv.plan_launch(root, large_address_aware=_large_address_aware(root)).mode == "direct"
+
+
+def test_launch_probe_unknown_for_non_pe(tmp_path: Path) -> None:
+    root = make_game(tmp_path / "g")  # "MZ" only: not a PE image
+    assert _large_address_aware(root) is None
+    assert _large_address_aware(tmp_path / "nowhere") is None
+
+
+# ---------------------------------------------------------------- address-space headroom
+
+
+def _sample(largest: int | None, ts: int = 1) -> addrspace.Sample:
+    return addrspace.Sample(ts, 3 << 30, 1 << 30, 2 << 30, None if largest is None else
+                            largest * 2, largest, None if largest is None else 1 << 32, 9)
+
+
+def test_headroom_warns_once_per_crossing(tmp_path: Path) -> None:
+    h = addrspace.Headroom(tmp_path / "a.csv", warn_bytes=100 << 20)
+    mib = 1 << 20
+    got = [h.add(_sample(n * mib, i)) for i, n in enumerate([500, 99, 50, 99, 100, 300, 20])]
+    h.close()
+    kinds = [[ln.split()[0] for ln in lines] for lines in got]
+    assert kinds == [[], ["WARN"], [], [], ["INFO"], [], ["WARN"]]
+    assert "99.0 MiB < 100.0 MiB" in got[1][0]
+    assert h.min_largest_free == 20 * mib and h.samples == 7
+    rows = (tmp_path / "a.csv").read_text().splitlines()
+    assert rows[0] == addrspace.CSV_HEADER and len(rows) == 8
+    assert rows[2].split(",")[5] == str(99 * mib)
+
+
+def test_headroom_without_free_counts(tmp_path: Path) -> None:
+    h = addrspace.Headroom(tmp_path / "a.csv", warn_bytes=1)
+    assert h.add(_sample(None)) == []
+    h.close()
+    assert (tmp_path / "a.csv").read_text().splitlines()[1].split(",")[4:7] == ["", "", ""]
+
+
+@pytest.mark.parametrize("arch,platform,want", [("ia32", "linux", 1 << 32),
+                                                ("ia32", "windows", None),
+                                                ("x64", "linux", None)])
+def test_addrspace_limit(arch: str, platform: str, want: int | None) -> None:
+    assert addrspace.default_limit(arch, platform) == want
+    src = addrspace.script_source(want, 250)
+    assert src.startswith("const ADDRSPACE = {") and '"interval_ms": 250' in src
