@@ -83,19 +83,13 @@ function tick() {
   try {
     const s = sample();
     s.type = 'addrspace';
-    s.ts_us = Date.now() * 1000;
+    s.ts_us = Date.now() * 1000; // wall clock: the host makes it agent time (wall_clock_zero_us)
     send(s);
   } catch (e) {
     send({type: 'addrspace-error', message: String(e && e.stack || e)});
     if (timer !== null) { clearInterval(timer); timer = null; }
   }
 }
-
-rpc.exports = {
-  stop() {
-    if (timer !== null) { clearInterval(timer); timer = null; }
-  },
-};
 
 tick();
 timer = setInterval(tick, ADDRSPACE.interval_ms);

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import BUILD_DATE, NAME, __version__
+from .addrspace import DEFAULT_WARN_BYTES
 from .classify import (
     FAILURE,
     FREE_T,
@@ -41,8 +42,9 @@ from .events import RECORD_DTYPE
 from .fnv import is_plugin_path
 from .health import Health
 from .modmap import ModuleMap
-from .outputs import CsvRow, Output, Snapshot
+from .outputs import AddressSpaceRow, CsvRow, Output, Snapshot
 from .stream import (
+    AddressSpace,
     AgentCounters,
     AgentError,
     Batch,
@@ -54,6 +56,9 @@ from .stream import (
 )
 from .tracking import LiveColumns, LiveTable
 
+ADDRSPACE_LOW = "address space low"  # the health cause
+_MB = 1 << 20
+
 
 @dataclass
 class EngineConfig:
@@ -64,6 +69,8 @@ class EngineConfig:
     quiet_snapshot_us: int = 2_000_000  # snapshot at least this often (stream time) when quiet
     recovery_us: int = 30_000_000  # DEGRADED by transient causes -> ACTIVE after this long
     warn_interval_us: int = 1_000_000  # repeated WARN lines (failures, drops): at most one per
+    # Address space (ia32): DEGRADED while the largest free block is under this many bytes.
+    addrspace_warn_bytes: int = DEFAULT_WARN_BYTES
 
 
 @dataclass
@@ -157,6 +164,14 @@ class Engine:
         self.hooks_installed: list[str] = []
         self.hooks_failed: list[dict[str, str]] = []
         self._session_end: SessionEnd | None = None
+        # address space: the latest sample, how many, the smallest largest-free block seen
+        self.addrspace: AddressSpace | None = None
+        self.addrspace_samples = 0
+        self.min_largest_free: int | None = None
+        # A live session records its threshold in the metadata: a replay judges the same way.
+        recorded = meta.extra.get("addrspace_warn_bytes")
+        self.addrspace_warn_bytes = (recorded if type(recorded) is int and recorded > 0
+                                     else self.config.addrspace_warn_bytes)
         self._last_snap_ts: int | None = None
         self._last_snap_status = None
         self.started = False
@@ -184,6 +199,8 @@ class Engine:
             self.health.fail(t, "ERROR", f"Agent error: {msg.message}", "agent error")
         elif isinstance(msg, SessionEnd):
             self._feed_end(msg)
+        elif isinstance(msg, AddressSpace):
+            self._feed_addrspace(msg)
         else:
             raise TypeError(f"not a stream message: {type(msg).__name__}")
         self._end_feed()
@@ -366,6 +383,32 @@ class Engine:
         else:
             self.modmap.remove(m)
             self.health.log(t, "DEBUG", f"Module unloaded: {m.name} at 0x{m.base:x}")
+
+    def _feed_addrspace(self, msg: AddressSpace) -> None:
+        t = self._advance(msg.ts_us)
+        self._out.append(AddressSpaceRow(t, msg.mapped, msg.committed, msg.reserved, msg.free,
+                                         msg.largest_free, msg.limit, msg.regions))
+        self.addrspace = msg
+        self.addrspace_samples += 1
+        lf = msg.largest_free
+        if lf is None:  # not counted (64-bit): nothing to judge
+            return
+        if self.min_largest_free is None or lf < self.min_largest_free:
+            self.min_largest_free = lf
+        h, warn = self.health, self.addrspace_warn_bytes
+        low = ADDRSPACE_LOW in h.conditions
+        if lf >= warn and not low:
+            return
+        free = f"free {(msg.free or 0) / _MB:.1f} MB" + (
+            f" of {msg.limit / _MB:.1f} MB" if msg.limit is not None else "")
+        if lf < warn and not low:
+            h.log(t, "WARN", f"Address space low: largest free block {lf / _MB:.1f} MB "
+                  f"(< {warn / _MB:.1f} MB), {free}")
+            h.set_condition(t, ADDRSPACE_LOW)
+        elif lf >= warn and low:
+            h.log(t, "INFO", f"Address space recovered: largest free block {lf / _MB:.1f} MB "
+                  f"(>= {warn / _MB:.1f} MB), {free}")
+            h.clear_condition(t, ADDRSPACE_LOW, "address space recovered")
 
     def _feed_end(self, msg: SessionEnd) -> None:
         t = self._advance(msg.ts_us)
@@ -763,7 +806,7 @@ class Engine:
             if v:
                 name = self.modmap.name(i)
                 mods[name] = mods.get(name, 0) + v
-        return {
+        mon = {
             "target": m.target, "pid": m.pid, "profile": m.profile, "arch": m.arch,
             "platform": m.platform, "mode": m.mode,
             "hooks_installed": list(self.hooks_installed),
@@ -779,6 +822,18 @@ class Engine:
             "heaps": heaps,
             "modules_live_bytes": mods,
         }
+        a = self.addrspace
+        if a is not None:  # ia32 targets only: absent when nothing was sampled
+            mon["address_space"] = {
+                "mapped_bytes": a.mapped, "committed_bytes": a.committed,
+                "reserved_bytes": a.reserved, "free_bytes": a.free,
+                "largest_free_bytes": a.largest_free, "limit_bytes": a.limit,
+                "regions": a.regions, "min_largest_free_bytes": self.min_largest_free,
+                "samples": self.addrspace_samples,
+                "warn_below_bytes": self.addrspace_warn_bytes,
+                "low": ADDRSPACE_LOW in self.health.conditions,
+            }
+        return mon
 
 
 __all__ = ["Counters", "Engine", "EngineConfig", "State"]

@@ -4,7 +4,8 @@ Status is derived from a few facts rather than stored: SHUTDOWN after finish; ER
 error cause happened (sticky); INITIALIZING until the session is active; DEGRADED while any
 degradation cause holds; ACTIVE otherwise. Transient causes (allocation failures, dropped events,
 output write failures) clear after `recovery_us` of stream time without a new occurrence;
-persistent causes (a failed hook, the tracking limit) never clear.
+persistent causes (a failed hook, the tracking limit) never clear; condition causes (address
+space low) hold exactly while their condition does and are cleared explicitly.
 Every log line goes through `log()`, which counts levels and keeps is_healthy / last_error.
 """
 
@@ -27,6 +28,7 @@ class Health:
         self.shutdown = False
         self.persistent: dict[str, int] = {}  # cause -> ts of first occurrence
         self.transient: dict[str, int] = {}  # cause -> ts of latest occurrence
+        self.conditions: dict[str, int] = {}  # cause -> ts it started holding
         self.reported = Status.UNINITIALIZED
 
     # -- log lines -------------------------------------------------------------------------------
@@ -60,13 +62,13 @@ class Health:
             return Status.UNINITIALIZED
         if not self.active:
             return Status.INITIALIZING
-        if self.persistent or self.transient:
+        if self.persistent or self.transient or self.conditions:
             return Status.DEGRADED
         return Status.ACTIVE
 
     @property
     def causes(self) -> list[str]:
-        return sorted(set(self.persistent) | set(self.transient))
+        return sorted(set(self.persistent) | set(self.transient) | set(self.conditions))
 
     def _sync(self, ts: int, reason: str) -> None:
         new = self.status
@@ -99,6 +101,17 @@ class Health:
         self.advance(ts)
         self.persistent.setdefault(cause, int(ts))
         self._sync(ts, cause)
+
+    def set_condition(self, ts: int, cause: str) -> None:
+        """A condition cause starts holding: DEGRADED until clear_condition()."""
+        self.advance(ts)
+        self.conditions.setdefault(cause, int(ts))
+        self._sync(ts, cause)
+
+    def clear_condition(self, ts: int, cause: str, reason: str) -> None:
+        self.advance(ts)
+        if self.conditions.pop(cause, None) is not None:
+            self._sync(ts, reason)
 
     def fail(self, ts: int, level: str, message: str, cause: str) -> None:
         """An error cause: log it (ERROR/CRITICAL) and enter ERROR for good."""

@@ -38,6 +38,20 @@ class CsvRow:
 
 
 @dataclass(frozen=True)
+class AddressSpaceRow:
+    """A row of `<prefix>_addrspace.csv`: one address-space sample (stream.AddressSpace)."""
+
+    ts_us: int
+    mapped: int
+    committed: int
+    reserved: int
+    free: int | None
+    largest_free: int | None
+    limit: int | None
+    regions: int
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Everything the JSON and status files show at one moment (spec keys, see writers)."""
 
@@ -74,4 +88,4 @@ class Snapshot:
     monitor: dict[str, Any] = field(default_factory=dict)
 
 
-Output = LogLine | CsvRow | Snapshot
+Output = LogLine | CsvRow | AddressSpaceRow | Snapshot

@@ -3,9 +3,9 @@
 Layout (byte by byte in docs/format.md): a 16-byte header (magic, format version), then
 self-checking frames (type, length, CRC32): one META frame (SessionMeta JSON), then CHUNK
 frames (consecutive Batches, columnar + zlib, see codec.py) and CONTROL frames (module, hook,
-agent-error messages) in stream order, and an END frame (the SessionEnd, with the final agent
-counters) as the trailer. Reading back gives exactly the messages written: the same Batches
-(now_us, counters, records) and control messages in the same order.
+agent-error, addrspace messages) in stream order, and an END frame (the SessionEnd, with the
+final agent counters) as the trailer. Reading back gives exactly the messages written: the same
+Batches (now_us, counters, records) and control messages in the same order.
 
 Damage: iterating a Recording yields every message of the intact frames, then raises
 RecordingError (one line: file, byte offset, what is wrong). A file without a trailer (a writer
@@ -36,6 +36,7 @@ from .codec import (
 )
 from .events import RECORD_DTYPE, Kind
 from .stream import (
+    AddressSpace,
     AgentCounters,
     AgentError,
     Batch,
@@ -152,7 +153,7 @@ class RecordingWriter:
         if isinstance(msg, SessionEnd):
             self._write_frame(FRAME_END, _json_bytes(control_to_json(msg)))
             self._ended = True
-        elif isinstance(msg, ModuleEvent | HookEvent | AgentError):
+        elif isinstance(msg, ModuleEvent | HookEvent | AgentError | AddressSpace):
             self._write_frame(FRAME_CONTROL, _json_bytes(control_to_json(msg)))
         else:
             raise TypeError(f"not a stream message: {type(msg).__name__}")
@@ -454,6 +455,12 @@ def _check_control(msg: Any) -> None:
             raise ValueError("ok is not a boolean")
     elif isinstance(msg, AgentError):
         _check_str("message", msg.message)
+    elif isinstance(msg, AddressSpace):
+        for name in ("mapped", "committed", "reserved", "regions"):
+            _check_int(name, getattr(msg, name))
+        for name in ("free", "largest_free", "limit"):
+            if getattr(msg, name) is not None:
+                _check_int(name, getattr(msg, name))
     elif isinstance(msg, SessionEnd):
         _check_str("reason", msg.reason)
         _check_str("crash", msg.crash)

@@ -11,6 +11,7 @@ batches sent before it, so a full queue with a blocked consumer would deadlock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import shutil
@@ -30,6 +31,7 @@ from .agent_host import DEFAULT_RING_SLOTS
 from .live_status import StatusLine
 from .pipeline import Pipeline
 from .stream import (
+    AddressSpace,
     AgentCounters,
     AgentError,
     Batch,
@@ -50,7 +52,7 @@ from .targets import (
 from .writers import DEFAULT_PREFIX, FileLimits, OutputDirError, check_prefix
 from .writers.files import check_writable_dir
 
-STREAM_TYPES = (Batch, ModuleEvent, HookEvent, AgentError, SessionEnd)
+STREAM_TYPES = (Batch, ModuleEvent, HookEvent, AgentError, SessionEnd, AddressSpace)
 STOP_TIMEOUT_S = 15.0  # agent stop() + detach; then we detach without the final drain
 CHILD_TIMEOUT_S = 30.0  # --follow-child: the spawned program must start its child by then
 
@@ -85,8 +87,9 @@ class SessionOptions:
     # A spawned nvse_loader.exe is followed to its FalloutNV.exe without asking.
     follow_child: bool = False
     child_name: str | None = None
-    # Address-space headroom (addrspace.py): sampled about once a second in ia32 targets, a
-    # WARN when the largest free block falls under this many bytes; 0 = do not sample.
+    # Address-space headroom (addrspace.py): sampled about once a second in ia32 targets; the
+    # engine warns and degrades when the largest free block falls under this many bytes
+    # (EngineConfig.addrspace_warn_bytes); 0 = do not sample.
     addrspace_warn_bytes: int = addrspace.DEFAULT_WARN_BYTES
     addrspace_interval_ms: int = addrspace.DEFAULT_INTERVAL_MS
     status_line: bool | None = None  # None: when stderr is a terminal
@@ -173,7 +176,6 @@ class LiveSession:
         self._parents: list[Any] = []  # --follow-child: sessions on the launcher (and forks)
         self._spawned: list[int] = []  # every PID we started or held, killed on a failed start
         self._launcher_pid = 0
-        self.headroom: addrspace.Headroom | None = None
         self._addrspace_watch: addrspace.Watch | None = None
         use_status = opts.status_line
         if use_status is None:
@@ -469,9 +471,12 @@ class LiveSession:
             # (and so in recordings) until the engine logs meta.extra["banner"] itself.
             self.meta.extra["banner"] = banner
 
+        if self.opts.addrspace_warn_bytes > 0 and info.arch == "ia32":
+            # the threshold rides in the metadata (and so in recordings): replays judge alike
+            self.meta.extra["addrspace_warn_bytes"] = self.opts.addrspace_warn_bytes
         try:
             self.pipeline = Pipeline(
-                self.meta, self.out_dir, self.opts.prefix, self.opts.engine_config,
+                self.meta, self.out_dir, self.opts.prefix, self._engine_config(),
                 limits=self.opts.limits,
             )
             self.pipeline.start()
@@ -515,31 +520,29 @@ class LiveSession:
         if self.opts.duration is not None:
             self._duration_deadline = time.monotonic() + self.opts.duration
 
+    def _engine_config(self) -> Any:
+        """opts.engine_config with the address-space threshold of the options."""
+        from .engine import EngineConfig
+
+        cfg = self.opts.engine_config or EngineConfig()
+        if self.opts.addrspace_warn_bytes > 0 and isinstance(cfg, EngineConfig):
+            cfg = dataclasses.replace(cfg, addrspace_warn_bytes=self.opts.addrspace_warn_bytes)
+        return cfg
+
     def _start_addrspace(self, info: Any) -> None:
-        """The headroom sampler next to the agent (ia32 targets): a failure to load it is a
-        note, never the end of the session."""
+        """The headroom sampler next to the agent (ia32 targets): its samples are stream
+        messages (engine, files, recording). A failure to load it is a note, never the end of
+        the session."""
         if self.opts.addrspace_warn_bytes <= 0 or info.arch != "ia32":
             return
-        assert self.out_dir is not None and self.session is not None
-        path = addrspace.csv_path(self.out_dir, self.opts.prefix)
-        try:
-            self.headroom = addrspace.Headroom(path, self.opts.addrspace_warn_bytes)
-        except OSError as exc:
-            self._notes.append(f"address-space sampling off: {path}: {exc.strerror or exc}")
-            return
+        assert self.session is not None and self.meta is not None
         try:
             self._addrspace_watch = addrspace.Watch(
-                self.session, addrspace.default_limit(info.arch, info.platform), self.q.put,
+                self.session, addrspace.default_limit(info.arch, info.platform),
+                self.meta.wall_clock_zero_us, self.q.put,
                 lambda m: self.q.put(_AddrSpaceError(m)), self.opts.addrspace_interval_ms)
         except (frida.InvalidOperationError, frida.TransportError) as exc:
             self._notes.append(f"address-space sampling off: {exc}")
-
-    def _host_line(self, line: str) -> None:
-        if self.status is not None:
-            self.status.note(line)
-        else:
-            self.err.write(f"nvse-monitor: {line}\n")
-            self.err.flush()
 
     def _check_version(self, profile: Any, exe_path: str) -> None:
         """A profile made for one PE version (absolute addresses) refuses any other build,
@@ -631,9 +634,6 @@ class LiveSession:
                 self._notes.append(f"agent {item.name}() failed: {item.error}")
         elif isinstance(item, _Detached):
             return item
-        elif isinstance(item, addrspace.Sample) and self.headroom is not None:
-            for line in self.headroom.add(item):
-                self._host_line(line)
         elif isinstance(item, _AddrSpaceError):
             self._notes.append(f"address-space sampling stopped: {item.message}")
         elif isinstance(item, _ChildAdded) and self.device is not None:
@@ -783,13 +783,12 @@ class LiveSession:
             except OSError as exc:
                 self._notes.append(f"recording incomplete: {self.opts.record}: {exc.strerror}")
         self.pipeline.finish(end.ts_us)
-        if self.headroom is not None:
-            self.headroom.close()
-            low = self.headroom.min_largest_free
-            if low is not None:
-                self._notes.append(
-                    f"address space: smallest largest-free block {low / 2**20:.1f} MiB over "
-                    f"{self.headroom.samples} samples ({self.headroom.path})")
+        low = getattr(self.pipeline.engine, "min_largest_free", None)
+        if low is not None:
+            self._notes.append(
+                f"address space: smallest largest-free block {low / 2**20:.1f} MiB over "
+                f"{self.pipeline.engine.addrspace_samples} samples "
+                f"({self.pipeline.paths.addrspace})")
         code = 1 if self._agent_errors else 0
         return SessionResult(
             code, end, self.meta, self.pipeline.paths, self._messages, self._records,
@@ -801,8 +800,6 @@ class LiveSession:
         for view in (self.dashboard, self.metrics):
             if view is not None:
                 view.stop()
-        if self.headroom is not None:
-            self.headroom.close()
         if self.agent is not None:
             with contextlib.suppress(Exception):
                 self.agent.stop()

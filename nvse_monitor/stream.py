@@ -116,24 +116,41 @@ class SessionEnd:
     counters: AgentCounters | None = None  # final exact counters (the recording's trailer)
 
 
-StreamMessage = Batch | ModuleEvent | HookEvent | AgentError | SessionEnd
+@dataclass(frozen=True)
+class AddressSpace:
+    """One sample of the target's address space (docs/fnv.md), taken about once a second off
+    the allocation path. Bytes; None where not counted (64-bit targets: no free-space limit)."""
+
+    ts_us: int
+    mapped: int  # committed + reserved
+    committed: int
+    reserved: int
+    free: int | None  # free bytes below `limit`
+    largest_free: int | None  # the largest free block below `limit`
+    limit: int | None  # top of the user address space counted (2/4 GiB)
+    regions: int
+
+
+StreamMessage = Batch | ModuleEvent | HookEvent | AgentError | SessionEnd | AddressSpace
+ControlMessage = ModuleEvent | HookEvent | AgentError | SessionEnd | AddressSpace
 
 CONTROL_TYPES: dict[str, type] = {
     "module": ModuleEvent,
     "hook": HookEvent,
     "agent-error": AgentError,
     "end": SessionEnd,
+    "addrspace": AddressSpace,
 }
 
 
-def control_to_json(msg: ModuleEvent | HookEvent | AgentError | SessionEnd) -> dict[str, Any]:
+def control_to_json(msg: ControlMessage) -> dict[str, Any]:
     for name, cls in CONTROL_TYPES.items():
         if isinstance(msg, cls):
             return {"type": name, **dataclasses.asdict(msg)}
     raise TypeError(f"not a control message: {msg!r}")
 
 
-def control_from_json(d: dict[str, Any]) -> ModuleEvent | HookEvent | AgentError | SessionEnd:
+def control_from_json(d: dict[str, Any]) -> ControlMessage:
     d = dict(d)
     kind = d.pop("type", None)
     cls = CONTROL_TYPES.get(kind)  # type: ignore[arg-type]

@@ -280,25 +280,51 @@ def hog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d / "hog"
 
 
+def _status_of(path: Path) -> str | None:
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    m = re.search(r"^Status: (\w+)$", text, re.M)
+    return m.group(1) if m else None
+
+
+def _wait_status(path: Path, want: str, timeout_s: float = 5.0) -> str | None:
+    """The status file's state once it is `want`, or the last one seen after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = _status_of(path)
+        if st == want or time.monotonic() > deadline:
+            return st
+        time.sleep(0.1)
+
+
 def test_address_space_low_warns_and_is_recorded(hog: Path, tmp_path: Path) -> None:
-    """Reserving the 32-bit address space until it is full trips the warning; releasing it
-    says so; the time series shows both."""
-    mon = subprocess.Popen([sys.executable, "-m", "nvse_monitor", "spawn", "--out", str(tmp_path),
-                            "--prefix", "hog", "--", str(hog)], stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """Reserving the 32-bit address space until it is full trips the warning and DEGRADED;
+    releasing it recovers; the log, the JSON section and the time series show it, and a
+    replay of the recording writes the same time series."""
+    out, rec = tmp_path / "live", tmp_path / "hog.nvmrec"
+    mon = subprocess.Popen([sys.executable, "-m", "nvse_monitor", "spawn", "--out", str(out),
+                            "--prefix", "hog", "--record", str(rec), "--", str(hog)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    status = out / "hog_status.txt"
     try:
         assert mon.stdin is not None and mon.stdout is not None
         assert mon.stdout.readline().startswith("ready")
         time.sleep(1.2)  # a sample of the roomy address space
+        before = _status_of(status)
         mon.stdin.write("fill\n")
         mon.stdin.flush()
         filled = int(mon.stdout.readline().split()[1])
         assert filled > 40  # ~3.5 GB of reservations
-        time.sleep(2.2)
+        low_status = _wait_status(status, "DEGRADED")
+        time.sleep(1.2)
         mon.stdin.write("free\n")
         mon.stdin.flush()
         assert mon.stdout.readline().strip() == "freed"
-        time.sleep(2.2)
+        back_status = _wait_status(status, "ACTIVE")
+        time.sleep(1.2)
         mon.stdin.close()  # the target reads EOF and exits
         mon.stdin = None
         _, err = mon.communicate(timeout=TIMEOUT_S)
@@ -307,11 +333,15 @@ def test_address_space_low_warns_and_is_recorded(hog: Path, tmp_path: Path) -> N
             mon.kill()
             mon.wait()
     assert mon.returncode == 0, err[-1500:]
-    low = [ln for ln in err.splitlines() if "WARN Address space low" in ln]
-    back = [ln for ln in err.splitlines() if "Address space recovered" in ln]
-    assert len(low) == 1 and len(back) == 1, err[-1500:]
-    assert err.index(low[0]) < err.index(back[0])
-    rows = (tmp_path / "hog_addrspace.csv").read_text().splitlines()
+    assert before == "ACTIVE" and low_status == "DEGRADED" and back_status == "ACTIVE"
+    log = (out / "hog_rpmalloc.log").read_text().splitlines()
+    low = [ln for ln in log if "[WARN]" in ln and "Address space low: largest free block" in ln]
+    back = [ln for ln in log if "[INFO]" in ln and "Address space recovered" in ln]
+    assert len(low) == 1 and len(back) == 1, "\n".join(log[-30:])
+    assert log.index(low[0]) < log.index(back[0])
+    assert any(ln.endswith("Status: ACTIVE -> DEGRADED (address space low)") for ln in log)
+    assert any(ln.endswith("Status: DEGRADED -> ACTIVE (address space recovered)") for ln in log)
+    rows = (out / "hog_addrspace.csv").read_text().splitlines()
     assert rows[0].startswith("timestamp,mapped_bytes,")
     largest = [int(r.split(",")[5]) for r in rows[1:]]
     limit = 256 << 20
@@ -319,4 +349,17 @@ def test_address_space_low_warns_and_is_recorded(hog: Path, tmp_path: Path) -> N
     assert first_low > 0 and any(v >= limit for v in largest[first_low:])
     mapped = [int(r.split(",")[1]) for r in rows[1:]]
     assert max(mapped) - mapped[0] >= filled * (64 << 20) * 0.9
+    doc = json.loads((out / "hog_stats.json").read_text())
+    sec = doc["monitor"]["address_space"]
+    assert sec["samples"] == len(rows) - 1 and sec["min_largest_free_bytes"] == min(largest)
+    assert sec["largest_free_bytes"] == largest[-1] and sec["low"] is False
+    assert sec["limit_bytes"] == 1 << 32 and sec["warn_below_bytes"] == limit
     assert "smallest largest-free block" in err
+    # the samples are stream messages: the replay writes the same time series and lines
+    p = cli(["replay", str(rec), "--out", str(tmp_path / "replay"), "--prefix", "hog"],
+            cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-1500:]
+    assert (tmp_path / "replay" / "hog_addrspace.csv").read_bytes() == \
+        (out / "hog_addrspace.csv").read_bytes()
+    replayed = (tmp_path / "replay" / "hog_rpmalloc.log").read_text().splitlines()
+    assert [ln for ln in replayed if "Address space" in ln] == low + back

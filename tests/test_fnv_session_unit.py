@@ -158,32 +158,7 @@ def test_launch_probe_unknown_for_non_pe(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- address-space headroom
-
-
-def _sample(largest: int | None, ts: int = 1) -> addrspace.Sample:
-    return addrspace.Sample(ts, 3 << 30, 1 << 30, 2 << 30, None if largest is None else
-                            largest * 2, largest, None if largest is None else 1 << 32, 9)
-
-
-def test_headroom_warns_once_per_crossing(tmp_path: Path) -> None:
-    h = addrspace.Headroom(tmp_path / "a.csv", warn_bytes=100 << 20)
-    mib = 1 << 20
-    got = [h.add(_sample(n * mib, i)) for i, n in enumerate([500, 99, 50, 99, 100, 300, 20])]
-    h.close()
-    kinds = [[ln.split()[0] for ln in lines] for lines in got]
-    assert kinds == [[], ["WARN"], [], [], ["INFO"], [], ["WARN"]]
-    assert "99.0 MiB < 100.0 MiB" in got[1][0]
-    assert h.min_largest_free == 20 * mib and h.samples == 7
-    rows = (tmp_path / "a.csv").read_text().splitlines()
-    assert rows[0] == addrspace.CSV_HEADER and len(rows) == 8
-    assert rows[2].split(",")[5] == str(99 * mib)
-
-
-def test_headroom_without_free_counts(tmp_path: Path) -> None:
-    h = addrspace.Headroom(tmp_path / "a.csv", warn_bytes=1)
-    assert h.add(_sample(None)) == []
-    h.close()
-    assert (tmp_path / "a.csv").read_text().splitlines()[1].split(",")[4:7] == ["", "", ""]
+# (the samples' rule, JSON section, CSV and recording: tests/test_addrspace.py)
 
 
 @pytest.mark.parametrize("arch,platform,want", [("ia32", "linux", 1 << 32),

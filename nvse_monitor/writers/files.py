@@ -1,5 +1,6 @@
-"""The four output files of one session together: routes engine outputs to their writer and
-turns write errors into one stderr line plus a WriteFailure the pipeline reports to the engine."""
+"""The output files of one session together (the four monitoring files, and the address-space
+CSV of 32-bit targets): routes engine outputs to their writer and turns write errors into one
+stderr line plus a WriteFailure the pipeline reports to the engine."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from ..outputs import CsvRow, LogLine, Output, Snapshot
+from ..outputs import AddressSpaceRow, CsvRow, LogLine, Output, Snapshot
 from ..stream import SessionMeta
+from .addrspace import AddrSpaceWriter
 from .csv import CsvWriter
 from .json import JsonWriter
 from .log import LogWriter
@@ -26,6 +28,7 @@ class FilePaths:
     json: Path
     csv: Path
     status: Path
+    addrspace: Path  # only when the target's address space was sampled (32-bit targets)
 
     @classmethod
     def of(cls, out_dir: Path | str, prefix: str = DEFAULT_PREFIX) -> FilePaths:
@@ -35,9 +38,11 @@ class FilePaths:
             json=d / f"{prefix}_stats.json",
             csv=d / f"{prefix}_performance.csv",
             status=d / f"{prefix}_status.txt",
+            addrspace=d / f"{prefix}_addrspace.csv",
         )
 
     def all(self) -> tuple[Path, Path, Path, Path]:
+        """The four files every session writes."""
         return (self.log, self.json, self.csv, self.status)
 
 
@@ -95,7 +100,7 @@ def describe(e: OSError) -> str:
 
 
 class OutputFiles:
-    """Owns the four writers. A file that fails is reported once (stderr + WriteFailure) until
+    """Owns the writers. A file that fails is reported once (stderr + WriteFailure) until
     a write to it succeeds again; its data is retried at every later update."""
 
     def __init__(self, meta: SessionMeta, out_dir: Path | str, prefix: str = DEFAULT_PREFIX,
@@ -112,6 +117,8 @@ class OutputFiles:
                              backups=limits.backups)
         self.json = JsonWriter(self.paths.json, zero)
         self.status = StatusWriter(self.paths.status, zero, prefix)
+        self.addrspace = AddrSpaceWriter(self.paths.addrspace, zero,
+                                         max_bytes=limits.csv_max_bytes, backups=limits.backups)
         self.failing: set[Path] = set()
         self._err = err
         self._last_ts = 0
@@ -123,6 +130,7 @@ class OutputFiles:
             check_writable_dir(self.out_dir)
             self.log.start()
             self.csv.start()
+            self.addrspace.start()
         except OSError as e:
             where = "" if e.filename in (None, str(self.out_dir)) else f" ({e.filename})"
             raise OutputDirError(
@@ -140,6 +148,11 @@ class OutputFiles:
             if self.csv.add(out):
                 return self._try(self.csv.path, self.csv.flush)
             return []
+        if isinstance(out, AddressSpaceRow):
+            self._last_ts = out.ts_us
+            if self.addrspace.add(out):
+                return self._try(self.addrspace.path, self.addrspace.flush)
+            return []
         if isinstance(out, Snapshot):
             self._last_ts = out.ts_us
             return self.update(out)
@@ -155,7 +168,8 @@ class OutputFiles:
     def flush(self) -> list[WriteFailure]:
         ts = self._last_ts
         return (self._try(self.log.path, lambda: self.log.flush(ts))
-                + self._try(self.csv.path, self.csv.flush))
+                + self._try(self.csv.path, self.csv.flush)
+                + self._try(self.addrspace.path, self.addrspace.flush))
 
     def _try(self, path: Path, write: Callable[[], None]) -> list[WriteFailure]:
         try:
