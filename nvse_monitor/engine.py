@@ -241,7 +241,7 @@ class Engine:
 
     def note_input_error(self, message: str) -> list[Output]:
         """The input stream itself is damaged (a cut or corrupt recording): the files cover what
-        came before it, so the session's figures are incomplete -> ERROR (not part of the stream)."""
+        came before it, so the session's figures are incomplete -> ERROR. Not a stream message."""
         if self.finished:
             return []
         if not self.started:

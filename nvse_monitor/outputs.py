@@ -4,11 +4,11 @@ turn them into wall-clock with SessionMeta.wall_clock_zero_us (+ utc_offset_s fo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     UNINITIALIZED = "UNINITIALIZED"
     INITIALIZING = "INITIALIZING"
     ACTIVE = "ACTIVE"

@@ -110,7 +110,8 @@ class AgentError:
 @dataclass(frozen=True)
 class SessionEnd:
     ts_us: int
-    reason: str  # "target-exited", "process-terminated", "interrupted", "duration", "end-of-recording", ...
+    # "target-exited", "process-terminated", "interrupted", "duration", "end-of-recording", ...
+    reason: str
     expected: bool  # False: the target was lost unexpectedly (crash, kill) -> ERROR before SHUTDOWN
     crash: str = ""  # crash report summary, if any
     counters: AgentCounters | None = None  # final exact counters (the recording's trailer)
