@@ -112,7 +112,7 @@ def replay_cmd(recording: Path, out_dir: Path, prefix: str, realtime: bool, **kw
     from .recording import RecordingError
 
     bar = None
-    stderr = click.get_text_stream("stderr")
+    stderr = sys.stderr
     if stderr.isatty():
         try:
             size = recording.stat().st_size
