@@ -16,11 +16,6 @@ const IN_FLIGHT_GRACE_S = 0.05;  // after reverting hooks, before the code may g
 const GLOB_INSTANCES = 8;        // modules one glob hook can be installed in at once
 const CHECK_MS = 1000;           // how often installed entry points are checked for foreign patches
 const SNAP_BYTES = 16;           // bytes of our jump compared by that check
-// Our C calls keep the JS lock (they are short): with the default cooperative scheduling the JS
-// thread would sit inside a Gum interceptor transaction without the lock during a drain, and a
-// module observer callback on a loading thread could not commit its hooks (its flush would be
-// deferred to the end of that transaction, after the module's first calls).
-const EXCL = { scheduling: 'exclusive' };
 
 let cm = null;            // the CModule
 let st = null;            // NvState (Memory.alloc'd)
@@ -650,13 +645,13 @@ function init(cfg) {
   new NativeFunction(cm.nv_configure, 'void', ['size_t', 'pointer', 'uint64'])(
       slots, ring, uint64(cfg.large_alloc_bytes));
   new NativeFunction(cm.nv_start, 'void', [])();
-  fnDrain = new NativeFunction(cm.nv_drain, 'uint', ['pointer', 'uint'], EXCL);
-  fnFinish = new NativeFunction(cm.nv_finish, 'uint', ['pointer', 'uint'], EXCL);
-  fnNextNewTid = new NativeFunction(cm.nv_next_new_tid, 'size_t', [], EXCL);
-  fnIgnoreLate = new NativeFunction(cm.nv_ignore_late_tid, 'void', ['size_t'], EXCL);
-  fnSuspend = new NativeFunction(cm.nv_suspend_current_thread, 'size_t', [], EXCL);
-  fnResume = new NativeFunction(cm.nv_resume_current_thread, 'void', ['size_t'], EXCL);
-  fnNowUs = new NativeFunction(cm.nv_now_us, 'uint64', [], EXCL);
+  fnDrain = new NativeFunction(cm.nv_drain, 'uint', ['pointer', 'uint']);
+  fnFinish = new NativeFunction(cm.nv_finish, 'uint', ['pointer', 'uint']);
+  fnNextNewTid = new NativeFunction(cm.nv_next_new_tid, 'size_t', []);
+  fnIgnoreLate = new NativeFunction(cm.nv_ignore_late_tid, 'void', ['size_t']);
+  fnSuspend = new NativeFunction(cm.nv_suspend_current_thread, 'size_t', []);
+  fnResume = new NativeFunction(cm.nv_resume_current_thread, 'void', ['size_t']);
+  fnNowUs = new NativeFunction(cm.nv_now_us, 'uint64', []);
   countersPtr = new NativeFunction(cm.nv_counters, 'pointer', [])();
   const ignoreTid = new NativeFunction(cm.nv_ignore_tid, 'void', ['size_t']);
   const fridaTids = fridaThreadIds();
