@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import frida  # noqa: E402
-from test_agent_harness import build  # noqa: E402
+from agent_harness import build  # noqa: E402
 
 from nvse_monitor.agent_host import AgentConfig, load_agent  # noqa: E402
 from nvse_monitor.hookprofile import load_profile  # noqa: E402

@@ -1,7 +1,7 @@
 """The agent on real processes: records equal the targets' own ground truth, exactly.
 
 Targets: tests/agent_targets/*.c, compiled here for x86_64 and -m32 (skipped with the reason
-when gcc -m32 cannot link). Harness: tests/test_agent_harness.py.
+when gcc -m32 cannot link). Harness: tests/agent_harness.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_agent_harness import Monitored, build, counters_delta, m32_problem, tally
+from agent_harness import Monitored, build, counters_delta, m32_problem, tally
 
 from nvse_monitor.agent_host import AgentConfig
 from nvse_monitor.events import Kind

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from agent_harness import Monitored, m32_problem
 from fnv.build import FakeInstall, GroundTruth, build_fake_install, parse_truth
-from test_agent_harness import Monitored, m32_problem
 
 from nvse_monitor import fnv
 from nvse_monitor.agent_host import AgentConfig, load_agent
@@ -34,10 +34,8 @@ from nvse_monitor.stream import Batch, HookEvent, ModuleEvent, SessionMeta
 pytestmark = [pytest.mark.frida, pytest.mark.m32]
 
 FAKE_PROFILE = Path(__file__).parent / "profiles" / "fake-fnv.toml"
-GAME_EXIT = "the -m32 target sometimes crashes (SIGSEGV) or hangs after the agent is stopped " \
-            "and unloaded"
-SPAWN_MAIN = "spawn mode: the agent records nothing from the main thread (it is taken for a " \
-             "Frida thread when the agent loads at the exec gate)"
+GAME_EXIT = "Frida 17 on ia32: a target that runs on after a script unload sometimes (~1 in " \
+            "20) crashes or hangs, with a trivial script too (docs/agent.md)"
 NVHR_LATE = "entry points patched after attach are detected and left alone, but not hooked " \
             "again at the replacer's function: calls after the patch are not recorded"
 
@@ -361,7 +359,6 @@ def test_spawn_through_loader_from_first_allocation(spawned: Run, profile: Profi
         {n: want[n] for n in worker_only if n in want}
 
 
-@pytest.mark.xfail(strict=False, reason=SPAWN_MAIN)
 def test_spawn_records_main_thread(spawned: Run, profile: Profile) -> None:
     assert _fixed(profile, spawned.per_hook(profile)) == _fixed(profile, spawned.gt.hooks)
 
@@ -405,20 +402,15 @@ def cli_spawn(install: FakeInstall, tmp_path_factory: pytest.TempPathFactory) ->
     return CliRun(p.returncode, gt, json.loads(files[0].read_text()), p.stderr)
 
 
-def test_cli_spawn_worker_heaps_exact(cli_spawn: CliRun) -> None:
-    """Scrap heap and static CRT are used only by the worker threads: exact in spawn mode."""
+def test_cli_spawn_final_heaps_exact(cli_spawn: CliRun) -> None:
+    """The CLI's final JSON is the game's state at exit: after printing its ground truth (taken at
+    "done") it frees every block it kept, so the worker heaps end empty, and what stays on the
+    game heap is plugin A's blocks (allocated by absolute address, never freed)."""
     assert cli_spawn.rc == 0, cli_spawn.stderr[-800:]
     heaps = cli_spawn.json["monitor"]["heaps"]
     assert cli_spawn.gt.heaps["crt"] > 0
+    assert heaps["game"]["current_bytes"] == cli_spawn.gt.live[("libfnvplugin_a.so", "game")]
     for heap in ("scrap", "crt"):
-        assert heaps[heap]["current_bytes"] == cli_spawn.gt.heaps[heap], heap
+        assert heaps[heap]["current_bytes"] == 0, heap
+        assert heaps[heap]["peak_bytes"] >= cli_spawn.gt.heaps[heap], heap
     assert cli_spawn.json["monitor"]["profile"] == "fake-fnv"
-
-
-@pytest.mark.xfail(strict=False, reason=SPAWN_MAIN)
-def test_cli_spawn_json_equals_ground_truth(cli_spawn: CliRun) -> None:
-    heaps = cli_spawn.json["monitor"]["heaps"]
-    assert {h: heaps.get(h, {}).get("current_bytes", 0) for h in cli_spawn.gt.heaps} == \
-        cli_spawn.gt.heaps
-    mods = cli_spawn.json["monitor"]["modules_live_bytes"]
-    assert {m: mods.get(m, 0) for m in cli_spawn.gt.modules} == cli_spawn.gt.modules

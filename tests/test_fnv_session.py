@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_harness import m32_problem
 from fnv.build import FakeInstall, GroundTruth, build_fake_install, parse_truth
-from test_agent_harness import m32_problem
 
 from nvse_monitor.events import Kind
 from nvse_monitor.hookprofile import Profile, load_profile

@@ -5,7 +5,7 @@
  * heap and per module so a test can compare the monitor's records and JSON exactly.
  *
  * usage: fake_game CRT_DIR [PLUGIN.so TAG CRT.so]...
- *   stdin/stdout protocol (tests/test_agent_harness.Monitored): prints "ready PID", waits for a
+ *   stdin/stdout protocol (tests/agent_harness.Monitored): prints "ready PID", waits for a
  *   line (unless FAKE_GAME_AUTORUN=1), runs the workload, prints "gt ..." lines then "done",
  *   waits for a line (or EOF), frees what it had kept (the game goes on after
  *   the monitor left), prints "bye" and exits 0. Aborts (exit by SIGABRT) on any inconsistency: a
