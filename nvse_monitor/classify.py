@@ -102,24 +102,28 @@ def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> 
         counts = np.bincount(code, minlength=64)
     unknown = int(counts[T_UNKNOWN].sum())
     last_ts = int(ts[-1])
+    # Lookups by .take(): much faster than fancy indexing with a small-int index array.
     if not counts[T_CNT != 1].any():  # one event per record
         rec = None
-        etype = T_ETYPE[code]
-        evp = np.where(T_FREE_OLD[code], old, ptr) if any_r else ptr
+        etype = T_ETYPE.take(code)
+        evp = np.where(T_FREE_OLD.take(code), old, ptr) if any_r else ptr
     else:
-        ci = T_CNT[code].astype(np.intp)
-        rec = np.repeat(np.arange(n), ci)
+        rec = np.repeat(np.arange(n), T_CNT.take(code))
         if not len(rec):
             return Events(None, etype=np.empty(0, np.int8), ts=ts, size=size, hook=r["hook"],
                           caller=r["caller"], rec=rec, failed=None, unknown=unknown,
                           last_ts=last_ts)
         second = np.zeros(len(rec), dtype=bool)  # the alloc part of a realloc
         np.equal(rec[1:], rec[:-1], out=second[1:])
-        etype = np.where(second, np.int8(1), T_ETYPE[code][rec])
+        crec = code[rec]
+        etype = T_ETYPE.take(crec)
+        etype[second] = 1
         evp = ptr[rec]
         if any_r:
-            fo = ~second & T_FREE_OLD[code][rec]
-            evp[fo] = old[rec][fo]
+            fo = T_FREE_OLD.take(crec)
+            fo &= ~second
+            fi = np.flatnonzero(fo)
+            evp[fi] = old[rec[fi]]
 
     def g(a: np.ndarray) -> np.ndarray:
         return a if rec is None else a[rec]
@@ -182,7 +186,7 @@ def classify(table: LiveTable, p, isalloc, size, ts, caller, hook, mod):  # noqa
     live[1:] = sa[:-1]
     live[gstart] = found
     out = np.empty(m, np.uint8)
-    out[order] = O_FROM[(sa.view(np.uint8) << 1) | live.view(np.uint8)]
+    out[order] = O_FROM.take((sa.view(np.uint8) << 1) | live.view(np.uint8))
     # The block a free or replacement ends: the previous event's (an alloc), or the table's
     # for the first event of a pointer. Only those events need it.
     li = np.flatnonzero(live)

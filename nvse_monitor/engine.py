@@ -504,12 +504,9 @@ class Engine:
         """Outcome per event (time order) and the size/hook/module of the block each free or
         replacement ends; updates the live table. Exact per-event semantics, vectorised."""
         ms = len(p)
-        out = np.empty(ms, np.uint8)
-        osz = np.empty(ms, np.uint64)
-        ohk = np.empty(ms, np.uint8)
-        omd = np.empty(ms, np.uint16)
         if not ms:
-            return out, osz, ohk, omd
+            return (np.empty(0, np.uint8), np.empty(0, np.uint64), np.empty(0, np.uint8),
+                    np.empty(0, np.uint16))
         cols = (size, ts, caller, hook, mod)
         cap = self.config.max_tracked
         c0 = self.table.count
@@ -521,10 +518,13 @@ class Engine:
             over = run > cap
             if over.any():
                 e = int(over.argmax())
-        if e == ms:
-            out[:], osz[:], ohk[:], omd[:] = res[:4]
+        if e == ms:  # the usual case: classify's arrays are the results
             apply_plan(self.table, res[4], *cols)
-            return out, osz, ohk, omd
+            return res[:4]
+        out = np.empty(ms, np.uint8)
+        osz = np.empty(ms, np.uint64)
+        ohk = np.empty(ms, np.uint8)
+        omd = np.empty(ms, np.uint16)
         # Tracking fills up in this batch: the exact (slower) path. Stretches that cannot
         # overflow (no more allocations than free room) still go vectorised.
         self._segment(0, e, p, isalloc, cols, out, osz, ohk, omd)
@@ -582,13 +582,13 @@ class Engine:
         cfg = self.config
         c0 = self.state.c
         o = bt.outcome
-        bt.plus = np.where(O_PLUS[o], bt.size.view(np.int64), 0)
+        bt.plus = np.where(O_PLUS.take(o), bt.size.view(np.int64), 0)
         bt.minus = old_size.view(np.int64)  # 0 except where a live block ends
         bt.delta = bt.plus - bt.minus
         # Running sums relative to the state before the batch (bases added when read).
         bt.cur_b = np.cumsum(bt.delta)
-        bt.cur_c = np.cumsum(O_DCOUNT[o], dtype=np.int64)
-        acum = np.cumsum(O_ALLOC[o], dtype=np.int64)
+        bt.cur_c = np.cumsum(O_DCOUNT.take(o), dtype=np.int64)
+        acum = np.cumsum(O_ALLOC.take(o), dtype=np.int64)
         bt.counts = np.bincount(o, minlength=7)
         m = len(o)
         a0 = c0.total_allocations
@@ -599,7 +599,7 @@ class Engine:
         if first_mult <= a_end:
             pts = np.searchsorted(acum, np.arange(first_mult - a0, a_end - a0 + 1, every),
                                   side="left")
-            fcum = np.cumsum(O_FREE[o], dtype=np.int64)
+            fcum = np.cumsum(O_FREE.take(o), dtype=np.int64)
             runmax_b = np.maximum.accumulate(bt.cur_b)
             points += [(k, 2, "csv") for k in pts.tolist()]
         big = np.flatnonzero(bt.size > np.uint64(cfg.large_alloc_bytes))
@@ -728,9 +728,9 @@ class Engine:
             # heap, the positions of its events and the running sum of their deltas. Only a
             # REPLACE across heaps splits: +size to the new heap, -old size to the old one.
             o = bt.outcome
-            hp = self._heap_of_hook[bt.hook]
-            hm = self._heap_of_hook[bt.old_hook]
-            ev_heap = np.where(O_PLUS[o], hp, hm)
+            hp = self._heap_of_hook.take(bt.hook)
+            hm = self._heap_of_hook.take(bt.old_hook)
+            ev_heap = np.where(O_PLUS.take(o), hp, hm)
             split = np.empty(0, np.intp)
             if bt.counts[REPLACE]:
                 split = np.flatnonzero(o == REPLACE)

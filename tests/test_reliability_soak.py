@@ -39,5 +39,8 @@ def test_short_soak(tmp_path):
     warm = [s for s in res["samples"] if s["t"] >= 2]
     assert warm[-1]["log_bytes"] - warm[0]["log_bytes"] < 4096
     assert res["log_lines"] < 100
-    # host memory flat once the live set is stable (16 blocks from the first second)
-    assert res["rss_mb_after_warmup_max"] - res["rss_mb_after_warmup_first"] < 16, summary
+    # Host memory bounded once the live set is stable (16 blocks from the first second). A leak
+    # per event would grow it by >= 60 MB here (15 M events x >= 4 B); a machine busy with other
+    # work can make the host lag and queue a few batches (seen: +29 MB), so the bound is 48 MB.
+    # bench/soak.py measures flatness over minutes.
+    assert res["rss_mb_after_warmup_max"] - res["rss_mb_after_warmup_first"] < 48, summary
