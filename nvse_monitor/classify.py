@@ -73,6 +73,7 @@ class Events:
     failed: np.ndarray | None  # bool mask of failures (None: no failures)
     unknown: int  # records of unknown kinds
     last_ts: int
+    rec_ts: np.ndarray | None = None  # per record, clamped: the time reached after each
 
 
 def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> Events:
@@ -112,7 +113,7 @@ def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> 
         if not len(rec):
             return Events(None, etype=np.empty(0, np.int8), ts=ts, size=size, hook=r["hook"],
                           caller=r["caller"], rec=rec, failed=None, unknown=unknown,
-                          last_ts=last_ts)
+                          last_ts=last_ts, rec_ts=ts)
         second = np.zeros(len(rec), dtype=bool)  # the alloc part of a realloc
         np.equal(rec[1:], rec[:-1], out=second[1:])
         crec = code[rec]
@@ -133,7 +134,7 @@ def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> 
         failed = etype == 2
         evp = np.where(failed, np.uint64(0), evp)
     return Events(evp, etype, g(ts), g(size), g(r["hook"]), g(r["caller"]), rec, failed,
-                  unknown, last_ts)
+                  unknown, last_ts, ts)
 
 
 HASH = np.uint64(0x9E3779B97F4A7C15)

@@ -479,11 +479,13 @@ class Engine:
                          bounds: list[tuple[int, Batch]] | None = None) -> None:
         """Records of one batch, or of several (bounds: record index where each batch but the
         last ends, and that batch)."""
-        bounds = bounds or []
         ev = expand_records(r, self.now, floor)
         self.unknown_records += ev.unknown
+        # The time each batch but the last reached (its records, even those with no event).
+        bounds = [(i, int(ev.rec_ts[i - 1]) if i else 0, b) for i, b in bounds or []]
         if ev.ptr is None:
-            for _, b in bounds:
+            for _, t, b in bounds:
+                self.now = max(self.now, t)
                 self._batch_end(b)
         else:
             mod = self.modmap.lookup(ev.caller)
@@ -492,8 +494,8 @@ class Engine:
             if ev.failed is not None:
                 outcome[ev.failed] = FAILURE
             if bounds and ev.rec is not None:  # record index -> index of its first event
-                at = np.searchsorted(ev.rec, [i for i, _ in bounds]).tolist()
-                bounds = [(k, b) for k, (_, b) in zip(at, bounds, strict=True)]
+                at = np.searchsorted(ev.rec, [i for i, _, _ in bounds]).tolist()
+                bounds = [(k, t, b) for k, (_, t, b) in zip(at, bounds, strict=True)]
             self._aggregate(r, _Batch(ev.ts, ev.size, outcome, np.empty(0), np.empty(0),
                                       np.empty(0), np.empty(0), ev.hook, old_hook, mod, old_mod,
                                       ev.rec), old_size, bounds)
@@ -578,7 +580,7 @@ class Engine:
 
     # -- aggregation and outputs --
     def _aggregate(self, r: np.ndarray, bt: _Batch, old_size: np.ndarray,
-                   bounds: list[tuple[int, Batch]]) -> None:
+                   bounds: list[tuple[int, int, Batch]]) -> None:
         cfg = self.config
         c0 = self.state.c
         o = bt.outcome
@@ -613,16 +615,16 @@ class Engine:
         last_mult = (a_end // jevery) * jevery
         if last_mult > a0:
             points.append((int(np.searchsorted(acum, last_mult - a0, side="left")), 3, "snap"))
-        points += [(k, -1, "batch") for k, _ in bounds]  # before the next batch's events
-        batches = deque(b for _, b in bounds)
+        points += [(k, -1, "batch") for k, _, _ in bounds]  # before the next batch's events
+        batches = deque((t, b) for _, t, b in bounds)
         points.sort()
         h = self.health
         snap_state, snap_at = None, 0
         for k, _prio, what in points:
             if what == "batch":
-                if k:  # time reached by the records before this boundary
-                    self.now = max(self.now, int(bt.ts[k - 1]))
-                self._batch_end(batches.popleft())
+                tb, b = batches.popleft()  # time reached by the records before it
+                self.now = max(self.now, tb)
+                self._batch_end(b)
                 continue
             t = int(bt.ts[k])
             h.advance(t)

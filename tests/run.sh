@@ -23,7 +23,9 @@ fi
 
 VENV=${NVSE_MONITOR_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+VENV=$(cd "$VENV" && pwd)
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e '.[test]'
-"$VENV/bin/ruff" check nvse_monitor tests bench agent
-exec "$VENV/bin/python" -m pytest "$@"
+export PATH="$VENV/bin:$PATH"  # the installed `nvse-monitor` entry point is tested too
+ruff check nvse_monitor tests bench agent
+exec python -m pytest "$@"
