@@ -336,7 +336,7 @@ def file_code(pid: int, address: int, n: int = 16) -> bytes:
 
 def test_stop_reverts_hooks_target_keeps_running(bin_dir):
     path = build("threads.c", bin_dir, "x64", opt="-O1")
-    with Monitored([str(path), "4", "6000000"]) as mon:
+    with Monitored([str(path), "4", "20000000"]) as mon:  # seconds of work: stop lands mid-run
         addr = libc_malloc_address(mon)
         original = file_code(mon.pid, addr)
         patched = read_code(mon.pid, addr)
