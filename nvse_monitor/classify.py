@@ -195,10 +195,10 @@ def classify(table: LiveTable, p, isalloc, size, ts, caller, hook, mod):  # noqa
     vz, vh, vm = size[src], hook[src], mod[src]
     fl = first[li]
     if fl.any():
-        tv = table.get(slots[found])
-        vz[fl] = tv.size
-        vh[fl] = tv.hook
-        vm[fl] = tv.module
+        tv = table.get_values(slots[found])  # the keys are known: read only the values
+        vz[fl] = tv["size"]
+        vh[fl] = tv["hook"]
+        vm[fl] = tv["module"]
     tl = order[li]
     osz = np.zeros(m, np.uint64)
     osz[tl] = vz

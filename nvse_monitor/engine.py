@@ -118,6 +118,7 @@ class _Batch:
     rec: np.ndarray | None  # record index of each event (None: identity)
     heap_runs: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     delta: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    to_new: np.ndarray = field(default_factory=lambda: np.empty(0, bool))  # O_PLUS per event
     counts: np.ndarray = field(default_factory=lambda: np.zeros(7, np.intp))
 
 
@@ -463,8 +464,7 @@ class Engine:
             floor = np.repeat(floors, sizes)
             bounds = list(zip(np.cumsum(sizes)[:-1].tolist(), run[:-1], strict=True))
         if len(recs):
-            self._process_records(recs, floor, bounds)
-            self.now = max(self.now, int(recs["ts_us"].max()))
+            self._process_records(recs, floor, bounds)  # now >= every record's time after it
         else:
             for _, b in bounds:
                 self._batch_end(b)
@@ -584,7 +584,8 @@ class Engine:
         cfg = self.config
         c0 = self.state.c
         o = bt.outcome
-        bt.plus = np.where(O_PLUS.take(o), bt.size.view(np.int64), 0)
+        bt.to_new = O_PLUS.take(o)
+        bt.plus = np.where(bt.to_new, bt.size.view(np.int64), 0)
         bt.minus = old_size.view(np.int64)  # 0 except where a live block ends
         bt.delta = bt.plus - bt.minus
         # Running sums relative to the state before the batch (bases added when read).
@@ -710,8 +711,18 @@ class Engine:
         k = len(self.modmap.modules)
         mp = np.minimum(bt.mod[lo:hi], k)
         mm = np.minimum(bt.old_mod[lo:hi], k)
-        dm = np.bincount(mp, weights=plus, minlength=k + 1) - np.bincount(
-            mm, weights=minus, minlength=k + 1)
+        # As for heaps: each event's delta goes to one module (the new block's, or the freed
+        # block's); only a REPLACE across modules splits (+size new, -old size old).
+        delta = bt.delta if whole else bt.delta[lo:hi]
+        tn = bt.to_new if whole else bt.to_new[lo:hi]
+        dm = np.bincount(np.where(tn, mp, mm), weights=delta, minlength=k + 1)
+        if n_rep:
+            rp = np.flatnonzero(o == REPLACE)
+            rp = rp[mp[rp] != mm[rp]]
+            if len(rp):
+                w = minus[rp]
+                dm += np.bincount(mp[rp], weights=w, minlength=k + 1) - np.bincount(
+                    mm[rp], weights=w, minlength=k + 1)
         mod_cur = base.mod_cur + np.rint(dm).astype(np.int64)
         return State(c, heap_cur, heap_peak, mod_cur)
 
@@ -732,7 +743,7 @@ class Engine:
             o = bt.outcome
             hp = self._heap_of_hook.take(bt.hook)
             hm = self._heap_of_hook.take(bt.old_hook)
-            ev_heap = np.where(O_PLUS.take(o), hp, hm)
+            ev_heap = np.where(bt.to_new, hp, hm)
             split = np.empty(0, np.intp)
             if bt.counts[REPLACE]:
                 split = np.flatnonzero(o == REPLACE)
