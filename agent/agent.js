@@ -101,7 +101,7 @@ function genHook(index, h, arch, slow, inst, slot) {
   const a = h.args;
   const arg = (name) => 'a' + a[name];
   const head = `${attr}gsize\n${replName(slow, index, inst)} (${params.join(', ')})\n{\n` +
-    `  NvThread * te;\n  gsize th;\n  gsize r;\n  NV_ENTER (te, th);\n  if (th == 0)\n    return ${call};\n`;
+    `  NvThread * te;\n  gsize th = nv_enter (&te);\n  gsize r;\n  if (th == 0)\n    return ${call};\n`;
   const tail = `  NV_LEAVE (te, th);\n  return r;\n}\n`;
   // Under Interceptor.replace the return address on the stack is Gum's; ask the invocation.
   const ra = slow ? 'nv_slow_ra ()' : '__builtin_return_address (0)';

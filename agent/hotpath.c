@@ -338,31 +338,6 @@ nv_find_self (void)
 }
 #endif
 
-/* nv_enter()'s table fast path written out in each replacement (TinyCC does not inline). */
-#if defined (NV_TP_TABLE) && !defined (NV_BENCH_PASSTHROUGH) && !defined (NV_BENCH_NO_THREAD_STATE)
-# define NV_ENTER(te, th) \
-  do \
-  { \
-    gsize tp_, tid_, w_; \
-    NV_READ_TP (tp_); \
-    tid_ = (gsize) *(volatile guint32 *) (tp_ + NV_TP_TID); \
-    te = &nv_threads[tid_ & (NV_THREADS - 1)]; \
-    w_ = te->word; \
-    if (te->key == tp_ && (w_ >> 2) == tid_) \
-    { \
-      th = (w_ & 1) ? 0 : w_; \
-      te->word = w_ | 1; \
-    } \
-    else \
-    { \
-      te = NULL; \
-      th = nv_enter_slow (tp_, tid_, &te); \
-    } \
-  } while (0)
-#else
-# define NV_ENTER(te, th) (th = nv_enter (&te))
-#endif
-
 /* Returns the thread word (tid << 2 | 2) and marks the thread "inside", or 0 = pass through.
    *ep: the thread's table entry for NV_LEAVE, or NULL (TLS path). */
 static inline gsize

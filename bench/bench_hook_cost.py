@@ -1,7 +1,7 @@
 """Added cost per hooked allocator call: a C target times malloc+free pairs with and without
 the agent, in one run (rounds alternate between the targets; medians; ratios).
 
-    python bench/bench_hook_cost.py [--pairs 100000] [--rounds 15] [--arch x64] [--baseline DIR]
+    python bench/bench_hook_cost.py [--pairs 100000] [--rounds 15] [--arch x64]
 
 Targets (each its own process of tests/agent_targets/bench_target.c, -O2):
   native        no monitor
@@ -18,7 +18,6 @@ The ring is big enough for a round (no drops: checked); the drain and the host r
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import frida  # noqa: E402
 from agent_harness import build  # noqa: E402
 
-import nvse_monitor.agent_host as agent_host  # noqa: E402
 from nvse_monitor.agent_host import AgentConfig, load_agent  # noqa: E402
 from nvse_monitor.hookprofile import load_profile  # noqa: E402
 from nvse_monitor.stream import Batch  # noqa: E402
@@ -48,8 +46,7 @@ VARIANTS: dict[str, dict | None] = {
 
 
 class Target:
-    def __init__(self, exe: Path, pairs: int, agent: dict | None, ring_slots: int,
-                 source_dir: Path | None = None) -> None:
+    def __init__(self, exe: Path, pairs: int, agent: dict | None, ring_slots: int) -> None:
         self.proc = subprocess.Popen([str(exe), str(pairs)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE)
         assert self.proc.stdout.readline().startswith(b"ready")
@@ -59,17 +56,8 @@ class Target:
         if agent is not None:
             self.session = frida.attach(self.proc.pid)
             cfg = AgentConfig(ring_slots=ring_slots, **agent)
-            shipped = agent_host.agent_source
-            if source_dir is not None:  # another agent version (--baseline), same host
-                c_text = (source_dir / "hotpath.c").read_text(encoding="utf-8")
-                js = (source_dir / "agent.js").read_text(encoding="utf-8")
-                agent_host.agent_source = \
-                    lambda: f"const HOTPATH_C = {json.dumps(c_text)};\n{js}"
-            try:
-                self.handle = load_agent(self.session, load_profile("linux-libc"), cfg,
-                                         on_message=self._on_message)
-            finally:
-                agent_host.agent_source = shipped
+            self.handle = load_agent(self.session, load_profile("linux-libc"), cfg,
+                                     on_message=self._on_message)
 
     def _on_message(self, msg: object) -> None:
         if isinstance(msg, Batch):  # the host consumes: decode and count every record
@@ -108,20 +96,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--arch", default="x64", choices=["x64", "ia32"])
     ap.add_argument("--ring-slots", type=int, default=1 << 19)
-    ap.add_argument("--baseline", type=Path, default=None,
-                    help="also time the agent in DIR (hotpath.c + agent.js) as 'baseline'")
-    ap.add_argument("--verbose", action="store_true", help="print every round's figure")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         exe = build("bench_target.c", Path(tmp), args.arch, opt="-O2")
         targets = {name: Target(exe, args.pairs, agent, args.ring_slots)
                    for name, agent in VARIANTS.items()}
-        if args.baseline is not None:  # timed right after 'full'
-            base_t = Target(exe, args.pairs, {}, args.ring_slots, args.baseline)
-            order = list(targets)
-            order.insert(order.index("full") + 1, "baseline")
-            targets = {name: base_t if name == "baseline" else targets[name] for name in order}
         times: dict[str, list[float]] = {name: [] for name in targets}
         try:
             for t in targets.values():  # warm-up round each (page faults, tcache)
@@ -144,8 +124,6 @@ def main() -> None:
         info = infos[name]
         drop = f"  dropped {info['dropped']}" if info else ""
         print(f"  {name:12s} {med[name]:6.1f}  ({min(v):.1f}-{max(v):.1f}){extra}{drop}")
-        if args.verbose:
-            print("      " + " ".join(f"{x:.1f}" for x in v))
     full = infos["full"]
     print(f"thread state in 'full': {targets['full'].handle.init_result['thread_state']}")
     print(f"agent memory in the target: {full['agent_bytes'] / 2**20:.1f} MiB "
@@ -156,9 +134,6 @@ def main() -> None:
           f"(gum TLS instead: {med['tls'] - med['full']:+.1f}), "
           f"rdtsc clock {med['full'] - med['no-clock']:.1f}, "
           f"monotonic clock instead of rdtsc {med['monotonic'] - med['full']:+.1f}")
-    if "baseline" in med:
-        print(f"baseline {args.baseline}: +{med['baseline'] - base:.1f} ns per call; "
-              f"full - baseline {med['full'] - med['baseline']:+.1f} ns")
 
 
 if __name__ == "__main__":

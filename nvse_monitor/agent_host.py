@@ -52,8 +52,7 @@ class AgentConfig:
     max_batch_bytes: int = 64 << 10  # 1 MiB batches stalled the drain for 100s of ms under load
     clock: str = "tsc"  # "tsc" (rdtsc, converted at drain) or "monotonic" (g_get_monotonic_time)
     ignore_tids: tuple[int, ...] = ()  # threads never recorded (Frida's own never are)
-    defines: tuple[str, ...] = ()  # bench only: NV_BENCH_PASSTHROUGH, NV_BENCH_NO_THREAD_STATE,
-    # NV_BENCH_NO_CLOCK, NV_BENCH_TLS_THREADS (gum TLS thread state even on Linux glibc)
+    defines: tuple[str, ...] = ()  # bench only: NV_BENCH_PASSTHROUGH, NV_BENCH_NO_THREAD_STATE
 
     def __post_init__(self) -> None:
         s = self.ring_slots
