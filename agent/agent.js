@@ -41,9 +41,6 @@ let hooks = [];           // [{index, spec, re, ninst, inst: [...], ok, detail, 
 let modules = new Map();  // base string -> module json
 let moduleObserver = null;
 let config = null;
-let tpTid = null;
-let threadTable = null;   // nv_threads[] (Linux glibc x86): 4096 x {key, word}
-const THREAD_TABLE_BYTES = 4096 * 2 * 8;
 
 function nowUs() {
   return countersPtr === null ? 0 : Number(countersPtr.add(7 * 8).readU64());
@@ -101,21 +98,17 @@ function genHook(index, h, arch, slow, inst, slot) {
   const a = h.args;
   const arg = (name) => 'a' + a[name];
   const head = `${attr}gsize\n${replName(slow, index, inst)} (${params.join(', ')})\n{\n` +
-    `  NvThread * te;\n  gsize th = nv_enter (&te);\n  gsize r;\n  if (th == 0)\n    return ${call};\n`;
-  const tail = `  NV_LEAVE (te, th);\n  return r;\n}\n`;
+    `  gsize th = nv_enter ();\n  gsize r;\n  if (th == 0)\n    return ${call};\n`;
+  const tail = `  nv_leave (th);\n  return r;\n}\n`;
   // Under Interceptor.replace the return address on the stack is Gum's; ask the invocation.
   const ra = slow ? 'nv_slow_ra ()' : '__builtin_return_address (0)';
-  // nv_alloc_done() written out (TinyCC does not inline: one call less per hooked call)
-  const allocDone = (res) => `    {\n      guint64 dur = t0 != 0 ? (nv_clock () - t0) >> NV_DUR_SHIFT : 0;\n` +
-    `      if (${res} != 0)\n        nv_emit (KIND_ALLOC, ${index}, ${res}, 0, size, ${ra}, th, dur);\n` +
-    `      else if (size != 0)\n        nv_emit (KIND_FAILED, ${index}, 0, 0, size, ${ra}, th, dur);\n    }\n`;
   let body;
   switch (h.role) {
     case 'alloc':
     case 'aligned_alloc':
       body = `  {\n    guint64 size = ${arg('size')};\n` +
         `    guint64 t0 = size > nv_state.large_bytes ? nv_clock () : 0;\n` +
-        `    r = ${call};\n` + allocDone('r') + `  }\n`;
+        `    r = ${call};\n    nv_alloc_done (${index}, r, size, ${ra}, th, t0);\n  }\n`;
       break;
     case 'calloc':
       body = `  {\n    guint64 n = ${arg('count')}, m = ${arg('size')};\n` +
@@ -123,7 +116,7 @@ function genHook(index, h, arch, slow, inst, slot) {
         // only 64-bit sizes can overflow (and ia32 has no 64-bit division in CModule)
         `#if NV_PTR64\n    if (m != 0 && size / m != n)\n      size = ~(guint64) 0;\n#endif\n` +
         `    guint64 t0 = size > nv_state.large_bytes ? nv_clock () : 0;\n` +
-        `    r = ${call};\n` + allocDone('r') + `  }\n`;
+        `    r = ${call};\n    nv_alloc_done (${index}, r, size, ${ra}, th, t0);\n  }\n`;
       break;
     case 'posix_memalign':
       body = `  {\n    guint64 size = ${arg('size')};\n    gsize out = ${arg('out')};\n` +
@@ -170,9 +163,8 @@ function planInstances(profile) {
   return slots;
 }
 
-function buildSource(profile, arch, platform, clock, extraDefines, tpTid) {
+function buildSource(profile, arch, platform, clock, extraDefines) {
   const defs = [];
-  if (tpTid !== null) defs.push(`#define NV_TP_TID ${tpTid}`);
   for (const d of extraDefines) {
     if (!/^NV_BENCH_[A-Z_]+$/.test(d)) throw new Error(`unknown define ${d}`);
     defs.push(`#define ${d} 1`);
@@ -617,26 +609,6 @@ function fridaThreadIds() {
   return all.filter(tid => !visible.has(tid));
 }
 
-// Offset of the kernel tid in glibc's struct pthread (Linux x86/x86_64), for the hot path's
-// thread-pointer table: the JS thread's tid searched in its own struct, first match. The C side
-// still checks every thread once against gettid() and falls back to gum TLS on a mismatch.
-// null (gum TLS for all threads) on other platforms or C libraries.
-const TP_TID_SCAN_BYTES = 0x1000;
-function tpTidOffset(arch, platform) {
-  if (platform !== 'linux' || (arch !== 'x64' && arch !== 'ia32')) return null;
-  if (Module.findGlobalExportByName('gnu_get_libc_version') === null) return null;
-  const self = new NativeFunction(Module.getGlobalExportByName('pthread_self'), 'pointer', [])();
-  const tid = Process.getCurrentThreadId();
-  try {
-    for (let off = 0; off < TP_TID_SCAN_BYTES; off += 4) {
-      if (self.add(off).readS32() === tid) return off;
-    }
-  } catch (e) {
-    // end of the mapping: not found
-  }
-  return null;
-}
-
 /* ------------------------------------------------------------------ rpc */
 
 function init(cfg) {
@@ -665,19 +637,8 @@ function init(cfg) {
   } else {
     symbols.syscall = Module.getGlobalExportByName('syscall');
   }
-  tpTid = tpTidOffset(arch, platform);
-  if (tpTid !== null) {
-    threadTable = Memory.alloc(THREAD_TABLE_BYTES);
-    symbols.nv_threads = threadTable;
-  }
-  const source = buildSource(profile, arch, platform, clock, cfg.defines || [], tpTid);
+  const source = buildSource(profile, arch, platform, clock, cfg.defines || []);
   cm = new CModule(source, symbols);
-  if (tpTid !== null) {
-    // the hot path reads fs:0x10 / gs:0x8 as pthread_self(): check that on this thread
-    const tp = new NativeFunction(cm.nv_thread_pointer, 'pointer', [])();
-    const self = new NativeFunction(Module.getGlobalExportByName('pthread_self'), 'pointer', [])();
-    if (!tp.isNull() && !tp.equals(self)) new NativeFunction(cm.nv_disable_thread_table, 'void', [])();
-  }
 
   const stateSize = new NativeFunction(cm.nv_state_size, 'size_t', [])();
   if (Number(stateSize) > STATE_BYTES) throw new Error(`NvState is ${stateSize} bytes`);
@@ -753,9 +714,7 @@ function init(cfg) {
       instances: e.inst.map(i => ({ module: i.module, address: Number(i.address), detail: i.detail })),
     })),
     ring_bytes: ringBytes,
-    agent_bytes: STATE_BYTES + ringBytes + 64 + maxRecs * RECORD_SIZE +
-      (threadTable !== null ? THREAD_TABLE_BYTES : 0),
-    thread_state: tpTid !== null ? `thread-pointer table (tid at +0x${tpTid.toString(16)})` : 'gum TLS',
+    agent_bytes: STATE_BYTES + ringBytes + 64 + maxRecs * RECORD_SIZE,
     clock,
   };
 }

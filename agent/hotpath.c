@@ -80,7 +80,6 @@ typedef struct
   NvSlot * ring;
   GumTlsKey tls_key;
   guint64 large_bytes;
-  volatile gsize tp_bad;  /* thread-pointer table disabled (a check failed): gum TLS for new threads */
   /* threads whose calls are never recorded (Frida's own), and threads initialising TLS */
   volatile gsize init_tids[NV_INIT_TIDS];
   gsize ignored_tids[NV_IGNORED_TIDS];
@@ -208,10 +207,15 @@ nv_thread_slow (void)
   return v;
 }
 
-/* The gum TLS path: Windows, non-glibc, and Linux threads the thread-pointer table cannot hold. */
-static gsize
-nv_enter_tls (void)
+/* Returns the thread word (tid << 2 | 2) and marks the thread "inside", or 0 = pass through. */
+static inline gsize
+nv_enter (void)
 {
+#if defined (NV_BENCH_PASSTHROUGH)
+  return 0;  /* bench only: replaceFast + a call through, nothing recorded */
+#elif defined (NV_BENCH_NO_THREAD_STATE)
+  return (1 << 2) | 2;  /* bench only: no TLS, no re-entrancy guard, tid 1 */
+#endif
   gsize v = GPOINTER_TO_SIZE (gum_tls_key_get_value (nv_state.tls_key));
   if (v & 1)
     return 0;
@@ -225,163 +229,13 @@ nv_enter_tls (void)
   return v;
 }
 
-static void
+static inline void
 nv_leave (gsize v)
 {
 #if defined (NV_BENCH_PASSTHROUGH) || defined (NV_BENCH_NO_THREAD_STATE)
   return;
 #endif
   gum_tls_key_set_value (nv_state.tls_key, GSIZE_TO_POINTER (v));
-}
-
-/*
- * Linux glibc x86 (NV_TP_TID defined by agent.js): no library call per hooked call. The thread
- * pointer (fs:0x10 / gs:0x8 = pthread_self()) gives the kernel tid that glibc keeps in its
- * struct pthread at offset NV_TP_TID (found by agent.js at init). The thread word lives in
- * nv_threads[], keyed by thread pointer, at tid % NV_THREADS (+ up to NV_PROBE - 1 on collision);
- * an entry matches only if both the key and the tid in its word are the caller's, so the entry of
- * a dead thread whose stack glibc reuses is taken over. Entries are only ever claimed (CAS on the
- * key), never freed: a thread that finds no room, or any thread after a failed check (the tid at
- * the offset is not gettid()), uses the gum TLS path.
- */
-typedef struct
-{
-  volatile gsize key;   /* thread pointer of the owner, 0 = free */
-  volatile gsize word;  /* the thread word, written by the owner only */
-} NvThread;
-
-#define NV_THREADS 4096
-#define NV_PROBE 8
-
-#if defined (NV_TP_TID) && !defined (NV_BENCH_TLS_THREADS) && !defined (NV_WINDOWS)
-# define NV_TP_TABLE 1
-extern NvThread nv_threads[];
-# if NV_PTR64
-#  define NV_READ_TP(tp) asm volatile ("mov %%fs:0x10, %0" : "=r" (tp))
-# else
-#  define NV_READ_TP(tp) asm volatile ("mov %%gs:0x8, %0" : "=r" (tp))
-# endif
-# define NV_LEAVE(te, th) do { if ((te) != NULL) (te)->word = (th); else nv_leave (th); } while (0)
-#else
-# define NV_LEAVE(te, th) nv_leave (th)
-#endif
-
-#ifdef NV_TP_TABLE
-/* First call of a thread (or its entry is not at the first probe position). */
-static gsize
-nv_enter_slow (gsize tp, gsize tid, NvThread ** ep)
-{
-  NvThread * e = NULL;
-  gsize i, v;
-  gsize bad = nv_state.tp_bad;  /* existing entries stay in use: one guard state per thread */
-  for (i = 0; i != NV_PROBE; i++)
-  {
-    NvThread * c = &nv_threads[(tid + i) & (NV_THREADS - 1)];
-    gsize k = c->key;
-    if (k == tp)
-    {
-      v = c->word;
-      if ((v >> 2) == tid)
-      {
-        if (v & 1)
-          return 0;
-        c->word = v | 1;
-        *ep = c;
-        return v;
-      }
-      if (!bad)
-        e = c;  /* a dead thread's entry (glibc reused its stack): this thread owns tp now */
-      break;
-    }
-    if (k == 0 && !bad && nv_cas (&c->key, 0, tp) == 0)
-    {
-      e = c;
-      break;
-    }
-  }
-  if (e == NULL)
-    return nv_enter_tls ();  /* no room near this tid */
-  v = (tid << 2) | 2;
-  if (nv_os_tid () != tid || (v >> 2) != tid)
-  {
-    nv_state.tp_bad = 1;  /* the offset does not hold (or the tid does not fit): TLS from now on */
-    e->word = 0;
-    return nv_enter_tls ();
-  }
-  for (i = 0; i != nv_state.n_ignored; i++)
-    if (nv_state.ignored_tids[i] == tid)
-      v |= 1;  /* a Frida thread: permanently "inside", so never recorded */
-  e->word = v | 1;
-  if (v & 1)
-    return 0;
-  /* for JS to ask Frida's cloak about (see nv_thread_slow) */
-  i = nv_fetch_add (&nv_state.new_head, 1);
-  nv_state.new_tids[i % NV_NEW_TIDS] = tid;
-  *ep = e;
-  return v;
-}
-
-/* The calling thread's entry, or NULL (it uses the TLS path). */
-static NvThread *
-nv_find_self (void)
-{
-  gsize tp, tid, i;
-  NV_READ_TP (tp);
-  tid = (gsize) *(volatile guint32 *) (tp + NV_TP_TID);
-  for (i = 0; i != NV_PROBE; i++)
-  {
-    NvThread * c = &nv_threads[(tid + i) & (NV_THREADS - 1)];
-    if (c->key == tp && (c->word >> 2) == tid)
-      return c;
-  }
-  return NULL;
-}
-#endif
-
-/* Returns the thread word (tid << 2 | 2) and marks the thread "inside", or 0 = pass through.
-   *ep: the thread's table entry for NV_LEAVE, or NULL (TLS path). */
-static inline gsize
-nv_enter (NvThread ** ep)
-{
-  *ep = NULL;
-#if defined (NV_BENCH_PASSTHROUGH)
-  return 0;  /* bench only: replaceFast + a call through, nothing recorded */
-#elif defined (NV_BENCH_NO_THREAD_STATE)
-  return (1 << 2) | 2;  /* bench only: no TLS, no re-entrancy guard, tid 1 */
-#endif
-#ifdef NV_TP_TABLE
-  {
-    gsize tp, tid, w;
-    NvThread * e;
-    NV_READ_TP (tp);
-    tid = (gsize) *(volatile guint32 *) (tp + NV_TP_TID);
-    e = &nv_threads[tid & (NV_THREADS - 1)];
-    w = e->word;
-    if (e->key == tp && (w >> 2) == tid)
-    {
-      if (w & 1)
-        return 0;
-      e->word = w | 1;
-      *ep = e;
-      return w;
-    }
-    return nv_enter_slow (tp, tid, ep);
-  }
-#else
-  {
-    gsize v = GPOINTER_TO_SIZE (gum_tls_key_get_value (nv_state.tls_key));
-    if (v & 1)
-      return 0;
-    if (v == 0)
-    {
-      v = nv_thread_slow ();
-      if (v == 0)
-        return 0;
-    }
-    gum_tls_key_set_value (nv_state.tls_key, GSIZE_TO_POINTER (v | 1));
-    return v;
-  }
-#endif
 }
 
 /* ---------------------------------------------------------------- ring */
@@ -643,61 +497,29 @@ nv_ignore_tid (gsize tid)
 gsize
 nv_suspend_current_thread (void)
 {
-  NvThread * e;
-  return nv_enter (&e);
+  gsize v = GPOINTER_TO_SIZE (gum_tls_key_get_value (nv_state.tls_key));
+  if (v == 0)
+    v = nv_thread_slow ();
+  if (v == 0 || (v & 1))
+    return 0;
+  gum_tls_key_set_value (nv_state.tls_key, GSIZE_TO_POINTER (v | 1));
+  return v;
 }
 
 void
 nv_resume_current_thread (gsize v)
 {
-  if (v == 0)
-    return;
-#ifdef NV_TP_TABLE
-  {
-    NvThread * e = nv_find_self ();
-    if (e != NULL)
-    {
-      e->word = v;
-      return;
-    }
-  }
-#endif
-  gum_tls_key_set_value (nv_state.tls_key, GSIZE_TO_POINTER (v));
+  if (v != 0)
+    gum_tls_key_set_value (nv_state.tls_key, GSIZE_TO_POINTER (v));
 }
 
 void
 nv_ignore_current_thread (void)
 {
-#ifdef NV_TP_TABLE
-  NvThread * e;
-  nv_ignore_tid (nv_os_tid ());  /* its entry (or TLS word) is created "inside" for good */
-  nv_enter (&e);
-#else
   gsize v = GPOINTER_TO_SIZE (gum_tls_key_get_value (nv_state.tls_key));
   if (v == 0)
     v = (nv_os_tid () << 2) | 2;
   gum_tls_key_set_value (nv_state.tls_key, GSIZE_TO_POINTER (v | 1));
-#endif
-}
-
-/* The thread pointer as the hot path reads it (agent.js checks it is pthread_self()), or 0 when
-   the table is not compiled in. */
-gsize
-nv_thread_pointer (void)
-{
-#ifdef NV_TP_TABLE
-  gsize tp;
-  NV_READ_TP (tp);
-  return tp;
-#else
-  return 0;
-#endif
-}
-
-void
-nv_disable_thread_table (void)
-{
-  nv_state.tp_bad = 1;
 }
 
 /*

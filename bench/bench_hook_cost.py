@@ -6,11 +6,9 @@ the agent, in one run (rounds alternate between the targets; medians; ratios).
 Targets (each its own process of tests/agent_targets/bench_target.c, -O2):
   native        no monitor
   passthrough   replaceFast into a C replacement that only calls the original (the floor)
-  full          the agent as shipped (rdtsc clock; thread state in the thread-pointer table on
-                Linux glibc x86, gum TLS elsewhere), drain + host consuming
-  tls           same with the gum TLS thread state everywhere (the agent before the table)
+  full          the agent as shipped (rdtsc clock, TLS thread state), drain + host consuming
   monotonic     same with g_get_monotonic_time() as the record clock
-  no-tls        same without any per-thread state (no re-entrancy guard: unsafe, bench only)
+  no-tls        same without the per-thread TLS word (no re-entrancy guard: unsafe, bench only)
   no-clock      same with timestamps 0 (bench only: the clock's share)
 The ring is big enough for a round (no drops: checked); the drain and the host run meanwhile.
 """
@@ -28,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import frida  # noqa: E402
-from agent_harness import build  # noqa: E402
+from test_agent_harness import build  # noqa: E402
 
 from nvse_monitor.agent_host import AgentConfig, load_agent  # noqa: E402
 from nvse_monitor.hookprofile import load_profile  # noqa: E402
@@ -38,7 +36,6 @@ VARIANTS: dict[str, dict | None] = {
     "native": None,
     "passthrough": {"defines": ("NV_BENCH_PASSTHROUGH",)},
     "full": {},
-    "tls": {"defines": ("NV_BENCH_TLS_THREADS",)},
     "monotonic": {"clock": "monotonic"},
     "no-tls": {"defines": ("NV_BENCH_NO_THREAD_STATE",)},
     "no-clock": {"defines": ("NV_BENCH_NO_CLOCK",)},
@@ -125,13 +122,11 @@ def main() -> None:
         drop = f"  dropped {info['dropped']}" if info else ""
         print(f"  {name:12s} {med[name]:6.1f}  ({min(v):.1f}-{max(v):.1f}){extra}{drop}")
     full = infos["full"]
-    print(f"thread state in 'full': {targets['full'].handle.init_result['thread_state']}")
     print(f"agent memory in the target: {full['agent_bytes'] / 2**20:.1f} MiB "
           f"(ring {full['ring_bytes'] / 2**20:.1f} MiB)")
     print(f"added by the agent (full - native): {med['full'] - base:.1f} ns per call; "
           f"of which replaceFast floor {med['passthrough'] - base:.1f}, "
-          f"thread state {med['full'] - med['no-tls']:.1f} "
-          f"(gum TLS instead: {med['tls'] - med['full']:+.1f}), "
+          f"TLS thread state {med['full'] - med['no-tls']:.1f}, "
           f"rdtsc clock {med['full'] - med['no-clock']:.1f}, "
           f"monotonic clock instead of rdtsc {med['monotonic'] - med['full']:+.1f}")
 
