@@ -10,6 +10,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "target_io.h"
+
 static double g_seconds = 2.0, g_rate = 0; /* 0 = as fast as possible */
 static int g_threads = 1;
 /* Called through volatile pointers so the compiler cannot elide a malloc/free pair. */
@@ -28,21 +30,6 @@ static double now_s(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static void out(const char *s) {
-    size_t n = strlen(s);
-    while (n) {
-        ssize_t w = write(1, s, n);
-        if (w <= 0) return;
-        s += w;
-        n -= (size_t)w;
-    }
-}
-
-static void wait_line(void) {
-    char c;
-    while (read(0, &c, 1) == 1 && c != '\n') {
-    }
-}
 
 static void *work(void *arg) {
     struct worker *w = arg;

@@ -10,25 +10,12 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "target_io.h"
+
 typedef int (*leak_fn)(int, size_t);
 void *keep[1000]; /* global: the stores (and so the mallocs) must stay */
 int nkeep;
 
-static void out(const char *s) {
-    size_t n = strlen(s);
-    while (n) {
-        ssize_t w = write(1, s, n);
-        if (w <= 0) return;
-        s += w;
-        n -= (size_t)w;
-    }
-}
-
-static void wait_line(void) {
-    char c;
-    while (read(0, &c, 1) == 1 && c != '\n') {
-    }
-}
 
 __attribute__((noinline)) void leak_a(void) {
     for (int i = 0; i < 100; i++) keep[nkeep++] = malloc(48);

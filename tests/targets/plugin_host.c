@@ -6,24 +6,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "target_io.h"
+
 typedef void *(*alloc_fn)(size_t);
 typedef void (*free_fn)(void *);
 
-static void out(const char *s) {
-    size_t n = strlen(s);
-    while (n) {
-        ssize_t w = write(1, s, n);
-        if (w <= 0) return;
-        s += w;
-        n -= (size_t)w;
-    }
-}
-
-static void wait_line(void) {
-    char c;
-    while (read(0, &c, 1) == 1 && c != '\n') {
-    }
-}
 
 int main(int argc, char **argv) {
     if (argc < 2) return 2;

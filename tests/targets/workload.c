@@ -34,6 +34,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "target_io.h"
+
 typedef unsigned long long u64;
 
 struct truth {
@@ -50,21 +52,6 @@ static unsigned g_seed = 1;
 static volatile uintptr_t g_crash_address = 0; /* volatile: a real store, not UB folding */
 static pthread_barrier_t g_start, g_done, g_exit;
 
-static void out(const char *s) {
-    size_t n = strlen(s);
-    while (n) {
-        ssize_t w = write(1, s, n);
-        if (w <= 0) return;
-        s += w;
-        n -= (size_t)w;
-    }
-}
-
-static void wait_line(void) {
-    char c;
-    while (read(0, &c, 1) == 1 && c != '\n') {
-    }
-}
 
 static unsigned next(unsigned *s) { /* xorshift32: same sizes on every run and arch */
     unsigned x = *s;
