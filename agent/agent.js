@@ -41,6 +41,7 @@ let hooks = [];           // [{index, spec, re, ninst, inst: [...], ok, detail, 
 let modules = new Map();  // base string -> module json
 let moduleObserver = null;
 let config = null;
+let planSlots = 0;        // nv_orig[] entries
 
 function nowUs() {
   return countersPtr === null ? 0 : Number(countersPtr.add(7 * 8).readU64());
@@ -98,8 +99,9 @@ function genHook(index, h, arch, slow, inst, slot) {
   const a = h.args;
   const arg = (name) => 'a' + a[name];
   const head = `${attr}gsize\n${replName(slow, index, inst)} (${params.join(', ')})\n{\n` +
-    `  gsize th = nv_enter ();\n  gsize r;\n  if (th == 0)\n    return ${call};\n`;
-  const tail = `  nv_leave (th);\n  return r;\n}\n`;
+    `  volatile gsize * tl;\n  gsize th;\n  gsize r;\n  NV_ENTER (tl, th);\n` +
+    `  if (th == 0)\n    return ${call};\n`;
+  const tail = `  NV_LEAVE (tl, th);\n  return r;\n}\n`;
   // Under Interceptor.replace the return address on the stack is Gum's; ask the invocation.
   const ra = slow ? 'nv_slow_ra ()' : '__builtin_return_address (0)';
   let body;
@@ -609,6 +611,52 @@ function fridaThreadIds() {
   return all.filter(tid => !visible.has(tid));
 }
 
+/* ------------------------------------------------------------------ thread state */
+
+// Offset from the thread pointer to our gum TLS key's value (see NV_ENTER in hotpath.c), found
+// on this thread by setting sentinels through gum and looking for them in the thread block, then
+// checked both ways. Returns {off, seq} or null (the hot path then calls gum).
+const TLS_SCAN_BYTES = 0x2000;
+function findTlsSlot(platform) {
+  const tpFn = new NativeFunction(cm.nv_thread_pointer, 'pointer', []);
+  const get = new NativeFunction(cm.nv_tls_get, 'pointer', []);
+  const set = new NativeFunction(cm.nv_tls_set, 'void', ['pointer']);
+  const tp = tpFn();
+  const psz = Process.pointerSize;
+  const s1 = ptr(psz === 8 ? '0x6e764d6f6e543153' : '0x6e764d31');
+  const s2 = ptr(psz === 8 ? '0x6e764d6f6e543253' : '0x6e764d32');
+  const s3 = ptr(psz === 8 ? '0x6e764d6f6e543353' : '0x6e764d33');
+  const saved = get();
+  try {
+    if (tp.isNull()) return null;
+    set(s1);
+    // Frida cloaks its own threads' memory (no range to ask about): read until the block ends
+    let off = null;
+    try {
+      for (let o = psz; o < TLS_SCAN_BYTES; o += psz) {
+        if (tp.add(o).readPointer().equals(s1)) {
+          if (off !== null) return null;  // not unique: do not guess
+          off = o;
+        }
+      }
+    } catch (e) {
+      // end of the mapping
+    }
+    if (off === null) return null;
+    set(s2);
+    if (!tp.add(off).readPointer().equals(s2)) return null;
+    tp.add(off).writePointer(s3);
+    if (!get().equals(s3)) return null;
+    // glibc stores the key's sequence number just before the value (checked per call)
+    const seq = platform === 'windows' ? ptr(0) : tp.add(off - psz).readPointer();
+    return { off, seq };
+  } catch (e) {
+    return null;
+  } finally {
+    set(saved);
+  }
+}
+
 /* ------------------------------------------------------------------ rpc */
 
 function init(cfg) {
@@ -623,6 +671,7 @@ function init(cfg) {
 
   st = Memory.alloc(STATE_BYTES);
   const nslots = planInstances(profile);
+  planSlots = nslots;
   origTable = Memory.alloc(Math.max(1, nslots) * Process.pointerSize);
   const ringBytes = slots * SLOT_SIZE;
   ringRaw = Memory.alloc(ringBytes + 64);
@@ -645,6 +694,10 @@ function init(cfg) {
   new NativeFunction(cm.nv_configure, 'void', ['size_t', 'pointer', 'uint64'])(
       slots, ring, uint64(cfg.large_alloc_bytes));
   new NativeFunction(cm.nv_start, 'void', [])();
+  const tls = findTlsSlot(platform);
+  if (tls !== null) {
+    new NativeFunction(cm.nv_set_tls_off, 'void', ['size_t', 'pointer'])(tls.off, tls.seq);
+  }
   fnDrain = new NativeFunction(cm.nv_drain, 'uint', ['pointer', 'uint']);
   fnFinish = new NativeFunction(cm.nv_finish, 'uint', ['pointer', 'uint']);
   fnNextNewTid = new NativeFunction(cm.nv_next_new_tid, 'size_t', []);
@@ -716,6 +769,8 @@ function init(cfg) {
     ring_bytes: ringBytes,
     agent_bytes: STATE_BYTES + ringBytes + 64 + maxRecs * RECORD_SIZE,
     clock,
+    thread_state: tls !== null ? `direct TLS slot (thread pointer + 0x${tls.off.toString(16)})`
+      : 'gum TLS calls',
   };
 }
 let initialLoad = true;
@@ -810,4 +865,41 @@ function cloakThread(tid) {
   Cloak.addThread(tid);
 }
 
-rpc.exports = { init, flush, stop, snapshot, dispose, cloakThread };
+// Memory the compiled hot path refers to outside the CModule's own mapping and our allocations
+// (test support, Linux: /proc/self/maps). TinyCC can place constants where Frida does not map
+// them (see hotpath.c); a reference there reads foreign memory and faults once it is unmapped.
+function foreignCodeRefs() {
+  const f = BigInt(cm.nv_drain.toString());
+  let lo = null, hi = null;
+  for (const line of File.readAllText('/proc/self/maps').split('\n')) {
+    const r = /^([0-9a-f]+)-([0-9a-f]+)/.exec(line);
+    if (r !== null && BigInt('0x' + r[1]) <= f && f < BigInt('0x' + r[2])) {
+      lo = ptr('0x' + r[1]);
+      hi = ptr('0x' + r[2]);
+    }
+  }
+  if (lo === null) throw new Error('the CModule is not in /proc/self/maps');
+  const ours = [[lo, hi], [st, st.add(STATE_BYTES)],
+    [origTable, origTable.add(Math.max(1, planSlots) * Process.pointerSize)]];
+  const inside = (t) => ours.some(([a, b]) => t.compare(a) >= 0 && t.compare(b) < 0);
+  const bad = [];
+  let n = 0;
+  // TinyCC's layout symbols bound the code: [__start_text, __stop_text)
+  const textEnd = cm.__stop_text;
+  for (let a = cm.__start_text; a.compare(textEnd) < 0; n++) {
+    const ins = Instruction.parse(a);
+    for (const op of ins.operands) {
+      if (op.type !== 'mem') continue;
+      const m = op.value;
+      if (m.segment !== undefined) continue;  // fs:/gs: thread block reads
+      let t = null;
+      if (m.base === 'rip') t = ins.next.add(m.disp);
+      else if (m.base === undefined && m.index === undefined) t = ptr(m.disp >>> 0);
+      if (t !== null && !inside(t)) bad.push(`+0x${a.sub(lo).toString(16)} ${ins} -> ${t}`);
+    }
+    a = ins.next;
+  }
+  return { instructions: n, code_bytes: Number(hi.sub(lo)), foreign: bad };
+}
+
+rpc.exports = { init, flush, stop, snapshot, dispose, cloakThread, foreignCodeRefs };

@@ -11,6 +11,11 @@
  *   consumer: nv_drain() copies slots from tail while publish word == pos + 1, then advances tail.
  * x86 is TSO: stores are seen in program order, so the publish store (after a compiler barrier)
  * makes the whole record visible; loads are not reordered with older loads.
+ *
+ * No floating-point literals, string literals or initialised data: TinyCC places such constants
+ * in a section that Frida 17's CModule does not map (RIP-relative loads land past the module, in
+ * whatever memory follows, and fault once that is unmapped: seen in nv_drain while a crashing or
+ * stopping target freed memory). tests/test_agent.py::test_code_references_stay_in_module checks.
  */
 #include <glib.h>
 #include <gum/guminterceptor.h>
@@ -80,6 +85,8 @@ typedef struct
   NvSlot * ring;
   GumTlsKey tls_key;
   guint64 large_bytes;
+  gsize tls_off;         /* thread pointer -> our TLS key's value (0: through gum calls) */
+  gsize tls_seq;         /* glibc: the key's sequence number, stored just before the value */
   /* threads whose calls are never recorded (Frida's own), and threads initialising TLS */
   volatile gsize init_tids[NV_INIT_TIDS];
   gsize ignored_tids[NV_IGNORED_TIDS];
@@ -97,7 +104,7 @@ typedef struct
   gint64 wall0;          /* g_get_real_time() at time zero */
   guint64 anchor_clock;  /* raw clock / µs pair of the previous drain (tsc conversion) */
   gint64 anchor_us;
-  double ticks_per_us;
+  double us_per_tick;    /* TSC rate of the previous drain (or of nv_start) */
   guint64 last_ts_us;    /* records leave nv_drain() with non-decreasing ts */
   gsize last_drop[6];
   /* exact cumulative counters (published + dropped), consumer-only writes */
@@ -238,6 +245,66 @@ nv_leave (gsize v)
   gum_tls_key_set_value (nv_state.tls_key, GSIZE_TO_POINTER (v));
 }
 
+/*
+ * The same thread word without a library call per hooked call. Our gum TLS key's value lives at
+ * a fixed offset from the thread pointer (glibc: struct pthread's specific_1stblock[key].data for
+ * keys < 32; Windows: TEB TlsSlots[key] for keys < 64). agent.js finds that offset at init by a
+ * round trip of sentinels through gum on its own thread and sets nv_state.tls_off; when it is not
+ * found (another C library, a key in glibc's second level) tls_off stays 0 and the gum calls are
+ * used. A thread's first call still goes through gum (pthread_setspecific marks the key in use,
+ * so glibc clears the value at thread exit and a reused thread block starts at 0).
+ */
+#if !defined (NV_WINDOWS) && NV_PTR64
+# define NV_READ_TP(tp) asm volatile ("mov %%fs:0x10, %0" : "=r" (tp))  /* tcbhead_t.self */
+#elif !defined (NV_WINDOWS)
+# define NV_READ_TP(tp) asm volatile ("mov %%gs:0x8, %0" : "=r" (tp))   /* tcbhead_t.self */
+#elif NV_PTR64
+# define NV_READ_TP(tp) asm volatile ("mov %%gs:0x30, %0" : "=r" (tp))  /* NT_TIB.Self */
+#else
+# define NV_READ_TP(tp) asm volatile ("mov %%fs:0x18, %0" : "=r" (tp))  /* NT_TIB.Self */
+#endif
+
+/* glibc keeps a stale value of a deleted key whose index was reused until the owner thread reads
+   it through pthread_getspecific (which checks the sequence number): so do we, through gum.
+   Windows clears every thread's slot in TlsFree. */
+#ifdef NV_WINDOWS
+# define NV_TLS_FRESH(tl) 1
+#else
+# define NV_TLS_FRESH(tl) ((tl)[-1] == nv_state.tls_seq)
+#endif
+
+#if defined (NV_BENCH_PASSTHROUGH)
+# define NV_ENTER(tl, th) do { tl = NULL; th = 0; } while (0)
+#elif defined (NV_BENCH_NO_THREAD_STATE)
+# define NV_ENTER(tl, th) do { tl = NULL; th = (1 << 2) | 2; } while (0)
+#elif defined (NV_BENCH_TLS_CALLS)
+# define NV_ENTER(tl, th) do { tl = NULL; th = nv_enter (); } while (0)
+#else
+/* written out in each replacement: TinyCC does not inline */
+# define NV_ENTER(tl, th) \
+  do \
+  { \
+    gsize off_ = nv_state.tls_off; \
+    tl = NULL; \
+    if (off_ != 0) \
+    { \
+      gsize tp_; \
+      NV_READ_TP (tp_); \
+      tl = (volatile gsize *) (tp_ + off_); \
+      th = *tl; \
+      if (th == 0 || !NV_TLS_FRESH (tl)) \
+        th = nv_enter (); \
+      else if (th & 1) \
+        th = 0; \
+      else \
+        *tl = th | 1; \
+    } \
+    else \
+      th = nv_enter (); \
+  } while (0)
+#endif
+#define NV_LEAVE(tl, th) do { if ((tl) != NULL) *(tl) = (th); else nv_leave (th); } while (0)
+
 /* ---------------------------------------------------------------- ring */
 
 /* A position for one record, or NULL when the ring is full (the caller counts a drop). */
@@ -248,7 +315,8 @@ nv_reserve (gsize * pos_out)
   for (;;)
   {
     gsize prev;
-    if (h - nv_state.tail >= nv_state.slots)
+    /* signed: h may be stale and already behind a tail read after it (then the CAS fails) */
+    if ((gssize) (h - nv_state.tail) >= (gssize) nv_state.slots)
       return NULL;
     prev = nv_cas (&nv_state.head, h, h + 1);
     if (prev == h)
@@ -314,7 +382,7 @@ nv_emit (guint kind, guint hook, gsize ptr, gsize old_ptr, guint64 size, gpointe
   for (;;)
   {
     gsize prev;
-    if (h - nv_state.tail >= nv_state.slots)
+    if ((gssize) (h - nv_state.tail) >= (gssize) nv_state.slots)  /* signed: see nv_reserve */
     {
       nv_drop (kind, (kind == KIND_ALLOC || (kind == KIND_REALLOC && ptr != 0)) ? size : 0);
       return;
@@ -466,11 +534,10 @@ nv_start (void)
     m1 = g_get_monotonic_time ();
   while (m1 - m0 < 2000);
   c1 = nv_clock ();
-  nv_state.ticks_per_us = (double) (gint64) (c1 - c0) / (double) (m1 - m0);
+  nv_state.us_per_tick = (double) (m1 - m0) / (double) (gint64) (c1 - c0);
 #else
   m1 = m0;
   c1 = c0;
-  nv_state.ticks_per_us = 1.0;
 #endif
   nv_state.mono0 = m0;
   nv_state.clock0 = c0;
@@ -482,6 +549,34 @@ gint64
 nv_wall0 (void)
 {
   return nv_state.wall0;
+}
+
+/* For agent.js's search of the TLS offset (on its own thread, before any hook). */
+gsize
+nv_thread_pointer (void)
+{
+  gsize tp;
+  NV_READ_TP (tp);
+  return tp;
+}
+
+gsize
+nv_tls_get (void)
+{
+  return GPOINTER_TO_SIZE (gum_tls_key_get_value (nv_state.tls_key));
+}
+
+void
+nv_tls_set (gsize v)
+{
+  gum_tls_key_set_value (nv_state.tls_key, GSIZE_TO_POINTER (v));
+}
+
+void
+nv_set_tls_off (gsize off, gsize seq)
+{
+  nv_state.tls_seq = seq;
+  nv_state.tls_off = off;
 }
 
 /* The calling thread (Frida's JS thread) is never recorded. */
@@ -534,7 +629,9 @@ nv_drain (NvRecord * out, guint max)
   guint n = 0;
   gint64 now_us;
   guint64 now_clock;
+#ifdef NV_CLOCK_TSC
   double us_per_tick;
+#endif
   guint64 last = nv_state.last_ts_us;
 
   now_clock = nv_clock ();
@@ -544,9 +641,7 @@ nv_drain (NvRecord * out, guint max)
     us_per_tick = (double) (now_us - nv_state.anchor_us)
         / (double) (gint64) (now_clock - nv_state.anchor_clock);
   else
-    us_per_tick = 1.0 / nv_state.ticks_per_us;
-#else
-  us_per_tick = 1.0;
+    us_per_tick = nv_state.us_per_tick;
 #endif
 
   while (n != max)
@@ -561,12 +656,12 @@ nv_drain (NvRecord * out, guint max)
 #ifdef NV_CLOCK_TSC
     {
       gint64 dt = (gint64) (r->ts - nv_state.anchor_clock);
-      double us = (double) nv_state.anchor_us + (double) dt * us_per_tick;
-      ts = us < 0 ? 0 : (guint64) (gint64) us;
+      gint64 us = (gint64) ((double) nv_state.anchor_us + (double) dt * us_per_tick);
+      ts = us < 0 ? 0 : (guint64) us;
       if (r->dur != 0)
       {
-        double d = (double) ((gint64) r->dur << NV_DUR_SHIFT) * us_per_tick;
-        r->dur = d > 4294967295.0 ? 0xffffffffU : (guint32) (gint64) d;
+        gint64 d = (gint64) ((double) ((gint64) r->dur << NV_DUR_SHIFT) * us_per_tick);
+        r->dur = (d < 0 || d > (gint64) 0xffffffffU) ? 0xffffffffU : (guint32) d;
       }
     }
 #else
@@ -590,7 +685,7 @@ nv_drain (NvRecord * out, guint max)
   {
     nv_state.anchor_clock = now_clock;
     nv_state.anchor_us = now_us;
-    nv_state.ticks_per_us = 1.0 / us_per_tick;
+    nv_state.us_per_tick = us_per_tick;
   }
 #endif
   nv_fold_drops ();

@@ -7,6 +7,8 @@ Targets (each its own process of tests/agent_targets/bench_target.c, -O2):
   native        no monitor
   passthrough   replaceFast into a C replacement that only calls the original (the floor)
   full          the agent as shipped (rdtsc clock, TLS thread state), drain + host consuming
+  gum-tls       same with the thread state through gum_tls_key_get/set_value calls (the
+                fallback where the direct TLS slot is not found; the agent before 0.1.1)
   monotonic     same with g_get_monotonic_time() as the record clock
   no-tls        same without the per-thread TLS word (no re-entrancy guard: unsafe, bench only)
   no-clock      same with timestamps 0 (bench only: the clock's share)
@@ -26,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import frida  # noqa: E402
-from test_agent_harness import build  # noqa: E402
+from agent_harness import build  # noqa: E402
 
 from nvse_monitor.agent_host import AgentConfig, load_agent  # noqa: E402
 from nvse_monitor.hookprofile import load_profile  # noqa: E402
@@ -37,6 +39,7 @@ VARIANTS: dict[str, dict | None] = {
     "passthrough": {"defines": ("NV_BENCH_PASSTHROUGH",)},
     "full": {},
     "monotonic": {"clock": "monotonic"},
+    "gum-tls": {"defines": ("NV_BENCH_TLS_CALLS",)},
     "no-tls": {"defines": ("NV_BENCH_NO_THREAD_STATE",)},
     "no-clock": {"defines": ("NV_BENCH_NO_CLOCK",)},
 }
@@ -126,7 +129,8 @@ def main() -> None:
           f"(ring {full['ring_bytes'] / 2**20:.1f} MiB)")
     print(f"added by the agent (full - native): {med['full'] - base:.1f} ns per call; "
           f"of which replaceFast floor {med['passthrough'] - base:.1f}, "
-          f"TLS thread state {med['full'] - med['no-tls']:.1f}, "
+          f"TLS thread state {med['full'] - med['no-tls']:.1f} "
+          f"(through gum calls {med['gum-tls'] - med['no-tls']:.1f}), "
           f"rdtsc clock {med['full'] - med['no-clock']:.1f}, "
           f"monotonic clock instead of rdtsc {med['monotonic'] - med['full']:+.1f}")
 

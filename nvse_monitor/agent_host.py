@@ -37,6 +37,14 @@ from .stream import (
 )
 
 DEFAULT_RING_SLOTS = 1 << 17  # 8 MiB ring: ~25 ms of a 5 M events/s burst, ~1 s of a busy game
+# 64-bit targets have address space to spare: a 32 MiB ring rides out ~0.5 s of host stall at
+# 1 M events/s (bench/soak.py dropped bursts with 128K slots on a busy machine).
+DEFAULT_RING_SLOTS_64 = 1 << 19
+
+
+def default_ring_slots(arch: str) -> int:
+    """Ring slots when the user gives none: 32-bit targets (FNV) keep their address space."""
+    return DEFAULT_RING_SLOTS_64 if arch in ("x64", "arm64") else DEFAULT_RING_SLOTS
 _EMPTY = np.empty(0, dtype=RECORD_DTYPE)
 
 
@@ -52,7 +60,7 @@ class AgentConfig:
     max_batch_bytes: int = 64 << 10  # 1 MiB batches stalled the drain for 100s of ms under load
     clock: str = "tsc"  # "tsc" (rdtsc, converted at drain) or "monotonic" (g_get_monotonic_time)
     ignore_tids: tuple[int, ...] = ()  # threads never recorded (Frida's own never are)
-    defines: tuple[str, ...] = ()  # bench only: NV_BENCH_PASSTHROUGH, NV_BENCH_NO_THREAD_STATE
+    defines: tuple[str, ...] = ()  # bench/tests only: NV_BENCH_* variants of the hot path
 
     def __post_init__(self) -> None:
         s = self.ring_slots
@@ -171,6 +179,7 @@ class AgentHandle:
                 "ring_bytes": r.get("ring_bytes", 0),
                 "agent_bytes": r.get("agent_bytes", 0),
                 "clock": r.get("clock", ""),
+                "thread_state": r.get("thread_state", ""),
                 "main_path": r.get("main_path", ""),
                 **extra,
             },

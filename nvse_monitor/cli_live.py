@@ -47,7 +47,8 @@ def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--duration", type=click.FloatRange(min=0, min_open=True),
                      help="Stop after this many seconds (like Ctrl-C)."),
         click.option("--ring-size", callback=_ring_size,
-                     help="Agent ring slots (power of two, 64 bytes each; default 128K)."),
+                     help="Agent ring slots (power of two, 64 bytes each; default 512K on 64-bit "
+                     "targets, 128K on 32-bit ones, where address space is scarce)."),
         click.option("--addrspace-warn-mb", type=click.FloatRange(min=0), default=256,
                      show_default=True, help="32-bit targets: sample the address space about "
                      "once a second (<prefix>_addrspace.csv) and warn when its largest free "

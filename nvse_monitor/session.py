@@ -27,7 +27,7 @@ from typing import Any, TextIO
 import frida
 
 from . import __version__, addrspace, fnv
-from .agent_host import DEFAULT_RING_SLOTS
+from .agent_host import default_ring_slots
 from .live_status import StatusLine
 from .pipeline import Pipeline
 from .stream import (
@@ -70,7 +70,7 @@ class SessionOptions:
     prefix: str = DEFAULT_PREFIX
     record: Path | None = None
     duration: float | None = None  # seconds, then stop like Ctrl-C
-    ring_slots: int = DEFAULT_RING_SLOTS  # agent_host's default
+    ring_slots: int | None = None  # None: agent_host.default_ring_slots(target arch)
     large_alloc_bytes: int = 1 << 20
     drain_interval_ms: int = 10
     # Agent batch size: measured on 2 cores under load, 64 KiB batches sustain 5 M events/s
@@ -442,9 +442,10 @@ class LiveSession:
         self._exit_script.on("message", self._on_exit_watch)
         self._exit_script.load()
 
+        ring_slots = self.opts.ring_slots or default_ring_slots(info.arch)
         try:
             config = AgentConfig(
-                ring_slots=self.opts.ring_slots,
+                ring_slots=ring_slots,
                 large_alloc_bytes=self.opts.large_alloc_bytes,
                 drain_interval_ms=self.opts.drain_interval_ms,
                 max_batch_bytes=self.opts.max_batch_bytes,
@@ -461,7 +462,7 @@ class LiveSession:
             raise SessionError(f"PID {self.pid}: {exc}") from None
         init_result = self.agent.init_result
         self.meta = self.agent.session_meta(
-            target=info.main_module, mode=self.mode, ring_slots=self.opts.ring_slots
+            target=info.main_module, mode=self.mode, ring_slots=ring_slots
         )
         self.meta.utc_offset_s = _utc_offset_s()
         self.meta.monitor_version = __version__

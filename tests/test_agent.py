@@ -74,6 +74,8 @@ def test_sequence_matches_ground_truth(bin_dir, m32_reason, arch):
     with Monitored([str(path)]) as mon:
         info = mon.agent.init_result
         assert info["arch"] == arch and info["platform"] == "linux"
+        # glibc: the hot path reads the thread word at a fixed offset from the thread pointer
+        assert info["thread_state"].startswith("direct TLS slot"), info["thread_state"]
         tid = int(mon.ready[2])
         mon.say()
         truth = mon.read_until("done")
@@ -126,10 +128,14 @@ def read_thread_truth(mon: Monitored) -> tuple[dict[int, dict[str, int]], dict[s
     return per, total
 
 
-@pytest.mark.parametrize("arch", ARCHES)
-def test_threads_exact_no_loss(bin_dir, m32_reason, arch):
+@pytest.mark.parametrize("arch,defines", [
+    ("x64", ()),
+    pytest.param("ia32", (), marks=pytest.mark.m32),
+    ("x64", ("NV_BENCH_TLS_CALLS",)),  # the fallback: thread state through gum's TLS calls
+])
+def test_threads_exact_no_loss(bin_dir, m32_reason, arch, defines):
     path = exe(bin_dir, "threads.c", arch, m32_reason, opt="-O1")
-    with Monitored([str(path), "8", "6000"]) as mon:
+    with Monitored([str(path), "8", "6000"], config=AgentConfig(defines=defines)) as mon:
         before = mon.agent.flush()
         mon.say()
         per, total = read_thread_truth(mon)
@@ -495,3 +501,22 @@ def test_thread_cloaked_after_init_not_recorded(bin_dir, m32_reason):
     for tid in per:
         if tid != hidden:
             assert tally(recs[recs["tid"] == tid]) == per[tid], f"thread {tid}"
+
+
+# ------------------------------------------------------------------ the compiled hot path
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_code_references_stay_in_module(bin_dir, m32_reason, arch):
+    """Every absolute or RIP-relative memory operand of the compiled C points into the CModule's
+    own mapping or our allocations. TinyCC puts floating-point literals where Frida 17 does not
+    map them: nv_drain once read `1.0` from past the module and faulted when that memory went."""
+    path = exe(bin_dir, "sequence.c", arch, m32_reason)
+    with Monitored([str(path)]) as mon:
+        refs = mon.agent.script.exports_sync.foreign_code_refs()
+        mon.say()
+        mon.read_until("done")
+        mon.stop()
+        assert mon.close() == 0
+    assert refs["instructions"] > 1000  # the sweep covered the code
+    assert refs["foreign"] == []

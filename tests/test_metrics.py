@@ -145,6 +145,11 @@ def test_scraped_during_a_live_session(targets, tmp_path, live_procs):
     url = f"http://127.0.0.1:{port}/metrics"
     assert url in mon.wait_for("metrics on ")
     mon.wait_monitoring()
+    # "monitoring" is printed once hooks are in; the first batch may land a drain tick later
+    first_deadline = time.monotonic() + 10
+    while (samples(scrape(url)).get(("nvse_monitor_allocations_total", ()), 0) == 0
+           and time.monotonic() < first_deadline):
+        time.sleep(0.05)
     seen: list[dict] = []
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:
