@@ -10,12 +10,19 @@ recording-sized chunks, and reports the median of a few runs, plus in the same r
 
     python bench/bench_ingest.py            # full: 20 M events, ~1.2 M live (< 3 min)
     python bench/bench_ingest.py --quick    # 3 M events, 300 K live (~20 s)
+
+A/B on a noisy shared machine: `--compare DIR` also runs the engine of another copy of the
+package (DIR = its nvse_monitor directory, e.g. `git archive HEAD nvse_monitor | tar -x -C
+/tmp/base` then `--compare /tmp/base/nvse_monitor`) in the same process, alternating runs, and
+reports both medians and their ratio (ratios in one run are what to trust there).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib
+import importlib.util
 import json
 import os
 import statistics
@@ -23,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,17 +53,48 @@ def anon_kb() -> int:
     return _status_kb("RssAnon", "RssShmem")
 
 
-def feed_all(meta, recs: np.ndarray, chunk: int, cfg: EngineConfig) -> tuple[float, Engine, int]:
-    eng = Engine(meta, cfg)
+@dataclass
+class Impl:
+    """The engine classes of one copy of the package."""
+
+    name: str
+    engine: type
+    config: type
+    batch: type
+    counters: type
+
+
+def load_impl(name: str, pkg_dir: str | None) -> Impl:
+    """This package's engine, or (pkg_dir) another copy of it imported as its own package."""
+    if pkg_dir is None:
+        return Impl(name, Engine, EngineConfig, Batch, AgentCounters)
+    pkg = "nvse_monitor_" + name
+    spec = importlib.util.spec_from_file_location(
+        pkg, os.path.join(pkg_dir, "__init__.py"), submodule_search_locations=[pkg_dir])
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--compare: no package at {pkg_dir}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[pkg] = mod
+    spec.loader.exec_module(mod)
+    e = importlib.import_module(pkg + ".engine")
+    st = importlib.import_module(pkg + ".stream")
+    return Impl(name, e.Engine, e.EngineConfig, st.Batch, st.AgentCounters)
+
+
+def feed_all(meta, recs: np.ndarray, chunk: int, impl: Impl | None = None,
+             cfg: EngineConfig | None = None) -> tuple[float, Engine, int]:
+    impl = impl or load_impl("current", None)
+    eng = impl.engine(meta, cfg or impl.config())
     eng.start()
     ts = recs["ts_us"]
     peak_live = 0
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     for i in range(0, len(recs), chunk):
         part = recs[i:i + chunk]
-        eng.feed(Batch(int(ts[min(i + chunk, len(recs)) - 1]), AgentCounters(), part))
+        eng.feed(impl.batch(int(ts[min(i + chunk, len(recs)) - 1]), impl.counters(), part))
         peak_live = max(peak_live, eng.table.count)
     eng.finish()
+    eng.cpu_s = time.process_time() - c0  # CPU time: less disturbed by other jobs than wall
     return time.perf_counter() - t0, eng, peak_live
 
 
@@ -161,7 +200,7 @@ def memory_in_fresh_process(meta, recs: np.ndarray, chunk: int) -> None:
     print(f"fresh process: anonymous RSS growth {m['end'] / 2**20:.0f} MiB at the end = "
           f"{m['end'] / live:.1f} B per live allocation (peak {m['peak'] / 2**20:.0f} MiB); "
           f"after malloc_trim {m['trimmed'] / 2**20:.0f} MiB = {m['trimmed'] / live:.1f} B "
-          "(the rest is freed memory glibc keeps: old tables, per-batch temporaries)")
+          "(the rest is freed memory glibc keeps: per-batch temporaries)")
 
 
 def memory_child(d: str, chunk: int) -> None:
@@ -184,7 +223,7 @@ def memory_child(d: str, chunk: int) -> None:
         peak_live = max(peak_live, eng.table.count)
     end = anon_kb() - base
     trimmed = end
-    try:  # glibc keeps freed heap memory (old tables, per-batch temporaries): give it back
+    try:  # glibc keeps freed heap memory (per-batch temporaries): give it back
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -204,6 +243,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--naive-events", type=int, default=1_000_000)
     ap.add_argument("--small-chunk", type=int, default=512, help="live-sized batches")
+    ap.add_argument("--compare", metavar="DIR",
+                    help="also run the engine of another copy of the package (its nvse_monitor "
+                         "directory), alternating runs in this process")
+    ap.add_argument("--engine-only", action="store_true",
+                    help="only the engine runs (no memory, naive loop or small-batch figures)")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.memory_child:
@@ -217,27 +261,52 @@ def main() -> None:
     print(f"generated {len(recs):,} records in {time.perf_counter() - t:.1f} s "
           f"(kinds alloc/free/realloc/failed: {np.bincount(recs['kind'], minlength=5)[1:]})")
     cfg = EngineConfig()
-    times = []
+    impls = [load_impl("current", None)]
+    if a.compare:
+        impls.append(load_impl("baseline", os.path.abspath(a.compare)))
+        for im in impls:  # warm-up (allocator state, caches) so no run is penalised by order
+            feed_all(meta, recs[: len(recs) // 20], a.chunk, im)
+    times: dict[str, list[float]] = {im.name: [] for im in impls}
+    cpu: dict[str, list[float]] = {im.name: [] for im in impls}
+    counters: dict[str, dict] = {}
     for run in range(a.runs):
-        gc.collect()
-        dt, eng, peak_live = feed_all(meta, recs, a.chunk, cfg)
-        times.append(dt)
-        if run == 0:
-            live = eng.table.count
-            table_b = eng.table.nbytes
-            print(f"live tracked at end: {live:,} (peak {peak_live:,}); live table "
-                  f"{table_b / 2**20:.1f} MiB = {table_b / max(live, 1):.1f} B per live "
-                  f"allocation ({eng.table.count / eng.table.slots:.0%} load)")
-        print(f"run {run + 1}: {dt:.2f} s = {len(recs) / dt / 1e6:.2f} M events/s")
-        del eng
+        for im in impls if run % 2 == 0 else impls[::-1]:
+            gc.collect()
+            dt, eng, peak_live = feed_all(meta, recs, a.chunk, im)
+            times[im.name].append(dt)
+            cpu[im.name].append(eng.cpu_s)
+            if run == 0:
+                counters[im.name] = vars(eng.state.c)
+                live = eng.table.count
+                table_b = eng.table.nbytes
+                print(f"[{im.name}] live tracked at end: {live:,} (peak {peak_live:,}); live "
+                      f"table {table_b / 2**20:.1f} MiB = {table_b / max(live, 1):.1f} B per live "
+                      f"allocation ({eng.table.count / eng.table.slots:.0%} load)")
+            print(f"[{im.name}] run {run + 1}: {dt:.2f} s = {len(recs) / dt / 1e6:.2f} M events/s "
+                  f"(CPU {eng.cpu_s:.2f} s)")
+            del eng
+    if a.compare:
+        same = counters["current"] == counters["baseline"]
+        print("final counters: " + ("identical" if same else "DIFFER between the two copies"))
+        cur, base = times["current"], times["baseline"]
+        pair = sorted(b / c for b, c in zip(base, cur, strict=True))
+        med = statistics.median
+        print(f"median current {len(recs) / med(cur) / 1e6:.2f} M events/s, baseline "
+              f"{len(recs) / med(base) / 1e6:.2f}: current is {med(base) / med(cur):.3f}x "
+              f"baseline (median of per-pair ratios {med(pair):.3f}, range {pair[0]:.3f}-"
+              f"{pair[-1]:.3f}); CPU time: {med(cpu['baseline']) / med(cpu['current']):.3f}x")
+    times = times["current"]
+    if a.engine_only:
+        print(f"median engine: {len(recs) / statistics.median(times) / 1e6:.2f} M events/s")
+        return
     memory_in_fresh_process(meta, recs, a.chunk)
     med = statistics.median(times)
     eps = len(recs) / med
     sub = recs[: a.naive_events]
     dn = naive(meta, sub)
     n_eps = len(sub) / dn
-    dsmall, _, _ = feed_all(meta, sub, a.small_chunk, cfg)
-    dbig, _, _ = feed_all(meta, sub, a.chunk, cfg)
+    dsmall, _, _ = feed_all(meta, sub, a.small_chunk, cfg=cfg)
+    dbig, _, _ = feed_all(meta, sub, a.chunk, cfg=cfg)
     dmany = feed_many_runs(meta, sub, a.small_chunk, a.chunk, cfg)
     print(f"median engine: {eps / 1e6:.2f} M events/s over {len(recs):,} events "
           f"(chunks of {a.chunk:,})")

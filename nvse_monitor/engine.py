@@ -585,7 +585,7 @@ class Engine:
         c0 = self.state.c
         o = bt.outcome
         bt.to_new = O_PLUS.take(o)
-        bt.plus = np.where(bt.to_new, bt.size.view(np.int64), 0)
+        bt.plus = bt.size.view(np.int64) * bt.to_new  # (np.where is ~2x slower)
         bt.minus = old_size.view(np.int64)  # 0 except where a live block ends
         bt.delta = bt.plus - bt.minus
         # Running sums relative to the state before the batch (bases added when read).
@@ -715,7 +715,7 @@ class Engine:
         # block's); only a REPLACE across modules splits (+size new, -old size old).
         delta = bt.delta if whole else bt.delta[lo:hi]
         tn = bt.to_new if whole else bt.to_new[lo:hi]
-        dm = np.bincount(np.where(tn, mp, mm), weights=delta, minlength=k + 1)
+        dm = np.bincount(mm + (mp - mm) * tn, weights=delta, minlength=k + 1)  # where(tn, mp, mm)
         if n_rep:
             rp = np.flatnonzero(o == REPLACE)
             rp = rp[mp[rp] != mm[rp]]
@@ -743,23 +743,17 @@ class Engine:
             o = bt.outcome
             hp = self._heap_of_hook.take(bt.hook)
             hm = self._heap_of_hook.take(bt.old_hook)
-            ev_heap = np.where(bt.to_new, hp, hm)
+            ev_heap = hm + (hp - hm) * bt.to_new  # where(to_new, hp, hm), mod 256: faster
             split = np.empty(0, np.intp)
             if bt.counts[REPLACE]:
                 split = np.flatnonzero(o == REPLACE)
                 split = split[hp[split] != hm[split]]
-            if not len(split):  # usual case: one radix sort by heap, one running sum
-                order = np.argsort(ev_heap, kind="stable")
-                ends = np.cumsum(np.bincount(ev_heap, minlength=len(self.heap_names))).tolist()
-                run_all = np.cumsum(bt.delta[order])
-                start = 0
-                for h, end in enumerate(ends):
-                    if end > start:
-                        run = run_all[start:end]
-                        if start:
-                            run = run - run_all[start - 1]
-                        bt.heap_runs[h] = (order[start:end], run)
-                    start = end
+            if not len(split):  # usual case: per heap, its events and their running sum
+                # (a pass per heap: heaps are a handful; ~3x faster than an argsort by heap)
+                for h in range(len(self.heap_names)):
+                    idx = np.flatnonzero(ev_heap == h)
+                    if len(idx):
+                        bt.heap_runs[h] = (idx, np.cumsum(bt.delta[idx]))
             else:  # a REPLACE across heaps: per heap, with the split parts added
                 for h in range(len(self.heap_names)):
                     idx = np.flatnonzero(ev_heap == h)

@@ -7,7 +7,9 @@ arrays of keys at once, so the engine never loops per event in Python:
 - delete just clears the slot;
 - insert places keys in the emptier of their two buckets, resolving same-slot races by
   scatter-then-verify; a key whose buckets are both full moves one occupant to its other
-  bucket (a one-step cuckoo move). Load stays in 60-85 %: 44-62 bytes per live block.
+  bucket (a one-step cuckoo move). Load stays in 60-85 %: 44-62 bytes per live block;
+- growth is in place (realloc) and race-free: fast range keeps buckets in hash order, so a
+  stable sort per slice of old buckets gives every entry its new way (see _rehash).
 Key 0 marks an empty slot; the engine never tracks pointer 0. Keys live in their own array;
 the values of a slot are one packed 27-byte record, so moving or reading an entry touches one
 place instead of five column arrays.
@@ -27,7 +29,7 @@ MAX_LOAD = 0.85  # grow when an insert would pass this load
 GROW_TO = 0.60  # load right after a grow (growth x1.42)
 MIN_SLOTS = 1024
 MAX_ROUNDS = 64  # insert rounds before giving up and growing (pathological collisions only)
-GROW_SLICE = 1 << 17  # entries moved per step when the table grows
+GROW_SLICE = 1 << 17  # old slots moved per step when the table grows (bounds temporaries)
 
 _C1 = np.uint64(0x9E3779B97F4A7C15)
 _C2 = np.uint64(0xC2B2AE3D27D4EB4F)
@@ -113,19 +115,26 @@ class LiveTable:
 
     def __init__(self, slots: int = MIN_SLOTS) -> None:
         self.count = 0
-        self._alloc(max(MIN_SLOTS, slots))
-
-    # -- storage ---------------------------------------------------------------------------------
-    def _alloc(self, slots: int) -> None:
-        nb = max(1, -(-slots // WAYS))
-        self.nbuckets = nb
-        self.keys = np.zeros(nb * WAYS, np.uint64)
-        self.keys2d = self.keys.reshape(nb, WAYS)
+        # The arrays are private: growth resizes them in place (see _extended).
+        self.keys = np.zeros(0, np.uint64)
         # 16-bit fingerprints of the keys (0 = empty): probes compare these 16-byte rows, which
         # stay in cache, and read a full key only to confirm a fingerprint match.
-        self.fp = np.zeros(nb * WAYS, np.uint16)
-        self.fp2d = self.fp.reshape(nb, WAYS)
-        self.vals = np.zeros(nb * WAYS, VAL_VOID)
+        self.fp = np.zeros(0, np.uint16)
+        self.vals = np.zeros(0, VAL_VOID)
+        self._resize(-(-max(MIN_SLOTS, slots) // WAYS))
+
+    # -- storage ---------------------------------------------------------------------------------
+
+    def _resize(self, nb: int) -> None:
+        """nb buckets, plus one slot no key hashes to (_place parks keys there); the arrays
+        grow in place where they can, the new slots zeroed."""
+        self.keys2d = self.fp2d = None  # views of the old buffers: gone before they move
+        for name in ("keys", "fp", "vals"):
+            setattr(self, name, _extended(self.__dict__.pop(name), nb * WAYS + 1))
+        self.nbuckets = nb
+        self._park = nb * WAYS
+        self.keys2d = self.keys[:nb * WAYS].reshape(nb, WAYS)
+        self.fp2d = self.fp[:nb * WAYS].reshape(nb, WAYS)
         self._nb_u64 = np.uint64(nb)
 
     @property
@@ -198,10 +207,10 @@ class LiveTable:
 
     def get_values(self, slots: np.ndarray) -> np.ndarray:
         """The values (VAL_DTYPE fields size, ts, caller, hook, module) of occupied slots."""
-        return self.vals[slots].view(VAL_DTYPE)
+        return np.take(self.vals, slots).view(VAL_DTYPE)  # take: ~1.5x fancy indexing here
 
     def get(self, slots: np.ndarray) -> LiveColumns:
-        return unpack(self.keys[slots], self.vals[slots])
+        return unpack(self.keys[slots], np.take(self.vals, slots))
 
     def write(self, slots: np.ndarray, v: LiveColumns) -> None:
         """Overwrite the values (not the key) of occupied slots."""
@@ -232,11 +241,12 @@ class LiveTable:
     def _place(self, ptr: np.ndarray, vals: np.ndarray,
                hint: Probe | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """Put entries in a free way of the emptier of their two buckets (keys racing for one
-        way: the last write wins, the others retry). An entry whose two buckets are full moves
-        one of their 16 occupants to that occupant's other bucket if it has room (a one-step
-        cuckoo move) and takes its way. Returns the entries still unplaced when rounds stop
-        making progress (the caller grows the table), else None."""
+        way: the last write wins, the others retry). When only entries whose two buckets are
+        full are left, each moves one of their 16 occupants to that occupant's other bucket if
+        it has room (a one-step cuckoo move) and takes its way. Returns the entries still
+        unplaced when rounds stop making progress (the caller grows the table), else None."""
         fp2d = self.fp2d
+        fpr = _fingerprint(ptr)
         stalled = 0
         for _ in range(MAX_ROUNDS):
             if hint is not None:
@@ -247,46 +257,58 @@ class LiveTable:
                 f1 = _row_mask(_rows(fp2d, b1) == 0)
                 f2 = _row_mask(_rows(fp2d, b2) == 0)
             use2 = (f2 * _BYTESUM) > (f1 * _BYTESUM)  # top byte = number of free ways
-            b = np.where(use2, b2, b1)
             free = np.where(use2, f2, f1)
-            # Half the keys take their bucket's first free way, half the last: fewer races.
-            way = np.where(ptr & np.uint64(16), _first_byte(free), _last_byte(free))
-            slot = b * WAYS + way
             stuck = free == 0
-            if stuck.any():
-                ok = np.flatnonzero(~stuck)
-                placed = np.zeros(len(ptr), dtype=bool)
-                placed[ok] = self._write_racing(slot[ok], ptr[ok], vals[ok])
-                si = np.flatnonzero(stuck)
-                placed[si] = self._relocate(ptr[si], vals[si], b1[si], b2[si])
-            else:
-                placed = self._write_racing(slot, ptr, vals)
-                if placed.all():
-                    return None
+            if not stuck.any():
+                placed = self._write_racing(self._slot(ptr, b1, b2, use2, free), ptr, vals, fpr)
+            elif stuck.all():  # only entries with both buckets full are left: cuckoo moves
+                placed = self._relocate(ptr, vals, fpr, b1, b2)
+            else:  # the stuck ones wait until the others are placed: they write to the
+                # parking slot (cheaper than taking the others out), which is emptied after
+                slot = self._slot(ptr, b1, b2, use2, free)
+                slot[stuck] = self._park
+                placed = self._write_racing(slot, ptr, vals, fpr)
+                placed &= ~stuck
+                self.keys[self._park] = 0
+                self.fp[self._park] = 0
             left = np.flatnonzero(~placed)
             if not len(left):
                 return None
             stalled = stalled + 1 if len(left) == len(ptr) else 0
-            ptr, vals = ptr[left], vals[left]
+            ptr, vals, fpr = ptr[left], np.take(vals, left), fpr[left]
             if stalled >= 2:
                 break
         return ptr, vals
 
-    def _write_racing(self, slot: np.ndarray, ptr: np.ndarray, vals: np.ndarray) -> np.ndarray:
-        """Write entries into free slots; returns which won their slot."""
-        keys = self.keys
+    @staticmethod
+    def _slot(ptr: np.ndarray, b1: np.ndarray, b2: np.ndarray, use2: np.ndarray,
+              free: np.ndarray) -> np.ndarray:
+        """A free way of the chosen bucket: half the keys take the first, half the last (fewer
+        races between keys choosing one bucket)."""
+        way = np.where(ptr & np.uint64(16), _first_byte(free), _last_byte(free))
+        return np.where(use2, b2, b1) * WAYS + way
+
+    def _write_racing(self, slot: np.ndarray, ptr: np.ndarray, vals: np.ndarray,
+                      fpr: np.ndarray) -> np.ndarray:
+        """Write entries (fingerprints fpr) into free slots; returns which won their slot (the
+        key read back). Values and fingerprints are written for all at once, whatever order
+        numpy writes them in: only slots that several entries wrote are rewritten with their
+        winner's (found by clearing those slots' fingerprints)."""
+        keys, fp = self.keys, self.fp
         keys[slot] = ptr
         won = keys[slot] == ptr
-        if won.all():
-            self.vals[slot] = vals
-            self.fp[slot] = _fingerprint(ptr)
-        else:
-            ws = slot[won]
-            self.vals[ws] = vals[won]
-            self.fp[ws] = _fingerprint(ptr[won])
+        self.vals[slot] = vals
+        fp[slot] = fpr
+        if not won.all():
+            fp[slot[~won]] = 0
+            wi = np.flatnonzero(won)
+            wi = wi[fp[slot[wi]] == 0]
+            ws = slot[wi]
+            self.vals[ws] = np.take(vals, wi)
+            fp[ws] = fpr[wi]
         return won
 
-    def _relocate(self, ptr: np.ndarray, vals: np.ndarray, b1: np.ndarray,
+    def _relocate(self, ptr: np.ndarray, vals: np.ndarray, fpr: np.ndarray, b1: np.ndarray,
                   b2: np.ndarray) -> np.ndarray:
         """Entries whose buckets b1, b2 are both full: move the occupant (of the 16) whose
         other bucket has the most room there, and take its way. Returns which succeeded."""
@@ -319,30 +341,84 @@ class LiveTable:
         self.fp[ds] = self.fp[vs]
         self.vals[ds] = self.vals[vs]
         keys[vs] = ptr[g]
-        self.fp[vs] = _fingerprint(ptr[g])
-        self.vals[vs] = vals[g]
+        self.fp[vs] = fpr[g]
+        self.vals[vs] = np.take(vals, g)
         done = np.zeros(n, dtype=bool)
         done[g] = True
         return done
 
     def _grow(self, slots: int) -> None:
-        """Move every entry to a bigger table, a slice at a time: the temporaries stay small
-        (the C heap keeps what a big rebuild would have taken)."""
-        occ = np.flatnonzero(self.keys)
-        old_keys, old_vals = self.keys, self.vals
-        while True:
-            self._alloc(max(slots, MIN_SLOTS))
-            for i in range(0, len(occ), GROW_SLICE):
-                o = occ[i:i + GROW_SLICE]
-                if self._place(old_keys[o], old_vals[o]) is not None:
-                    break  # rounds stopped making progress (pathological): bigger still
-            else:
-                return
-            slots = int(self.slots * 1.5)
+        """Rehash into at least `slots` slots (more if entries will not fit)."""
+        spill = self._rehash(slots)
+        while spill is not None:
+            spill = self._place(*spill)
+            if spill is not None:  # rounds stopped making progress (pathological): bigger still
+                more = self._rehash(int(self.slots * 1.5))
+                if more is not None:
+                    spill = (np.concatenate((spill[0], more[0])),
+                             np.concatenate((spill[1], more[1])))
+
+    def _rehash(self, slots: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Grow the arrays in place (realloc: big ones are remapped by the kernel, not copied,
+        and there is never a second table) and move every entry to its bucket in the new
+        geometry. Fast range is monotone in the hash and the bucket count only grows, so an
+        entry never moves down and, read in old slot order, the new buckets of the entries
+        (under the hash that placed each one) only go up from one old bucket to the next.
+        So a slice of old buckets at a time, from the top: take its entries out, then a
+        stable sort (timsort: near linear on such input) and the rank within each new bucket
+        give every entry its own way, above every slice still to move. Returns the entries
+        ranked past WAYS (rare at GROW_TO load), to be placed by the caller, or None."""
+        old_nb = self.nbuckets
+        onb = np.uint64(old_nb)
+        self._resize(max(-(-max(slots, MIN_SLOTS) // WAYS), old_nb + 1))
+        nb = self._nb_u64
+        keys, fp, vals = self.keys, self.fp, self.vals
+        step = max(1, GROW_SLICE // WAYS)
+        spill_k: list[np.ndarray] = []
+        spill_v: list[np.ndarray] = []
+        for hi in range(old_nb, 0, -step):
+            lo = max(0, hi - step)
+            occ = np.flatnonzero(keys[lo * WAYS:hi * WAYS])
+            if not len(occ):
+                continue
+            occ += lo * WAYS
+            k = keys[occ]
+            keys[lo * WAYS:hi * WAYS] = 0  # taken out (values are read before any write)
+            fp[lo * WAYS:hi * WAYS] = 0
+            h = k * _C1
+            used2 = ((h >> _S32) * onb) >> _S32 != (occ // WAYS).astype(np.uint64)
+            h = np.where(used2, k * _C2, h)
+            nbk = (((h >> _S32) * nb) >> _S32).view(np.int64)
+            order = np.argsort(nbk, kind="stable")
+            sb = nbk[order]
+            first = np.empty(len(sb), dtype=bool)
+            first[0] = True
+            np.not_equal(sb[1:], sb[:-1], out=first[1:])
+            idx = np.arange(len(sb))
+            rank = idx - np.maximum.accumulate(np.where(first, idx, 0))
+            # The slice's top new bucket may already hold (in its first ways) entries of the
+            # slice above; every other bucket it fills is empty (or was this slice's).
+            top = int(sb[-1])
+            rank[sb == top] += int(np.count_nonzero(self.fp2d[top]))
+            slot = sb * WAYS + rank
+            fit = rank < WAYS
+            if not fit.all():
+                out = order[~fit]
+                spill_k.append(k[out])
+                spill_v.append(np.take(vals, occ[out]))
+                order, slot = order[fit], slot[fit]
+            v = np.take(vals, occ[order])
+            kk = k[order]
+            keys[slot] = kk
+            fp[slot] = _fingerprint(kk)
+            vals[slot] = v
+        if not spill_k:
+            return None
+        return np.concatenate(spill_k), np.concatenate(spill_v)
 
     def entries(self) -> LiveColumns:
         """All live blocks, in slot order (callers sort if they need an order)."""
-        occ = np.flatnonzero(self.keys)
+        occ = np.flatnonzero(self.keys[:self._park])
         return self.get(occ)
 
     # -- scalar operations (the engine's exact slow path when tracking is full) ------------------
@@ -352,6 +428,19 @@ class LiveTable:
             if k in row:
                 return b * WAYS + row.index(k)
         return -1
+
+
+def _extended(a: np.ndarray, n: int) -> np.ndarray:
+    """a with n items, the new ones zero. In place (realloc: the kernel remaps a big buffer
+    instead of copying it, and no second table is allocated) unless something else still
+    refers to a (numpy's refcheck raises then): a copy, so that reference stays valid."""
+    try:
+        a.resize(n, refcheck=True)
+        return a
+    except ValueError:
+        b = np.zeros(n, a.dtype)
+        b[:len(a)] = a
+        return b
 
 
 def _fingerprint(k: np.ndarray) -> np.ndarray:
