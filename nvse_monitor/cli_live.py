@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -107,7 +108,22 @@ def _run(kind: str, target: Any, spawn: dict[str, Any] | None = None, **kw: Any)
     )
     for note in result.notes:
         click.echo(f"nvse-monitor: {note}", err=True)
-    sys.exit(result.exit_code)
+    _leave(result.exit_code)
+
+
+def _leave(code: int) -> None:
+    """Exit once the session is over. Every file is final and closed by now; Frida's own teardown
+    at interpreter exit was seen to block for good (1 run in many, after a child-gated `launch`),
+    so a real process leaves without it. In-process callers (click's test runner, whose stdout
+    has no file descriptor) get the usual SystemExit."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout.fileno()
+        sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        sys.exit(code)
+    os._exit(code)
 
 
 @main.command()
