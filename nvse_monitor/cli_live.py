@@ -108,14 +108,19 @@ def _run(kind: str, target: Any, spawn: dict[str, Any] | None = None, **kw: Any)
     )
     for note in result.notes:
         click.echo(f"nvse-monitor: {note}", err=True)
-    _leave(result.exit_code)
+    _leave(result.exit_code, target_gone=end.reason in TARGET_GONE)
 
 
-def _leave(code: int) -> None:
-    """Exit once the session is over. Every file is final and closed by now; Frida's own teardown
-    at interpreter exit was seen to block for good (1 run in many, after a child-gated `launch`),
-    so a real process leaves without it. In-process callers (click's test runner, whose stdout
-    has no file descriptor) get the usual SystemExit."""
+# Session ends after which the target process no longer exists.
+TARGET_GONE = ("target-exited", "process-terminated")
+
+
+def _leave(code: int, target_gone: bool) -> None:
+    """Exit once the session is over and every file is final and closed. Frida's own teardown at
+    interpreter exit was seen to block for good after a child-gated `launch` whose target had
+    exited; then the process leaves without it (`os._exit`). Never while the target lives on:
+    cutting Frida's helper off in the middle of its unload made such a target crash (1 in 20).
+    In-process callers (click's test runner: stdout without a file descriptor) get SystemExit."""
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -123,7 +128,9 @@ def _leave(code: int) -> None:
         sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):
         sys.exit(code)
-    os._exit(code)
+    if target_gone:
+        os._exit(code)
+    sys.exit(code)
 
 
 @main.command()
