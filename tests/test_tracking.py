@@ -24,15 +24,20 @@ def check_same(t: LiveTable, ref: dict[int, int]) -> None:
     assert dict(zip(e.ptr.tolist(), e.size.tolist(), strict=True)) == ref
 
 
+def add_random(t: LiveTable, ref: dict[int, int], rng: np.random.Generator, n: int) -> None:
+    """Up to n new random pointers into the table and the reference dict alike."""
+    new = np.unique(rng.integers(1, 1 << 40, n, dtype=np.uint64) << np.uint64(4))
+    new = new[t.lookup(new) < 0]
+    t.insert(cols_for(new))
+    ref.update(zip(new.tolist(), (new * np.uint64(3)).tolist(), strict=True))
+
+
 def test_insert_lookup_delete_and_growth_against_dict() -> None:
     rng = np.random.default_rng(1)
     t = LiveTable()
     ref: dict[int, int] = {}
     for _round in range(30):
-        new = np.unique(rng.integers(1, 1 << 40, 5000, dtype=np.uint64) << np.uint64(4))
-        new = new[t.lookup(new) < 0]
-        t.insert(cols_for(new))
-        ref.update(zip(new.tolist(), (new * np.uint64(3)).tolist(), strict=True))
+        add_random(t, ref, rng, 5000)
         keys = np.array(list(ref), dtype=np.uint64)
         gone = rng.choice(keys, len(keys) // 3, replace=False)
         slots = t.lookup(gone)
@@ -66,10 +71,7 @@ def test_growth_moved_in_small_slices_matches_dict(monkeypatch) -> None:
     t = LiveTable()
     ref: dict[int, int] = {}
     for _round in range(12):
-        new = np.unique(rng.integers(1, 1 << 40, 1500, dtype=np.uint64) << np.uint64(4))
-        new = new[t.lookup(new) < 0]
-        t.insert(cols_for(new))
-        ref.update(zip(new.tolist(), (new * np.uint64(3)).tolist(), strict=True))
+        add_random(t, ref, rng, 1500)
         gone = rng.choice(np.array(list(ref), dtype=np.uint64), len(ref) // 4, replace=False)
         t.delete(t.lookup(gone))
         for k in gone.tolist():
