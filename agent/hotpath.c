@@ -327,23 +327,22 @@ nv_reserve (gsize * pos_out)
   return &nv_state.ring[h & nv_state.mask];
 }
 
-static inline void
-nv_fill (NvSlot * s, gsize pos, guint64 ts, guint kind, guint hook, gsize ptr, gsize old_ptr,
-    guint64 size, gpointer caller, gsize th, guint64 dur)
-{
-  NvRecord * r = &s->rec;
-  r->ts = ts;
-  r->ptr = ptr;
-  r->old_ptr = old_ptr;
-  r->size = size;
-  r->caller = GPOINTER_TO_SIZE (caller);
-  r->tid = (guint32) (th >> 2);
-  r->dur = (guint32) dur;
-  r->kind = (guint8) kind;
-  r->hook = (guint8) hook;
-  r->flags = 0;
-  r->seq = (guint32) pos;
-}
+/* Every field but the timestamp (each writer takes its clock at its own moment). A macro: TinyCC
+   does not inline, and nv_emit is on every hooked call. */
+#define NV_FILL(r_, pos_, kind_, hook_, ptr_, old_ptr_, size_, caller_, th_, dur_) \
+  do \
+  { \
+    (r_)->ptr = (ptr_); \
+    (r_)->old_ptr = (old_ptr_); \
+    (r_)->size = (size_); \
+    (r_)->caller = GPOINTER_TO_SIZE (caller_); \
+    (r_)->tid = (guint32) ((th_) >> 2); \
+    (r_)->dur = (guint32) (dur_); \
+    (r_)->kind = (guint8) (kind_); \
+    (r_)->hook = (guint8) (hook_); \
+    (r_)->flags = 0; \
+    (r_)->seq = (guint32) (pos_); \
+  } while (0)
 
 static inline void
 nv_publish (NvSlot * s, gsize pos)
@@ -408,16 +407,7 @@ nv_emit (guint kind, guint hook, gsize ptr, gsize old_ptr, guint64 size, gpointe
 #else
   r->ts = (guint64) g_get_monotonic_time ();
 #endif
-  r->ptr = ptr;
-  r->old_ptr = old_ptr;
-  r->size = size;
-  r->caller = GPOINTER_TO_SIZE (caller);
-  r->tid = (guint32) (th >> 2);
-  r->dur = (guint32) dur;
-  r->kind = (guint8) kind;
-  r->hook = (guint8) hook;
-  r->flags = 0;
-  r->seq = (guint32) h;
+  NV_FILL (r, h, kind, hook, ptr, old_ptr, size, caller, th, dur);
   NV_BARRIER ();
   s->pub = h + 1;
 }
@@ -468,8 +458,9 @@ nv_realloc_end (NvSlot * s, gsize pos, guint64 ts, guint hook, gsize result, gsi
     nv_drop (kind, (kind == KIND_REALLOC && result != 0) ? size : 0);
     return;
   }
-  nv_fill (s, pos, ts, kind, hook, result, old_ptr, kind == KIND_REALLOC && result == 0 ? 0 : size,
-      caller, th, dur);
+  s->rec.ts = ts;
+  NV_FILL (&s->rec, pos, kind, hook, result, old_ptr,
+      kind == KIND_REALLOC && result == 0 ? 0 : size, caller, th, dur);
   nv_publish (s, pos);
 }
 
