@@ -189,13 +189,37 @@ class Monitor:
             self.proc.wait(timeout=10)
 
 
+class LiveProcs(list):
+    """Targets and monitors of one test, killed at its end if still running."""
+
+    def start(self, argv: list[str | Path]) -> Target:
+        """A target started and READY."""
+        target = Target(argv)
+        self.append(target)
+        target.wait_ready()
+        return target
+
+    def attach(self, target: Target, *args: str | Path) -> Monitor:
+        """`nvse-monitor attach` to the target, once it says it is monitoring."""
+        mon = Monitor(["attach", target.pid, *args])
+        self.append(mon)
+        mon.wait_monitoring()
+        return mon
+
+
 @pytest.fixture
 def live_procs():
     """Collects Target/Monitor objects and kills whatever a failing test left running."""
-    procs: list[Target | Monitor] = []
+    procs = LiveProcs()
     yield procs
     for p in reversed(procs):
         p.kill()
+
+
+def unmonitored_truth(exe: Path, work: list[str]) -> dict:
+    """The workload's DONE report with no monitor at all: what a monitored run must match."""
+    out = subprocess.run([str(exe), *work], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.split("DONE", 1)[1])
 
 
 def read_outputs(out_dir: Path, prefix: str = "MemoryPoolNVSE") -> dict[str, Path]:

@@ -13,7 +13,9 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -128,6 +130,28 @@ def read_thread_truth(mon: Monitored) -> tuple[dict[int, dict[str, int]], dict[s
     return per, total
 
 
+@dataclass
+class ThreadsRun:
+    before: Any   # agent counters before the workload
+    after: Any    # and after it (both flushed)
+    final: Any    # stop()'s counters
+    per: dict[int, dict[str, int]]
+    total: dict[str, int]
+    recs: np.ndarray
+
+
+def run_threads(mon: Monitored) -> ThreadsRun:
+    """Let threads.c run its workload once, then stop and close the session."""
+    before = mon.agent.flush()
+    mon.say()
+    per, total = read_thread_truth(mon)
+    after = mon.agent.flush()
+    final = mon.stop()
+    recs = mon.records()
+    assert mon.close() == 0
+    return ThreadsRun(before, after, final, per, total, recs)
+
+
 @pytest.mark.parametrize("arch,defines", [
     ("x64", ()),
     pytest.param("ia32", (), marks=pytest.mark.m32),
@@ -136,39 +160,27 @@ def read_thread_truth(mon: Monitored) -> tuple[dict[int, dict[str, int]], dict[s
 def test_threads_exact_no_loss(bin_dir, m32_reason, arch, defines):
     path = exe(bin_dir, "threads.c", arch, m32_reason, opt="-O1")
     with Monitored([str(path), "8", "6000"], config=AgentConfig(defines=defines)) as mon:
-        before = mon.agent.flush()
-        mon.say()
-        per, total = read_thread_truth(mon)
-        after = mon.agent.flush()
-        final = mon.stop()
-        recs = mon.records()
-        assert mon.close() == 0
-    assert final.dropped == 0
-    assert counters_delta(before, after) == total
-    check_stream(mon, recs)
+        r = run_threads(mon)
+    assert r.final.dropped == 0
+    assert counters_delta(r.before, r.after) == r.total
+    check_stream(mon, r.recs)
     # every worker's records, and nothing twice
-    for tid, want in per.items():
-        assert tally(recs[recs["tid"] == tid]) == want, f"thread {tid}"
-    assert len(np.unique(recs["seq"])) == len(recs)
+    for tid, want in r.per.items():
+        assert tally(r.recs[r.recs["tid"] == tid]) == want, f"thread {tid}"
+    assert len(np.unique(r.recs["seq"])) == len(r.recs)
 
 
 def test_tiny_ring_overflow_keeps_counters_exact(bin_dir, m32_reason):
     path = exe(bin_dir, "threads.c", "x64", m32_reason, opt="-O1")
     cfg = AgentConfig(ring_slots=64, drain_interval_ms=20)
     with Monitored([str(path), "8", "20000"], config=cfg) as mon:
-        before = mon.agent.flush()
-        mon.say()
-        per, total = read_thread_truth(mon)
-        after = mon.agent.flush()
-        mon.stop()
-        recs = mon.records()
-        assert mon.close() == 0
-    assert after.dropped - before.dropped > 0
-    assert counters_delta(before, after) == total  # exact despite the drops
-    assert after.published + after.dropped >= sum(total[k] for k in
-                                                  ("allocs", "frees", "reallocs", "failures"))
-    assert after.published == len(recs)
-    seq = recs["seq"].astype(np.int64)  # drops take no ring position: still contiguous
+        r = run_threads(mon)
+    assert r.after.dropped - r.before.dropped > 0
+    assert counters_delta(r.before, r.after) == r.total  # exact despite the drops
+    calls = sum(r.total[k] for k in ("allocs", "frees", "reallocs", "failures"))
+    assert r.after.published + r.after.dropped >= calls
+    assert r.after.published == len(r.recs)
+    seq = r.recs["seq"].astype(np.int64)  # drops take no ring position: still contiguous
     assert np.array_equal(seq, seq[0] + np.arange(len(seq)))
 
 
@@ -485,22 +497,16 @@ def test_thread_cloaked_after_init_not_recorded(bin_dir, m32_reason):
         assert len(workers) == 3, workers
         hidden = workers[0]
         mon.agent.script.exports_sync.cloak_thread(hidden)
-        before = mon.agent.flush()
-        mon.say()
-        per, total = read_thread_truth(mon)
-        after = mon.agent.flush()
-        mon.stop()
-        recs = mon.records()
-        assert mon.close() == 0
-    assert hidden in per and per[hidden]["allocs"] > 0
-    assert not np.any(recs["tid"] == hidden)
+        r = run_threads(mon)
+    assert hidden in r.per and r.per[hidden]["allocs"] > 0
+    assert not np.any(r.recs["tid"] == hidden)
     assert hidden in mon.agent.late_frida_tids
-    want = {k: sum(per[t][k] for t in per if t != hidden) for k in per[hidden]}
-    assert counters_delta(before, after) == want
-    check_stream(mon, recs)
-    for tid in per:
+    want = {k: sum(r.per[t][k] for t in r.per if t != hidden) for k in r.per[hidden]}
+    assert counters_delta(r.before, r.after) == want
+    check_stream(mon, r.recs)
+    for tid in r.per:
         if tid != hidden:
-            assert tally(recs[recs["tid"] == tid]) == per[tid], f"thread {tid}"
+            assert tally(r.recs[r.recs["tid"] == tid]) == r.per[tid], f"thread {tid}"
 
 
 # ------------------------------------------------------------------ the compiled hot path

@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Monitor, Target
 
 from nvse_monitor import leaks
 
@@ -35,13 +34,9 @@ def symbols(path: Path, dynamic: bool = False) -> dict[str, tuple[int, int]]:
 def test_leaks_by_module_and_call_site(arch, targets, tmp_path, live_procs):
     exe = targets.build("leaky", arch)
     plugin = targets.build("leaky_plugin", arch, shared=True)
-    target = Target([exe, plugin])
-    live_procs.append(target)
-    target.wait_ready()
+    target = live_procs.start([exe, plugin])
     out = tmp_path / "out"
-    mon = Monitor(["attach", target.pid, "--out", out])
-    live_procs.append(mon)
-    mon.wait_monitoring()
+    mon = live_procs.attach(target, "--out", out)
     target.go()
     assert target.done() == {"ok": True}
     mon.signal(signal.SIGINT)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, Monitor, Target, read_outputs
+from conftest import REPO, LiveProcs, Monitor, read_outputs, unmonitored_truth
 
 from nvse_monitor.events import Kind
 
@@ -87,21 +87,16 @@ def assert_shutdown(out: Path) -> tuple[dict, str]:
     return js, files["log"].read_text()
 
 
-def attach_run(targets, tmp: Path, arch: str, extra: list[str], procs: list, *,
+def attach_run(targets, tmp: Path, arch: str, extra: list[str], procs: LiveProcs, *,
                record: bool = True, monitor_args: tuple = ()
                ) -> tuple[dict, Path, Path | None, dict | None, Monitor]:
     """Start a --wait target, attach, run the workload, stop the monitor with SIGINT, let the
     target end. Returns (truth, out_dir, recording, target's AFTER report, monitor)."""
     exe = targets.build("workload", arch)
-    target = Target([exe, "--wait", *extra])
-    procs.append(target)
-    target.wait_ready()
+    target = procs.start([exe, "--wait", *extra])
     out = tmp / f"out-{arch}"
     rec = tmp / f"live-{arch}.nvmrec" if record else None
-    args = ["attach", str(target.pid), "--out", out] + (["--record", rec] if rec else [])
-    mon = Monitor(args + list(monitor_args))
-    procs.append(mon)
-    mon.wait_monitoring()
+    mon = procs.attach(target, "--out", out, *(["--record", rec] if rec else []), *monitor_args)
     target.go()
     truth = target.done()
     mon.signal(signal.SIGINT)
@@ -115,7 +110,7 @@ def attached_run(request, targets, tmp_path_factory):
     """One attach session per arch, shared by the exactness and record/replay tests."""
     arch = request.param
     tmp = tmp_path_factory.mktemp(f"attach-{arch}")
-    procs: list = []
+    procs = LiveProcs()
     try:
         extra = ["--iters", str(ITERS), "--rounds", str(ROUNDS), "--pre", str(PRE)]
         yield arch, *attach_run(targets, tmp, arch, extra, procs)
@@ -219,13 +214,10 @@ def test_eight_threads_exact(targets, tmp_path, live_procs):
 def test_dlopen_plugin_hooked_on_load(arch, targets, tmp_path, live_procs):
     host = targets.build("plugin_host", arch)
     plugin = targets.build("plugin", arch, shared=True)
-    target = Target([host, plugin, 700])
-    live_procs.append(target)
-    target.wait_ready()
+    target = live_procs.start([host, plugin, 700])
     out = tmp_path / "out"
     profile = REPO / "tests" / "profiles" / "test-plugin.toml"
-    mon = Monitor(["attach", target.pid, "--profile", profile, "--out", out])
-    live_procs.append(mon)
+    mon = live_procs.attach(target, "--profile", profile, "--out", out)
     line = mon.wait_monitoring()
     assert "test-plugin" in line and "0/2 hooks" in line  # libplugin.so is not loaded yet
     target.go()
@@ -248,13 +240,10 @@ def test_dlopen_plugin_hooked_on_load(arch, targets, tmp_path, live_procs):
 
 def test_target_killed_mid_run(targets, tmp_path, live_procs):
     exe = targets.build("workload", "x64")
-    target = Target([exe, "--wait", "--iters", "300", "--rounds", "1000000", "--pause-us", "500"])
-    live_procs.append(target)
-    target.wait_ready()
+    target = live_procs.start([exe, "--wait", "--iters", "300", "--rounds", "1000000",
+                               "--pause-us", "500"])
     out = tmp_path / "out"
-    mon = Monitor(["attach", target.pid, "--out", out])
-    live_procs.append(mon)
-    mon.wait_monitoring()
+    mon = live_procs.attach(target, "--out", out)
     target.go()
     time.sleep(0.7)
     target.proc.send_signal(signal.SIGKILL)
@@ -291,15 +280,10 @@ def test_monitor_interrupted_target_finishes(sig, targets, tmp_path, live_procs)
     exe = targets.build("workload", "x64")
     work = ["--iters", "400", "--rounds", "60"]
     # The reference checksum: the same workload with no monitor at all.
-    ref = subprocess.run([exe, *work], capture_output=True, text=True, check=True).stdout
-    ref_truth = json.loads(ref.split("DONE", 1)[1])
-    target = Target([exe, "--wait", *work, "--pause-us", "20000"])  # ~1.2 s of work
-    live_procs.append(target)
-    target.wait_ready()
+    ref_truth = unmonitored_truth(exe, work)
+    target = live_procs.start([exe, "--wait", *work, "--pause-us", "20000"])  # ~1.2 s of work
     out = tmp_path / "out"
-    mon = Monitor(["attach", target.pid, "--out", out])
-    live_procs.append(mon)
-    mon.wait_monitoring()
+    mon = live_procs.attach(target, "--out", out)
     target.go()
     time.sleep(0.4)
     mon.signal(sig)
@@ -317,14 +301,11 @@ def test_monitor_interrupted_target_finishes(sig, targets, tmp_path, live_procs)
 
 def test_duration_stops_the_session(targets, tmp_path, live_procs):
     exe = targets.build("hammer", "x64")
-    target = Target([exe, "--seconds", "8", "--rate", "20000"])  # busy for the whole session
-    live_procs.append(target)
-    target.wait_ready()
+    # busy for the whole session
+    target = live_procs.start([exe, "--seconds", "8", "--rate", "20000"])
     target.go()
     out = tmp_path / "out"
-    mon = Monitor(["attach", target.pid, "--out", out, "--duration", "1.5"])
-    live_procs.append(mon)
-    mon.wait_monitoring()
+    mon = live_procs.attach(target, "--out", out, "--duration", "1.5")
     t0 = time.monotonic()
     # Live output: the files show the running session's counts before it ends.
     def live_counts() -> int:

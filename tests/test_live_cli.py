@@ -93,9 +93,7 @@ def test_bad_ring_size():
 
 
 def test_bad_profile_is_one_line(targets, tmp_path, live_procs):
-    target = Target([targets.build("workload", "x64"), "--wait"])
-    live_procs.append(target)
-    target.wait_ready()
+    target = live_procs.start([targets.build("workload", "x64"), "--wait"])
     bad = tmp_path / "bad.toml"
     bad.write_text('[profile]\nname = "x"\nplatform = "linux"\narch = ["x64"]\n'
                    '[[hook]]\nname = "m"\nheap = "h"\nrole = "nope"\nmodule = "libc.so.6"\n'
@@ -110,9 +108,7 @@ def test_live_status_line_on_a_terminal(targets, tmp_path, live_procs):
     """On a terminal stderr, a one-line status is redrawn in place (\\r) about twice a second."""
     import pty
 
-    target = Target([targets.build("hammer", "x64"), "--seconds", "3", "--rate", "50000"])
-    live_procs.append(target)
-    target.wait_ready()
+    target = live_procs.start([targets.build("hammer", "x64"), "--seconds", "3", "--rate", "50000"])
     target.go()
     master, slave = pty.openpty()
     proc = subprocess.Popen(
@@ -142,9 +138,7 @@ def test_live_status_line_on_a_terminal(targets, tmp_path, live_procs):
 
 @pytest.mark.frida
 def test_unwritable_recording_is_a_clear_error(targets, tmp_path, live_procs):
-    target = Target([targets.build("workload", "x64"), "--wait"])
-    live_procs.append(target)
-    target.wait_ready()
+    target = live_procs.start([targets.build("workload", "x64"), "--wait"])
     line = one_line_error(cli("attach", target.pid, "--out", tmp_path, "--record", "/dev/full"))
     assert "/dev/full" in line and "No space left" in line
     target.go()  # unharmed: it still runs its workload, checks its blocks and exits 0

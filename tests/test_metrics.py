@@ -16,7 +16,7 @@ import urllib.request
 
 import prometheus_client
 import pytest
-from conftest import REPO, Monitor, Target
+from conftest import REPO
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
@@ -135,13 +135,10 @@ def test_busy_port_is_a_one_line_error(tmp_path):
 @pytest.mark.frida
 def test_scraped_during_a_live_session(targets, tmp_path, live_procs):
     exe = targets.build("hammer", "x64")
-    target = Target([exe, "--seconds", "6", "--rate", "20000"])
-    live_procs.append(target)
-    target.wait_ready()
+    target = live_procs.start([exe, "--seconds", "6", "--rate", "20000"])
     target.go()
     port = free_port()
-    mon = Monitor(["attach", target.pid, "--out", tmp_path / "out", "--metrics-port", port])
-    live_procs.append(mon)
+    mon = live_procs.attach(target, "--out", tmp_path / "out", "--metrics-port", port)
     url = f"http://127.0.0.1:{port}/metrics"
     assert url in mon.wait_for("metrics on ")
     mon.wait_monitoring()

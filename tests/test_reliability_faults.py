@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, Monitor, Target, read_outputs
+from conftest import REPO, Monitor, read_outputs, unmonitored_truth
 from test_live import EXACT_KEYS, assert_shutdown
 
 from nvse_monitor.events import Kind
@@ -79,13 +79,9 @@ def test_target_dies_every_received_event_counted(how, targets, tmp_path, live_p
     exe = targets.build("workload", "x64")
     out, rec = tmp_path / "out", tmp_path / "s.nvmrec"
     if how == "sigkill":
-        target = Target([exe, "--wait", "--iters", "300", "--rounds", "1000000",
-                         "--pause-us", "500"])
-        live_procs.append(target)
-        target.wait_ready()
-        mon = Monitor(["attach", target.pid, "--out", out, "--record", rec])
-        live_procs.append(mon)
-        mon.wait_monitoring()
+        target = live_procs.start([exe, "--wait", "--iters", "300", "--rounds", "1000000",
+                                   "--pause-us", "500"])
+        mon = live_procs.attach(target, "--out", out, "--record", rec)
         target.go()
         time.sleep(0.8)
         target.proc.send_signal(signal.SIGKILL)
@@ -124,17 +120,12 @@ def test_monitor_sigkill_target_finishes_unharmed(targets, tmp_path, live_procs)
 
     exe = targets.build("workload", "x64")
     work = ["--iters", "400", "--rounds", "60"]
-    ref = subprocess.run([exe, *work], capture_output=True, text=True, check=True).stdout
-    ref_truth = json.loads(ref.split("DONE", 1)[1])
-    target = Target([exe, "--wait", *work, "--pause-us", "20000"])  # ~1.2 s of work
-    live_procs.append(target)
-    target.wait_ready()
+    ref_truth = unmonitored_truth(exe, work)
+    target = live_procs.start([exe, "--wait", *work, "--pause-us", "20000"])  # ~1.2 s of work
     addr = malloc_address(target.pid)
     original = file_code(target.pid, addr)
     out = tmp_path / "out"
-    mon = Monitor(["attach", target.pid, "--out", out])
-    live_procs.append(mon)
-    mon.wait_monitoring()
+    mon = live_procs.attach(target, "--out", out)
     assert read_code(target.pid, addr) != original  # hooked
     target.go()
     wait_until(lambda: (read_json(read_outputs(out)["json"]) or {}).get("memory_stats", {})
@@ -158,14 +149,11 @@ def test_monitor_sigkill_target_finishes_unharmed(targets, tmp_path, live_procs)
 
 
 def test_tiny_ring_overflow_reported_and_counters_exact(targets, tmp_path, live_procs):
-    target = Target([targets.build("hammer", "x64"), "--seconds", "1.5"])  # as fast as it can
-    live_procs.append(target)
-    target.wait_ready()
+    # as fast as it can
+    target = live_procs.start([targets.build("hammer", "x64"), "--seconds", "1.5"])
     out = tmp_path / "out"
     status = read_outputs(out)["status"]
-    mon = Monitor(["attach", target.pid, "--out", out, "--ring-size", "1024"])
-    live_procs.append(mon)
-    mon.wait_monitoring()
+    mon = live_procs.attach(target, "--out", out, "--ring-size", "1024")
     target.go()
     seen_degraded = False
     deadline = time.monotonic() + 30
@@ -219,14 +207,11 @@ def fill(path: Path) -> None:
 
 def test_disk_full_mid_run_retried_and_recovered(small_tmpfs, targets, tmp_path, live_procs):
     exe = targets.build("workload", "x64")
-    target = Target([exe, "--wait", "--iters", "400", "--rounds", "300", "--pause-us", "10000"])
-    live_procs.append(target)
-    target.wait_ready()
+    target = live_procs.start([exe, "--wait", "--iters", "400", "--rounds", "300",
+                               "--pause-us", "10000"])
     out = small_tmpfs / "out"
     files = read_outputs(out)
-    mon = Monitor(["attach", target.pid, "--out", out])
-    live_procs.append(mon)
-    mon.wait_monitoring()
+    mon = live_procs.attach(target, "--out", out)
     target.go()
     wait_until(lambda: read_json(files["json"]), 15, "the first JSON update")
     filler = small_tmpfs / "filler"
@@ -286,13 +271,10 @@ args = { ptr = 0 }
 
 def test_failed_hooks_named_others_exact(targets, tmp_path, live_procs):
     exe = targets.build("workload", "x64")
-    target = Target([exe, "--wait", "--iters", "600", "--rounds", "3"])
-    live_procs.append(target)
-    target.wait_ready()
+    target = live_procs.start([exe, "--wait", "--iters", "600", "--rounds", "3"])
     out = tmp_path / "out"
-    mon = Monitor(["attach", target.pid, "--out", out, "--profile",
-                   profile_with_bad_hooks(tmp_path)])
-    live_procs.append(mon)
+    mon = live_procs.attach(target, "--out", out, "--profile",
+              profile_with_bad_hooks(tmp_path))
     start = mon.wait_monitoring()
     assert "9/11 hooks" in start
     target.go()
@@ -329,16 +311,14 @@ def test_entry_point_already_hooked_by_another_tool(targets, tmp_path, live_proc
     every call, and our counts stay exact."""
     import frida
 
-    target = Target([targets.build("hammer", "x64"), "--seconds", "1", "--rate", "400000"])
-    live_procs.append(target)
-    target.wait_ready()
+    hammer = targets.build("hammer", "x64")
+    target = live_procs.start([hammer, "--seconds", "1", "--rate", "400000"])
     other = frida.attach(target.pid)
     script = other.create_script(PREHOOK_JS, name="someone-else")
     script.load()
     try:
         out = tmp_path / "out"
-        mon = Monitor(["attach", target.pid, "--out", out])
-        live_procs.append(mon)
+        mon = live_procs.attach(target, "--out", out)
         assert "9/9 hooks" in mon.wait_monitoring()
         before = script.exports_sync.count()
         target.go()
@@ -404,13 +384,10 @@ def process_tree(pid: int) -> list[int]:
 
 
 def test_live_session_opens_no_listening_socket(targets, tmp_path, live_procs):
-    target = Target([targets.build("hammer", "x64"), "--seconds", "3", "--rate", "100000"])
-    live_procs.append(target)
-    target.wait_ready()
+    hammer = targets.build("hammer", "x64")
+    target = live_procs.start([hammer, "--seconds", "3", "--rate", "100000"])
     target.go()
-    mon = Monitor(["attach", target.pid, "--out", tmp_path, "--duration", "2"])
-    live_procs.append(mon)
-    mon.wait_monitoring()
+    mon = live_procs.attach(target, "--out", tmp_path, "--duration", "2")
     time.sleep(0.5)
     listening = listening_inodes()
     ours = {i: listening[i] for pid in process_tree(mon.proc.pid) + [target.pid]
@@ -420,14 +397,11 @@ def test_live_session_opens_no_listening_socket(targets, tmp_path, live_procs):
 
 
 def test_metrics_port_when_asked_binds_localhost(targets, tmp_path, live_procs):
-    target = Target([targets.build("hammer", "x64"), "--seconds", "3", "--rate", "100000"])
-    live_procs.append(target)
-    target.wait_ready()
+    hammer = targets.build("hammer", "x64")
+    target = live_procs.start([hammer, "--seconds", "3", "--rate", "100000"])
     target.go()
-    mon = Monitor(["attach", target.pid, "--out", tmp_path, "--duration", "2",
-                   "--metrics-port", "0"])
-    live_procs.append(mon)
-    mon.wait_monitoring()
+    mon = live_procs.attach(target, "--out", tmp_path, "--duration", "2",
+              "--metrics-port", "0")
     listening = listening_inodes()
     ours = [listening[i] for i in socket_inodes(mon.proc.pid) if i in listening]
     assert len(ours) == 1 and ours[0].startswith("tcp ")
@@ -448,12 +422,9 @@ def test_only_the_named_entry_points_are_touched(targets, tmp_path, live_procs):
         'name = "linux-libc"', 'name = "malloc-only"')
     prof = tmp_path / "malloc-only.toml"
     prof.write_text(only_malloc)
-    target = Target([targets.build("workload", "x64"), "--wait"])
-    live_procs.append(target)
-    target.wait_ready()
+    target = live_procs.start([targets.build("workload", "x64"), "--wait"])
     addrs = libc_exports(target.pid, ["malloc", "free", "calloc", "realloc"])
-    mon = Monitor(["attach", target.pid, "--out", tmp_path / "out", "--profile", prof])
-    live_procs.append(mon)
+    mon = live_procs.attach(target, "--out", tmp_path / "out", "--profile", prof)
     assert "1/1 hooks" in mon.wait_monitoring()
     changed = {n: read_code(target.pid, a) != file_code(target.pid, a) for n, a in addrs.items()}
     assert changed == {"malloc": True, "free": False, "calloc": False, "realloc": False}
