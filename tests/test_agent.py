@@ -373,17 +373,25 @@ def test_stop_reverts_hooks_target_keeps_running(bin_dir):
     assert 0 < final.allocs <= total["allocs"]
 
 
-def malloc_address(pid: int) -> int:
-    """libc's malloc in a process, from /proc maps and the ELF symbol table (no Frida)."""
+def libc_exports(pid: int, names: list[str]) -> dict[str, int]:
+    """Addresses of libc.so.6 exports in a process, from /proc maps and nm (no Frida)."""
     with open(f"/proc/{pid}/maps") as f:
         rows = [line.split() for line in f if line.rstrip().endswith("/libc.so.6")]
     path = rows[0][5]
     base = min(int(r[0].split("-")[0], 16) for r in rows if int(r[2], 16) == 0)
     out = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True,
                          check=True).stdout
-    vaddr = next(int(w[0], 16) for w in map(str.split, out.splitlines())
-                 if len(w) == 3 and w[2] in ("malloc", "malloc@@GLIBC_2.2.5"))
-    return base + vaddr
+    found: dict[str, int] = {}
+    for w in map(str.split, out.splitlines()):
+        if len(w) == 3 and w[2].split("@")[0] in names and w[1] in "TtWi":
+            found.setdefault(w[2].split("@")[0], base + int(w[0], 16))
+    assert set(found) == set(names), found
+    return found
+
+
+def malloc_address(pid: int) -> int:
+    """libc's malloc in a process (no Frida)."""
+    return libc_exports(pid, ["malloc"])["malloc"]
 
 
 def libc_malloc_address(mon: Monitored) -> int:

@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 from click.testing import CliRunner
-from conftest import REPO
+from conftest import REPO, tmpfs
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from test_fuzz_recording import base, body_case, frame_case, raw_case
@@ -191,13 +191,7 @@ def test_unwritable_out_dir_refused_before_attaching(tmp_path):
 
 def test_read_only_out_dir_refused(tmp_path):
     """A read-only file system (root ignores file modes, so a read-only tmpfs is the real test)."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
         line = one_line(run_cli("attach", "1", "--out", ro))
         assert line == f"nvse-monitor: error: cannot write to output directory {ro}: " \
             "Read-only file system"
@@ -205,5 +199,3 @@ def test_read_only_out_dir_refused(tmp_path):
                                       "-o", str(ro / "sub")])
         assert r.exit_code == 2 and "Read-only file system" in r.stderr, r.output
         assert len(r.stderr.strip().splitlines()) == 1
-    finally:
-        subprocess.run(["umount", str(ro)], check=True)

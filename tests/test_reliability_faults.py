@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, Monitor, read_outputs, unmonitored_truth
+from conftest import REPO, Monitor, read_outputs, tmpfs, unmonitored_truth
 from test_live import EXACT_KEYS, assert_shutdown
 
 from nvse_monitor.events import Kind
@@ -185,14 +185,8 @@ def test_tiny_ring_overflow_reported_and_counters_exact(targets, tmp_path, live_
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "tmpfs", "size=1m") as mnt:
+        yield mnt
 
 
 def fill(path: Path) -> None:
@@ -415,7 +409,7 @@ def test_metrics_port_when_asked_binds_localhost(targets, tmp_path, live_procs):
 def test_only_the_named_entry_points_are_touched(targets, tmp_path, live_procs):
     """A profile naming only malloc: malloc's code is patched, free/calloc/realloc are byte for
     byte what libc.so.6 holds on disk while the session runs."""
-    from test_agent import file_code, read_code
+    from test_agent import file_code, libc_exports, read_code
 
     libc = (REPO / "nvse_monitor" / "profiles" / "linux-libc.toml").read_text()
     only_malloc = libc[: libc.index('[[hook]]\nname = "free"')].replace(
@@ -435,17 +429,3 @@ def test_only_the_named_entry_points_are_touched(targets, tmp_path, live_procs):
     assert target.finish() == {"prologue_restored": True}
 
 
-def libc_exports(pid: int, names: list[str]) -> dict[str, int]:
-    """Addresses of libc.so.6 exports in a process, from /proc maps and nm (no Frida)."""
-    with open(f"/proc/{pid}/maps") as f:
-        rows = [line.split() for line in f if line.rstrip().endswith("/libc.so.6")]
-    path = rows[0][5]
-    base = min(int(r[0].split("-")[0], 16) for r in rows if int(r[2], 16) == 0)
-    out = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True,
-                         check=True).stdout
-    found: dict[str, int] = {}
-    for w in map(str.split, out.splitlines()):
-        if len(w) == 3 and w[2].split("@")[0] in names and w[1] in "TtWi":
-            found.setdefault(w[2].split("@")[0], base + int(w[0], 16))
-    assert set(found) == set(names), found
-    return found
