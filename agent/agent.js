@@ -16,6 +16,8 @@ const IN_FLIGHT_GRACE_S = 0.05;  // after reverting hooks, before the code may g
 const GLOB_INSTANCES = 8;        // modules one glob hook can be installed in at once
 const CHECK_MS = 1000;           // how often installed entry points are checked for foreign patches
 const SNAP_BYTES = 16;           // bytes of our jump compared by that check
+const FOLLOW_SPARE = 1;          // instances kept for following a foreign patch (see checkHooks)
+const WATCH_MAX = 256;           // NV_WATCH_MAX in hotpath.c
 
 let cm = null;            // the CModule
 let st = null;            // NvState (Memory.alloc'd)
@@ -42,6 +44,8 @@ let modules = new Map();  // base string -> module json
 let moduleObserver = null;
 let config = null;
 let planSlots = 0;        // nv_orig[] entries
+let watch = null;         // patch watch: {listener, callback, config, set} (see setupWatch)
+let inWatch = false;
 
 function nowUs() {
   return countersPtr === null ? 0 : Number(countersPtr.add(7 * 8).readU64());
@@ -153,12 +157,13 @@ function replName(slow, index, inst) {
 }
 
 // Instances per hook: one, or GLOB_INSTANCES for a module pattern with wildcards (msvcr*.dll
-// can match several CRTs at once). Returns the total number of nv_orig slots.
+// can match several CRTs at once), plus FOLLOW_SPARE for the destination of a foreign patch.
+// Returns the total number of nv_orig slots.
 function planInstances(profile) {
   let slots = 0;
   for (const h of profile.hooks) {
-    h.ninst = h.role === 'size' ? 0
-      : (h.module !== undefined && /[*?]/.test(h.module) ? GLOB_INSTANCES : 1);
+    h.glob = h.module !== undefined && /[*?]/.test(h.module);
+    h.ninst = h.role === 'size' ? 0 : (h.glob ? GLOB_INSTANCES : 1) + FOLLOW_SPARE;
     h.slot0 = slots;
     slots += h.ninst;
   }
@@ -186,7 +191,8 @@ function buildSource(profile, arch, platform, clock, extraDefines) {
 /* ------------------------------------------------------------------ hooks
  * A hook (profile entry) has up to `ninst` installed instances, each {k, address (the entry
  * point), patchAt (where Gum wrote its jump: the entry, or the end of a JMP chain Gum followed),
- * ours (the bytes there right after we hooked), module, tampered}.
+ * ours (the bytes there right after we hooked), module, tampered, follow (installed at the
+ * destination of a foreign patch written over another instance)}.
  */
 
 // pending: the hook's module is not loaded (yet): neither installed nor failed
@@ -278,14 +284,16 @@ function freeInstance(entry) {
 
 // Step 1 of an installation (no flush): checks, then replaceFast (or the slow fallback).
 // Returns a job for finishInstall, or null when the hook was reported (failed / same code).
-function beginInstall(entry, address, mod) {
+// `why`: set when following a foreign patch (what was patched, by whom).
+function beginInstall(entry, address, mod, why) {
   const spec = entry.spec;
   const bad = checkCode(address, mod);
-  if (bad !== null) { fail(entry, bad); return null; }
+  if (bad !== null) { fail(entry, why ? `${why}; not followed: ${bad}` : bad); return null; }
   const where = mod !== null
     ? `${mod.name}!${spec.export !== undefined ? spec.export : '+0x' + address.sub(mod.base).toString(16)}`
     : '';
-  let detail = `${address}${where ? ' ' + where : ''}`;
+  let detail = why ? `${why}; calls followed into ${moduleNameAt(address)} (${address})`
+    : `${address}${where ? ' ' + where : ''}`;
   const target = resolveJumps(address);
   if (!target.equals(address)) {
     // e.g. NVHR patched the entry before we came: Gum hooks the JMP's destination, so the calls
@@ -331,8 +339,9 @@ function beginInstall(entry, address, mod) {
     }
   }
   const inst = { k, address, target, patchAt: target, ours: null, slow, tampered: false,
-    module: mod !== null ? mod.name : '', modBase: mod !== null ? mod.base : null,
-    modSize: mod !== null ? mod.size : 0, detail };
+    module: mod !== null ? mod.name : (why ? moduleNameAt(address) : ''),
+    modBase: mod !== null ? mod.base : null, modSize: mod !== null ? mod.size : 0, detail,
+    follow: Boolean(why) };
   entry.inst.push(inst);
   return { entry, inst, beforeEntry, beforeTarget };
 }
@@ -366,25 +375,31 @@ function finishInstall(job) {
   sendHook(entry, true, inst.detail);
 }
 
-// Installs a list of [entry, address, module] in one interceptor transaction (one flush: a
-// module's hooks are all in before the call that loaded it returns).
+// Installs a list of [entry, address, module, why?] in one interceptor transaction (one flush:
+// a module's hooks are all in before the call that loaded it returns).
 function installAll(list) {
   const jobs = [];
-  for (const [entry, address, mod] of list) {
-    const j = beginInstall(entry, address, mod);
-    if (j !== null) jobs.push(j);
-  }
-  if (jobs.length === 0) return;
-  Interceptor.flush();
-  // Gum commits code changes when the last open interceptor transaction ends. If the JS thread
-  // is in one without the JS lock (mid-drain), a module observer callback's flush is deferred to
-  // then, which may be after the loading call returned and the module's first calls ran: yield
-  // the lock until the commit has happened (bounded).
-  for (let i = 0; i < 200 && !jobs.every(committed); i++) {
-    Thread.sleep(0.0005);
+  pauseWatch(true);  // our own code writes are not foreign patches
+  try {
+    for (const [entry, address, mod, why] of list) {
+      const j = beginInstall(entry, address, mod, why);
+      if (j !== null) jobs.push(j);
+    }
+    if (jobs.length === 0) return;
     Interceptor.flush();
+    // Gum commits code changes when the last open interceptor transaction ends. If the JS thread
+    // is in one without the JS lock (mid-drain), a module observer callback's flush is deferred
+    // to then, which may be after the loading call returned and the module's first calls ran:
+    // yield the lock until the commit has happened (bounded).
+    for (let i = 0; i < 200 && !jobs.every(committed); i++) {
+      Thread.sleep(0.0005);
+      Interceptor.flush();
+    }
+    for (const j of jobs) finishInstall(j);
+  } finally {
+    pauseWatch(false);
+    refreshWatch();
   }
-  for (const j of jobs) finishInstall(j);
 }
 
 // On Linux, Module#findExportByName dlopen()s the module for dlsym and the handle lives as long
@@ -416,7 +431,7 @@ function onModuleAdded(mod, initial) {
   for (const e of hooks) {
     if (e.re === null || e.ninst === 0 || !e.re.test(mod.name)) continue;
     if (e.inst.some(i => i.modBase !== null && i.modBase.equals(mod.base))) continue;
-    if (e.ninst === 1 && e.inst.length > 0) continue;  // not a glob: its one module is hooked
+    if (!e.spec.glob && e.inst.some(i => !i.follow)) continue;  // not a glob: its module is hooked
     const spec = e.spec;
     if (spec.export !== undefined) {
       const addr = find(spec.export);
@@ -447,11 +462,14 @@ function onAddedHook(m) {
 }
 
 function revertInstance(e, inst) {
+  pauseWatch(true);
   try {
     Interceptor.revert(inst.address);
     Interceptor.flush();
   } catch (err) {
     send({ type: 'agent-error', ts_us: clockNowUs(), message: `revert ${e.spec.name}: ${err.message}` });
+  } finally {
+    pauseWatch(false);
   }
 }
 
@@ -471,6 +489,7 @@ function onModuleRemoved(mod) {
       sendHook(e, true, `${mod.name} unloaded; still hooked in ${e.inst.map(i => i.module).join(', ')}`);
     }
   }
+  refreshWatch();
   send({ type: 'module', ts_us: clockNowUs(), action: 'remove', module: j });
 }
 
@@ -478,9 +497,16 @@ function onModuleRemoved(mod) {
  * Another party (a heap replacer such as NVHR) may write its own JMP over an entry point after we
  * hooked it. Reverting that hook would write the original prologue back over the replacer's jump
  * and send the replacer's blocks to the game's heap. So: compare our jump's bytes now and then
- * (once a second, and before any revert), and leave a patched entry alone.
+ * and leave a patched entry alone. Calls now go through the replacer's JMP to its function: hook
+ * that function (the jump's destination, in a module) as another instance of the same hook.
+ *
+ * When: at once on the patching thread, from the patch watch (the replacer's call restoring the
+ * page protection after writing its JMP: see nv_on_protect), so the calls it makes next are
+ * recorded; and once a second from the drain timer, for writers that do not change protection.
  */
-function checkHooks() {
+function checkHooks(follow = true) {
+  const follows = [];
+  let found = false;
   for (const e of hooks) {
     for (const inst of e.inst) {
       if (inst.tampered) continue;
@@ -503,13 +529,110 @@ function checkHooks() {
       }
       if (sameBytes(now, inst.ours)) continue;
       inst.tampered = true;
+      found = true;
       const dest = jmpTarget(inst.patchAt);
+      const destMod = dest !== null ? Process.findModuleByAddress(dest) : null;
       const by = dest !== null ? moduleNameAt(dest) : 'unknown code';
       inst.tamperedBy = by;
-      sendHook(e, false, `${inst.address}${inst.module ? ' ' + inst.module : ''}: entry point ` +
-        `${inst.patchAt} patched by ${by} after attach; left alone (not reverted, calls through ` +
-        `it are no longer recorded)`);
+      const what = `${inst.address}${inst.module ? ' ' + inst.module : ''}: entry point ` +
+        `${inst.patchAt} patched by ${by} after attach; left alone (not reverted)`;
+      if (follow && destMod !== null) {
+        follows.push([e, dest, null, what]);
+      } else {
+        // no jump, or a jump out of every module (another hooking engine's trampoline?):
+        // hooking there could break it
+        sendHook(e, false, `${what}; calls through it are no longer recorded` +
+          (dest !== null && follow ? ' (its jump leads to no module: not followed)' : ''));
+      }
     }
+  }
+  if (follows.length > 0) installAll(follows);
+  else if (found) refreshWatch();
+}
+
+/* Patch watch: the protection call every code patcher makes (mprotect; VirtualProtect on Windows)
+ * gets an Interceptor.attach whose onEnter is C (nv_on_protect): it compares the call's range with
+ * our hooks' code ranges and calls back into JS (onWatched) only when they meet. Not a hot path:
+ * these calls are rare (a page mapping change), and the common case costs a few compares. */
+function protectFunction() {
+  if (Process.platform === 'windows') {
+    const mods = Process.enumerateModules();
+    for (const name of ['kernelbase.dll', 'kernel32.dll']) {
+      const m = mods.find(x => x.name.toLowerCase() === name);
+      const f = m !== undefined ? m.findExportByName('VirtualProtect') : null;
+      if (f !== null) return [f, `${m.name}!VirtualProtect`];
+    }
+    return [null, 'VirtualProtect'];
+  }
+  return [Module.findGlobalExportByName('mprotect'), 'mprotect'];
+}
+
+function setupWatch() {
+  const [fn, name] = protectFunction();
+  if (fn === null) {
+    send({ type: 'agent-error', ts_us: clockNowUs(),
+      message: `patch watch: ${name} not found; foreign patches are found by the 1 s check only` });
+    return;
+  }
+  try {
+    const callback = new NativeCallback(onWatched, 'void', []);
+    const config = new NativeFunction(cm.nv_watch_config, 'void', ['size_t', 'pointer', 'size_t']);
+    const set = new NativeFunction(cm.nv_watch_set, 'void', ['size_t', 'pointer', 'pointer']);
+    watch = { listener: null, callback, config, set, n: 0, paused: 0 };
+    refreshWatch();
+    watch.listener = Interceptor.attach(fn, { onEnter: cm.nv_on_protect });
+    Interceptor.flush();
+  } catch (e) {
+    watch = null;
+    send({ type: 'agent-error', ts_us: clockNowUs(),
+      message: `patch watch on ${name}: ${e.message}; foreign patches are found by the 1 s check only` });
+  }
+}
+
+// The code ranges of our live (not tampered) instances: where a foreign patch would land.
+function refreshWatch() {
+  if (watch === null) return;
+  let n = 0;
+  for (const e of hooks) {
+    for (const i of e.inst) {
+      if (i.tampered || n >= WATCH_MAX) continue;
+      watch.set(n++, i.patchAt, i.patchAt.add(SNAP_BYTES));
+    }
+  }
+  watch.n = n;
+  watch.config(n, watch.callback, watch.paused);
+}
+
+// Nested: installAll inside a watched check.
+function pauseWatch(on) {
+  if (watch === null) return;
+  watch.paused += on ? 1 : -1;
+  watch.config(watch.n, watch.callback, watch.paused);
+}
+
+function stopWatch() {
+  if (watch === null) return;
+  watch.config(0, ptr(0), 1);
+  if (watch.listener !== null) {
+    watch.listener.detach();
+    Interceptor.flush();
+  }
+  // `watch` stays: the NativeCallback must outlive a call that may still be on its way in
+  watch.listener = null;
+}
+
+// On the thread that changed a protection over our code (mostly a replacer about to go on).
+function onWatched() {
+  if (inWatch || stopped) return;
+  inWatch = true;
+  const saved = fnSuspend !== null ? fnSuspend() : 0;  // our allocations are not the target's
+  try {
+    checkHooks();
+  } catch (e) {
+    send({ type: 'agent-error', ts_us: clockNowUs(), message: `patch watch: ${e.stack}` });
+  } finally {
+    if (fnResume !== null) fnResume(saved);
+    inWatch = false;
   }
 }
 
@@ -740,6 +863,7 @@ function init(cfg) {
     onRemoved(m) { onModuleRemoved(m); },
   });
   initialLoad = false;
+  setupWatch();
   for (const e of hooks) {
     if (!e.ok && e.re !== null && e.detail === '') {
       e.detail = `pending: no loaded module matches ${e.spec.module}`;
@@ -787,7 +911,8 @@ function stop() {
   drainTimer = null;
   if (moduleObserver !== null) moduleObserver.detach();
   moduleObserver = null;
-  checkHooks();  // never revert over somebody else's patch
+  stopWatch();
+  checkHooks(false);  // never revert over somebody else's patch
   for (const e of hooks) {
     for (const i of e.inst) if (!i.tampered) revertInstance(e, i);
     e.inst = e.inst.filter(i => i.tampered);
@@ -821,7 +946,8 @@ function dispose() {
   if (drainTimer !== null) clearInterval(drainTimer);
   drainTimer = null;
   let any = false;
-  checkHooks();
+  stopWatch();
+  checkHooks(false);
   for (const e of hooks) {
     for (const i of e.inst) {
       if (i.tampered) {

@@ -62,6 +62,7 @@ typedef struct
 #define NV_IGNORED_TIDS 64
 #define NV_NEW_TIDS 1024   /* first calls of new threads, for JS to ask Frida's cloak about */
 #define NV_LATE_TIDS 32    /* Frida threads found after init: their records are filtered out */
+#define NV_WATCH_MAX 256   /* code ranges of our hooks, watched for foreign patches */
 
 typedef struct
 {
@@ -116,6 +117,12 @@ typedef struct
   guint64 c_dropped;
   guint64 c_published;
   guint64 now_us;
+  /* patch watch (see nv_on_protect): [lo, hi) ranges, JS writes them with no call in flight */
+  volatile gsize n_watch;
+  gsize watch_lo[NV_WATCH_MAX];
+  gsize watch_hi[NV_WATCH_MAX];
+  gpointer watch_cb;     /* JS NativeCallback: checks the hooks for foreign patches */
+  volatile gsize watch_paused;
 } NvState;
 
 extern NvState nv_state;
@@ -758,6 +765,49 @@ guint64 *
 nv_counters (void)
 {
   return &nv_state.c_allocs;  /* allocs, frees, reallocs, failures, bytes, dropped, published, now */
+}
+
+/*
+ * Patch watch: onEnter of the memory-protection call (mprotect, VirtualProtect; address and size
+ * are its first two arguments). A heap replacer makes an entry point's page writable, writes its
+ * JMP and restores the protection: at that second call the JMP is there, and this thread has not
+ * gone on to call through it yet. Only calls whose range covers one of our hooks reach JS.
+ */
+void
+nv_on_protect (GumInvocationContext * ic)
+{
+  gsize a = GPOINTER_TO_SIZE (gum_invocation_context_get_nth_argument (ic, 0));
+  gsize n = GPOINTER_TO_SIZE (gum_invocation_context_get_nth_argument (ic, 1));
+  gsize i, count = nv_state.n_watch;
+
+  if (nv_state.watch_paused || nv_state.watch_cb == NULL)
+    return;
+  for (i = 0; i != count && i != NV_WATCH_MAX; i++)
+  {
+    if (a < nv_state.watch_hi[i] && a + n > nv_state.watch_lo[i])
+    {
+      ((void (*) (void)) nv_state.watch_cb) ();
+      return;
+    }
+  }
+}
+
+void
+nv_watch_set (gsize i, gsize lo, gsize hi)
+{
+  if (i < NV_WATCH_MAX)
+  {
+    nv_state.watch_lo[i] = lo;
+    nv_state.watch_hi[i] = hi;
+  }
+}
+
+void
+nv_watch_config (gsize n, gpointer cb, gsize paused)
+{
+  nv_state.n_watch = n;
+  nv_state.watch_cb = cb;
+  nv_state.watch_paused = paused;
 }
 
 /* Caller of a hook installed with Interceptor.replace (the slow fallback). */
