@@ -235,6 +235,35 @@ def test_dlopen_plugin_hooked_on_load(arch, targets, tmp_path, live_procs):
     assert js["health"]["error_count"] == 0, log
 
 
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
+def test_replacer_patching_hooked_plugin_is_followed(arch, targets, tmp_path, live_procs):
+    """A replacer (tests/targets/replacer.c) writes its jump over the plugin's hooked entry
+    points right after the plugin loaded, before the first call: the patch watch finds it on the
+    patching thread and hooks the replacer's functions, so every call is still counted; the
+    replacer's patch is left in place when the monitor leaves (the target goes on using it)."""
+    host = targets.build("plugin_host", arch)
+    plugin = targets.build("plugin", arch, shared=True)
+    replacer = targets.build("replacer", arch, shared=True)
+    target = live_procs.start([host, plugin, 700, replacer])
+    out = tmp_path / "out"
+    profile = REPO / "tests" / "profiles" / "test-plugin.toml"
+    mon = live_procs.attach(target, "--profile", profile, "--out", out)
+    mon.wait_monitoring()
+    target.go()
+    truth = target.done()
+    mon.signal(signal.SIGTERM)
+    assert mon.wait() == 0, mon.stderr
+    target.finish()
+    js, log = assert_shutdown(out)
+    ms = js["memory_stats"]
+    assert {k: ms[k] for k in truth} == truth
+    assert js["monitor"]["untracked_frees"] == 0
+    for name in ("plugin_malloc", "plugin_free"):
+        assert f"Hook installed: {name} (" in log and \
+            "patched by libreplacer.so after attach; left alone (not reverted); calls followed " \
+            "into libreplacer.so" in log, log
+
+
 # ---- 4. the target killed; the monitor interrupted ----------------------------------------------
 
 
