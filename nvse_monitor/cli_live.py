@@ -37,7 +37,9 @@ def _ring_size(_ctx: Any, _param: Any, value: str | None) -> int | None:
 def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--profile", "-p", help="Hook profile name or TOML path (default: chosen "
-                     "from the target; see `nvse-monitor profiles`)."),
+                     "from the target; see `nvse-monitor profiles`). FalloutNV.exe: "
+                     "fnv-1.4.0.525; fnv-1.4.0.525-noscrap turns the scrap heap off, "
+                     "fnv-1.4.0.525-win32 turns kernel32 Heap*/Virtual* hooks on."),
         click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Directory for the four monitoring files (default: the game's "
                      f"Data/NVSE/Plugins for FalloutNV.exe, else ./{DEFAULT_OUT_DIR})."),
@@ -168,14 +170,16 @@ def launch(game_dir: Path, args: tuple[str, ...], **kw: Any) -> None:
     """Start Fallout New Vegas from GAME_DIR (or its nvse_loader.exe / FalloutNV.exe) and
     monitor it from its first allocation.
 
-    Through nvse_loader.exe when the directory has one (the monitor follows the loader to the
-    FalloutNV.exe it starts), else, or for a 4GB-patched FalloutNV.exe, the game directly; in
-    the game directory, with SteamAppID/SteamGameId=22380. Game arguments go after `--`.
+    Through nvse_loader.exe when the game directory has one (the monitor follows the loader to
+    the FalloutNV.exe it starts), else, or for a 4GB-patched FalloutNV.exe, the game directly;
+    in the game directory, with SteamAppID/SteamGameId=22380. Game arguments go after `--`.
+    (`spawn -- FalloutNV.exe` starts exactly that executable.)
     """
     from . import fnv
 
     try:
-        plan = fnv.plan_launch(game_dir, args, large_address_aware=_large_address_aware(game_dir))
+        plan = fnv.plan_launch(game_dir, args, large_address_aware=_large_address_aware(game_dir),
+                               game_as_dir=True)
     except ValueError as exc:
         click.echo(f"nvse-monitor: error: {exc}", err=True)
         sys.exit(2)

@@ -147,18 +147,22 @@ class LaunchPlan:
 
 def plan_launch(target: str | Path, args: Iterable[str] = (), *,
                 env: Mapping[str, str] | None = None, game_exe: str = GAME_EXE,
-                loader_exe: str = LOADER_EXE, large_address_aware: bool | None = None
-                ) -> LaunchPlan:
+                loader_exe: str = LOADER_EXE, large_address_aware: bool | None = None,
+                game_as_dir: bool = False) -> LaunchPlan:
     """The launch plan for `target`: the loader, the game executable, or the game directory.
 
     A game directory is launched through the loader when it has one, unless the game executable
     is large-address-aware (`large_address_aware`, from pe.read_pe_version; None = unknown =
     not patched): the 4GB patcher's exe loads NVSE itself and is started directly.
+    The game executable itself is started directly (`spawn -- FalloutNV.exe`: what was asked),
+    or with `game_as_dir` (`launch FalloutNV.exe`: start the game with NVSE) like its directory.
     Raises ValueError with one line when `target` is none of these.
     """
     path = Path(target)
     extra = tuple(args)
     senv = spawn_env(env)
+    if game_as_dir and path.is_file() and path.name.lower() == game_exe.lower():
+        path = path.parent
     if path.is_dir():
         gd = game_dir_at(path, game_exe, loader_exe)
         if gd is None or gd.game_exe is None:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from fnv.pebuild import build_pe
 
+from nvse_monitor.cli_live import _large_address_aware
+from nvse_monitor.fnv import plan_launch
 from nvse_monitor.hookprofile import load_profile
 from nvse_monitor.pe import PeError, check_profile_version, is_pe, read_pe_version
 
@@ -107,20 +109,27 @@ END
 """
 
 
-@pytest.mark.parametrize("build", [525, 523])
-def test_mingw_built_exe(tmp_path: Path, build: int) -> None:
-    """A real linker's output (i686-w64-mingw32), not only our own writer's."""
+@pytest.mark.parametrize("build,laa", [(525, False), (523, False), (525, True)])
+def test_mingw_built_exe(tmp_path: Path, build: int, laa: bool) -> None:
+    """A real linker's output (i686-w64-mingw32), not only our own writer's; `laa`: linked
+    large-address-aware like a 4GB-patched FalloutNV.exe, which `launch` starts directly."""
     gcc, windres = shutil.which("i686-w64-mingw32-gcc"), shutil.which("i686-w64-mingw32-windres")
     if not gcc or not windres:
         pytest.skip("gcc-mingw-w64-i686 is not installed (apt-get install gcc-mingw-w64-i686)")
     (tmp_path / "v.rc").write_text(RC.format(build=build))
     (tmp_path / "m.c").write_text("int main(void) { return 0; }\n")
     subprocess.run([windres, "v.rc", "-O", "coff", "-o", "v.o"], cwd=tmp_path, check=True)
-    subprocess.run([gcc, "-o", "FalloutNV.exe", "m.c", "v.o"], cwd=tmp_path, check=True)
+    flags = ["-Wl,--large-address-aware"] if laa else []
+    subprocess.run([gcc, "-o", "FalloutNV.exe", "m.c", "v.o", *flags], cwd=tmp_path, check=True)
     exe = tmp_path / "FalloutNV.exe"
     info = read_pe_version(exe)
     assert info.file_version == f"1.4.0.{build}"
     assert info.strings.get("ProductName") == "Fallout: New Vegas"
+    assert info.machine == "ia32" and info.large_address_aware is laa
+    assert _large_address_aware(tmp_path) is laa  # what `launch` asks
+    (tmp_path / "nvse_loader.exe").write_bytes(exe.read_bytes())
+    assert plan_launch(tmp_path, env={}, large_address_aware=laa).mode == \
+        ("direct" if laa else "loader")
     if build == 525:
         assert check_profile_version(FNV, exe) is None
     else:

@@ -77,6 +77,74 @@ def test_addresses_are_in_the_reference(name: str) -> None:
         assert a in ref, f"{h.name} at {a:#010x} is not in {REFERENCE.name}"
 
 
+# Reference entries deliberately not in the profiles, and why (docs/fnv.md).
+NOT_HOOKED = {
+    "MemoryManager::GetThreadScrapHeap": "returns the thread's scrap heap, allocates nothing",
+    "_recalloc": "no profile role takes (ptr, count, size)",
+}
+# reference function name -> profile role (the scrap heap's Allocate takes an alignment)
+REF_ROLES = {"Allocate": "alloc", "Free": "free", "Deallocate": "free", "Reallocate": "realloc",
+             "second reallocate entry": "realloc", "Size": "size", "malloc": "alloc",
+             "calloc": "calloc", "realloc": "realloc", "free": "free", "_msize": "size"}
+
+
+def _sections(text: str) -> dict[str, str]:
+    return {part.split("\n", 1)[0]: part for part in text.split("\n## ")[1:]}
+
+
+def reference_entries(text: str, exe: str) -> list[tuple[str, int, str, str, str]]:
+    """(name, address, heap, role, abi) of every allocator entry point the reference lists for
+    FalloutNV.exe ("fnv") or GECK.exe ("geck")."""
+    sec = _sections(text)
+    out: list[tuple[str, int, str, str, str]] = []
+
+    def add(name: str, addr: str, heap: str, abi: str) -> None:
+        short = name.split("::")[-1]
+        role = "aligned_alloc" if heap == "scrap" and short == "Allocate" else REF_ROLES.get(short)
+        out.append((name, int(addr, 16), heap, role or "?", abi))
+
+    if exe == "fnv":
+        for title, heap in (("Game heap", "game"), ("Scrap heap", "scrap")):
+            body = next(v for k, v in sec.items() if k.startswith(title))
+            for name, addr, abi in re.findall(r"^\| ([^|]+?) \| (0x[0-9A-F]{8}) \| (\w+)", body,
+                                              re.M):
+                add(name, addr, heap, abi)
+        body = next(v for k, v in sec.items() if k.startswith("Statically linked CRT"))
+        for name, first, second in re.findall(
+                r"^\| (\w+) \| (0x[0-9A-F]{8}) \| (0x[0-9A-F]{8})? *\|", body, re.M):
+            add(name, first, "crt", "cdecl")
+            if second:
+                add(name, second, "crt", "cdecl")
+    else:
+        body = sec["GECK.exe 1.4.0.518"]
+        mm, rest = body.split("ScrapHeap", 1)
+        scrap = rest.split("FormHeap_Allocate", 1)[0]
+        for part, heap in ((mm, "game"), (scrap, "scrap")):
+            for name, addr in re.findall(r"(Allocate|Reallocate|Deallocate|Size) (0x[0-9A-F]{8})",
+                                         part):
+                add(("MemoryManager::" if heap == "game" else "ScrapHeap::") + name, addr, heap,
+                    "thiscall")
+    return out
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason=f"{REFERENCE} not present")
+@pytest.mark.parametrize("name,exe,count", [(FNV, "fnv", 19), ("geck-1.4.0.518", "geck", 7)])
+def test_every_reference_entry_point_is_in_the_profile(name: str, exe: str, count: int) -> None:
+    """Each allocator entry point of the reference (MemoryManager Allocate / Free / both
+    Reallocate entries / Size, the scrap heap's, the static CRT's with their second entries) is
+    a hook at that address with the right heap, role and ABI; the exceptions are named."""
+    entries = reference_entries(REFERENCE.read_text(), exe)
+    assert len(entries) == count, entries  # the parse found every row
+    by_addr = _addr_hooks(load_profile(name))
+    for ref, addr, heap, role, abi in entries:
+        if ref.split("::")[-1] in NOT_HOOKED or ref in NOT_HOOKED:
+            assert addr not in by_addr, ref
+            continue
+        h = by_addr.get(addr)
+        assert h is not None, f"{ref} at {addr:#010x} is not in {name}"
+        assert (h.heap, h.role, h.abi) == (heap, role, abi), (ref, h)
+
+
 @pytest.mark.parametrize("name", [FNV, "geck-1.4.0.518"])
 def test_plugin_crt_hooks(name: str) -> None:
     p = load_profile(name)

@@ -1,6 +1,8 @@
 """FNV in live sessions, through the CLI with real Frida on the fake game (tests/fnv/): following
-nvse_loader to the game it starts (child gating), `launch GAME_DIR`, the default output directory
-(the game's Data/NVSE/Plugins), the banner, and the PE version check with --force.
+nvse_loader to the game it starts (child gating: `spawn --follow-child`, `spawn -- nvse_loader.exe`,
+`launch GAME_DIR`), the Steam variables and working directory of a spawned game, the default
+output directory (the game's Data/NVSE/Plugins), the banner, the PE version check with --force,
+and the address-space headroom warning.
 
 The fake loader starts the fake game as a suspended child, like nvse_loader; the monitor must
 see the game from its first allocation: every allocation call the game counts (main thread and
@@ -42,6 +44,9 @@ def install(tmp_path_factory: pytest.TempPathFactory) -> FakeInstall:
     inst = build_fake_install(tmp_path_factory.mktemp("fnv-session-install"))
     # the same launcher under a name that means nothing to the monitor (generic --follow-child)
     shutil.copy2(inst.loader, inst.root / "launcher")
+    for job in ("hog", "env"):  # plugins with a job of their own (tests/fnv/fake_plugin.c)
+        shutil.copy2(inst.plugins_dir / "libfnvplugin_b.so",
+                     inst.plugins_dir / f"libfnvplugin_{job}.so")
     return inst
 
 
@@ -113,6 +118,18 @@ def via_launch(install: FakeInstall, tmp_path_factory: pytest.TempPathFactory) -
     return _followed(p, out, elsewhere / "l.nvmrec")
 
 
+@pytest.fixture(scope="module")
+def via_loader(install: FakeInstall, tmp_path_factory: pytest.TempPathFactory) -> Followed:
+    """`spawn -- GAME_DIR/nvse_loader.exe ARGS` from another directory, nothing else: the loader's
+    name alone makes the monitor follow it to FalloutNV.exe, started in the game directory."""
+    elsewhere = tmp_path_factory.mktemp("fnv-loader")
+    out = elsewhere / "out"
+    p = cli(["spawn", "--profile", str(FAKE_PROFILE), "--out", str(out), "--record",
+             str(elsewhere / "n.nvmrec"), "--", str(install.loader), *install.game_argv()[1:]],
+            cwd=elsewhere)
+    return _followed(p, out, elsewhere / "n.nvmrec")
+
+
 def _per_hook(rec: Path, profile: Profile) -> tuple[Any, dict[str, tuple[int, int]]]:
     names = [h.name for h in profile.hooks]
     got: dict[str, tuple[int, int]] = {}
@@ -138,7 +155,7 @@ def _allocating_fixed_hooks(profile: Profile) -> list[str]:
             ("free", "size")]
 
 
-@pytest.mark.parametrize("how", ["via_spawn", "via_launch"])
+@pytest.mark.parametrize("how", ["via_spawn", "via_launch", "via_loader"])
 def test_child_monitored_from_first_allocation(how: str, request: pytest.FixtureRequest,
                                                profile: Profile) -> None:
     run: Followed = request.getfixturevalue(how)
@@ -150,7 +167,7 @@ def test_child_monitored_from_first_allocation(how: str, request: pytest.Fixture
     assert {n: got.get(n) for n in want} == want
 
 
-@pytest.mark.parametrize("how", ["via_spawn", "via_launch"])
+@pytest.mark.parametrize("how", ["via_spawn", "via_launch", "via_loader"])
 def test_child_json_final_heaps(how: str, request: pytest.FixtureRequest) -> None:
     """At its end the game has freed everything it kept; what stays on the game heap is plugin
     A's blocks (allocated by absolute address, never freed)."""
@@ -168,16 +185,44 @@ def test_default_out_dir_is_the_games_plugins_folder(via_spawn: Followed,
     assert f"files in {install.plugins_dir}" in via_spawn.p.stderr
 
 
-def test_banner_on_stderr_and_in_meta(via_spawn: Followed) -> None:
+def test_banner_on_stderr_in_meta_and_log(via_spawn: Followed) -> None:
+    """The banner (game, NVSE, plugins at start) on stderr, in the recording's metadata and in
+    the log file's banner; the plugins that load later get an INFO line each in the log."""
     meta = Recording(via_spawn.rec).meta
     lines = meta.extra.get("banner")
     assert lines and lines[0] == "Game: FalloutNV.exe" and "NVSE: not loaded" in lines
-    for line in lines:
+    assert "Plugins loaded: 0" in lines  # spawned: none is loaded yet
+    log = next(via_spawn.out_dir.glob("Follow_*.log")).read_text().splitlines()
+    profile_line = next(i for i, ln in enumerate(log) if ln.endswith("] Profile: fake-fnv"))
+    for i, line in enumerate(lines):
         assert f"nvse-monitor: {line}\n" in via_spawn.p.stderr
+        got = log[profile_line + 1 + i]
+        assert "[INFO]" in got and got.endswith(f"] {line}"), log[:12]
+    for plugin in ("libfnvplugin_a.so", "libfnvplugin_b.so"):
+        assert any("[INFO]" in ln and f"] Plugin loaded: {plugin} at 0x" in ln for ln in log)
 
 
 def test_launch_says_how(via_launch: Followed) -> None:
     assert "launching" in via_launch.p.stderr and "nvse_loader.exe" in via_launch.p.stderr
+
+
+def test_spawned_game_gets_steam_ids_and_its_directory(install: FakeInstall,
+                                                        tmp_path: Path) -> None:
+    """FalloutNV.exe spawned directly (no loader, as a 4GB-patched game is) from another
+    directory, with no Steam variables of ours: the game sees SteamAppID = SteamGameId = 22380
+    and runs in its own directory (a plugin prints what it sees)."""
+    env_plugin = install.plugins_dir / "libfnvplugin_env.so"
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("steamappid", "steamgameid")}
+    p = subprocess.run(
+        [sys.executable, "-m", "nvse_monitor", "spawn", "--profile", str(FAKE_PROFILE),
+         "--out", str(tmp_path / "out"), "--", str(install.game), str(install.crt_dir),
+         str(env_plugin), "env", str(install.crt_dir)],
+        cwd=tmp_path, env=dict(env, FAKE_GAME_AUTORUN="1", FAKE_GAME_ITERS="5"),
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert p.returncode == 0, p.stderr[-1500:]
+    assert "monitoring FalloutNV.exe" in p.stderr
+    assert f"plugin env SteamAppID=22380 SteamGameId=22380 cwd={install.root.resolve()}\n" \
+        in p.stdout, p.stdout[-500:]
 
 
 # ---------------------------------------------------------------- errors
@@ -237,48 +282,6 @@ def test_version_check_forced(install: FakeInstall, versioned_profile: Path,
 
 # ---------------------------------------------------------------- address-space headroom
 
-HOG_C = r"""
-#include <stdio.h>
-#include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
-/* "fill": reserve 64 MiB regions (PROT_NONE, no memory behind them) until the 32-bit address
- * space is full; "free": release them. Prints what it did. */
-static void *blocks[128];
-static int n;
-int main (void) {
-  char line[64];
-  setvbuf (stdout, NULL, _IOLBF, 0);
-  printf ("ready %d\n", (int) getpid ());
-  while (fgets (line, sizeof line, stdin)) {
-    if (!strncmp (line, "fill", 4)) {
-      while (n < 128) {
-        void *p = mmap (NULL, 64 << 20, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                        -1, 0);
-        if (p == MAP_FAILED) break;
-        blocks[n++] = p;
-      }
-      printf ("filled %d\n", n);
-    } else if (!strncmp (line, "free", 4)) {
-      while (n > 0) munmap (blocks[--n], 64 << 20);
-      printf ("freed\n");
-    }
-  }
-  return 0;
-}
-"""
-
-
-@pytest.fixture(scope="module")
-def hog(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if why := m32_problem():
-        pytest.skip(why)
-    d = tmp_path_factory.mktemp("hog")
-    (d / "hog.c").write_text(HOG_C)
-    subprocess.run(["gcc", "-m32", "-O1", "-Wall", "-Werror", str(d / "hog.c"), "-o",
-                    str(d / "hog")], check=True, capture_output=True)
-    return d / "hog"
-
 
 def _status_of(path: Path) -> str | None:
     try:
@@ -299,33 +302,49 @@ def _wait_status(path: Path, want: str, timeout_s: float = 5.0) -> str | None:
         time.sleep(0.1)
 
 
-def test_address_space_low_warns_and_is_recorded(hog: Path, tmp_path: Path) -> None:
-    """Reserving the 32-bit address space until it is full trips the warning and DEGRADED;
-    releasing it recovers; the log, the JSON section and the time series show it, and a
-    replay of the recording writes the same time series."""
+def _say(mon: subprocess.Popen[str], line: str, expect: str) -> str:
+    """Send a line to the fake game (through the monitor: its stdio is inherited) and return the
+    first output line starting with `expect`."""
+    assert mon.stdin is not None and mon.stdout is not None
+    if line:
+        mon.stdin.write(line + "\n")
+        mon.stdin.flush()
+    while True:
+        got = mon.stdout.readline()
+        assert got, f"the game ended before printing {expect!r}"
+        if got.startswith(expect):
+            return got.strip()
+
+
+def test_address_space_low_warns_and_is_recorded(install: FakeInstall, tmp_path: Path) -> None:
+    """The fake game under the FNV test profile, with a plugin that reserves the 32-bit address
+    space in 64 MiB regions until it is full: the largest free block falls under the threshold
+    (WARN, DEGRADED), then the plugin releases them (recovered, ACTIVE); the log, the JSON
+    section and the time series show it, and a replay of the recording writes the same time
+    series and lines."""
     out, rec = tmp_path / "live", tmp_path / "hog.nvmrec"
-    mon = subprocess.Popen([sys.executable, "-m", "nvse_monitor", "spawn", "--out", str(out),
-                            "--prefix", "hog", "--record", str(rec), "--", str(hog)],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
+    hog = install.plugins_dir / "libfnvplugin_hog.so"
+    mon = subprocess.Popen(
+        [sys.executable, "-m", "nvse_monitor", "spawn", "--profile", str(FAKE_PROFILE),
+         "--out", str(out), "--prefix", "hog", "--record", str(rec), "--",
+         str(install.game), str(install.crt_dir), str(hog), "hog", str(install.crt_dir)],
+        cwd=install.root, env=_env(FAKE_GAME_ITERS="20"), stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     status = out / "hog_status.txt"
     try:
-        assert mon.stdin is not None and mon.stdout is not None
-        assert mon.stdout.readline().startswith("ready")
+        _say(mon, "", "hog ready")
         time.sleep(1.2)  # a sample of the roomy address space
         before = _status_of(status)
-        mon.stdin.write("fill\n")
-        mon.stdin.flush()
-        filled = int(mon.stdout.readline().split()[1])
+        filled = int(_say(mon, "fill", "hog filled").split()[2])
         assert filled > 40  # ~3.5 GB of reservations
         low_status = _wait_status(status, "DEGRADED")
         time.sleep(1.2)
-        mon.stdin.write("free\n")
-        mon.stdin.flush()
-        assert mon.stdout.readline().strip() == "freed"
+        _say(mon, "free", "hog freed")
         back_status = _wait_status(status, "ACTIVE")
         time.sleep(1.2)
-        mon.stdin.close()  # the target reads EOF and exits
+        _say(mon, "end", "done")
+        assert mon.stdin is not None
+        mon.stdin.close()  # the game reads EOF and exits
         mon.stdin = None
         _, err = mon.communicate(timeout=TIMEOUT_S)
     finally:
@@ -354,6 +373,7 @@ def test_address_space_low_warns_and_is_recorded(hog: Path, tmp_path: Path) -> N
     assert sec["samples"] == len(rows) - 1 and sec["min_largest_free_bytes"] == min(largest)
     assert sec["largest_free_bytes"] == largest[-1] and sec["low"] is False
     assert sec["limit_bytes"] == 1 << 32 and sec["warn_below_bytes"] == limit
+    assert doc["monitor"]["profile"] == "fake-fnv"
     assert "smallest largest-free block" in err
     # the samples are stream messages: the replay writes the same time series and lines
     p = cli(["replay", str(rec), "--out", str(tmp_path / "replay"), "--prefix", "hog"],

@@ -151,6 +151,37 @@ def test_launch_starts_a_4gb_patched_game_directly(tmp_path: Path) -> None:
     assert fnv.plan_launch(root, large_address_aware=_large_address_aware(root)).mode == "direct"
 
 
+@pytest.mark.parametrize("target", ["dir", "exe"])
+@pytest.mark.parametrize("patched", [False, True])
+def test_launch_command_spawns_per_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        target: str, patched: bool) -> None:
+    """`launch GAME_DIR|FalloutNV.exe -- ARGS` hands the session the plan: the loader with child
+    gating in the game directory, or (4GB patched) the game itself; Steam variables set."""
+    from click.testing import CliRunner
+
+    from nvse_monitor import cli_live
+    from nvse_monitor.cli import main
+
+    root = make_game(tmp_path / "g")
+    exe = root / "FalloutNV.exe"
+    exe.write_bytes(build_pe("1.4.0.525"))
+    if patched:
+        _set_laa(exe)
+    calls: list[tuple[str, object, dict]] = []
+    monkeypatch.setattr(cli_live, "_run", lambda kind, argv, spawn=None, **kw:
+                        calls.append((kind, argv, spawn or {})))
+    monkeypatch.delenv("SteamAppID", raising=False)
+    arg = str(root if target == "dir" else exe)
+    r = CliRunner().invoke(main, ["launch", arg, "--", "-windowed"])
+    assert r.exit_code == 0, r.output
+    (kind, argv, spawn), = calls
+    want = exe if patched else root / "nvse_loader.exe"
+    assert kind == "spawn" and argv == [str(want), "-windowed"]
+    assert spawn["spawn_cwd"] == root and spawn["follow_child"] is (not patched)
+    assert spawn["child_name"] == (None if patched else "FalloutNV.exe")
+    assert spawn["spawn_env"]["SteamAppID"] == spawn["spawn_env"]["SteamGameId"] == "22380"
+
+
 def test_launch_probe_unknown_for_non_pe(tmp_path: Path) -> None:
     root = make_game(tmp_path / "g")  # "MZ" only: not a PE image
     assert _large_address_aware(root) is None

@@ -161,6 +161,18 @@ def test_plan_exe_target(tmp_path: Path) -> None:
     assert plan.cwd == root
 
 
+@pytest.mark.parametrize("loader,laa,mode", [(True, False, "loader"), (True, True, "direct"),
+                                             (False, False, "direct")])
+def test_plan_exe_as_its_game_dir(tmp_path: Path, loader: bool, laa: bool, mode: str) -> None:
+    """`launch FalloutNV.exe` starts the game with NVSE: through the loader next to it, unless
+    the exe is 4GB patched or there is no loader."""
+    root = make_game(tmp_path / "g", loader=loader)
+    plan = fnv.plan_launch(root / "FalloutNV.exe", ["a"], env={}, large_address_aware=laa,
+                           game_as_dir=True)
+    assert plan.mode == mode and plan.cwd == root and plan.argv[1:] == ("a",)
+    assert plan.argv[0] == str(root / ("nvse_loader.exe" if mode == "loader" else "FalloutNV.exe"))
+
+
 @pytest.mark.parametrize("what", ["empty dir", "missing", "loader alone"])
 def test_plan_errors_are_one_line(tmp_path: Path, what: str) -> None:
     (tmp_path / "empty").mkdir()

@@ -4,7 +4,9 @@ Layout of the directory it fills (like a game install, so nvse_monitor.fnv sees 
     FalloutNV.exe                 the fake game (tests/fnv/fake_game.c), entry points at FNV's
                                   addresses; image base 0x00400000 like the real one
     nvse_loader.exe               the fake loader (fake_loader.c)
-    crt/libfake_ucrtbase.so, crt/libfake_msvcr100.so, crt/libfake_msvcr120.so   fake CRT DLLs
+    crt/libfake_ucrtbase.so, crt/libfake_msvcr100.so, crt/libfake_msvcr120.so,
+    crt/libfake_msvcrt.so         fake CRT DLLs (fake_crt.c)
+    crt/libfake_kernel32.so       fake kernel32 Heap*/Virtual* (fake_crt.c -DFAKE_KERNEL32)
     crt/libfake_nvhr.so           the fake heap replacer (fake_nvhr.c)
     Data/NVSE/Plugins/libfnvplugin_a.so, libfnvplugin_b.so   fake plugins (fake_plugin.c)
 """
@@ -79,9 +81,11 @@ def build_fake_install(root: Path) -> FakeInstall:
          "-o", str(inst.game), "-ldl", "-Wl,-Ttext-segment=0x00400000",
          *section_starts(game_src)])
     _cc(["-O0", str(SRC / "fake_loader.c"), "-o", str(inst.loader)])
-    for name in ("ucrtbase", "msvcr100", "msvcr120"):
+    for name in ("ucrtbase", "msvcr100", "msvcr120", "msvcrt"):
         _cc(["-O1", "-shared", "-fPIC", str(SRC / "fake_crt.c"),
              "-o", str(inst.crt_dir / f"libfake_{name}.so")])
+    _cc(["-O1", "-shared", "-fPIC", "-DFAKE_KERNEL32", str(SRC / "fake_crt.c"),
+         "-o", str(inst.crt_dir / "libfake_kernel32.so")])
     _cc(["-O0", "-shared", "-fPIC", str(SRC / "fake_nvhr.c"),
          "-o", str(inst.crt_dir / "libfake_nvhr.so")])
     for p in ("a", "b"):
