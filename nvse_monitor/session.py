@@ -627,7 +627,11 @@ class LiveSession:
         if isinstance(item, STREAM_TYPES):
             self._feed(item)
         elif isinstance(item, ExitNotice):
-            self._exit_notice = self._exit_notice or item
+            # abort() and crashes outrank "exit": on abort() Frida runs the watcher's dispose
+            # (which says "exit") before its exception handler reports the SIGABRT
+            first = self._exit_notice
+            if first is None or (first.how == "exit" and item.how != "exit"):
+                self._exit_notice = item
         elif isinstance(item, _WorkerDone):
             if item.name == "stop" and item.error is None and item.result is not None:
                 self._final_counters = _counters(item.result)

@@ -18,6 +18,7 @@
  *               leaks); with --checksum each block is filled and verified before it is freed.
  *   --pause-us  sleep between rounds (lets a test interrupt the monitor mid-run).
  *   --crash     after DONE, write through a NULL pointer (SIGSEGV): a target that crashes.
+ *   --abort     after DONE, call abort() (SIGABRT): a target that gives up.
  * With --wait, after the second stdin line it prints "AFTER {json}" telling whether the first
  * bytes of malloc/free/calloc/realloc are again what they were before READY (hooks removed).
  */
@@ -282,12 +283,13 @@ static void save_prologues(unsigned char (*dst)[16]) {
 }
 
 int main(int argc, char **argv) {
-    int wait = 0, crash = 0;
+    int wait = 0, crash = 0, give_up = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : "0";
         if (!strcmp(a, "--wait")) wait = 1;
         else if (!strcmp(a, "--crash")) crash = 1;
+        else if (!strcmp(a, "--abort")) give_up = 1;
         else if (!strcmp(a, "--threads")) g_threads = atoi(v), i++;
         else if (!strcmp(a, "--iters")) g_iters = atoi(v), i++;
         else if (!strcmp(a, "--pre")) g_pre = atoi(v), i++;
@@ -345,6 +347,7 @@ int main(int argc, char **argv) {
     }
     emit("DONE", ws, nw, (u64)g_pre * (u64)nw);
     if (crash) *(volatile int *)(uintptr_t)g_crash_address = 42;
+    if (give_up) abort();
     if (wait) {
         wait_line(); /* the monitor leaves before threads end and the process exits */
         unsigned char now[4][16];
