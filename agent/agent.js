@@ -108,6 +108,11 @@ function genHook(index, h, arch, slow, inst, slot) {
   const tail = `  NV_LEAVE (tl, th);\n  return r;\n}\n`;
   // Under Interceptor.replace the return address on the stack is Gum's; ask the invocation.
   const ra = slow ? 'nv_slow_ra ()' : '__builtin_return_address (0)';
+  // calloc, _recalloc: count * size, saturated on overflow (only 64-bit sizes can overflow, and
+  // ia32 has no 64-bit division in CModule)
+  const countTimesSize = h.args.count === undefined ? '' :
+    `    guint64 n = ${arg('count')}, m = ${arg('size')};\n    guint64 size = n * m;\n` +
+    `#if NV_PTR64\n    if (m != 0 && size / m != n)\n      size = ~(guint64) 0;\n#endif\n`;
   let body;
   switch (h.role) {
     case 'alloc':
@@ -117,10 +122,7 @@ function genHook(index, h, arch, slow, inst, slot) {
         `    r = ${call};\n    nv_alloc_done (${index}, r, size, ${ra}, th, t0);\n  }\n`;
       break;
     case 'calloc':
-      body = `  {\n    guint64 n = ${arg('count')}, m = ${arg('size')};\n` +
-        `    guint64 size = n * m;\n` +
-        // only 64-bit sizes can overflow (and ia32 has no 64-bit division in CModule)
-        `#if NV_PTR64\n    if (m != 0 && size / m != n)\n      size = ~(guint64) 0;\n#endif\n` +
+      body = `  {\n${countTimesSize}` +
         `    guint64 t0 = size > nv_state.large_bytes ? nv_clock () : 0;\n` +
         `    r = ${call};\n    nv_alloc_done (${index}, r, size, ${ra}, th, t0);\n  }\n`;
       break;
@@ -141,7 +143,9 @@ function genHook(index, h, arch, slow, inst, slot) {
         `    r = ${call};\n  }\n`;
       break;
     case 'realloc':
-      body = `  {\n    gsize p = ${arg('ptr')};\n    guint64 size = ${arg('size')};\n` +
+    case 'recalloc':
+      body = `  {\n    gsize p = ${arg('ptr')};\n` +
+        (h.role === 'realloc' ? `    guint64 size = ${arg('size')};\n` : countTimesSize) +
         `    gsize pos;\n    guint64 ts;\n    NvSlot * s = nv_realloc_begin (&pos, &ts);\n` +
         `    r = ${call};\n` +
         `    nv_realloc_end (s, pos, ts, ${index}, r, p, size, ${ra}, th);\n  }\n`;

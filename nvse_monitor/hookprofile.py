@@ -27,6 +27,7 @@ ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "alloc": (("size",), ()),
     "calloc": (("count", "size"), ()),
     "realloc": (("ptr", "size"), ()),
+    "recalloc": (("ptr", "count", "size"), ()),  # MSVC _recalloc: realloc to count * size, zeroed
     "free": (("ptr",), ()),
     "aligned_alloc": (("size",), ("align",)),
     "posix_memalign": (("out", "size"), ("align",)),

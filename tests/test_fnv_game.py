@@ -138,6 +138,7 @@ def test_records_equal_ground_truth(run: Run, profile: Profile) -> None:
     The fake game aborts on a wrong `this` or a bad result, so it also checks the stack."""
     want = _fixed(profile, run.gt.hooks)
     assert want["MemoryManager::Allocate"][0] > 1000  # the workload ran
+    assert want["crt!_recalloc"][0] > 0 and want["crt!_recalloc2"][0] > 0  # (ptr, count, size)
     assert _fixed(profile, run.per_hook(profile)) == want
     assert run.out_lines[-1][:2] == ["gt", "game_calls"]
 

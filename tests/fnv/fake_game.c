@@ -136,7 +136,15 @@ AT(00ecd31f) size_t crt_msize (void *p) { return malloc_usable_size (p); }
 AT(00ed0cdf) void *crt_malloc2 (size_t n) { return __libc_malloc (n); }
 AT(00ed0d24) void *crt_calloc2 (size_t n, size_t m) { return __libc_calloc (n, m); }
 AT(00ed0d70) void *crt_realloc2 (void *p, size_t n) { return __libc_realloc (p, n); }
-AT(00ee1700) void *crt_recalloc (void *p, size_t n, size_t m) { return __libc_realloc (p, n * m); }
+/* _recalloc: realloc to n * m bytes, the added bytes zeroed */
+static void *recalloc_impl (void *p, size_t n, size_t m) {
+  size_t old = p ? malloc_usable_size (p) : 0;
+  char *q = __libc_realloc (p, n * m);
+  if (q != NULL && n * m > old) memset (q + old, 0, n * m - old);
+  return q;
+}
+AT(00ee1700) void *crt_recalloc (void *p, size_t n, size_t m) { return recalloc_impl (p, n, m); }
+AT(00ed0dbe) void *crt_recalloc2 (void *p, size_t n, size_t m) { return recalloc_impl (p, n, m); }
 
 /* ---------------------------------------------------------------- ground truth */
 
@@ -233,6 +241,11 @@ static void *worker (void *arg) {
     char *z = crt_calloc (3, sz);
     count ("crt!calloc", 3 * sz);
     if (z == NULL || z[3 * sz - 1] != 0) die ("crt calloc");
+    if (i % 3 == 0) {
+      z = crt_recalloc (z, 5, sz);
+      count ("crt!_recalloc", 5 * sz);
+      if (z == NULL || z[5 * sz - 1] != 0) die ("crt _recalloc");
+    }
     crt_free (z);
     count ("crt!free", 0);
     if (i % 10 == 0) {
@@ -244,6 +257,9 @@ static void *worker (void *arg) {
       count ("crt!free", 0);
       char *b = crt_calloc2 (2, sz);
       count ("crt!calloc2", 2 * sz);
+      b = crt_recalloc2 (b, 3, sz);
+      count ("crt!_recalloc2", 3 * sz);
+      if (b == NULL || b[3 * sz - 1] != 0) die ("crt _recalloc2");
       crt_free (b);
       count ("crt!free", 0);
     }
