@@ -58,6 +58,15 @@ from .tracking import LiveColumns, LiveTable
 
 ADDRSPACE_LOW = "address space low"  # the health cause
 _MB = 1 << 20
+# Allocation size classes by bit length: class 0 = size 0, class k = 2**(k-1) .. 2**k - 1 bytes.
+# Counted per batch from the biased exponent of each size as a float64 (one bincount, no log or
+# loop; exact below 2**53 bytes). State keeps the raw exponent bins; _size_classes maps them.
+_SIZE_BINS = 1088  # biased exponents 0 (size 0) and 1023..1087 (1 .. 2**64)
+# The largest allocations of the session (monitor.largest_allocations): size desc, then the
+# earliest first, so the list does not depend on how the stream was cut into batches.
+LARGEST = 20
+_LARGEST_DTYPE = np.dtype([("size", "u8"), ("ts", "u8"), ("dur", "u4"), ("tid", "u4"),
+                           ("hook", "u1"), ("mod", "u2"), ("caller", "u8")])
 
 
 @dataclass
@@ -98,6 +107,8 @@ class State:
     heap_cur: np.ndarray  # int64 per heap index
     heap_peak: np.ndarray
     mod_cur: np.ndarray  # int64 live bytes per module index, last entry = unknown module
+    size_count: np.ndarray  # int64 allocations per raw size bin (_SIZE_BINS)
+    largest: np.ndarray  # _LARGEST_DTYPE, at most LARGEST, largest first
 
 
 @dataclass
@@ -120,6 +131,7 @@ class _Batch:
     delta: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     to_new: np.ndarray = field(default_factory=lambda: np.empty(0, bool))  # O_PLUS per event
     counts: np.ndarray = field(default_factory=lambda: np.zeros(7, np.intp))
+    records: np.ndarray | None = None  # the records the events came from
 
 
 _REC_VOID = np.dtype((np.void, RECORD_DTYPE.itemsize))
@@ -144,7 +156,9 @@ class Engine:
         self._single_heap = len(self.heap_names) == 2  # every known hook in one heap
         nh = len(self.heap_names)
         self.state = State(Counters(), np.zeros(nh, np.int64), np.zeros(nh, np.int64),
-                           np.zeros(len(self.modmap.modules) + 1, np.int64))
+                           np.zeros(len(self.modmap.modules) + 1, np.int64),
+                           np.zeros(_SIZE_BINS, np.int64),
+                           np.zeros(0, _LARGEST_DTYPE))
         self.now = 0
         self.unknown_records = 0
         # CSV sampling
@@ -174,6 +188,7 @@ class Engine:
         self.addrspace_warn_bytes = (recorded if type(recorded) is int and recorded > 0
                                      else self.config.addrspace_warn_bytes)
         self._last_snap_ts: int | None = None
+        self._largest_cache: tuple[np.ndarray | None, list[dict]] = (None, [])
         self._last_snap_status = None
         self.started = False
         self.finished = False
@@ -584,6 +599,7 @@ class Engine:
         cfg = self.config
         c0 = self.state.c
         o = bt.outcome
+        bt.records = r
         bt.to_new = O_PLUS.take(o)
         bt.plus = bt.size.view(np.int64) * bt.to_new  # (np.where is ~2x slower)
         bt.minus = old_size.view(np.int64)  # 0 except where a live block ends
@@ -690,7 +706,8 @@ class Engine:
         plus, minus = (bt.plus, bt.minus) if whole else (bt.plus[lo:hi], bt.minus[lo:hi])
         n = bt.counts if whole else np.bincount(o, minlength=7)
         n_new, n_rep, n_ovf = int(n[NEW]), int(n[REPLACE]), int(n[OVERFLOW])
-        ovf_bytes = int(bt.size[lo:hi][o == OVERFLOW].sum(dtype=np.uint64)) if n_ovf else 0
+        ovf = bt.size[lo:hi][o == OVERFLOW] if n_ovf else None
+        ovf_bytes = int(ovf.sum(dtype=np.uint64)) if ovf is not None else 0
         c = Counters(
             total_allocations=cb.total_allocations + n_new + n_rep + n_ovf,
             total_frees=cb.total_frees + int(n[FREE_T]) + n_rep,
@@ -724,7 +741,51 @@ class Engine:
                 dm += np.bincount(mp[rp], weights=w, minlength=k + 1) - np.bincount(
                     mm[rp], weights=w, minlength=k + 1)
         mod_cur = base.mod_cur + np.rint(dm).astype(np.int64)
-        return State(c, heap_cur, heap_peak, mod_cur)
+        # Size classes of the allocations: `plus` is the size of each NEW/REPLACE and 0 for every
+        # other event, so those land in bin 0 and are taken out of its count.
+        sc = _size_bins(plus.view(np.uint64))
+        sc[0] -= len(o) - n_new - n_rep
+        if ovf is not None:
+            sc += _size_bins(ovf)
+        return State(c, heap_cur, heap_peak, mod_cur, base.size_count + sc,
+                     self._largest_span(bt, base.largest, lo, hi, o if n_ovf else None))
+
+    def _largest_span(self, bt: _Batch, top: np.ndarray, lo: int, hi: int,
+                      o: np.ndarray | None) -> np.ndarray:
+        """`top` with the allocations of events [lo, hi) that rank among the LARGEST (o: their
+        outcomes when some went past the tracking limit). Once the list is full, one comparison
+        pass: few events beat its smallest entry."""
+        plus = bt.plus[lo:hi]  # the size of each NEW/REPLACE, 0 elsewhere
+        size = plus.view(np.uint64)
+        if len(top) == LARGEST:
+            thr = int(top["size"][-1])
+            # usually nothing beats it: one reduction, no mask
+            cand = np.flatnonzero(plus > thr) if int(plus.max()) > thr else plus[:0]
+        else:
+            thr = -1
+            cand = np.flatnonzero(bt.to_new[lo:hi])
+        if o is not None:  # allocations past the tracking limit count too
+            sz = bt.size[lo:hi]
+            extra = np.flatnonzero((o == OVERFLOW) & (sz.view(np.int64) > thr))
+            if len(extra):
+                cand = np.union1d(cand, extra)
+                size = np.where(o == OVERFLOW, sz, size)
+        if not len(cand):
+            return top
+        cs = size[cand]
+        if len(cand) > LARGEST:  # those at least as large as the LARGEST-th, ties included
+            keep = cs >= np.partition(cs, len(cs) - LARGEST)[len(cs) - LARGEST]
+            cand, cs = cand[keep], cs[keep]
+        cand = cand[np.lexsort((cand, -cs.view(np.int64)))][:LARGEST]  # size desc, then order
+        k = cand + lo
+        ri = k if bt.rec is None else bt.rec[k]
+        r = bt.records
+        new = np.zeros(len(k), _LARGEST_DTYPE)
+        new["size"], new["ts"], new["hook"], new["mod"] = size[cand], bt.ts[k], bt.hook[k], \
+            bt.mod[k]
+        new["dur"], new["tid"], new["caller"] = r["dur_us"][ri], r["tid"][ri], r["caller"][ri]
+        both = np.concatenate((top, new))
+        return both[np.argsort(-both["size"].view(np.int64), kind="stable")[:LARGEST]]
 
     def _heaps_span(self, bt: _Batch, base: State, lo: int,
                     hi: int) -> tuple[np.ndarray, np.ndarray]:
@@ -803,6 +864,19 @@ class Engine:
             log_counts=dict(h.log_counts), final=final, monitor=self._monitor(st),
         )
 
+    def _largest_entries(self, largest: np.ndarray) -> list[dict]:
+        if largest is not self._largest_cache[0]:  # the list changes rarely once full
+            out = []
+            for size, ts, dur, tid, hook, mod, caller in largest.tolist():
+                where = f"0x{caller:x}"
+                if mod < len(self.modmap.modules):  # the module that held the caller then
+                    m = self.modmap.modules[mod]
+                    where = f"{m.name}+0x{caller - m.base:x}"
+                out.append({"bytes": size, "time_us": ts, "duration_us": dur, "thread": tid,
+                            "heap": self.heap_names[self._heap_of_hook[hook]], "caller": where})
+            self._largest_cache = (largest, out)
+        return [dict(x) for x in self._largest_cache[1]]
+
     def _monitor(self, st: State) -> dict:
         m, c = self.meta, st.c
         heaps = {name: {"current_bytes": int(st.heap_cur[i]), "peak_bytes": int(st.heap_peak[i])}
@@ -828,6 +902,8 @@ class Engine:
             "agent_counters": dataclasses.asdict(self.agent),
             "heaps": heaps,
             "modules_live_bytes": mods,
+            "allocation_sizes": _size_classes(st),
+            "largest_allocations": self._largest_entries(st.largest),
         }
         a = self.addrspace
         if a is not None:  # ia32 targets only: absent when nothing was sampled
@@ -841,6 +917,28 @@ class Engine:
                 "low": ADDRSPACE_LOW in self.health.conditions,
             }
         return mon
+
+
+def _size_bins(sizes: np.ndarray) -> np.ndarray:
+    """Count per raw size bin of u64 sizes (the float64 exponent field). Bytes per class would
+    cost a weighted bincount per batch (~1 % of ingest): counts only."""
+    return np.bincount(sizes.astype(np.float64).view(np.int64) >> 52, minlength=_SIZE_BINS)
+
+
+def _size_classes(st: State) -> list[dict[str, int]]:
+    """The JSON's monitor.allocation_sizes: the non-empty bit-length classes, smallest first."""
+    def classes(raw: np.ndarray) -> np.ndarray:
+        c = np.concatenate((raw[:1], raw[1023:1087]))  # bin 0: size 0; 1023 + e: 2**e ..
+        c[64] += raw[1087]  # 2**64 - 1 rounds up to 2**64 as a float
+        return c
+
+    count = classes(st.size_count)
+    out = []
+    for k in np.flatnonzero(count).tolist():
+        lo = (1 << (k - 1)) if k else 0
+        out.append({"min_bytes": lo, "max_bytes": max(2 * lo - 1, 0),
+                    "allocations": int(count[k])})
+    return out
 
 
 __all__ = ["Counters", "Engine", "EngineConfig", "State"]

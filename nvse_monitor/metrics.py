@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
     StateSetMetricFamily,
@@ -94,11 +95,27 @@ class SnapshotCollector(Collector):
         for level, v in sorted(snap.log_counts.items()):
             logs.add_metric([level], v)
         yield logs
+        yield size_histogram(mon.get("allocation_sizes") or [], snap.total_allocations,
+                             snap.total_bytes_allocated)
         status = snap.status.value if isinstance(snap.status, Status) else str(snap.status)
         yield StateSetMetricFamily(f"{NS}_status", "Health state of the monitor",
                                    value={s.value: s.value == status for s in Status})
         yield gauge("healthy", "1 until an ERROR or CRITICAL line was logged",
                     1 if snap.is_healthy else 0)
+
+
+def size_histogram(classes: list[dict], count: int, total: int) -> HistogramMetricFamily:
+    """monitor.allocation_sizes as a Prometheus histogram: the engine's power-of-two classes
+    are its buckets (le = 2**k - 1, cumulative), always up to 4 GiB so the series stay the same
+    from scrape to scrape; every successful allocation is counted, _sum is their bytes."""
+    per = {int(c["max_bytes"]).bit_length(): int(c["allocations"]) for c in classes}
+    buckets, below = [], 0
+    for k in range(max(32, *per) + 1 if per else 33):
+        below += per.get(k, 0)
+        buckets.append((f"{float((1 << k) - 1)}", below))
+    buckets.append(("+Inf", count))
+    return HistogramMetricFamily(f"{NS}_allocation_size_bytes", "Sizes of the allocations",
+                                 buckets=buckets, sum_value=total)
 
 
 class MetricsServer:

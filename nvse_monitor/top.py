@@ -117,6 +117,18 @@ class DirSource:
             return None
 
 
+def _plain(doc: dict[str, Any]) -> dict[str, Any]:
+    """A spec_document with its Fixed floats as floats (they are one level down, in the spec's
+    sections; the monitor section is plain values already)."""
+    from .writers.json import Fixed
+
+    def value(v: Any) -> Any:
+        return round(v.value, v.places) if isinstance(v, Fixed) else v
+
+    return {k: ({kk: value(vv) for kk, vv in v.items()} if isinstance(v, dict) and k != "monitor"
+                else v) for k, v in doc.items()}
+
+
 class PipelineSource:
     """A live session's pipeline (attach/spawn --top)."""
 
@@ -127,12 +139,13 @@ class PipelineSource:
         self.problem = ""
 
     def poll(self) -> dict[str, Any] | None:
-        from .writers.json import render
+        from .writers.json import spec_document
 
         snap = self.pipeline.snapshot_now()
         if snap is None:
             return None
-        return json.loads(render(snap, self.pipeline.meta.wall_clock_zero_us))
+        # the JSON file's document as Python values, without encoding and parsing it again
+        return _plain(spec_document(snap, self.pipeline.meta.wall_clock_zero_us))
 
     def warnings(self) -> list[str]:
         return self.tail.poll()

@@ -128,6 +128,12 @@ def test_tracking_limit_counts_overflow_and_warns_once() -> None:
     assert sorted(e.live_allocations()["ptr"].tolist()) == [0x20, 0x50]
     warns = [x for x in logs(out, "WARN") if "Tracking limit" in x.message]
     assert len(warns) == 1 and warns[0].ts_us == 3
+    # untracked allocations still count in the size classes and the largest allocations
+    mon = out[-1].monitor
+    assert [(c["min_bytes"], c["allocations"]) for c in mon["allocation_sizes"]] == [
+        (1, 1), (2, 1), (4, 1), (8, 1), (16, 1)]
+    assert [(x["bytes"], x["time_us"]) for x in mon["largest_allocations"]] == [
+        (16, 7), (8, 4), (4, 3), (2, 2), (1, 1)]
 
 
 def test_tracking_limit_slow_path_matches_reference_on_a_long_stream() -> None:
@@ -347,3 +353,51 @@ def test_banner_lines_and_plugins_are_logged_as_info():
     out += e.feed(ModuleEvent(ts_us=6, action="add", module=other))
     levels = {o.message.split(":")[0]: o.level for o in out if hasattr(o, "level")}
     assert levels == {"Plugin loaded": "INFO", "Module loaded": "DEBUG"}
+
+
+def test_size_classes_and_largest_allocations_match_a_reference_at_every_snapshot() -> None:
+    """monitor.allocation_sizes (successful allocations: tracked, replacing or past the tracking
+    limit, by bit length of the size) and monitor.largest_allocations, exact at each snapshot,
+    including mid-batch ones."""
+    rng = np.random.default_rng(17)
+    n = 30_000
+    a = np.zeros(n, RECORD_DTYPE)
+    a["kind"] = rng.choice([A, A, A, F, R, X], n)
+    a["ptr"] = rng.integers(0, 3000, n, dtype=np.uint64) * 16  # some NULL: failures
+    a["old_ptr"] = rng.integers(0, 3000, n, dtype=np.uint64) * 16
+    bits = rng.integers(0, 41, n, dtype=np.uint64)
+    a["size"] = np.where(rng.random(n) < 0.2, np.uint64(1) << bits,  # exact powers of two too
+                         rng.integers(0, 1 << 20, n, dtype=np.uint64) >> bits)
+    a["ts_us"] = np.arange(n)
+    a["caller"] = rng.choice([0x10010, 0x400000 + 0x1234, 0x10000000 + 0x20], n)
+    a["dur_us"] = rng.integers(0, 10_000, n)
+    a["tid"] = rng.integers(1, 5, n)
+    a["hook"] = rng.choice([0, 2], n)
+    cfg = EngineConfig(max_tracked=1500, json_every_allocs=777)  # overflow; snapshots mid-batch
+    e, out = run(*(batch(a[i:i + 1000]) for i in range(0, n, 1000)), config=cfg)
+    # successful allocations in order: alloc with a pointer, realloc to a size with a pointer
+    ok = (a["ptr"] != 0) & ((a["kind"] == A) | ((a["kind"] == R) & (a["size"] != 0)))
+    sizes = a["size"][ok].tolist()
+    where = {0x10010: "0x10010", 0x401234: "FalloutNV.exe+0x1234", 0x10000020: "plugin.dll+0x20"}
+    allocs = [{"bytes": int(x["size"]), "time_us": int(x["ts_us"]), "duration_us": int(x["dur_us"]),
+               "thread": int(x["tid"]), "heap": "libc" if x["hook"] == 0 else "game",
+               "caller": where[int(x["caller"])]} for x in a[ok]]
+
+    def reference(k: int) -> list[dict[str, int]]:
+        by: dict[int, int] = {}
+        for s in sizes[:k]:
+            by[s.bit_length()] = by.get(s.bit_length(), 0) + 1
+        return [{"min_bytes": 1 << (b - 1) if b else 0, "max_bytes": (1 << b) - 1,
+                 "allocations": c} for b, c in sorted(by.items())]
+
+    snaps = [o for o in out if isinstance(o, Snapshot)]
+    assert e.state.c.overflow_allocations > 0 and len(snaps) > 20
+    assert any(s.total_allocations % 777 == 0 and not s.final for s in snaps)
+    for s in snaps:
+        assert s.monitor["allocation_sizes"] == reference(s.total_allocations), s.ts_us
+        # the 20 largest so far: size desc, the earliest first among equal sizes
+        top = sorted(allocs[:s.total_allocations], key=lambda x: -x["bytes"])[:20]
+        assert s.monitor["largest_allocations"] == top, s.ts_us
+    final = snaps[-1].monitor["allocation_sizes"]
+    assert sum(c["allocations"] for c in final) == e.state.c.total_allocations == len(sizes)
+    assert final[0]["min_bytes"] == 0 and final[-1]["max_bytes"] >= 1 << 40

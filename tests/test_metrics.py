@@ -16,7 +16,7 @@ import urllib.request
 
 import prometheus_client
 import pytest
-from conftest import REPO
+from conftest import REPO, Monitor
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
@@ -75,6 +75,18 @@ def test_collector_on_a_replayed_session(tmp_path):
                       if k[0] == "nvse_monitor_status"}
             assert states["SHUTDOWN"] == 1 and sum(states.values()) == 1 and len(states) == 6
             assert s[("nvse_monitor_healthy", ())] == 1
+            # the allocation size classes as a histogram: cumulative power-of-two buckets
+            hist = {float(dict(k[1])["le"]): v for k, v in s.items()
+                    if k[0] == "nvse_monitor_allocation_size_bytes_bucket"}
+            below = 0
+            for c in mon["allocation_sizes"]:
+                below += c["allocations"]
+                assert hist[float(c["max_bytes"])] == below
+            assert hist[float("inf")] == below == ms["total_allocations"]
+            assert list(hist) == sorted(hist) and len(hist) >= 34
+            assert s[("nvse_monitor_allocation_size_bytes_count", ())] == ms["total_allocations"]
+            assert s[("nvse_monitor_allocation_size_bytes_sum", ())] == \
+                ms["total_bytes_allocated"]
             info = next(k for k in s if k[0] == "nvse_monitor_session_info")
             assert dict(info[1])["target"] == meta.target
     finally:
@@ -150,7 +162,8 @@ def test_scraped_during_a_live_session(targets, tmp_path, live_procs):
     seen: list[dict] = []
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:
-        seen.append(samples(scrape(url)))
+        om = len(seen) % 2 == 1  # both formats, each through the client's own parser
+        seen.append(samples(scrape(url, om), om))
         time.sleep(0.1)
     mon.signal(signal.SIGINT)
     assert mon.wait() == 0, mon.stderr
@@ -166,3 +179,29 @@ def test_scraped_during_a_live_session(targets, tmp_path, live_procs):
     # the endpoint goes away with the session
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         scrape(url)
+
+
+@pytest.mark.frida
+def test_scraped_during_a_spawned_session(targets, tmp_path, live_procs):
+    """spawn --metrics-port: served from the start of the program to its end, both formats."""
+    exe = targets.build("workload", "x64")
+    port = free_port()
+    mon = Monitor(["spawn", "--out", tmp_path / "out", "--metrics-port", port, "--", exe,
+                   "--iters", "2000", "--rounds", "3000"])
+    live_procs.append(mon)
+    url = f"http://127.0.0.1:{port}/metrics"
+    assert url in mon.wait_for("metrics on ")
+    seen: list[dict] = []
+    while mon.proc.poll() is None:
+        om = len(seen) % 2 == 1
+        with contextlib.suppress(urllib.error.URLError, ConnectionError):
+            seen.append(samples(scrape(url, om), om))
+        time.sleep(0.05)
+    assert mon.wait() == 0, mon.stderr
+    allocs = [s[("nvse_monitor_allocations_total", ())] for s in seen
+              if ("nvse_monitor_allocations_total", ()) in s]
+    assert len(allocs) >= 2 and allocs == sorted(allocs) and allocs[-1] > 0
+    info = next(k for s in seen for k in s if k[0] == "nvse_monitor_session_info")
+    assert dict(info[1])["mode"] == "spawn"
+    doc = json.loads((tmp_path / "out" / "MemoryPoolNVSE_stats.json").read_text())
+    assert allocs[-1] <= doc["memory_stats"]["total_allocations"]

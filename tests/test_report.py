@@ -3,6 +3,8 @@ figures agree with the replay's files; headless Chromium draws every chart witho
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import shutil
@@ -12,11 +14,14 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO
 
+from nvse_monitor.events import Kind
 from nvse_monitor.pipeline import replay
 from nvse_monitor.report import build_report
+from nvse_monitor.report import html as report_html
 
 FIXTURE = REPO / "fixtures" / "synthetic-mixed.nvmrec"
 
@@ -50,10 +55,11 @@ def test_recording_report_figures_match_the_replay(from_recording, replayed):
     doc = json.loads((replayed / "MemoryPoolNVSE_stats.json").read_text())
     d = res.data
     assert res.error is None
-    assert d.doc["memory_stats"] == doc["memory_stats"]
-    # every successful allocation of the recording is in exactly one size bin
-    assert sum(h[1] for h in d.hist) == doc["memory_stats"]["total_allocations"]
-    assert sum(h[2] for h in d.hist) == doc["memory_stats"]["total_bytes_allocated"]
+    assert d.doc == doc  # the same engine pass as the replay, leak report lines included
+    # every successful allocation of the recording is in exactly one size class, which holds
+    # its size (checked against the records themselves)
+    assert sum(h.allocations for h in d.hist) == doc["memory_stats"]["total_allocations"]
+    assert [h.allocations for h in d.hist] == record_size_classes()
     # the leak table is the leaks CSV's
     csv_rows = (replayed / "MemoryPoolNVSE_leaks.csv").read_text().splitlines()
     assert len(d.leaks.sites) + len(d.leaks.modules) == len(csv_rows) - 1
@@ -61,16 +67,54 @@ def test_recording_report_figures_match_the_replay(from_recording, replayed):
     # the peak is marked at its value, within the series' time span
     assert max(d.peak) == doc["memory_stats"]["peak_bytes_allocated"]
     assert d.t[0] <= d.peak_t <= d.t[-1]
-    # largest allocations: sorted, and every PERF line of the log is among them (sizes)
-    sizes = [x.size for x in d.largest]
-    assert sizes == sorted(sizes, reverse=True)
+    # largest allocations: the 20 largest records, with their µs, thread and call site, and
+    # every PERF line of the log at least as large is among them
+    want = largest_records()
+    assert [(x.size, x.dur_us, x.tid, round(x.t * 1e6)) for x in d.largest] == want
+    assert all(re.fullmatch(r"[\w.]+\+0x[0-9a-f]+|0x[0-9a-f]+", x.where) for x in d.largest)
     perf = re.findall(r"Large allocation: (\d+) bytes took (\d+) micro",
                       (replayed / "MemoryPoolNVSE_rpmalloc.log").read_text())
     top = {(x.size, x.dur_us) for x in d.largest}
-    assert perf and {(int(a), int(b)) for a, b in perf if int(a) >= sizes[-1]} <= top
+    assert perf and {(int(a), int(b)) for a, b in perf if int(a) >= want[-1][0]} <= top
+    # live (the module series' sample nearest the peak) and leaked bytes per module
+    assert d.module_peak_t is not None and abs(d.module_peak_t - d.peak_t) < 0.1
+    i = d.module_t.index(d.module_peak_t)
+    assert {m: v for m, v in d.module_peak.items() if v} == \
+        {m: v[i] for m, v in d.module_series.items() if v[i]}
+    bars = dict(report_html.module_bars(d))
+    leaked = next(v for k, v in bars.items() if k.startswith("leaked"))
+    assert leaked == {g.module: g.bytes for g in d.leaks.modules} == \
+        {k: v for k, v in doc["monitor"]["modules_live_bytes"].items()}
     html = path.read_text()
     assert html.count('class="plotly-graph-div"') == 6
     assert "<script src=" not in html  # everything inline: opens offline
+
+
+def records():
+    from nvse_monitor.recording import read_recording
+    from nvse_monitor.stream import Batch
+
+    _meta, msgs = read_recording(FIXTURE)
+    return np.concatenate([m.records for m in msgs if isinstance(m, Batch)])
+
+
+def successful_allocations(r: np.ndarray) -> np.ndarray:
+    """Records that allocated a block: malloc-like with a pointer, realloc to a size > 0."""
+    ok = (r["ptr"] != 0) & ((r["kind"] == Kind.ALLOC) | ((r["kind"] == Kind.REALLOC)
+                                                        & (r["size"] > 0)))
+    return r[ok]
+
+
+def record_size_classes() -> list[int]:
+    bits = [int(s).bit_length() for s in successful_allocations(records())["size"]]
+    return [bits.count(k) for k in range(min(bits), max(bits) + 1)]
+
+
+def largest_records() -> list[tuple[int, int, int, int]]:
+    ok = successful_allocations(records())
+    order = sorted(range(len(ok)), key=lambda i: -int(ok["size"][i]))[:20]  # stable: earliest
+    return [(int(ok["size"][i]), int(ok["dur_us"][i]), int(ok["tid"][i]), int(ok["ts_us"][i]))
+            for i in order]
 
 
 def test_directory_report_reads_the_files(from_dir, replayed):
@@ -84,10 +128,55 @@ def test_directory_report_reads_the_files(from_dir, replayed):
         doc["logging"]["critical_logs"]
     assert len(d.messages) + d.messages_omitted == n_warn
     assert d.leaks is not None and d.leaks.bytes == doc["memory_stats"]["current_bytes_allocated"]
-    assert d.hist is None  # needs a recording
+    # rates: the CSV's; the peak marked at the first row whose running peak is the final peak
+    rows = list(csv.DictReader(io.StringIO((replayed / "MemoryPoolNVSE_performance.csv")
+                                           .read_text())))
+    assert d.alloc_rate == [float(r["allocs_per_sec"]) for r in rows]
+    assert d.free_rate == [float(r["frees_per_sec"]) for r in rows]
+    first_peak = next(r for r in rows if int(r["peak_memory"]) == max(d.peak))
+    assert d.peak_t == pytest.approx((int(first_peak["timestamp"]) - doc["timestamp"]) / 1e6
+                                     + doc["plugin"]["uptime_seconds"], abs=0.06)
+    # the size classes and largest allocations come from the JSON: as from the records
+    assert [h.allocations for h in d.hist] == record_size_classes()
+    assert [(x.size, x.dur_us, x.tid, round(x.t * 1e6)) for x in d.largest] == largest_records()
+    # live (last snapshot) and leaked bytes per module
+    bars = report_html.module_bars(d)
+    assert [k for k, _ in bars] == ["live at the last snapshot", "leaked (still live at the end)"]
+    assert bars[0][1] == doc["monitor"]["modules_live_bytes"]
+    assert bars[1][1] == {g.module: g.bytes for g in d.leaks.modules}
     html = path.read_text()
-    assert html.count('class="plotly-graph-div"') == 4
-    assert "the size histogram needs a recording" in html
+    assert html.count('class="plotly-graph-div"') == 5
+    assert d.notes == []
+
+
+def test_both_sources_tell_the_same_story(from_recording, from_dir):
+    rec, dire = from_recording[1].data, from_dir[1].data
+    assert [h.allocations for h in rec.hist] == [h.allocations for h in dire.hist]
+    assert rec.largest == dire.largest
+    # health changes: the same transitions, at the same times (the log has µs)
+    assert [s[1:] for s in rec.status] == [s[1:] for s in dire.status]
+    assert [s[0] for s in rec.status] == pytest.approx([s[0] for s in dire.status], abs=1e-6)
+    assert [m[1:] for m in rec.messages] == [m[1:] for m in dire.messages]
+    assert rec.peak == dire.peak and rec.current == dire.current
+    assert rec.t == pytest.approx(dire.t, abs=0.06)
+
+
+def test_older_json_without_the_added_sections(tmp_path, replayed):
+    """A stats JSON of an older nvse-monitor (no allocation_sizes / largest_allocations): no
+    histogram, the largest allocations from the PERF lines, both said in notes."""
+    old = tmp_path / "old"
+    shutil.copytree(replayed, old)
+    doc = json.loads((old / "MemoryPoolNVSE_stats.json").read_text())
+    del doc["monitor"]["allocation_sizes"], doc["monitor"]["largest_allocations"]
+    (old / "MemoryPoolNVSE_stats.json").write_text(json.dumps(doc))
+    res = build_report(old, tmp_path / "old.html")
+    d = res.data
+    assert d.hist is None and any("allocation_sizes" in n for n in d.notes)
+    perf = re.findall(r"\[TID:(\d+)\] Large allocation: (\d+) bytes took (\d+) micro",
+                      (old / "MemoryPoolNVSE_rpmalloc.log").read_text())
+    want = sorted(((int(b), int(c), int(a)) for a, b, c in perf), key=lambda x: -x[0])[:20]
+    assert [(x.size, x.dur_us, x.tid) for x in d.largest] == want and want
+    assert "no allocation size classes" in (tmp_path / "old.html").read_text()
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -112,8 +201,17 @@ def chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run",
              f"--user-data-dir={tmp / 'profile'}", "--enable-logging=stderr", "--v=0",
-             "--virtual-time-budget=10000"]
+             "--virtual-time-budget=10000",
+             # offline: every request would go to a proxy that is not there (and fail loudly)
+             "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>"]
     return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=90)
+
+
+def chart_dom(dom: str, name: str) -> str:
+    """The DOM of one chart's div (up to the next chart)."""
+    start = dom.index(f'id="chart-{name}"')
+    end = dom.find('id="chart-', start + 1)
+    return dom[start:end if end > 0 else None]
 
 
 def png_busy_fraction(png: bytes) -> float:
@@ -133,14 +231,22 @@ def png_busy_fraction(png: bytes) -> float:
                     "chromium): the report is not rendered")
 @pytest.mark.parametrize("which", ["from_recording", "from_dir"])
 def test_chromium_draws_every_chart_without_errors(which, request, tmp_path):
-    path, _res = request.getfixturevalue(which)
+    path, res = request.getfixturevalue(which)
     url = path.resolve().as_uri()
     r = chromium(tmp_path, "--dump-dom", url)
     m = re.search(r'id="report-status" data-charts="(\d+)/(\d+)" data-errors="([^"]*)"', r.stdout)
     assert m, r.stdout[-2000:]
     drawn, total, errors = int(m.group(1)), int(m.group(2)), m.group(3)
-    assert total >= 4 and drawn == total and errors == ""
+    assert total >= 5 and drawn == total and errors == ""
     assert r.stdout.count('class="main-svg"') >= total  # plotly's SVG layers are in the DOM
+    # what was drawn: the peak's label as SVG text, one bar per size class and per module
+    d = res.data
+    peak = d.doc["memory_stats"]["peak_bytes_allocated"] / 2**20
+    assert re.search(rf'<text [^>]*>peak {peak:.2f} MiB</text>', r.stdout)
+    assert chart_dom(r.stdout, "sizes").count('class="point"') == len(d.hist) > 10
+    bars = report_html.module_bars(d)
+    n_mods = len({m for _, b in bars for m in b})
+    assert chart_dom(r.stdout, "modules").count('class="point"') == len(bars) * n_mods
     console = [ln for ln in r.stderr.splitlines() if ":CONSOLE" in ln or "Uncaught" in ln]
     assert console == []
     shot = tmp_path / "shot.png"
@@ -164,3 +270,16 @@ def test_console_error_detection_works(tmp_path):
     r = chromium(tmp_path, "--dump-dom", bad.as_uri())
     assert 'data-errors="Uncaught ReferenceError: undefinedFunction is not defined"' in r.stdout
     assert any("Uncaught ReferenceError" in ln for ln in r.stderr.splitlines())
+
+
+def test_chromium_here_is_offline(tmp_path):
+    """The flags above cut the network: a page that needed plotly.js from a CDN would not get
+    it, so the 'every chart drawn' check also proves the report needs no network."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed")
+    page = tmp_path / "net.html"
+    page.write_text('<html><body><script src="https://cdn.plot.ly/plotly-2.35.2.min.js"></script>'
+                    '<script>document.body.setAttribute("data-p", typeof Plotly)</script>'
+                    "</body></html>")
+    r = chromium(tmp_path, "--dump-dom", page.as_uri())
+    assert 'data-p="undefined"' in r.stdout, r.stdout[-500:]

@@ -4,7 +4,9 @@ following a --realtime replay, and real terminals in tmux (`top DIR` with keys, 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -44,18 +46,45 @@ def test_frame_from_a_finished_directory(replayed):
     dash.poll()
     doc = json.loads((replayed / "MemoryPoolNVSE_stats.json").read_text())
     out = text_of(dash)
-    ms = doc["memory_stats"]
-    assert "SHUTDOWN" in out and "HEALTHY" in out
-    assert f"{ms['total_allocations']:,}" in out and f"{ms['total_frees']:,}" in out
-    assert f"{ms['peak_bytes_allocated'] / 2**20:,.2f} MB" in out
-    assert f"{doc['monitor']['dropped_events']:,}" in out
-    top_mod = max(doc["monitor"]["modules_live_bytes"].items(), key=lambda kv: kv[1])[0]
-    assert top_mod in out
-    assert "Dropped" in out  # a WARN line of the log
+    ms, mon = doc["memory_stats"], doc["monitor"]
+    # status, health and uptime on the first line
+    assert re.search(rf"SHUTDOWN\s+HEALTHY\s+uptime {doc['plugin']['uptime_seconds']:,.1f} s", out)
+    assert re.search(rf"allocations\s+{ms['total_allocations']:,}\b", out)
+    assert re.search(rf"frees\s+{ms['total_frees']:,}\b", out)
+    # one snapshot so far: the rates are the JSON's
+    assert re.search(rf"allocs/s\s+{doc['performance']['allocations_per_second']:,.0f}\b", out)
+    assert re.search(rf"current\s+{ms['current_bytes_allocated'] / 2**20:,.2f} MB", out)
+    assert re.search(rf"peak\s+{ms['peak_bytes_allocated'] / 2**20:,.2f} MB", out)
+    assert re.search(rf"dropped\s+{mon['dropped_events']:,}\b", out) and mon["dropped_events"]
+    assert re.search(rf"untracked frees\s+{mon['untracked_frees']:,}\b", out)
+    # the modules holding the most live bytes, most first
+    mods = sorted(mon["modules_live_bytes"].items(), key=lambda kv: -kv[1])
+    assert [out.index(name) for name, _ in mods] == sorted(out.index(name) for name, _ in mods)
+    assert "Dropped 773 events" in out  # the last WARN lines of the log
     dash.toggle_leaks()
     dash.poll()
     out = text_of(dash)
     assert "live now by call site" in out and "FalloutNV.exe+0x" in out
+
+
+def test_pipeline_source_gives_the_json_files_document(tmp_path):
+    """attach/spawn --top reads the engine between feeds: the same document the JSON file
+    would hold, built without encoding and parsing it."""
+    from nvse_monitor.pipeline import Pipeline
+    from nvse_monitor.recording import read_recording
+    from nvse_monitor.top import PipelineSource
+    from nvse_monitor.writers.json import render
+
+    meta, msgs = read_recording(FIXTURE)
+    pipe = Pipeline(meta, tmp_path)
+    src = PipelineSource(pipe)
+    assert src.poll() is None  # not started
+    pipe.start()
+    pipe.feed_all(msgs[: len(msgs) // 2])
+    doc = src.poll()
+    assert doc == json.loads(render(pipe.snapshot_now(), meta.wall_clock_zero_us))
+    assert isinstance(doc["plugin"]["uptime_seconds"], float) and doc["monitor"]["heaps"]
+    pipe.finish()
 
 
 def test_waiting_for_a_session():
@@ -81,7 +110,39 @@ def test_follows_a_directory_being_written(tmp_path):
         proc.kill()
     assert len(dash.mem) >= 3  # several snapshots seen: the sparkline has history
     assert max(rates) > 0
-    assert "SHUTDOWN" in text_of(dash)
+    out = text_of(dash)
+    assert "SHUTDOWN" in out
+    assert re.search(rf"history\s+{sparkline(list(dash.mem), 60)}", out)
+    assert len(set(sparkline(list(dash.mem), 60))) >= 2  # memory moved: not a flat line
+
+
+def doc_at(base: dict, ts_us: int, allocs: int, frees: int, live: int) -> dict:
+    d = json.loads(json.dumps(base))
+    d["timestamp"], d["plugin"]["uptime_seconds"] = ts_us, ts_us / 1e6
+    d["memory_stats"].update(total_allocations=allocs, total_frees=frees,
+                             current_bytes_allocated=live)
+    return d
+
+
+def test_rates_are_between_the_last_two_snapshots(tmp_path, replayed):
+    """allocs/s and frees/s: Δ totals / Δ stream time of the last two distinct snapshots of a
+    directory being written; a snapshot seen twice changes nothing."""
+    base = json.loads((replayed / "MemoryPoolNVSE_stats.json").read_text())
+    path = tmp_path / "MemoryPoolNVSE_stats.json"
+    dash = Dashboard(DirSource(tmp_path, "MemoryPoolNVSE"))
+    for ts, allocs, frees, live in [(1_000_000, 1000, 500, 10 << 20), (3_000_000, 5000, 1500,
+                                                                       30 << 20),
+                                    (3_000_000, 5000, 1500, 30 << 20), (3_500_000, 5500, 4000,
+                                                                        5 << 20)]:
+        path.write_text(json.dumps(doc_at(base, ts, allocs, frees, live)))
+        dash.poll()
+        if ts == 3_000_000:
+            assert dash.rates == (2000.0, 500.0)
+    assert dash.rates == (1000.0, 5000.0) and list(dash.mem) == [10 << 20, 30 << 20, 5 << 20]
+    out = text_of(dash)
+    assert re.search(r"allocs/s\s+1,000\b", out) and re.search(r"frees/s\s+5,000\b", out)
+    assert re.search(r"uptime 3\.5 s", out) and re.search(r"current\s+5\.00 MB", out)
+    assert sparkline([10, 30, 5], 60) in out
 
 
 # ---- real terminals ------------------------------------------------------------------------------
@@ -158,3 +219,115 @@ def test_attach_top_in_tmux(targets, tmp_path, live_procs):
         assert doc["plugin"]["status"] == "shutdown" and doc["memory_stats"]["total_allocations"]
     finally:
         t.kill()
+
+
+def screen_number(screen: str, label: str) -> int:
+    m = re.search(rf"{label}\s+([\d,]+)\b", screen)
+    assert m, f"no {label!r} on the screen:\n{screen}"
+    return int(m.group(1).replace(",", ""))
+
+
+@needs_tmux
+@pytest.mark.frida
+def test_top_dir_follows_a_live_session_in_tmux(targets, tmp_path, live_procs):
+    """`top DIR` in a terminal while another process (`attach`) writes DIR: the counters move,
+    the rate is the target's, and the end of the session shows."""
+    exe = targets.build("hammer", "x64")
+    target = live_procs.start([exe, "--seconds", "30", "--rate", "20000"])
+    out = tmp_path / "out"
+    mon = live_procs.attach(target, "--out", out)
+    target.go()
+    t = Tmux(f"nvse-top-follow-{time.monotonic_ns()}",
+             [sys.executable, "-m", "nvse_monitor", "top", str(out), "--interval", "0.3"])
+    try:
+        s = t.wait_for("ACTIVE")
+        assert "hammer" in s and "HEALTHY" in s
+        deadline = time.monotonic() + 20
+        while screen_number(t.screen(), "allocations") < 10_000 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the first snapshots (a 10,000-allocation or 2 s beat)
+        first = t.screen()
+        time.sleep(2.5)
+        second = t.screen()
+        a0, a1 = screen_number(first, "allocations"), screen_number(second, "allocations")
+        assert a1 > a0 > 0, (first, second)
+        # 20,000 events/s = 10,000 mallocs/s when the target keeps up (a busy machine: less)
+        assert 1_000 <= screen_number(second, "allocs/s") <= 15_000, second
+        up0 = float(re.search(r"uptime ([\d.,]+) s", first).group(1).replace(",", ""))
+        up1 = float(re.search(r"uptime ([\d.,]+) s", second).group(1).replace(",", ""))
+        assert up1 > up0
+        mon.signal(signal.SIGINT)
+        assert mon.wait() == 0, mon.stderr
+        s = t.wait_for("SHUTDOWN", 15)
+        doc = json.loads((out / "MemoryPoolNVSE_stats.json").read_text())
+        assert screen_number(s, "allocations") == doc["memory_stats"]["total_allocations"]
+    finally:
+        t.kill()
+
+
+@needs_tmux
+@pytest.mark.frida
+def test_attach_top_leak_report_on_demand_in_tmux(targets, tmp_path, live_procs):
+    """`attach --top`, `l` during the session: the blocks live now by call site, with the known
+    amounts tests/targets/leaky.c leaves behind; `q` ends the session like Ctrl-C."""
+    exe = targets.build("leaky", "x64")
+    plugin = targets.build("leaky_plugin", "x64", shared=True)
+    target = live_procs.start([exe, plugin])
+    out = tmp_path / "out"
+    t = Tmux(f"nvse-top-leaks-{time.monotonic_ns()}",
+             [sys.executable, "-m", "nvse_monitor", "attach", str(target.pid), "--out", str(out),
+              "--top"])
+    try:
+        t.wait_for("ACTIVE")
+        target.go()
+        assert target.done() == {"ok": True}
+        time.sleep(1.0)  # the last drain reaches the engine
+        t.keys("l")
+        s = t.wait_for("live now by call site")
+        # blocks live now, by call site (module+offset): leak_b's malloc(1000) x 37 and the
+        # plugin's malloc(333) x 23 (the panel refreshes every 5 s while shown)
+        deadline = time.monotonic() + 15
+        want = [rf"{exe.name}\+0x[0-9a-f]+\s+37\s+37,000", rf"{plugin.name}\+0x[0-9a-f]+\s+23\s+"
+                "7,659"]
+        while not all(re.search(w, s) for w in want) and time.monotonic() < deadline:
+            time.sleep(0.3)
+            s = t.screen()
+        assert all(re.search(w, s) for w in want), s
+        t.keys("q")
+        t.wait_for("session ended", 30)
+        from nvse_monitor import leaks
+
+        rep = leaks.read_csv(out / "MemoryPoolNVSE_leaks.csv")
+        sites = {(g.allocations, g.bytes) for g in rep.sites}
+        assert {(37, 37_000), (23, 7_659), (100, 4_800), (11, 1_100)} <= sites
+        target.finish()
+    finally:
+        t.kill()
+
+
+@needs_tmux
+@pytest.mark.frida
+def test_spawn_top_in_tmux(targets, tmp_path):
+    """`spawn --top`: the dashboard while the program runs (it shares the terminal), the session
+    ends with it, and the files count exactly what the program did."""
+    from conftest import unmonitored_truth
+
+    exe = targets.build("workload", "x64")
+    work = ["--iters", "2000", "--rounds", "3000"]  # a few seconds under the monitor
+    out = tmp_path / "out"
+    t = Tmux(f"nvse-spawn-top-{time.monotonic_ns()}",
+             [sys.executable, "-m", "nvse_monitor", "spawn", "--out", str(out), "--top", "--",
+              str(exe), *work])
+    try:
+        # DEGRADED: the workload makes allocations fail on purpose
+        s = t.wait_for("DEGRADED", 60)
+        assert "nvse-monitor top" in s and "workload" in s and "allocs/s" in s
+        assert "session ended" not in s  # a live frame, not the last one printed at the end
+        t.wait_for("session ended", 120)
+    finally:
+        t.kill()
+    doc = json.loads((out / "MemoryPoolNVSE_stats.json").read_text())
+    assert doc["plugin"]["status"] == "shutdown" and doc["memory_stats"]["total_allocations"]
+    if doc["monitor"]["dropped_events"] == 0:  # a busy machine can make the agent's ring drop
+        truth = unmonitored_truth(exe, work)
+        for k in ("total_allocations", "total_frees", "total_bytes_allocated"):
+            assert doc["memory_stats"][k] == truth[k], k

@@ -24,7 +24,7 @@ def build_report(source: Path | str, output: Path | str, prefix: str = "MemoryPo
     from .html import render
 
     source, output = Path(source), Path(output)
-    data = from_directory(source, prefix) if source.is_dir() else from_recording(source)
+    data = from_directory(source, prefix) if source.is_dir() else from_recording(source, prefix)
     text = render(data)
     try:
         atomic_write_text(output, text)

@@ -15,14 +15,12 @@ from typing import Any
 import numpy as np
 
 from .. import leaks as leaks_mod
-from ..events import Kind
 from ..outputs import CsvRow, LogLine, Snapshot
-from ..stream import Batch, Module
+from ..stream import Batch
 from ..writers import FilePaths
 
-RUN_RECORDS = 1 << 14  # engine pass granularity: one module-series sample per run
+RUN_RECORDS = 1 << 12  # engine pass granularity: one module-series sample per run
 MAX_POINTS = 4000  # per plotted series (downsampled beyond, keeping the peak)
-LARGEST = 25
 MAX_MESSAGES = 300
 
 STATUS_RE = re.compile(r"Status: (\w+) -> (\w+) \((.*)\)$")
@@ -45,6 +43,14 @@ class Largest:
 
 
 @dataclass
+class SizeClass:
+    label: str
+    min_bytes: int
+    max_bytes: int
+    allocations: int
+
+
+@dataclass
 class ReportData:
     source: str
     kind: str  # "recording" or "directory"
@@ -59,8 +65,11 @@ class ReportData:
     end_t: float = 0.0
     module_t: list[float] = field(default_factory=list)
     module_series: dict[str, list[int]] = field(default_factory=dict)
+    # live bytes per module at the sample of the module series nearest the peak
+    module_peak: dict[str, int] | None = None
+    module_peak_t: float | None = None
     leaks: leaks_mod.LeakReport | None = None
-    hist: list[tuple[str, int, int]] | None = None  # label, count, bytes
+    hist: list[SizeClass] | None = None  # allocation size classes, smallest first
     largest: list[Largest] = field(default_factory=list)
     messages: list[tuple[float, str, str]] = field(default_factory=list)  # t, level, text
     messages_omitted: int = 0
@@ -77,35 +86,44 @@ def _downsample(n: int, keep: int | None) -> np.ndarray:
     return idx
 
 
-def _size_hist(counts: np.ndarray, nbytes: np.ndarray) -> list[tuple[str, int, int]]:
+def _size_hist(doc: dict[str, Any]) -> list[SizeClass] | None:
+    """The JSON's monitor.allocation_sizes (bit-length classes) with the empty classes between
+    filled in; None when the JSON has no such section (written by an older nvse-monitor)."""
+    classes = (doc.get("monitor") or {}).get("allocation_sizes")
+    if not isinstance(classes, list):
+        return None
+    have = {int(c["min_bytes"]): c for c in classes}
+    if not have:
+        return []
+    bits = [lo.bit_length() for lo in have]  # class k holds 2**(k-1) .. 2**k - 1 (0: size 0)
     out = []
-    nz = np.flatnonzero(counts)
-    if not len(nz):
-        return out
-    for k in range(int(nz.min()), int(nz.max()) + 1):
-        hi = 1 << k
-        lo = (hi >> 1) + 1 if k else 0
-        label = f"{_human(lo)}–{_human(hi)}" if lo < hi else _human(hi)
-        out.append((label, int(counts[k]), int(nbytes[k])))
+    for k in range(min(bits), max(bits) + 1):
+        lo = 1 << (k - 1) if k else 0
+        c = have.get(lo, {})
+        label = "0" if k == 0 else f"[{_human(lo)}, {_human(2 * lo)})"
+        out.append(SizeClass(label, lo, max(2 * lo - 1, 0), int(c.get("allocations", 0))))
     return out
 
 
 def _human(n: int) -> str:
-    for unit, s in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+    for unit, s in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if n >= s and n % s == 0:
             return f"{n // s}{unit}"
     return str(n)
 
 
-def _site(caller: int, modules: list[Module]) -> str:
-    for m in reversed(modules):  # a module loaded later at the same place wins
-        if m.base <= caller < m.base + m.size:
-            return f"{m.name}+0x{caller - m.base:x}"
-    return f"0x{caller:x}"
+def _largest(doc: dict[str, Any]) -> list[Largest] | None:
+    """The JSON's monitor.largest_allocations (None: an older JSON without them)."""
+    got = (doc.get("monitor") or {}).get("largest_allocations")
+    if not isinstance(got, list):
+        return None
+    return [Largest(int(x["time_us"]) / 1e6, int(x["bytes"]), int(x["duration_us"]),
+                    int(x["thread"]), str(x["heap"]), str(x["caller"])) for x in got]
 
 
-def from_recording(path: Path) -> ReportData:
-    """Replay `path` through the engine, keeping time series instead of writing files."""
+def from_recording(path: Path, prefix: str = "MemoryPoolNVSE") -> ReportData:
+    """Replay `path` through the engine, keeping time series instead of writing files. The
+    leak report's WARN lines are logged as a replay logs them (same JSON, same warnings)."""
     from ..engine import Engine
     from ..recording import RecordingError, open_recording
     from ..writers.json import render
@@ -118,10 +136,6 @@ def from_recording(path: Path) -> ReportData:
         lines: list[LogLine] = []
         mod_t: list[float] = []
         mod_rows: list[dict[str, int]] = []
-        counts = np.zeros(65, np.int64)
-        nbytes = np.zeros(65, np.float64)
-        top = np.zeros(0, dtype=[("ts", "u8"), ("size", "u8"), ("dur", "u4"), ("tid", "u4"),
-                                 ("hook", "u1"), ("caller", "u8")])
 
         def take(outs: list) -> None:
             for o in outs:
@@ -135,26 +149,6 @@ def from_recording(path: Path) -> ReportData:
             mod_t.append(snap.ts_us / 1e6)
             mod_rows.append(dict(snap.monitor.get("modules_live_bytes", {})))
 
-        def records(r: np.ndarray) -> None:
-            nonlocal top
-            k, ptr, size = r["kind"], r["ptr"], r["size"]
-            ok = (ptr != 0) & ((k == Kind.ALLOC) | ((k == Kind.REALLOC) & (size > 0)))
-            s = size[ok]
-            if not len(s):
-                return
-            b = np.ceil(np.log2(np.maximum(s, 1).astype(np.float64))).astype(np.int64)
-            b = np.clip(b, 0, 64)
-            counts[:] += np.bincount(b, minlength=65)
-            nbytes[:] += np.bincount(b, weights=s.astype(np.float64), minlength=65)
-            sel = r[ok]
-            if len(sel) > LARGEST:
-                sel = sel[np.argpartition(sel["size"], len(sel) - LARGEST)[-LARGEST:]]
-            cand = np.zeros(len(sel), top.dtype)
-            cand["ts"], cand["size"], cand["dur"] = sel["ts_us"], sel["size"], sel["dur_us"]
-            cand["tid"], cand["hook"], cand["caller"] = sel["tid"], sel["hook"], sel["caller"]
-            top = np.concatenate([top, cand])
-            top = top[np.argsort(top["size"], kind="stable")[::-1][:LARGEST]]
-
         take(eng.start())
         error = None
         pending: list = []
@@ -163,7 +157,6 @@ def from_recording(path: Path) -> ReportData:
             for msg in rec:
                 pending.append(msg)
                 if isinstance(msg, Batch):
-                    records(msg.records)
                     n += len(msg.records)
                 if n >= RUN_RECORDS or not isinstance(msg, Batch):
                     take(eng.feed_many(pending))
@@ -179,6 +172,9 @@ def from_recording(path: Path) -> ReportData:
         if pending:
             take(eng.feed_many(pending))
         report_leaks = leaks_mod.from_engine(eng)
+        csv_name = leaks_mod.leaks_path(".", prefix).name
+        for line in report_leaks.log_lines(csv_name=csv_name):
+            eng.health.log(eng.now, "WARN", line)
         outs = eng.finish()
         take(outs)
         final = next(o for o in reversed(outs) if isinstance(o, Snapshot))
@@ -200,13 +196,12 @@ def from_recording(path: Path) -> ReportData:
     idx = _downsample(len(mod_t), None)
     data.module_t = [mod_t[i] for i in idx]
     data.module_series = {m: [mod_rows[i].get(m, 0) for i in idx] for m in names}
+    if mod_rows and data.peak_t is not None:
+        at = min(range(len(mod_t)), key=lambda i: abs(mod_t[i] - data.peak_t))
+        data.module_peak, data.module_peak_t = mod_rows[at], mod_t[at]
     data.leaks = report_leaks
-    data.hist = _size_hist(counts, nbytes)
-    heaps = [h.heap for h in meta.hooks]
-    mods = eng.modmap.modules
-    data.largest = [Largest(int(x["ts"]) / 1e6, int(x["size"]), int(x["dur"]), int(x["tid"]),
-                            heaps[x["hook"]] if x["hook"] < len(heaps) else "unknown",
-                            _site(int(x["caller"]), mods)) for x in top]
+    data.hist = _size_hist(doc)
+    data.largest = _largest(doc) or []
     return data
 
 
@@ -227,14 +222,15 @@ def _series(data: ReportData, rows: list[tuple[float, int, int, float, float]]) 
     data.peak_t = next(r[0] for r in rows if r[2] == final_peak)
 
 
-def _line(data: ReportData, t: float, level: str, msg: str) -> None:
+def _line(data: ReportData, t: float, level: str, msg: str, tid: int = 0,
+          perf: bool = False) -> None:
     m = STATUS_RE.search(msg) if level == "INFO" else None
     if m:
         data.status.append((t, m.group(1), m.group(2), m.group(3)))
-    elif level == "PERF" and data.kind == "directory":
+    elif level == "PERF" and perf:
         p = PERF_RE.search(msg)
         if p:
-            data.largest.append(Largest(t, int(p.group(1)), int(p.group(2)), 0, p.group(3),
+            data.largest.append(Largest(t, int(p.group(1)), int(p.group(2)), tid, p.group(3),
                                         p.group(4)))
     elif level in ("WARN", "ERROR", "CRITICAL"):
         if len(data.messages) < MAX_MESSAGES:
@@ -268,6 +264,7 @@ def from_directory(directory: Path, prefix: str) -> ReportData:
     except (OSError, ValueError, KeyError, TypeError) as e:
         data.notes.append(f"{paths.csv.name}: unreadable from some row on ({e})")
     _series(data, rows)
+    largest = _largest(doc)
     try:
         with open(paths.log, encoding="utf-8", errors="replace") as f:
             t0 = None
@@ -280,16 +277,24 @@ def from_directory(directory: Path, prefix: str) -> ReportData:
                 except ValueError:
                     continue
                 t0 = t0 or when  # the banner's first line is at time zero
-                _line(data, (when - t0).total_seconds(), m.group(2), m.group(4))
+                _line(data, (when - t0).total_seconds(), m.group(2), m.group(4), int(m.group(3)),
+                      perf=largest is None)
     except FileNotFoundError:
         data.notes.append(f"no {paths.log.name}: no health changes or warnings")
-    data.largest.sort(key=lambda x: -x.size)
-    data.largest = data.largest[:LARGEST]
+    if largest is not None:
+        data.largest = largest
+    else:  # an older JSON: the PERF lines (allocations over 1 MiB) are what there is
+        data.largest.sort(key=lambda x: -x.size)
+        data.largest = data.largest[:20]
+        data.notes.append("largest allocations: from the log's PERF lines (over 1 MiB) only")
     try:
         data.leaks = leaks_mod.read_csv(leaks_mod.leaks_path(directory, prefix))
     except FileNotFoundError:
         data.notes.append("no leaks CSV yet (written when the session ends)")
     except (OSError, ValueError, KeyError) as e:
         data.notes.append(f"leaks CSV unreadable ({e})")
-    data.notes.append("allocation size histogram: needs a recording (SOURCE = .nvmrec)")
+    data.hist = _size_hist(doc)
+    if data.hist is None:
+        data.notes.append(f"{paths.json.name} has no monitor.allocation_sizes (written by an "
+                          "older nvse-monitor): no size histogram")
     return data

@@ -118,16 +118,31 @@ def modules_over_time_chart(data: ReportData) -> str:
     return _div(_layout(fig, "Live bytes per module over time (stacked)", "MiB"), "modules-time")
 
 
+def module_bars(data: ReportData) -> list[tuple[str, dict[str, int]]]:
+    """(legend, live bytes by module) of the live-vs-leaked chart: a recording has the module
+    series, so its sample nearest the peak; a directory the last snapshot (the same blocks as
+    the leak report once the session ended)."""
+    bars = []
+    if data.module_peak is not None:
+        bars.append((f"live at {data.module_peak_t:.3f} s (the sample nearest the peak at "
+                     f"{data.peak_t:.3f} s)", data.module_peak))
+    else:
+        bars.append(("live at the last snapshot",
+                     data.doc.get("monitor", {}).get("modules_live_bytes", {}) or {}))
+    if data.leaks is not None:
+        bars.append(("leaked (still live at the end)",
+                     {g.module: g.bytes for g in data.leaks.modules}))
+    return bars
+
+
 def modules_chart(data: ReportData) -> str:
-    live = data.doc.get("monitor", {}).get("modules_live_bytes", {}) or {}
-    leaked = {g.module: g.bytes for g in data.leaks.modules} if data.leaks else {}
-    names = sorted(set(live) | set(leaked), key=lambda m: -max(live.get(m, 0), leaked.get(m, 0)))
-    names = names[:20]
+    bars = module_bars(data)
+    names = sorted({m for _, b in bars for m in b}, key=lambda m: -max(b.get(m, 0)
+                                                                       for _, b in bars))[:20]
     fig = go.Figure()
-    fig.add_trace(go.Bar(x=names, y=[live.get(m, 0) / MIB for m in names],
-                         name="live at last snapshot", marker_color=PALETTE[0]))
-    fig.add_trace(go.Bar(x=names, y=[leaked.get(m, 0) / MIB for m in names],
-                         name="leaked (live at end, leak report)", marker_color=PALETTE[3]))
+    for (legend, b), color in zip(bars, (PALETTE[0], PALETTE[3]), strict=False):
+        fig.add_trace(go.Bar(x=names, y=[b.get(m, 0) / MIB for m in names], name=legend,
+                             marker_color=color))
     fig.update_layout(barmode="group")
     fig = _layout(fig, "Live and leaked bytes per module", "MiB")
     fig.update_xaxes(title="module")
@@ -137,12 +152,13 @@ def modules_chart(data: ReportData) -> str:
 def hist_chart(data: ReportData) -> str:
     assert data.hist is not None
     fig = go.Figure()
-    fig.add_trace(go.Bar(x=[h[0] for h in data.hist], y=[h[1] for h in data.hist],
+    fig.add_trace(go.Bar(x=[h.label for h in data.hist], y=[h.allocations for h in data.hist],
                          name="allocations", marker_color=PALETTE[0],
-                         customdata=[h[2] for h in data.hist],
-                         hovertemplate="%{x} bytes: %{y} allocations, %{customdata} bytes"
-                         "<extra></extra>"))
-    fig = _layout(fig, "Allocation sizes (power-of-two bins)", "allocations")
+                         customdata=[[f"{h.min_bytes:,}", f"{h.max_bytes:,}"] for h in data.hist],
+                         hovertemplate="%{customdata[0]}..%{customdata[1]} bytes: %{y} "
+                         "allocations<extra></extra>"))
+    fig = _layout(fig, "Allocation sizes (all allocations of the session, power-of-two "
+                  "classes)", "allocations")
     fig.update_xaxes(title="size (bytes)", type="category")
     fig.update_yaxes(type="log")
     return _div(fig, "sizes")
@@ -211,7 +227,7 @@ def render(data: ReportData) -> str:
     if data.hist:
         body.append(hist_chart(data))
     else:
-        body.append('<p class="note">the size histogram needs a recording as SOURCE</p>')
+        body.append('<p class="note">no allocation size classes in the stats JSON</p>')
     body.append("<h2>Largest allocations</h2>")
     if data.largest:
         rows = [[f"{x.t:.6f}", f"{x.size:,}", f"{x.dur_us:,}", x.tid or "", _e(x.heap),
