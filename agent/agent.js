@@ -848,7 +848,7 @@ function init(cfg) {
   for (const e of hooks) {
     if (e.spec.role === 'size') {
       e.ok = true;
-      e.detail = 'size query: not hooked';
+      e.detail = 'size query: nothing to record';
       sendHook(e, true, e.detail);
     }
   }

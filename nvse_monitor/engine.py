@@ -39,7 +39,7 @@ from .classify import (
     expand_records,
 )
 from .events import RECORD_DTYPE
-from .fnv import is_plugin_path
+from .fnv import notable_module
 from .health import Health
 from .modmap import ModuleMap
 from .outputs import AddressSpaceRow, CsvRow, Output, Snapshot
@@ -358,7 +358,11 @@ class Engine:
             h.log(t, "INFO", f"Hook pending: {msg.name}{detail}")
             state = "pending"
         elif msg.ok:
-            h.log(t, "INFO", f"Hook installed: {msg.name}{detail}")
+            hooks = self.meta.hooks
+            size_query = 0 <= msg.hook < len(hooks) and hooks[msg.hook].role == "size"
+            # a size query allocates nothing: the agent leaves it alone
+            h.log(t, "INFO", f"{'Hook not needed' if size_query else 'Hook installed'}: "
+                  f"{msg.name}{detail}")
             self.hooks_installed.append(msg.name)
             state = "ok"
         else:
@@ -391,8 +395,9 @@ class Engine:
             if len(self.modmap.modules) > before:
                 mc = self.state.mod_cur
                 self.state.mod_cur = np.insert(mc, len(mc) - 1, 0)
-            if is_plugin_path(m.path):  # an NVSE plugin is what a player looks for
-                self.health.log(t, "INFO", f"Plugin loaded: {m.name} at 0x{m.base:x} ({m.path})")
+            what = notable_module(m.name, m.path)  # NVSE, its plugins, a heap replacer
+            if what is not None:
+                self.health.log(t, "INFO", f"{what} loaded: {m.name} at 0x{m.base:x} ({m.path})")
             else:
                 self.health.log(t, "DEBUG",
                                 f"Module loaded: {m.name} at 0x{m.base:x} ({m.size} bytes)")

@@ -195,6 +195,19 @@ def _path_parts(path: str) -> list[str]:
     return [p.lower() for p in PureWindowsPath(path.replace("/", "\\")).parts]
 
 
+def notable_module(name: str, path: str) -> str | None:
+    """What a player looks for when a module loads: "Plugin" (from Data\\NVSE\\Plugins), "NVSE"
+    or "Heap replacer"; None for any other module."""
+    low = name.lower()
+    if is_plugin_path(path):
+        return "Plugin"
+    if low in NVSE_MODULES:
+        return "NVSE"
+    if low.startswith(HEAP_REPLACERS):
+        return "Heap replacer"
+    return None
+
+
 def is_plugin_path(path: str) -> bool:
     """True when `path` lies in a Data\\NVSE\\Plugins folder (either separator, any case)."""
     parts = _path_parts(path)

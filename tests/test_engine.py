@@ -349,10 +349,15 @@ def test_banner_lines_and_plugins_are_logged_as_info():
     plugin = Module("jip_nvse.dll", 0x10000000, 0x1000,
                     r"C:\Games\FNV\Data\NVSE\Plugins\jip_nvse.dll")
     other = Module("d3d9.dll", 0x20000000, 0x1000, r"C:\Windows\SysWOW64\d3d9.dll")
-    out = e.feed(ModuleEvent(ts_us=5, action="add", module=plugin))
-    out += e.feed(ModuleEvent(ts_us=6, action="add", module=other))
+    # spawn mode: NVSE and a heap replacer load after the banner was written
+    nvse = Module("nvse_1_4.dll", 0x30000000, 0x1000, r"C:\Games\FNV\nvse_1_4.dll")
+    nvhr = Module("nvhr_sse2.dll", 0x40000000, 0x1000, r"C:\Games\FNV\nvhr_sse2.dll")
+    out = []
+    for i, m in enumerate((plugin, other, nvse, nvhr)):
+        out += e.feed(ModuleEvent(ts_us=5 + i, action="add", module=m))
     levels = {o.message.split(":")[0]: o.level for o in out if hasattr(o, "level")}
-    assert levels == {"Plugin loaded": "INFO", "Module loaded": "DEBUG"}
+    assert levels == {"Plugin loaded": "INFO", "Module loaded": "DEBUG", "NVSE loaded": "INFO",
+                      "Heap replacer loaded": "INFO"}
 
 
 def test_size_classes_and_largest_allocations_match_a_reference_at_every_snapshot() -> None:

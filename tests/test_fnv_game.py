@@ -433,3 +433,4 @@ def test_cli_spawn_with_replacer_loading_later(install: FakeInstall, tmp_path: P
     log = next(tmp_path.glob("*.log")).read_text()
     assert "patched by libfake_nvhr.so after attach; left alone (not reverted); calls followed " \
         "into libfake_nvhr.so" in log
+    assert "Hook not needed: MemoryManager::Size (size query: nothing to record)" in log
