@@ -172,6 +172,12 @@ def leaks_path(out_dir: Path | str, prefix: str) -> Path:
     return Path(out_dir) / f"{prefix}_leaks.csv"
 
 
+def request_path(out_dir: Path | str, prefix: str) -> Path:
+    """`top DIR` creates this file to ask the session writing DIR for the leaks CSV now; the
+    session writes `<prefix>_leaks.csv`, then removes it."""
+    return Path(out_dir) / f"{prefix}_leaks.request"
+
+
 def read_csv(path: Path | str) -> LeakReport:
     """A leaks CSV read back (top, report). Raises OSError / ValueError."""
     import csv

@@ -7,6 +7,7 @@ another calls finish(): a lock serialises them.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from .leaks import LeakReport, from_engine, leaks_path
+from .leaks import LeakReport, from_engine, leaks_path, request_path
 from .outputs import Output, Snapshot
 from .stream import Batch, SessionMeta, StreamMessage
 from .writers import DEFAULT_PREFIX, FileLimits, FilePaths, OutputFiles
@@ -57,6 +58,7 @@ class Pipeline:
         self.on_snapshot = on_snapshot
         self.last_snapshot: Snapshot | None = None
         self.leaks_path = leaks_path(out_dir, prefix)
+        self.leaks_request = request_path(out_dir, prefix)
         self.leak_report: LeakReport | None = None  # set by finish()
         self._err = err
         self._lock = threading.Lock()
@@ -140,6 +142,26 @@ class Pipeline:
                 return self.leak_report
             return from_engine(self.engine)
 
+    def answer_leak_request(self) -> bool:
+        """A live session's answer to `top DIR` (another process) asking for the blocks live now:
+        when `<prefix>_leaks.request` exists, write `<prefix>_leaks.csv`, then remove the
+        request. Called about twice a second; a stat() when nobody asks."""
+        if not self.leaks_request.exists():
+            return False
+        from .writers.fileio import atomic_write_text
+
+        report = self.leaks_now()
+        if report is None:
+            return False
+        try:
+            atomic_write_text(self.leaks_path, report.csv_text(self.meta.wall_clock_zero_us))
+        except OSError as e:
+            print(f"nvse-monitor: cannot write {self.leaks_path}: {e.strerror or e}",
+                  file=self._err or sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            self.leaks_request.unlink()
+        return True
+
     def _leak_report(self) -> None:
         """At finish, before the engine's SHUTDOWN: `<prefix>_leaks.csv` and the top modules
         and call sites as WARN lines (through the engine, so the JSON counts them)."""
@@ -159,6 +181,8 @@ class Pipeline:
             self._route(self.engine.note_write_failure(now, str(self.leaks_path), error))
         for msg in report.log_lines(csv_name=self.leaks_path.name):
             health.log(now, "WARN", msg)
+        with contextlib.suppress(OSError):  # a request nobody will answer now: the CSV is final
+            self.leaks_request.unlink()
 
     def _route(self, outputs: list[Output], depth: int = 0) -> None:
         for out in outputs:

@@ -595,7 +595,7 @@ class LiveSession:
     def _consume(self) -> _Detached:
         if self._pending_detach is not None:
             return self._pending_detach
-        last_status = 0.0
+        last_status = last_leaks = 0.0
         while True:
             try:
                 item = self.q.get(timeout=0.1)
@@ -622,6 +622,9 @@ class LiveSession:
             if self.status is not None and now - last_status >= 0.5:
                 last_status = now
                 self.status.update(self.pipeline, self._last_counters, self._records, now)
+            if self.pipeline is not None and now - last_leaks >= 0.5:
+                last_leaks = now  # `top DIR` in another process may ask for the leaks now
+                self.pipeline.answer_leak_request()
 
     def _handle(self, item: Any) -> _Detached | None:
         if isinstance(item, STREAM_TYPES):

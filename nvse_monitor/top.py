@@ -91,14 +91,19 @@ class DirSource:
     def __init__(self, directory: Path | str, prefix: str) -> None:
         self.paths = FilePaths.of(directory, prefix)
         self.leaks_path = leaks_mod.leaks_path(directory, prefix)
+        self.request = leaks_mod.request_path(directory, prefix)
         self.tail = LogTail(self.paths.log)
         self.label = str(directory)
         self.problem = ""
+        self.ended = False  # the session's JSON says SHUTDOWN: its leaks CSV is final
+        self._asked = False  # a request of ours is waiting for the session's answer
+        self._leaks: leaks_mod.LeakReport | None = None
 
     def poll(self) -> dict[str, Any] | None:
         try:
             doc = json.loads(self.paths.json.read_text(encoding="utf-8"))
             self.problem = ""
+            self.ended = str(doc.get("plugin", {}).get("status", "")).upper() == "SHUTDOWN"
             return doc
         except FileNotFoundError:
             self.problem = f"waiting for {self.paths.json}"
@@ -110,11 +115,47 @@ class DirSource:
         return self.tail.poll()
 
     def leaks(self) -> leaks_mod.LeakReport | None:
-        """The leaks CSV, written when the session ends (None before)."""
+        """The blocks live now, from the session writing the directory: this drops a request
+        file (`<prefix>_leaks.request`) that the session answers within ~0.5 s by writing the
+        leaks CSV; until then the previous answer (None at first). Once the session has ended,
+        its final leaks CSV."""
+        if self.ended:
+            self.close()
+            self._leaks = self._read() or self._leaks
+            return self._leaks
+        if self._asked:
+            if self.request.exists():
+                return self._leaks  # not answered yet
+            self._asked = False
+            self._leaks = self._read() or self._leaks
+            return self._leaks
+        try:
+            self.request.touch()
+            self._asked = True
+        except OSError:  # e.g. a read-only directory: whatever CSV is there
+            self._leaks = self._read() or self._leaks
+        return self._leaks
+
+    @property
+    def leaks_wait(self) -> str:
+        """What the leak panel says before the first answer."""
+        if self.ended:
+            return f"no leak report in {self.leaks_path.name}"
+        return (f"asked the session for the blocks live now ({self.request.name}); waiting for "
+                f"{self.leaks_path.name}")
+
+    def _read(self) -> leaks_mod.LeakReport | None:
         try:
             return leaks_mod.read_csv(self.leaks_path)
         except (OSError, ValueError, KeyError):
             return None
+
+    def close(self) -> None:
+        """Take back a request nobody answered (leave the directory as it was)."""
+        if self._asked:
+            self._asked = False
+            with contextlib.suppress(OSError):
+                self.request.unlink()
 
 
 def _plain(doc: dict[str, Any]) -> dict[str, Any]:
@@ -277,8 +318,8 @@ class Dashboard:
     def _leak_panel(self, width: int) -> RenderableType:
         rep = self.leak_report
         if rep is None:
-            return Panel(Text("leak report: available when the session ends (leaks CSV)",
-                              style="dim"), title="leaks")
+            why = getattr(self.source, "leaks_wait", "computing the leak report...")
+            return Panel(Text(why, style="dim"), title="leaks")
         t = Table(box=None, expand=True)
         t.add_column("call site")
         t.add_column("blocks", justify="right")
@@ -361,6 +402,9 @@ def run_dashboard(source: Any, interval: float = 0.5, console: Console | None = 
     finally:
         if keys is not None:
             keys.stop()
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
     if console.is_terminal:  # the alternate screen is gone: leave the last frame visible
         console.print(dash.render(console.width))
     return dash

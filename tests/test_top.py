@@ -306,6 +306,42 @@ def test_attach_top_leak_report_on_demand_in_tmux(targets, tmp_path, live_procs)
 
 @needs_tmux
 @pytest.mark.frida
+def test_top_dir_leak_report_from_a_live_session_in_tmux(targets, tmp_path, live_procs):
+    """`top DIR` in a terminal while another process (`attach`) writes DIR: `l` asks that
+    session for the blocks live now (a request file it answers with the leaks CSV) and shows
+    leaky.c's known call sites while the session still runs; `q` leaves no request behind."""
+    exe = targets.build("leaky", "x64")
+    plugin = targets.build("leaky_plugin", "x64", shared=True)
+    target = live_procs.start([exe, plugin])
+    out = tmp_path / "out"
+    mon = live_procs.attach(target, "--out", out)
+    target.go()
+    assert target.done() == {"ok": True}
+    t = Tmux(f"nvse-top-dir-leaks-{time.monotonic_ns()}",
+             [sys.executable, "-m", "nvse_monitor", "top", str(out), "--interval", "0.3"])
+    try:
+        t.wait_for("ACTIVE")
+        assert not (out / "MemoryPoolNVSE_leaks.csv").exists()  # nothing asked for yet
+        t.keys("l")
+        s = t.wait_for("live now by call site", 15)
+        want = [rf"{exe.name}\+0x[0-9a-f]+\s+37\s+37,000",
+                rf"{plugin.name}\+0x[0-9a-f]+\s+23\s+7,659"]
+        assert all(re.search(w, s) for w in want), s
+        assert "ACTIVE" in s  # the session is still running
+        t.keys("q")
+        deadline = time.monotonic() + 5
+        while (out / "MemoryPoolNVSE_leaks.request").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not (out / "MemoryPoolNVSE_leaks.request").exists()
+    finally:
+        t.kill()
+    mon.signal(signal.SIGINT)
+    assert mon.wait() == 0, mon.stderr
+    target.finish()
+
+
+@needs_tmux
+@pytest.mark.frida
 def test_spawn_top_in_tmux(targets, tmp_path):
     """`spawn --top`: the dashboard while the program runs (it shares the terminal), the session
     ends with it, and the files count exactly what the program did."""
