@@ -927,7 +927,9 @@ class Engine:
 def _size_bins(sizes: np.ndarray) -> np.ndarray:
     """Count per raw size bin of u64 sizes (the float64 exponent field). Bytes per class would
     cost a weighted bincount per batch (~1 % of ingest): counts only."""
-    return np.bincount(sizes.astype(np.float64).view(np.int64) >> 52, minlength=_SIZE_BINS)
+    e = sizes.astype(np.float64).view(np.int64)
+    e >>= 52  # in place: a second 0.5 MiB temporary per batch cost 4x the whole count
+    return np.bincount(e, minlength=_SIZE_BINS)
 
 
 def _size_classes(st: State) -> list[dict[str, int]]:
