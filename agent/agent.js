@@ -17,7 +17,7 @@ const GLOB_INSTANCES = 8;        // modules one glob hook can be installed in at
 const CHECK_MS = 1000;           // how often installed entry points are checked for foreign patches
 const SNAP_BYTES = 16;           // bytes of our jump compared by that check
 const FOLLOW_SPARE = 1;          // instances kept for following a foreign patch (see checkHooks)
-const WATCH_MAX = 256;           // NV_WATCH_MAX in hotpath.c
+const WATCH_MAX = 128;           // NV_WATCH_MAX in hotpath.c
 
 let cm = null;            // the CModule
 let st = null;            // NvState (Memory.alloc'd)
@@ -44,8 +44,7 @@ let modules = new Map();  // base string -> module json
 let moduleObserver = null;
 let config = null;
 let planSlots = 0;        // nv_orig[] entries
-let watch = null;         // patch watch: {listener, callback, config, set} (see setupWatch)
-let inWatch = false;
+let watch = null;         // patch watch: {listener, callback, set, publish, pause, table, paused}
 
 function nowUs() {
   return countersPtr === null ? 0 : Number(countersPtr.add(7 * 8).readU64());
@@ -374,6 +373,7 @@ function finishInstall(job) {
   } else {
     inst.ours = now;
   }
+  inst.ready = true;  // checkHooks may look at it now
   entry.ok = true;
   entry.detail = inst.detail;
   sendHook(entry, true, inst.detail);
@@ -513,7 +513,8 @@ function checkHooks(follow = true) {
   let found = false;
   for (const e of hooks) {
     for (const inst of e.inst) {
-      if (inst.tampered) continue;
+      // not ready: being installed on a thread that yielded the JS lock (installAll's wait)
+      if (inst.tampered || !inst.ready) continue;
       let now;
       try {
         now = readBytes(inst.patchAt, inst.ours !== null ? inst.ours.length : inst.before.length);
@@ -580,9 +581,11 @@ function setupWatch() {
   }
   try {
     const callback = new NativeCallback(onWatched, 'void', []);
-    const config = new NativeFunction(cm.nv_watch_config, 'void', ['size_t', 'pointer', 'size_t']);
-    const set = new NativeFunction(cm.nv_watch_set, 'void', ['size_t', 'pointer', 'pointer']);
-    watch = { listener: null, callback, config, set, n: 0, paused: 0 };
+    const set = new NativeFunction(cm.nv_watch_set, 'void', ['size_t', 'size_t', 'pointer', 'pointer']);
+    const publish = new NativeFunction(cm.nv_watch_publish, 'size_t', ['size_t', 'size_t', 'pointer']);
+    const pause = new NativeFunction(cm.nv_watch_pause, 'void', ['size_t', 'size_t']);
+    // paused: thread id -> depth of our own installs/reverts running on it
+    watch = { listener: null, callback, set, publish, pause, table: 0, paused: new Map(), off: false };
     refreshWatch();
     watch.listener = Interceptor.attach(fn, { onEnter: cm.nv_on_protect });
     Interceptor.flush();
@@ -594,29 +597,38 @@ function setupWatch() {
 }
 
 // The code ranges of our live (not tampered) instances: where a foreign patch would land.
+// Written into the table not in use, then published: a protection call on another thread
+// meanwhile reads a complete table.
 function refreshWatch() {
-  if (watch === null) return;
+  if (watch === null || watch.off) return;
+  const t = watch.table ^ 1;
   let n = 0;
   for (const e of hooks) {
     for (const i of e.inst) {
       if (i.tampered || n >= WATCH_MAX) continue;
-      watch.set(n++, i.patchAt, i.patchAt.add(SNAP_BYTES));
+      watch.set(t, n++, i.patchAt, i.patchAt.add(SNAP_BYTES));
     }
   }
-  watch.n = n;
-  watch.config(n, watch.callback, watch.paused);
+  watch.publish(t, n, watch.callback);
+  watch.table = t;
 }
 
-// Nested: installAll inside a watched check.
+// Our own code writes (installs, reverts) on this thread are not foreign patches. Per thread:
+// a replacer patching on another thread meanwhile is still seen (its callback waits for the
+// JS lock). Nested: installAll inside a watched check.
 function pauseWatch(on) {
   if (watch === null) return;
-  watch.paused += on ? 1 : -1;
-  watch.config(watch.n, watch.callback, watch.paused);
+  const tid = Process.getCurrentThreadId();
+  const depth = (watch.paused.get(tid) || 0) + (on ? 1 : -1);
+  if (depth > 0) watch.paused.set(tid, depth);
+  else watch.paused.delete(tid);
+  if (on ? depth === 1 : depth === 0) watch.pause(tid, on ? 1 : 0);
 }
 
 function stopWatch() {
   if (watch === null) return;
-  watch.config(0, ptr(0), 1);
+  watch.off = true;
+  watch.publish(watch.table, 0, ptr(0));
   if (watch.listener !== null) {
     watch.listener.detach();
     Interceptor.flush();
@@ -627,8 +639,7 @@ function stopWatch() {
 
 // On the thread that changed a protection over our code (mostly a replacer about to go on).
 function onWatched() {
-  if (inWatch || stopped) return;
-  inWatch = true;
+  if (stopped || watch === null || watch.paused.has(Process.getCurrentThreadId())) return;
   const saved = fnSuspend !== null ? fnSuspend() : 0;  // our allocations are not the target's
   try {
     checkHooks();
@@ -636,7 +647,6 @@ function onWatched() {
     send({ type: 'agent-error', ts_us: clockNowUs(), message: `patch watch: ${e.stack}` });
   } finally {
     if (fnResume !== null) fnResume(saved);
-    inWatch = false;
   }
 }
 

@@ -62,7 +62,8 @@ typedef struct
 #define NV_IGNORED_TIDS 64
 #define NV_NEW_TIDS 1024   /* first calls of new threads, for JS to ask Frida's cloak about */
 #define NV_LATE_TIDS 32    /* Frida threads found after init: their records are filtered out */
-#define NV_WATCH_MAX 256   /* code ranges of our hooks, watched for foreign patches */
+#define NV_WATCH_MAX 128   /* code ranges of our hooks, watched for foreign patches */
+#define NV_WATCH_PAUSED 8  /* threads writing our own hooks (their protection calls are ours) */
 
 typedef struct
 {
@@ -117,12 +118,13 @@ typedef struct
   guint64 c_dropped;
   guint64 c_published;
   guint64 now_us;
-  /* patch watch (see nv_on_protect): [lo, hi) ranges, JS writes them with no call in flight */
-  volatile gsize n_watch;
-  gsize watch_lo[NV_WATCH_MAX];
-  gsize watch_hi[NV_WATCH_MAX];
+  /* patch watch (see nv_on_protect): two tables of [lo, hi) ranges; JS fills the one not in
+   * use, then publishes it with its length in watch_sel = table | (n << 1) */
+  volatile gsize watch_sel;
+  gsize watch_lo[2][NV_WATCH_MAX];
+  gsize watch_hi[2][NV_WATCH_MAX];
   gpointer watch_cb;     /* JS NativeCallback: checks the hooks for foreign patches */
-  volatile gsize watch_paused;
+  volatile gsize watch_paused[NV_WATCH_PAUSED];  /* OS thread ids, 0 = free */
 } NvState;
 
 extern NvState nv_state;
@@ -778,36 +780,64 @@ nv_on_protect (GumInvocationContext * ic)
 {
   gsize a = GPOINTER_TO_SIZE (gum_invocation_context_get_nth_argument (ic, 0));
   gsize n = GPOINTER_TO_SIZE (gum_invocation_context_get_nth_argument (ic, 1));
-  gsize i, count = nv_state.n_watch;
+  gsize sel = nv_state.watch_sel;
+  gsize t = sel & 1, count = sel >> 1;
+  gsize i;
 
-  if (nv_state.watch_paused || nv_state.watch_cb == NULL)
+  if (nv_state.watch_cb == NULL)
     return;
   for (i = 0; i != count && i != NV_WATCH_MAX; i++)
   {
-    if (a < nv_state.watch_hi[i] && a + n > nv_state.watch_lo[i])
+    if (a < nv_state.watch_hi[t][i] && a + n > nv_state.watch_lo[t][i])
     {
+      /* not when it is us writing our hooks (per thread: another thread's patch meanwhile
+       * must still be seen; its callback waits for the JS lock until we are done) */
+      gsize tid = nv_os_tid ();
+      for (i = 0; i != NV_WATCH_PAUSED; i++)
+      {
+        if (nv_state.watch_paused[i] == tid)
+          return;
+      }
       ((void (*) (void)) nv_state.watch_cb) ();
       return;
     }
   }
 }
 
+/* JS: fill table `t` (the one not in use), then nv_watch_publish (t, n, cb). */
 void
-nv_watch_set (gsize i, gsize lo, gsize hi)
+nv_watch_set (gsize t, gsize i, gsize lo, gsize hi)
 {
-  if (i < NV_WATCH_MAX)
+  if (t < 2 && i < NV_WATCH_MAX)
   {
-    nv_state.watch_lo[i] = lo;
-    nv_state.watch_hi[i] = hi;
+    nv_state.watch_lo[t][i] = lo;
+    nv_state.watch_hi[t][i] = hi;
   }
 }
 
-void
-nv_watch_config (gsize n, gpointer cb, gsize paused)
+gsize
+nv_watch_publish (gsize t, gsize n, gpointer cb)
 {
-  nv_state.n_watch = n;
   nv_state.watch_cb = cb;
-  nv_state.watch_paused = paused;
+  NV_BARRIER ();
+  nv_state.watch_sel = (t & 1) | ((n < NV_WATCH_MAX ? n : NV_WATCH_MAX) << 1);
+  return nv_state.watch_sel;
+}
+
+/* The calling thread's protection calls are ours (on) or not any more (off). */
+void
+nv_watch_pause (gsize tid, gsize on)
+{
+  gsize i;
+
+  for (i = 0; i != NV_WATCH_PAUSED; i++)
+  {
+    if (nv_state.watch_paused[i] == (on ? 0 : tid))
+    {
+      nv_state.watch_paused[i] = on ? tid : 0;
+      return;
+    }
+  }
 }
 
 /* Caller of a hook installed with Interceptor.replace (the slow fallback). */

@@ -288,7 +288,7 @@ def test_replacer_patching_after_attach_recorded(late_replacer: Run, profile: Pr
     before the game went on, not by the once-a-second check."""
     r = late_replacer
     assert _merge_reallocs(_fixed(profile, r.per_hook(profile))) == \
-        _merge_reallocs(_fixed(profile, r.gt.hooks))
+        _merge_reallocs(_fixed(profile, r.gt.hooks)), r.hook_details()
     details = r.hook_details()["MemoryManager::Allocate"]
     assert any("calls followed into libfake_nvhr.so" in d for d in details), details
 
