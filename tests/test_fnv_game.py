@@ -158,6 +158,7 @@ def test_late_module_hooks_exact(run: Run, profile: Profile) -> None:
     """Plugin A's fake ucrtbase is loaded after attach and called right away."""
     got = {k: v for k, v in _dll(profile, run.per_hook(profile)).items() if "ucrtbase" in k}
     want = {k: v for k, v in _dll(profile, run.gt.hooks).items() if "ucrtbase" in k}
+    assert want["ucrtbase!_recalloc"][0] > 0  # (ptr, count, size), cdecl
     assert got == want
 
 

@@ -20,7 +20,7 @@ SHARED_REFERENCE = REPO.parent / "shared" / "reference" / "fnv-entry-points.md"
 FNV = "fnv-1.4.0.525"
 ALL = [FNV, f"{FNV}-noscrap", f"{FNV}-win32", "geck-1.4.0.518"]
 DLL_EXPORTS = {"malloc", "free", "calloc", "realloc", "_aligned_malloc", "_aligned_realloc",
-               "_aligned_free", "_msize"}
+               "_aligned_free", "_msize", "_recalloc"}
 
 
 @pytest.fixture(scope="module")

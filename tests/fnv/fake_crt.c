@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <malloc.h>
+#include <string.h>
 
 #define EXPORT __attribute__((visibility("default"), noinline))
 
@@ -29,6 +30,12 @@ EXPORT void free (void *p) { __libc_free (p); }
 EXPORT void *calloc (size_t n, size_t m) { return __libc_calloc (n, m); }
 EXPORT void *realloc (void *p, size_t n) { return __libc_realloc (p, n); }
 EXPORT size_t _msize (void *p) { return malloc_usable_size (p); }
+EXPORT void *_recalloc (void *p, size_t n, size_t m) {
+  size_t old = p ? malloc_usable_size (p) : 0;
+  char *q = __libc_realloc (p, n * m);
+  if (q != NULL && n * m > old) memset (q + old, 0, n * m - old);
+  return q;
+}
 EXPORT void *_aligned_malloc (size_t n, size_t align) { return __libc_memalign (align, n); }
 EXPORT void _aligned_free (void *p) { __libc_free (p); }
 EXPORT void *_aligned_realloc (void *p, size_t n, size_t align) {

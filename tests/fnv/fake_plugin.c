@@ -170,8 +170,10 @@ EXPORT unsigned long long plugin_run (const char *crt_path, const char *tag, cou
       (void *(*) (void *, size_t, size_t)) dlsym (crt, "_aligned_realloc");
   void (*p_afree) (void *) = (void (*) (void *)) dlsym (crt, "_aligned_free");
   size_t (*p_msize) (void *) = (size_t (*) (void *)) dlsym (crt, "_msize");
+  void *(*p_recalloc) (void *, size_t, size_t) =
+      (void *(*) (void *, size_t, size_t)) dlsym (crt, "_recalloc");
   if (!p_malloc || !p_free || !p_calloc || !p_realloc || !p_amalloc || !p_arealloc || !p_afree
-      || !p_msize)
+      || !p_msize || !p_recalloc)
     abort ();
 
   unsigned long long live = 0;
@@ -195,6 +197,11 @@ EXPORT unsigned long long plugin_run (const char *crt_path, const char *tag, cou
     }
     char *c = p_calloc (4, n);
     hook (count, tag, "calloc", 4 * n);
+    if (i % 2 == 0) {
+      c = p_recalloc (c, 6, n);
+      hook (count, tag, "_recalloc", 6 * n);
+      if (c == NULL || c[6 * n - 1] != 0) abort ();
+    }
     p_free (c);
     hook (count, tag, "free", 0);
     void *a = p_amalloc (n, 64);
