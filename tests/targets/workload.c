@@ -25,6 +25,8 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <signal.h>
+#include <ucontext.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -282,7 +284,38 @@ static void save_prologues(unsigned char (*dst)[16]) {
     }
 }
 
+/* A crash report on stderr (the faulting pc and address, and the mapping the pc is in), then
+ * the default action: when a test sees this target die after the monitor left, it says where. */
+static void on_fault(int sig, siginfo_t *si, void *uc_) {
+    ucontext_t *uc = uc_;
+#if defined(__x86_64__)
+    unsigned long pc = (unsigned long)uc->uc_mcontext.gregs[REG_RIP];
+#else
+    unsigned long pc = (unsigned long)uc->uc_mcontext.gregs[REG_EIP];
+#endif
+    char msg[160];
+    int n = snprintf(msg, sizeof msg, "FAULT signal %d pc %#lx address %p\n", sig, pc, si->si_addr);
+    if (write(2, msg, (size_t)n) < 0) _exit(128 + sig);
+    FILE *maps = fopen("/proc/self/maps", "r");
+    char line[512];
+    while (maps != NULL && fgets(line, sizeof line, maps) != NULL) {
+        unsigned long lo, hi;
+        if (sscanf(line, "%lx-%lx", &lo, &hi) == 2 && lo <= pc && pc < hi &&
+            write(2, line, strlen(line)) < 0)
+            break;
+    }
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
 int main(int argc, char **argv) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_RESETHAND;
+    sigaction(SIGSEGV, &sa, NULL);
+    sigaction(SIGBUS, &sa, NULL);
+    sigaction(SIGILL, &sa, NULL);
     int wait = 0, crash = 0, give_up = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
