@@ -176,6 +176,7 @@ class LiveSession:
         self._parents: list[Any] = []  # --follow-child: sessions on the launcher (and forks)
         self._spawned: list[int] = []  # every PID we started or held, killed on a failed start
         self._launcher_pid = 0
+        self._release_thread: threading.Thread | None = None
         self._addrspace_watch: addrspace.Watch | None = None
         use_status = opts.status_line
         if use_status is None:
@@ -330,14 +331,34 @@ class LiveSession:
         self._parents.append(parent)
 
     def _release_parents(self) -> None:
-        """Let the launcher go: detaching ends child gating (later children run unmonitored)."""
+        """Let the launcher go: child gating ends (later children run unmonitored), then we
+        detach from it. On its own thread: the first call waits until the launcher's agent
+        answers. On Linux the launcher's Frida agent is still recovering from the fork (in the
+        launcher's fork(), which has not returned yet) for a while after the child execs;
+        detaching in the middle of that left the launcher blocked in fork() for good, about 1
+        follow in 60. Asking it to end gating first waits that out."""
         parents, self._parents = self._parents, []
         if self.opts.follow_child and self.device is not None:
             with contextlib.suppress(Exception):
                 self.device.off("child-added", self._on_child_added)
-        for parent in parents:
-            with contextlib.suppress(Exception):
-                parent.detach()
+        if not parents:
+            return
+
+        def release() -> None:
+            for parent in parents:
+                with contextlib.suppress(Exception):
+                    parent.disable_child_gating()
+                with contextlib.suppress(Exception):
+                    parent.detach()
+
+        self._release_thread = threading.Thread(target=release, name="nvse-monitor-release",
+                                                daemon=True)
+        self._release_thread.start()
+
+    def _join_release(self, timeout_s: float = 10.0) -> None:
+        t = self._release_thread
+        if t is not None:
+            t.join(timeout_s)
 
     # ---- the session ----------------------------------------------------------------------------
     def _preflight(self) -> None:
@@ -781,6 +802,7 @@ class LiveSession:
             except queue.Empty:
                 break
         end = self._end_message(detached)
+        self._join_release()
         if self._launcher_pid and os.name == "posix":  # --follow-child: reap the launcher
             with contextlib.suppress(OSError):
                 os.waitpid(self._launcher_pid, os.WNOHANG)
