@@ -70,6 +70,12 @@ class LeakReport:
                          f"bytes (size {sizes}, {'+'.join(g.heaps)})")
         return lines
 
+    def log_to(self, engine: Any, csv_name: str) -> None:
+        """The log_lines as WARN lines through the engine's health (so the JSON counts them), at
+        the engine's current time: what a session's end and a recording's report both log."""
+        for msg in self.log_lines(csv_name=csv_name):
+            engine.health.log(engine.now, "WARN", msg)
+
     def csv_text(self, wall_clock_zero_us: int = 0) -> str:
         out = io.StringIO()
         out.write(",".join(CSV_COLUMNS) + "\n")

@@ -148,39 +148,38 @@ class Pipeline:
         request. Called about twice a second; a stat() when nobody asks."""
         if not self.leaks_request.exists():
             return False
-        from .writers.fileio import atomic_write_text
-
         report = self.leaks_now()
         if report is None:
             return False
-        try:
-            atomic_write_text(self.leaks_path, report.csv_text(self.meta.wall_clock_zero_us))
-        except OSError as e:
-            print(f"nvse-monitor: cannot write {self.leaks_path}: {e.strerror or e}",
-                  file=self._err or sys.stderr, flush=True)
+        self._write_leaks_csv(report)
         with contextlib.suppress(OSError):
             self.leaks_request.unlink()
         return True
 
-    def _leak_report(self) -> None:
-        """At finish, before the engine's SHUTDOWN: `<prefix>_leaks.csv` and the top modules
-        and call sites as WARN lines (through the engine, so the JSON counts them)."""
-        health = getattr(self.engine, "health", None)
-        if health is None or not hasattr(self.engine, "live_allocations"):
-            return  # a stand-in engine (tests)
+    def _write_leaks_csv(self, report: LeakReport) -> str | None:
+        """`<prefix>_leaks.csv` replaced atomically; the error (also on stderr) if it failed."""
         from .writers.fileio import atomic_write_text
 
-        report = self.leak_report = from_engine(self.engine)
-        now = int(getattr(self.engine, "now", 0))
         try:
             atomic_write_text(self.leaks_path, report.csv_text(self.meta.wall_clock_zero_us))
         except OSError as e:
             error = e.strerror or str(e)
             print(f"nvse-monitor: cannot write {self.leaks_path}: {error}",
                   file=self._err or sys.stderr, flush=True)
-            self._route(self.engine.note_write_failure(now, str(self.leaks_path), error))
-        for msg in report.log_lines(csv_name=self.leaks_path.name):
-            health.log(now, "WARN", msg)
+            return error
+        return None
+
+    def _leak_report(self) -> None:
+        """At finish, before the engine's SHUTDOWN: `<prefix>_leaks.csv` and the top modules
+        and call sites as WARN lines (through the engine, so the JSON counts them)."""
+        if not hasattr(self.engine, "health") or not hasattr(self.engine, "live_allocations"):
+            return  # a stand-in engine (tests)
+        report = self.leak_report = from_engine(self.engine)
+        error = self._write_leaks_csv(report)
+        if error is not None:
+            self._route(self.engine.note_write_failure(int(self.engine.now),
+                                                       str(self.leaks_path), error))
+        report.log_to(self.engine, self.leaks_path.name)
         with contextlib.suppress(OSError):  # a request nobody will answer now: the CSV is final
             self.leaks_request.unlink()
 

@@ -121,19 +121,18 @@ class DirSource:
         its final leaks CSV."""
         if self.ended:
             self.close()
-            self._leaks = self._read() or self._leaks
-            return self._leaks
-        if self._asked:
+        elif self._asked:
             if self.request.exists():
                 return self._leaks  # not answered yet
             self._asked = False
-            self._leaks = self._read() or self._leaks
-            return self._leaks
-        try:
-            self.request.touch()
-            self._asked = True
-        except OSError:  # e.g. a read-only directory: whatever CSV is there
-            self._leaks = self._read() or self._leaks
+        else:
+            try:
+                self.request.touch()
+                self._asked = True
+                return self._leaks
+            except OSError:  # e.g. a read-only directory: whatever CSV is there
+                pass
+        self._leaks = self._read() or self._leaks
         return self._leaks
 
     @property

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import leaks as leaks_mod
+from ..engine import LARGEST
 from ..outputs import CsvRow, LogLine, Snapshot
 from ..stream import Batch
 from ..writers import FilePaths
@@ -172,9 +173,7 @@ def from_recording(path: Path, prefix: str = "MemoryPoolNVSE") -> ReportData:
         if pending:
             take(eng.feed_many(pending))
         report_leaks = leaks_mod.from_engine(eng)
-        csv_name = leaks_mod.leaks_path(".", prefix).name
-        for line in report_leaks.log_lines(csv_name=csv_name):
-            eng.health.log(eng.now, "WARN", line)
+        report_leaks.log_to(eng, leaks_mod.leaks_path(".", prefix).name)
         outs = eng.finish()
         take(outs)
         final = next(o for o in reversed(outs) if isinstance(o, Snapshot))
@@ -285,7 +284,7 @@ def from_directory(directory: Path, prefix: str) -> ReportData:
         data.largest = largest
     else:  # an older JSON: the PERF lines (allocations over 1 MiB) are what there is
         data.largest.sort(key=lambda x: -x.size)
-        data.largest = data.largest[:20]
+        data.largest = data.largest[:LARGEST]
         data.notes.append("largest allocations: from the log's PERF lines (over 1 MiB) only")
     try:
         data.leaks = leaks_mod.read_csv(leaks_mod.leaks_path(directory, prefix))
