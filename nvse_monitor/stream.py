@@ -72,6 +72,11 @@ class AgentCounters:
     bytes_allocated: int = 0
     dropped: int = 0  # records the ring had no room for
     published: int = 0  # records written to the ring
+    dropped_frees: int = 0  # FREE and REALLOC records among `dropped` (block fates uncertain)
+    stalls: int = 0  # hooked calls that waited for a free ring slot (policy `wait`)
+    stall_us: int = 0  # total µs waited by those calls
+    stall_max_us: int = 0  # the longest single wait, µs
+    unknown_records: int = 0  # records read from the shared ring that failed validation
 
 
 @dataclass
