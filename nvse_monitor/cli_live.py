@@ -13,6 +13,7 @@ import click
 from .cli import main
 from .cli_offline import file_limit_options, limits_from
 from .cli_views import metrics_options
+from .agent_host import DEFAULT_MAX_WAIT_MS
 from .pipeline import DEFAULT_OUT_DIR
 from .writers import DEFAULT_PREFIX
 
@@ -52,6 +53,14 @@ def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--ring-size", callback=_ring_size,
                      help="Agent ring slots (power of two, 64 bytes each; default 512K on 64-bit "
                      "targets, 128K on 32-bit ones, where address space is scarce)."),
+        click.option("--on-full", type=click.Choice(["wait", "drop"]), default="wait",
+                     show_default=True, help="When the agent's ring is full: the allocating "
+                     "thread waits for the monitor to catch up (lossless), or its event is "
+                     "dropped (counted; blocks whose fate it decided are marked uncertain)."),
+        click.option("--max-wait-ms", type=click.FloatRange(min=0, max=60000),
+                     default=DEFAULT_MAX_WAIT_MS, show_default=True,
+                     help="--on-full wait: the longest one call waits for a free slot before "
+                     "its event is dropped (counted)."),
         click.option("--addrspace-warn-mb", type=click.FloatRange(min=0), default=256,
                      show_default=True, help="32-bit targets: sample the address space about "
                      "once a second (<prefix>_addrspace.csv) and warn when its largest free "
@@ -83,6 +92,8 @@ def _run(kind: str, target: Any, spawn: dict[str, Any] | None = None, **kw: Any)
         metrics_port=kw["metrics_port"],
         metrics_address=kw["metrics_address"],
         top=kw["top"],
+        on_full=kw["on_full"],
+        max_wait_ms=kw["max_wait_ms"],
     )
     opts.addrspace_warn_bytes = int(kw["addrspace_warn_mb"] * 2**20)
     if kw.get("ring_size"):

@@ -336,6 +336,12 @@ class Engine:
         log(t, "INFO", f"Modules at start: {len(m.modules)}")
         log(t, "INFO", f"Tracking up to {cfg.max_tracked} live allocations; large allocation "
             f"threshold {cfg.large_alloc_bytes} bytes")
+        transport = m.extra.get("transport")
+        if transport:  # live sessions since 0.3.0 (older recordings do not say)
+            on_full = m.extra.get("on_full")
+            policy = (f"; full ring: {on_full}" + (f" up to {m.extra.get('max_wait_ms'):g} ms per "
+                      "call" if on_full == "wait" else "")) if on_full else ""
+            log(t, "INFO", f"Transport: {transport}{policy}")
         self.health.start(t)
 
     def _end_feed(self) -> None:

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 import frida
 
 from . import __version__, addrspace, fnv
-from .agent_host import default_ring_slots
+from .agent_host import DEFAULT_MAX_WAIT_MS, MAX_INFLIGHT_RECORDS, default_ring_slots
 from .live_status import StatusLine
 from .pipeline import Pipeline
 from .stream import (
@@ -71,6 +71,9 @@ class SessionOptions:
     record: Path | None = None
     duration: float | None = None  # seconds, then stop like Ctrl-C
     ring_slots: int | None = None  # None: agent_host.default_ring_slots(target arch)
+    on_full: str = "wait"  # a full ring: producers wait (bounded by max_wait_ms) or drop
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS
+    transport: str = "shm"  # "messages": the agent drains and sends (tests, benchmarks)
     large_alloc_bytes: int = 1 << 20
     drain_interval_ms: int = 10
     # Agent batch size: measured on 2 cores under load, 64 KiB batches sustain 5 M events/s
@@ -470,6 +473,10 @@ class LiveSession:
                 large_alloc_bytes=self.opts.large_alloc_bytes,
                 drain_interval_ms=self.opts.drain_interval_ms,
                 max_batch_bytes=self.opts.max_batch_bytes,
+                on_full=self.opts.on_full,
+                max_wait_ms=self.opts.max_wait_ms,
+                transport=self.opts.transport,
+                max_inflight_records=MAX_INFLIGHT_RECORDS,
             )
         except ValueError as exc:
             raise SessionError(str(exc)) from None
@@ -483,7 +490,8 @@ class LiveSession:
             raise SessionError(f"PID {self.pid}: {exc}") from None
         init_result = self.agent.init_result
         self.meta = self.agent.session_meta(
-            target=info.main_module, mode=self.mode, ring_slots=ring_slots
+            target=info.main_module, mode=self.mode, ring_slots=ring_slots,
+            on_full=self.opts.on_full, max_wait_ms=self.opts.max_wait_ms,
         )
         self.meta.utc_offset_s = _utc_offset_s()
         self.meta.monitor_version = __version__
@@ -704,6 +712,8 @@ class LiveSession:
         self._messages += 1
         if isinstance(msg, Batch):
             self._records += len(msg.records)
+            if self.agent is not None:
+                self.agent.ack(len(msg.records))  # flow control: the reader may hand on more
             self._last_counters = msg.counters
             self._last_ts = max(self._last_ts, msg.now_us)
         else:
