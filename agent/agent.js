@@ -1172,7 +1172,7 @@ function foreignCodeRefs() {
     }
   }
   if (lo === null) throw new Error('the CModule is not in /proc/self/maps');
-  const ours = [[lo, hi], [st, st.add(STATE_BYTES)],
+  const ours = [[lo, hi], [st, st.add(STATE_BYTES)], [shared, shared.add(HEADER_BYTES)],
     [origTable, origTable.add(Math.max(1, planSlots) * Process.pointerSize)]];
   const inside = (t) => ours.some(([a, b]) => t.compare(a) >= 0 && t.compare(b) < 0);
   const bad = [];

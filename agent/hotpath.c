@@ -134,9 +134,10 @@ typedef struct
 #define NV_HEADER_BYTES 4096
 #define NV_KIND_MARK 5          /* a marker record: ptr = control message number (JS) */
 #define NV_SPIN 64              /* full ring: pause this many times, */
-#define NV_YIELDS 192           /* then yield up to here, then sleep NV_SLEEP_US steps */
+#define NV_YIELDS 96            /* then yield up to here, then sleep, from NV_SLEEP_US up */
 #define NV_SLEEP_US 50
-#define NV_HOST_STALL_US 500000 /* no look at the ring for this long: the host is gone or hung */
+#define NV_SLEEP_MAX_US 1000
+#define NV_HOST_STALL_US 3000000 /* no heartbeat for this long: the host is gone or hung */
 
 typedef struct
 {
@@ -191,7 +192,7 @@ extern gint32 __attribute__ ((stdcall)) SwitchToThread (void);
 extern void __attribute__ ((stdcall)) Sleep (guint32 ms);
 static gsize nv_os_tid (void) { return GetCurrentThreadId (); }
 static void nv_yield (void) { SwitchToThread (); }
-static void nv_sleep_step (void) { Sleep (1); }  /* the shortest sleep Windows has */
+static void nv_sleep_step (guint32 us) { (void) us; Sleep (1); }  /* Windows' shortest */
 #else
 extern long syscall (long number, ...);
 extern int sched_yield (void);
@@ -203,7 +204,7 @@ extern int usleep (guint32 us);
 # endif
 static gsize nv_os_tid (void) { return (gsize) syscall (NV_SYS_GETTID); }
 static void nv_yield (void) { sched_yield (); }
-static void nv_sleep_step (void) { usleep (NV_SLEEP_US); }
+static void nv_sleep_step (guint32 us) { usleep (us); }
 #endif
 
 static inline gsize
@@ -408,11 +409,13 @@ nv_count_stall (guint64 us)
 }
 
 /*
- * The ring is full. Policy `wait`: spin, then yield, then sleep in short steps until the reader
- * frees a slot (returns 1: reserve again), at most max_wait_us; then, or at once under policy
- * `drop`, while unloading, when the host has stopped looking, or on a Frida thread: returns 0
- * and the caller counts a drop. Never called with a lock held by us; the thread's TLS word says
- * "inside", so whatever the yield/sleep calls allocate passes straight through.
+ * The ring is full. Policy `wait`: spin, then yield, then sleep in growing steps (50 µs to 1 ms:
+ * waiting threads leave the CPU to the host) until the reader frees a slot (returns 1: reserve
+ * again), at most max_wait_us. Returns 0, and the caller counts a drop, at once under policy
+ * `drop`, while unloading, on a Frida thread, and while the host is marked stalled: it gave no
+ * heartbeat for NV_HOST_STALL_US, or a wait ran out; the host clears the mark when it takes
+ * records again, so a stuck host costs one wait, not one per call. Never called with a lock held
+ * by us; the thread's TLS word says "inside", so what yield/sleep allocate passes through.
  */
 static int
 nv_full (gsize th)
@@ -420,6 +423,7 @@ nv_full (gsize th)
   guint64 t0, now;
   gsize polls, i;
   guint64 polled_at;
+  guint32 nap = NV_SLEEP_US;
   if (nv_shared.on_full == 0 || nv_shared.closing || nv_shared.host_stalled
       || nv_is_late (th >> 2))
     return 0;
@@ -441,7 +445,11 @@ nv_full (gsize th)
     else if (i < NV_YIELDS)
       nv_yield ();
     else
-      nv_sleep_step ();
+    {
+      nv_sleep_step (nap);
+      if (nap < NV_SLEEP_MAX_US)
+        nap += nap;
+    }
     if (i >= NV_SPIN)
     {
       now = nv_clock ();
@@ -458,6 +466,7 @@ nv_full (gsize th)
       if (now - t0 >= nv_shared.max_wait_us)
       {
         nv_fetch_add (&nv_shared.wait_timeouts, 1);
+        nv_shared.host_stalled = 1;
         break;
       }
       if (nv_is_late (th >> 2))
@@ -468,9 +477,9 @@ nv_full (gsize th)
   return 0;
 }
 
-/* A position for one record, or NULL when it is dropped (counted here). */
+/* A position for one record, or NULL when it is dropped (the caller counts the drop). */
 static NvSlot *
-nv_reserve (gsize * pos_out, guint kind, guint64 bytes, gsize th)
+nv_reserve (gsize * pos_out, gsize th)
 {
   volatile gsize * headp = &nv_shared.head;
   gsize h = *headp;
@@ -481,10 +490,7 @@ nv_reserve (gsize * pos_out, guint kind, guint64 bytes, gsize th)
     if ((gssize) (h - nv_shared.tail) >= (gssize) nv_state.slots)
     {
       if (!nv_full (th))
-      {
-        nv_drop (kind, bytes);
         return NULL;
-      }
       h = *headp;
       continue;
     }
@@ -540,9 +546,12 @@ nv_emit (guint kind, guint hook, gsize ptr, gsize old_ptr, guint64 size, gpointe
     gsize prev;
     if ((gssize) (h - nv_shared.tail) >= (gssize) nv_state.slots)  /* signed: see nv_reserve */
     {
-      s = nv_reserve (&h, kind, NV_DROPPED_BYTES (kind, ptr, size), th);
+      s = nv_reserve (&h, th);
       if (s == NULL)
+      {
+        nv_drop (kind, NV_DROPPED_BYTES (kind, ptr, size));
         return;
+      }
       break;
     }
     asm volatile ("lock; cmpxchg %2, %1"
@@ -591,12 +600,12 @@ nv_free_before (guint hook, gsize ptr, gpointer caller, gsize th)
 }
 
 /* A REALLOC holds its slot across the call: reserved before (the old block may be released),
-   filled and published after (the new block is known). A drop is counted as a realloc with
-   unknown outcome (bytes unknown too). */
+   filled and published after (the new block is known); a drop is counted then, with its
+   outcome. */
 static inline NvSlot *
 nv_realloc_begin (gsize * pos, guint64 * t0, guint64 size, gsize th)
 {
-  NvSlot * s = nv_reserve (pos, KIND_REALLOC, 0, th);
+  NvSlot * s = nv_reserve (pos, th);
   *t0 = size > nv_state.large_bytes ? nv_clock () : 0;
   return s;
 }
@@ -607,10 +616,13 @@ nv_realloc_end (NvSlot * s, gsize pos, guint64 t0, guint hook, gsize result, gsi
 {
   guint kind = KIND_REALLOC;
   guint64 dur = 0;
-  if (s == NULL)
-    return;
   if (result == 0 && size != 0)
     kind = KIND_FAILED;
+  if (s == NULL)
+  {
+    nv_drop (kind, NV_DROPPED_BYTES (kind, result, size));
+    return;
+  }
   if (t0 != 0)
     dur = nv_clock () - t0;
   NV_FILL (&s->rec, pos, kind, hook, result, old_ptr,

@@ -48,10 +48,11 @@ DEFAULT_RING_SLOTS = 1 << 17  # 8 MiB ring: ~25 ms of a 5 M events/s burst, ~1 s
 # 1 M events/s (bench/soak.py dropped bursts with 128K slots on a busy machine).
 DEFAULT_RING_SLOTS_64 = 1 << 19
 ON_FULL = ("wait", "drop")
-# A producer waits at most this long for a slot per call, then drops (counted). Long enough to
-# ride out a host that is descheduled on a loaded machine; a host that stops looking at the
-# ring altogether is noticed after 0.5 s, and then nobody waits (hotpath.c NV_HOST_STALL_US).
-DEFAULT_MAX_WAIT_MS = 1000
+# A producer waits at most this long for a slot per call, then drops (counted), and later calls
+# drop at once until the host takes records again. Long enough to ride out a host that a loaded
+# machine deschedules for a second; a host that stops its heartbeat altogether is noticed after
+# 3 s (hotpath.c NV_HOST_STALL_US); a host that dies unloads the agent, which lets waiters go.
+DEFAULT_MAX_WAIT_MS = 5000
 # Records handed on but not yet fed to the engine, at most (live sessions: ~56 MiB).
 MAX_INFLIGHT_RECORDS = 1 << 20
 
@@ -238,6 +239,17 @@ class AgentHandle:
         """Agent time (µs since its time zero) now, from the host's clock."""
         return max(0, _host_clock_us() - self._clock_base)
 
+    def final_read(self) -> AgentCounters | None:
+        """The session ends without stop() (the target exited, crashed or was killed): read
+        what the target published into the shared ring before it went. Idempotent."""
+        if self.reader is None:
+            return None
+        with self._lock:
+            if self.final_counters is not None:
+                return self.final_counters
+            self.final_counters = self.reader.final()
+            return self.final_counters
+
     def ack(self, records: int) -> None:
         """Flow control: the consumer has fed this many records."""
         if self.reader is not None:
@@ -271,8 +283,7 @@ class AgentHandle:
         self.left_hooked = list(result.get("left_hooked", []))
         self.late_frida_tids = list(result.get("late_frida_tids", []))
         if self.reader is not None:  # hooks are off: read what is left, then the exact counts
-            self.final_counters = self.reader.drain()
-            self.reader.stop()
+            self.final_counters = self.reader.final(2.0)
         else:
             self.final_counters = _counters(result["counters"])
         return self.final_counters
@@ -306,20 +317,23 @@ class AgentHandle:
 
 
 def load_agent(session: Any, profile: Profile, config: AgentConfig | None = None,
-               on_message: Callable[[StreamMessage], None] | None = None) -> AgentHandle:
+               on_message: Callable[[StreamMessage], None] | None = None,
+               lock: bool = True) -> AgentHandle:
     """Create the agent script in a frida Session, initialise it, and return its handle.
-    `handle.init_result` is the agent's init answer (pid, arch, modules, hook results...)."""
+    `handle.init_result` is the agent's init answer (pid, arch, modules, hook results...).
+    `lock`: take the one-monitor-per-process lock here (False: the caller holds it, taken
+    before it attached, so that a refused second monitor never touches the target)."""
     config = config or AgentConfig()
     pid = getattr(getattr(session, "_impl", None), "pid", None)
-    lock = None
-    if pid is not None:
+    lock_held = None
+    if pid is not None and lock:
         try:
-            lock = TargetLock(int(pid))
+            lock_held = TargetLock(int(pid))
         except TargetBusy as exc:
             raise AgentLoadError(str(exc)) from None
     script = session.create_script(agent_source(), name="nvse-monitor")
     handle = AgentHandle(script, profile, on_message)
-    handle.target_lock = lock
+    handle.target_lock = lock_held
     script.on("message", handle._handle)
     try:
         script.load()

@@ -50,7 +50,8 @@ from .stream import (
 )
 
 MAGIC = b"\x89NVMREC\n"  # non-ASCII first byte and a newline: catches text-mode mangling
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: batch tables carry the wait/validation counters (codec.py); 1 is read
+READ_VERSIONS = (1, 2)
 FILE_HEADER = struct.Struct("<8sHHI")  # magic, version, flags (0), reserved (0)
 FRAME_HEADER = struct.Struct("<BBHII")  # type, flags (0), reserved (0), payload length, CRC32
 
@@ -290,10 +291,10 @@ class Recording:
                 len(head), f"truncated header (file is {len(head)} bytes, need {FILE_HEADER.size})"
             )
         _, version, _flags, _ = FILE_HEADER.unpack(head)
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             raise self._err(
                 len(MAGIC), f"unsupported format version {version} (this reader knows "
-                f"{FORMAT_VERSION}; a newer nvse-monitor may read it)"
+                f"{', '.join(map(str, READ_VERSIONS))}; a newer nvse-monitor may read it)"
             )
         return version
 
@@ -377,7 +378,7 @@ class Recording:
                 raise self._err(start, "recording cut short: no trailer after the last frame")
             if ftype == FRAME_CHUNK:
                 try:
-                    rows, records = decode_chunk(payload)
+                    rows, records = decode_chunk(payload, self.version)
                 except ChunkError as e:
                     raise self._err(start, f"bad chunk ({e})") from None
                 pos = 0

@@ -181,6 +181,7 @@ class LiveSession:
         self._launcher_pid = 0
         self._release_thread: threading.Thread | None = None
         self._addrspace_watch: addrspace.Watch | None = None
+        self._target_lock: Any = None  # capture/shm.TargetLock while attached
         use_status = opts.status_line
         if use_status is None:
             use_status = bool(getattr(self.err, "isatty", lambda: False)()) and not opts.top
@@ -217,8 +218,12 @@ class LiveSession:
                     "see it: permission denied (run as the target's user or as root)") from None
             raise
         self.pid = ref.pid
-        self.session = self._attach(ref.pid, f"attach to {ref.name} (PID {ref.pid})")
-        return self._run()
+        self._lock_target(ref.pid)
+        try:
+            self.session = self._attach(ref.pid, f"attach to {ref.name} (PID {ref.pid})")
+            return self._run()
+        finally:
+            self._target_lock.release()
 
     def run_spawn(self, argv: list[str]) -> SessionResult:
         if not argv:
@@ -393,6 +398,15 @@ class LiveSession:
             raise SessionError(
                 f"cannot write to output directory {out}: {exc.strerror or exc}") from None
 
+    def _lock_target(self, pid: int) -> None:
+        """One monitor per process, checked before we touch it (capture/shm.TargetLock)."""
+        from .capture.shm import TargetBusy, TargetLock
+
+        try:
+            self._target_lock = TargetLock(pid)
+        except TargetBusy as exc:
+            raise TargetError(str(exc)) from None
+
     def _attach(self, pid: int, what: str) -> frida.core.Session:
         assert self.device is not None
         try:
@@ -484,7 +498,8 @@ class LiveSession:
         early: list[Any] = []
         try:
             self.agent = self._call_in_worker(
-                "init", lambda: load_agent(self.session, profile, config, self._on_stream), early
+                "init", lambda: load_agent(self.session, profile, config, self._on_stream,
+                                           lock=self._target_lock is None), early
             )
         except AgentLoadError as exc:
             raise SessionError(f"PID {self.pid}: {exc}") from None
@@ -805,6 +820,10 @@ class LiveSession:
 
     def _finish(self, detached: _Detached) -> SessionResult:
         assert self.pipeline is not None and self.meta is not None
+        if self.agent is not None and self._final_counters is None:
+            # the target went first: its last records are still in our view of the ring
+            with contextlib.suppress(Exception):
+                self._final_counters = self.agent.final_read()
         # Items queued after the detach notice (a late stop() result) still count.
         while True:
             try:

@@ -26,6 +26,9 @@ from ..stream import AgentCounters, Batch, StreamMessage
 from . import ringlayout as rl
 
 POLL_BUSY_S = 0.001
+# Records per Batch handed on: the engine takes GIL-holding numpy passes over a batch, and the
+# reader must get its turn often (producers may be waiting for it).
+BATCH_RECORDS = 1 << 16
 POLL_IDLE_MAX_S = 0.02
 EMPTY_BATCH_S = 0.25  # a quiet ring still advances time this often
 CLASSIFY_WAIT_S = 1.0  # records of threads JS has not classified yet wait at most this long
@@ -84,7 +87,7 @@ class RingReader:
         return struct.unpack_from("<I", self._mv, off)[0]
 
     def _unwrap(self, raw: int, near: int) -> int:
-        """A wrapped word as the 64-bit value nearest at or after `near`."""
+        """A wrapped word as the 64-bit value at or after `near` (within one wrap)."""
         return near + ((raw - near) & self._mask)
 
     # ------------------------------------------------------------ thread
@@ -136,6 +139,22 @@ class RingReader:
                     time.sleep(0.001)
             return self.counters()
 
+    def final(self, until_empty_s: float = 0.5) -> AgentCounters:
+        """The target is gone (or the session over): whatever it published is still in our
+        view of the mapping; read it all. Slots reserved but never published (a thread ended
+        mid-call) are counted lost, which makes block fates uncertain."""
+        self.stop()  # also ends flow control: the caller may be the consumer itself
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+        self.drain(until_empty_s)
+        with self._lock:
+            head = self._unwrap(self._get(rl.OFF_HEAD), self.tail)
+            if 0 < head - self.tail <= self.layout.slots:
+                self._c["lost_slots"] += head - self.tail
+                self.tail = head
+                self._send(np.empty(0, RECORD_DTYPE), self._now())  # the counters say so
+            return self.counters()
+
     # ------------------------------------------------------------ control messages in order
     def control(self, mark: int, msg: StreamMessage) -> None:
         """A control message that a marker record places (from Frida's thread)."""
@@ -148,6 +167,7 @@ class RingReader:
         with self._marks_cv:
             while mark not in self._marks and time.monotonic() < deadline:
                 self._marks_cv.wait(0.01)
+                self._beat()
             msg = self._marks.pop(mark, None)
         if msg is not None:
             self._emit(msg)
@@ -172,12 +192,15 @@ class RingReader:
                                            self._stalls[i])
         self._stalls[2] = self._get(rl.OFF_STALLS + 2 * self.layout.ptr_size)
 
-    def _poll(self, force_emit: bool = False) -> int:
-        """One look: returns the number of records taken."""
-        ps = self.layout.ptr_size
+    def _beat(self) -> None:
+        """The host's heartbeat: producers waiting on a full ring give up when it stops (a
+        host that is gone or hung), not while we wait for the engine or for JS."""
         self.polls += 1
         self._put(rl.OFF_HOST_POLLS, self.polls)
-        struct.pack_into("<I", self._mv, rl.OFF_HOST_STALLED, 0)
+
+    def _poll(self, force_emit: bool = False) -> int:
+        """One look: returns the number of records taken."""
+        self._beat()
         head = self._unwrap(self._get(rl.OFF_HEAD), self.tail)
         if head - self.tail > self.layout.slots:  # garbage: a head never runs that far ahead
             head = self.tail + self.layout.slots
@@ -211,6 +234,7 @@ class RingReader:
                 out.append(self._rec[i0:i0 + k].copy())
                 self.tail += k
                 self._put(rl.OFF_TAIL, self.tail)
+                struct.pack_into("<I", self._mv, rl.OFF_HOST_STALLED, 0)  # waiting is worth it
                 self._stuck_since = None
             if k < cnt:
                 self._skip_stuck()
@@ -252,13 +276,17 @@ class RingReader:
         if start < len(recs):
             self._records(recs[start:], now)
 
+    def _records(self, recs: np.ndarray, now: int) -> None:
+        for i in range(0, len(recs), BATCH_RECORDS):
+            self._batch(recs[i:i + BATCH_RECORDS], now)
+
     def _prune_anchors(self) -> None:
         keep = max(0, int(np.searchsorted(self._anchor_pos, self.tail, side="right")) - 1)
         if keep:
             del self._anchor_pos[:keep]
             del self._anchor_us[:keep]
 
-    def _records(self, recs: np.ndarray, now: int) -> None:
+    def _batch(self, recs: np.ndarray, now: int) -> None:
         kind = recs["kind"]
         valid = (kind >= Kind.ALLOC) & (kind <= Kind.FAILED) & (recs["hook"] < self.nhooks)
         if not valid.all():
@@ -296,6 +324,7 @@ class RingReader:
         while ((self._get(rl.OFF_NEW_HEAD + ps) - need) & self._mask) > self._mask // 2 \
                 and time.monotonic() < deadline and not self._stop.is_set():
             time.sleep(0.001)
+            self._beat()
         n_late = min(self._get(rl.OFF_NEW_HEAD + 2 * ps), rl.LATE_TIDS)
         if n_late == 0:
             return np.empty(0, np.uint32)
@@ -309,7 +338,8 @@ class RingReader:
             with self._inflight_cv:
                 while (self._inflight_max is not None and self._inflight > 0
                        and self._inflight + n > self._inflight_max):
-                    self._inflight_cv.wait(0.1)
+                    self._inflight_cv.wait(0.01)  # the engine is behind: the ring waits
+                    self._beat()
                 self._inflight += n
         self._last_emit = time.monotonic()
         self._emit(Batch(now_us=max(now, self._last_ts), counters=self.counters(), records=recs))

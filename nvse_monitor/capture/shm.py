@@ -22,7 +22,7 @@ from typing import Any
 
 from .ringlayout import Layout, init_header
 
-SHM_DIR = "/dev/shm"
+SHM_DIR = "/dev/shm"  # NVSE_MONITOR_SHM_DIR overrides it (another tmpfs; tests)
 
 
 class MappingError(OSError):
@@ -46,9 +46,10 @@ class SharedRing:
             except OSError as exc:
                 raise MappingError(f"cannot create {self.name}: {exc}") from None
         else:
-            if not os.path.isdir(SHM_DIR):
-                raise MappingError(f"{SHM_DIR} does not exist")
-            self.path = os.path.join(SHM_DIR, f"nvse-monitor-{os.getpid()}-{token}")
+            where = os.environ.get("NVSE_MONITOR_SHM_DIR") or SHM_DIR
+            if not os.path.isdir(where):
+                raise MappingError(f"{where} does not exist")
+            self.path = os.path.join(where, f"nvse-monitor-{os.getpid()}-{token}")
             flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) \
                 | getattr(os, "O_CLOEXEC", 0)
             try:
