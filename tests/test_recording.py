@@ -316,12 +316,12 @@ def test_wrong_magic_and_unknown_version(tmp_path, recorded):
         open_recording(p)
     check_error(ei.value, p, 0)
     assert "bad magic" in str(ei.value)
-    data[8:10] = struct.pack("<H", 2)
+    data[8:10] = struct.pack("<H", 3)
     p.write_bytes(bytes(data))
     with pytest.raises(RecordingError) as ei:
         open_recording(p)
     check_error(ei.value, p, 8)
-    assert "unsupported format version 2" in str(ei.value)
+    assert "unsupported format version 3" in str(ei.value)
 
 
 def test_flipped_byte_in_every_frame_is_caught_by_its_crc(tmp_path, recorded, session):
