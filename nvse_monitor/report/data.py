@@ -288,6 +288,9 @@ def from_directory(directory: Path, prefix: str) -> ReportData:
         data.notes.append("largest allocations: from the log's PERF lines (over 1 MiB) only")
     try:
         data.leaks = leaks_mod.read_csv(leaks_mod.leaks_path(directory, prefix))
+        until = (doc.get("monitor") or {}).get("uncertain_fate_until_us")
+        if data.leaks.uncertain_allocations and isinstance(until, int):
+            data.leaks.uncertain_until_us = until  # the CSV does not say when
     except FileNotFoundError:
         data.notes.append("no leaks CSV yet (written when the session ends)")
     except (OSError, ValueError, KeyError) as e:
