@@ -307,3 +307,23 @@ def test_chromium_here_is_offline(tmp_path):
                     "</body></html>")
     r = chromium(tmp_path, "--dump-dom", page.as_uri())
     assert 'data-p="undefined"' in r.stdout, r.stdout[-500:]
+
+
+@pytest.mark.parametrize("kind", ["recording", "directory"])
+def test_report_shows_stalls_and_uncertain_blocks(tmp_path, kind):
+    import ring_session
+
+    rec = ring_session.write(tmp_path / "ring.nvmrec")
+    source = rec
+    if kind == "directory":
+        source = tmp_path / "out"
+        replay(rec, source)
+    build_report(source, tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert '<div class="k">stalls</div><div class="v">250 <span class="note">(1.50 s, longest ' \
+        '50.0 ms)</span></div>' in html
+    assert '<div class="k">uncertain blocks</div><div class="v">1</div>' in html
+    assert "Uncertain: 1 blocks, 40 bytes set aside, not leaks" in html
+    assert "allocated at or before 0.200000 s" in html
+    assert "Leaks: 1 blocks, 7 bytes live at end" in html
+    assert "Stall burst: 250 hooked calls waited for a free ring slot" in html
