@@ -101,6 +101,8 @@ def _run(kind: str, target: Any, spawn: dict[str, Any] | None = None, **kw: Any)
     # The agent's exact call counts (the files count reallocs as free + alloc).
     tail = (f", {c.allocs:,} alloc calls, {c.reallocs:,} realloc calls, {c.frees:,} frees, "
             f"{c.dropped:,} dropped" if c is not None else "")
+    if c is not None and c.stalls:  # --on-full wait: calls that waited for a ring slot
+        tail += f", {c.stalls:,} stalls ({c.stall_us:,} µs, longest {c.stall_max_us:,} µs)"
     how = "" if end.expected else f" (unexpected: {end.crash})" if end.crash else " (unexpected)"
     click.echo(
         f"nvse-monitor: session ended: {end.reason}{how}{tail}; "
