@@ -522,3 +522,22 @@ def test_invalid_ring_records_warn_degrade_and_make_fates_uncertain() -> None:
     assert e.uncertain_until == 20
     snaps = [o for o in out if isinstance(o, Snapshot)]
     assert snaps[-1].monitor["unknown_records"] == 4
+
+
+def test_feed_many_matches_feed_with_ring_counters(tmp_path) -> None:
+    import ring_session
+
+    from nvse_monitor.recording import read_recording
+
+    meta_, msgs = read_recording(ring_session.write(tmp_path / "ring.nvmrec"))
+    e1 = Engine(meta_)
+    o1 = e1.start()
+    for m in msgs:
+        o1 += e1.feed(m)
+    o1 += e1.finish()
+    e2 = Engine(meta_)
+    o2 = e2.start() + e2.feed_many(msgs) + e2.finish()
+    lines1 = [o for o in o1 if not isinstance(o, Snapshot)]
+    assert any("Stall burst: 250 " in getattr(o, "message", "") for o in lines1)
+    assert lines1 == [o for o in o2 if not isinstance(o, Snapshot)]
+    assert o1[-1] == o2[-1] and e1.uncertain_until == e2.uncertain_until == 200_000
