@@ -76,7 +76,7 @@ class AgentConfig:
     ignore_tids: tuple[int, ...] = ()  # threads never recorded (Frida's own never are)
     defines: tuple[str, ...] = ()  # bench/tests only: NV_BENCH_* variants of the hot path
     on_full: str = "wait"  # a producer finding the ring full: "wait" (bounded) or "drop"
-    max_wait_ms: float = DEFAULT_MAX_WAIT_MS
+    max_wait_ms: int = DEFAULT_MAX_WAIT_MS
     # "shm": the host reads the ring from a shared mapping; "messages": the agent drains it
     # and sends batches (also the fallback when no mapping can be made)
     transport: str = "shm"
@@ -120,8 +120,7 @@ def agent_source() -> str:
 
 
 def _counters(d: dict[str, Any]) -> AgentCounters:
-    known = AgentCounters.__dataclass_fields__
-    return AgentCounters(**{k: int(v) for k, v in d.items() if k in known})
+    return AgentCounters.from_dict(d)
 
 
 def _host_clock_us() -> int:

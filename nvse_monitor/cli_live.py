@@ -57,7 +57,7 @@ def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="When the agent's ring is full: the allocating "
                      "thread waits for the monitor to catch up (lossless), or its event is "
                      "dropped (counted; blocks whose fate it decided are marked uncertain)."),
-        click.option("--max-wait-ms", type=click.FloatRange(min=0, max=60000),
+        click.option("--max-wait-ms", type=click.IntRange(min=0, max=60000),
                      default=DEFAULT_MAX_WAIT_MS, show_default=True,
                      help="--on-full wait: the longest one call waits for a free slot before "
                      "its event is dropped (counted)."),
@@ -112,6 +112,8 @@ def _run(kind: str, target: Any, spawn: dict[str, Any] | None = None, **kw: Any)
     # The agent's exact call counts (the files count reallocs as free + alloc).
     tail = (f", {c.allocs:,} alloc calls, {c.reallocs:,} realloc calls, {c.frees:,} frees, "
             f"{c.dropped:,} dropped" if c is not None else "")
+    if c is not None and c.stalls:  # --on-full wait: calls that waited for a ring slot
+        tail += f", {c.stalls:,} stalls ({c.stall_us:,} µs, longest {c.stall_max_us:,} µs)"
     how = "" if end.expected else f" (unexpected: {end.crash})" if end.crash else " (unexpected)"
     click.echo(
         f"nvse-monitor: session ended: {end.reason}{how}{tail}; "

@@ -1,13 +1,13 @@
 """Columnar compression of record chunks (the payload of a recording's chunk frame).
 
-A chunk holds consecutive Batches: a batch table (now_us, the AgentCounters, the number of
-records) and the records of all of them. Format version 1 has the first seven counters (up to
-`published`); version 2 all twelve (the wait and validation tallies of 0.3.0). Every column is encoded on its own: optionally
-zigzag delta (signed difference to the previous value), narrowed to the smallest of 1/2/4/8
-bytes that holds every value, and byte-shuffled (all low bytes, then all next bytes...) so that
-zlib sees long runs of similar bytes. Record fields other than ts_us, seq and kind are stored
-grouped by kind (stable), so that e.g. FREE records' zero sizes sit together. Layout: see
-docs/format.md. Everything is vectorised with numpy; nothing loops per record.
+A chunk holds consecutive Batches: a batch table (now_us, the AgentCounters of the file's
+format version: 7 in version 1, 12 in version 2; the number of records) and the records of
+all of them. Every column is encoded on its own: optionally zigzag delta (signed difference
+to the previous value), narrowed to the smallest of 1/2/4/8 bytes that holds every value, and
+byte-shuffled (all low bytes, then all next bytes...) so that zlib sees long runs of similar
+bytes. Record fields other than ts_us, seq and kind are stored grouped by kind (stable), so
+that e.g. FREE records' zero sizes sit together. Layout: see docs/format.md. Everything is
+vectorised with numpy; nothing loops per record.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from .stream import AgentCounters
 
 COUNTER_FIELDS = tuple(f.name for f in dataclasses.fields(AgentCounters))
 BATCH_COLUMNS = ("now_us", *COUNTER_FIELDS, "n_records")
-# counters in each format version's batch table (recording.FORMAT_VERSION)
+# The counters a chunk's batch table holds, per recording format version (docs/format.md):
+# version 1 predates the shared-memory ring's counters (read as 0).
 COUNTERS_BY_VERSION = {1: COUNTER_FIELDS[:7], 2: COUNTER_FIELDS}
 RECORD_FIELDS = tuple(RECORD_DTYPE.names or ())
 # fields kept in stream order; the others are stored grouped by kind
@@ -164,7 +165,10 @@ class _Body:
 
 
 def decode_chunk(payload: bytes, version: int = 2) -> tuple[list[BatchRow], np.ndarray]:
-    """Inverse of encode_chunk. Raises ChunkError (bounded work and memory on any input)."""
+    """Inverse of encode_chunk (`version`: the recording's format version, which says which
+    counters the batch table holds). Raises ChunkError (bounded work and memory on any input)."""
+    counter_fields = COUNTERS_BY_VERSION[version]
+    batch_columns = ("now_us", *counter_fields, "n_records")
     if len(payload) < CHUNK_HEADER.size:
         raise ChunkError(f"chunk payload of {len(payload)} bytes is shorter than its header")
     n_batches, n_records, raw_size, codec = CHUNK_HEADER.unpack_from(payload)
@@ -172,8 +176,6 @@ def decode_chunk(payload: bytes, version: int = 2) -> tuple[list[BatchRow], np.n
         raise ChunkError(f"unknown chunk codec {codec}")
     if n_records > MAX_CHUNK_RECORDS or n_batches > MAX_CHUNK_BATCHES:
         raise ChunkError(f"absurd chunk counts ({n_batches} batches, {n_records} records)")
-    counter_fields = COUNTERS_BY_VERSION[version]
-    batch_columns = ("now_us", *counter_fields, "n_records")
     most = COLUMN_HEADER.size * (len(batch_columns) + len(RECORD_FIELDS)) + (
         n_batches * len(batch_columns) * 8 + n_records * RECORD_SIZE
     )

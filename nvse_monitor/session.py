@@ -72,7 +72,7 @@ class SessionOptions:
     duration: float | None = None  # seconds, then stop like Ctrl-C
     ring_slots: int | None = None  # None: agent_host.default_ring_slots(target arch)
     on_full: str = "wait"  # a full ring: producers wait (bounded by max_wait_ms) or drop
-    max_wait_ms: float = DEFAULT_MAX_WAIT_MS
+    max_wait_ms: int = DEFAULT_MAX_WAIT_MS
     transport: str = "shm"  # "messages": the agent drains and sends (tests, benchmarks)
     large_alloc_bytes: int = 1 << 20
     drain_interval_ms: int = 10

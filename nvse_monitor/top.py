@@ -308,6 +308,9 @@ class Dashboard:
         grid.add_column(ratio=1)
         grid.add_row(Panel(act, title="activity"), Panel(mem, title="memory"))
         parts: list[RenderableType] = [head, grid, mods]
+        ring = ring_line(mon)
+        if ring is not None:
+            parts.insert(2, ring)
         parts.append(Panel(warn, title="last warnings"))
         if self.show_leaks:
             parts.append(self._leak_panel(width))
@@ -325,8 +328,44 @@ class Dashboard:
         t.add_column("bytes", justify="right")
         for g in rep.sites[:8]:
             t.add_row(g.where, f"{g.allocations:,}", f"{g.bytes:,}")
+        if rep.uncertain_allocations:  # blocks allocated before lost frees: not leaks
+            note = Text(f"set aside: {rep.uncertain_allocations:,} blocks, "
+                        f"{mb(rep.uncertain_bytes)} allocated before lost frees (uncertain)",
+                        style="yellow", no_wrap=True, overflow="ellipsis")
+            return Panel(Group(t, note), title=f"live now by call site: {rep.allocations:,} "
+                         f"blocks, {mb(rep.bytes)} in {len(rep.sites)} sites")
         return Panel(t, title=f"live now by call site: {rep.allocations:,} blocks, "
                      f"{mb(rep.bytes)} in {len(rep.sites)} sites")
+
+
+def us_text(us: int) -> str:
+    """µs as a short duration: 850 µs, 84.2 ms, 1.23 s."""
+    if us < 1000:
+        return f"{us} µs"
+    return f"{us / 1e3:,.1f} ms" if us < 1_000_000 else f"{us / 1e6:,.2f} s"
+
+
+def ring_line(mon: dict[str, Any]) -> Text | None:
+    """One line on the agent's ring (issue 13): policy, stalls, lost frees, invalid records.
+    None for a session that has nothing to say (an older JSON, no policy and no stalls)."""
+    stalls = int(mon.get("stalls") or 0)
+    lost = int(mon.get("dropped_frees") or 0)
+    policy = mon.get("on_full")
+    if policy is None and not stalls and not lost:
+        return None
+    t = Text(no_wrap=True, overflow="ellipsis")
+    t.append("ring ", "bold")
+    t.append(f"{policy or '?'}  ")
+    t.append(f"stalls {stalls:,}", "yellow" if stalls else "")
+    if stalls:
+        t.append(f" ({us_text(int(mon.get('stall_total_us') or 0))}, longest "
+                 f"{us_text(int(mon.get('stall_max_us') or 0))})")
+    t.append("  ")
+    t.append(f"lost frees {lost:,}", "bold red" if lost else "")
+    bad = int((mon.get("agent_counters") or {}).get("unknown_records") or 0)
+    if bad:
+        t.append(f"  invalid {bad:,}", "bold red")
+    return t
 
 
 class _Keys:

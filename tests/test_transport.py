@@ -114,7 +114,7 @@ def test_burst_attach_lossless_under_cpu_load(arch, targets, tmp_path, live_proc
     js, log = assert_lossless(out, truth, mon, exe)
     assert_matches_truth(js, truth)  # attached after the threads started: exact
     assert js["monitor"]["agent_counters"]["stalls"] > 0  # the ring did fill: producers waited
-    assert "full ring: wait" in log
+    assert "Full-ring policy: wait" in log
 
 
 def test_drop_policy_drops_and_counts(targets, tmp_path, live_procs):
@@ -137,7 +137,7 @@ def test_drop_policy_drops_and_counts(targets, tmp_path, live_procs):
     assert agent["published"] + agent["dropped"] == (
         agent["allocs"] + agent["frees"] + agent["reallocs"] + agent["failures"])
     log = read_outputs(out)["log"].read_text()
-    assert "full ring: drop" in log and "Dropped" in log
+    assert "Full-ring policy: drop" in log and "Dropped" in log
 
 
 # ---- producers blocked on a full ring when the host goes ----------------------------------------
