@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .cli import main
+from .cli import UserError, main
 from .cli_offline import file_limit_options, limits_from
 from .cli_views import metrics_options
 from .pipeline import DEFAULT_OUT_DIR
@@ -40,7 +40,7 @@ def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      "from the target; see `nvse-monitor profiles`). FalloutNV.exe: "
                      "fnv-1.4.0.525; fnv-1.4.0.525-noscrap turns the scrap heap off, "
                      "fnv-1.4.0.525-win32 turns kernel32 Heap*/Virtual* hooks on."),
-        click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+        click.option("--out", "out_dir", type=click.Path(path_type=Path),
                      help="Directory for the four monitoring files (default: the game's "
                      f"Data/NVSE/Plugins for FalloutNV.exe, else ./{DEFAULT_OUT_DIR})."),
         click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
@@ -91,8 +91,7 @@ def _run(kind: str, target: Any, spawn: dict[str, Any] | None = None, **kw: Any)
     try:
         result = live.run_attach(target) if kind == "attach" else live.run_spawn(list(target))
     except (TargetError, SessionError) as exc:
-        click.echo(f"nvse-monitor: error: {exc}", err=True)
-        sys.exit(2)
+        raise UserError(str(exc)) from None
     except KeyboardInterrupt:
         click.echo("nvse-monitor: interrupted before monitoring started", err=True)
         sys.exit(130)
@@ -181,8 +180,7 @@ def launch(game_dir: Path, args: tuple[str, ...], **kw: Any) -> None:
         plan = fnv.plan_launch(game_dir, args, large_address_aware=_large_address_aware(game_dir),
                                game_as_dir=True)
     except ValueError as exc:
-        click.echo(f"nvse-monitor: error: {exc}", err=True)
-        sys.exit(2)
+        raise UserError(str(exc)) from None
     click.echo(f"nvse-monitor: launching {plan.argv[0]} ({plan.reason})", err=True)
     _run("spawn", list(plan.argv), {
         "spawn_cwd": plan.cwd, "spawn_env": plan.env, "follow_child": plan.gate_children,

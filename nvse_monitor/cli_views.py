@@ -11,13 +11,9 @@ from typing import Any
 
 import click
 
-from .cli import main
+from .cli import UserError, main
 from .pipeline import DEFAULT_OUT_DIR
 from .writers import DEFAULT_PREFIX
-
-
-class UserError(click.ClickException):
-    exit_code = 2
 
 
 def metrics_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -192,6 +192,7 @@ class Engine:
         self._last_snap_status = None
         self.started = False
         self.finished = False
+        self.interrupted = False  # note_interrupted(): the JSON's monitor section says so
 
     # -- public API --
     def start(self) -> list[Output]:
@@ -265,6 +266,19 @@ class Engine:
         t = self._advance(self.now)
         self.health.fail(t, "ERROR", f"Input damaged, figures cover the intact prefix: {message}",
                          "damaged input")
+        return self._take()
+
+    def note_interrupted(self, message: str) -> list[Output]:
+        """The replay was stopped before the end of its input (Ctrl-C): like damaged input, the
+        figures cover only a prefix of the session -> ERROR, then SHUTDOWN unhealthy."""
+        if self.finished:
+            return []
+        if not self.started:
+            self._start()
+        t = self._advance(self.now)
+        self.interrupted = True
+        self.health.fail(t, "ERROR", f"Replay interrupted, figures cover only the part before "
+                         f"it: {message}", "replay interrupted")
         return self._take()
 
     def finish(self, ts_us: int | None = None) -> list[Output]:
@@ -910,6 +924,8 @@ class Engine:
             "allocation_sizes": _size_classes(st),
             "largest_allocations": self._largest_entries(st.largest),
         }
+        if self.interrupted:  # only then: the files of a complete replay stay as they were
+            mon["interrupted"] = True
         a = self.addrspace
         if a is not None:  # ia32 targets only: absent when nothing was sampled
             mon["address_space"] = {

@@ -50,7 +50,7 @@ from .targets import (
     resolve_target,
 )
 from .writers import DEFAULT_PREFIX, FileLimits, OutputDirError, check_prefix
-from .writers.files import check_writable_dir
+from .writers.files import make_out_dir
 
 STREAM_TYPES = (Batch, ModuleEvent, HookEvent, AgentError, SessionEnd, AddressSpace)
 STOP_TIMEOUT_S = 15.0  # agent stop() + detach; then we detach without the final drain
@@ -382,8 +382,7 @@ class LiveSession:
     @staticmethod
     def _check_out_dir(out: Path) -> None:
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            check_writable_dir(out)
+            make_out_dir(out)
         except OutputDirError as exc:
             raise SessionError(str(exc)) from None
         except OSError as exc:
