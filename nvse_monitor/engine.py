@@ -434,15 +434,15 @@ class Engine:
         low = ADDRSPACE_LOW in h.conditions
         if lf >= warn and not low:
             return
-        free = f"free {(msg.free or 0) / _MB:.1f} MB" + (
-            f" of {msg.limit / _MB:.1f} MB" if msg.limit is not None else "")
+        free = f"free {(msg.free or 0) / _MB:.1f} MiB" + (
+            f" of {msg.limit / _MB:.1f} MiB" if msg.limit is not None else "")
         if lf < warn and not low:
-            h.log(t, "WARN", f"Address space low: largest free block {lf / _MB:.1f} MB "
-                  f"(< {warn / _MB:.1f} MB), {free}")
+            h.log(t, "WARN", f"Address space low: largest free block {lf / _MB:.1f} MiB "
+                  f"(< {warn / _MB:.1f} MiB), {free}")
             h.set_condition(t, ADDRSPACE_LOW)
         elif lf >= warn and low:
-            h.log(t, "INFO", f"Address space recovered: largest free block {lf / _MB:.1f} MB "
-                  f"(>= {warn / _MB:.1f} MB), {free}")
+            h.log(t, "INFO", f"Address space recovered: largest free block {lf / _MB:.1f} MiB "
+                  f"(>= {warn / _MB:.1f} MiB), {free}")
             h.clear_condition(t, ADDRSPACE_LOW, "address space recovered")
 
     def _feed_end(self, msg: SessionEnd) -> None:
