@@ -14,6 +14,7 @@ from .cli import UserError, main
 from .cli_offline import file_limit_options, limits_from
 from .cli_views import metrics_options
 from .pipeline import DEFAULT_OUT_DIR
+from .words import plural
 from .writers import DEFAULT_PREFIX
 
 
@@ -98,12 +99,13 @@ def _run(kind: str, target: Any, spawn: dict[str, Any] | None = None, **kw: Any)
     end = result.end
     c = result.final_counters
     # The agent's exact call counts (the files count reallocs as free + alloc).
-    tail = (f", {c.allocs:,} alloc calls, {c.reallocs:,} realloc calls, {c.frees:,} frees, "
+    tail = (f", {plural(c.allocs, 'alloc call', sep=True)}, "
+            f"{plural(c.reallocs, 'realloc call', sep=True)}, {plural(c.frees, 'free', sep=True)}, "
             f"{c.dropped:,} dropped" if c is not None else "")
     how = "" if end.expected else f" (unexpected: {end.crash})" if end.crash else " (unexpected)"
     click.echo(
         f"nvse-monitor: session ended: {end.reason}{how}{tail}; "
-        f"{result.records:,} events; files in {live.out_dir}"
+        f"{plural(result.records, 'event', sep=True)}; files in {live.out_dir}"
         + (f"; recording {opts.record}" if opts.record else ""),
         err=True,
     )

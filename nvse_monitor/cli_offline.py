@@ -12,6 +12,7 @@ import click
 from .cli import UserError, main
 from .cli_views import metrics_options, start_metrics
 from .pipeline import DEFAULT_OUT_DIR, replay
+from .words import plural
 from .writers import DEFAULT_PREFIX, FileLimits, FilePaths, OutputDirError
 from .writers import status as status_file
 
@@ -160,14 +161,10 @@ def replay_cmd(recording: Path, out_dir: Path, prefix: str, realtime: bool, **kw
                    f"{out_dir} say so and cover only that part ({state}, no leak report)",
                    err=True)
         sys.exit(130)  # like a shell's status for a command ended by SIGINT
-    click.echo(f"{plural(result.events, 'event')} replayed into {out_dir}/{prefix}_* ({state})")
+    events = plural(result.events, "event", sep=True)
+    click.echo(f"{events} replayed into {out_dir}/{prefix}_* ({state})")
     if result.error:
         raise UserError(result.error)
-
-
-def plural(n: int, noun: str) -> str:
-    """`1 event`, `2 events` (counts with thousands separators)."""
-    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 @main.command("info")

@@ -55,6 +55,7 @@ from .stream import (
     StreamMessage,
 )
 from .tracking import LiveColumns, LiveTable
+from .words import plural
 
 ADDRSPACE_LOW = "address space low"  # the health cause
 _MB = 1 << 20
@@ -293,12 +294,14 @@ class Engine:
         self._report_drops(t, force=True)
         c = self.state.c
         log = self.health.log
-        log(t, "INFO", f"Final statistics: {c.total_allocations} allocations, {c.total_frees} "
-            f"frees, {c.total_bytes_allocated} bytes allocated, {c.total_bytes_freed} bytes freed, "
-            f"{c.allocation_failures} failures")
-        log(t, "INFO", f"Peak: {c.peak_allocations} live allocations, {c.peak_bytes} bytes")
-        log(t, "INFO", f"Still live at end: {c.current_allocations} allocations, "
-            f"{c.current_bytes} bytes")
+        log(t, "INFO", f"Final statistics: {plural(c.total_allocations, 'allocation')}, "
+            f"{plural(c.total_frees, 'free')}, {plural(c.total_bytes_allocated, 'byte')} "
+            f"allocated, {plural(c.total_bytes_freed, 'byte')} freed, "
+            f"{plural(c.allocation_failures, 'failure')}")
+        log(t, "INFO", f"Peak: {plural(c.peak_allocations, 'live allocation')}, "
+            f"{plural(c.peak_bytes, 'byte')}")
+        log(t, "INFO", f"Still live at end: {plural(c.current_allocations, 'allocation')}, "
+            f"{plural(c.current_bytes, 'byte')}")
         log(t, "INFO", f"Untracked frees: {c.untracked_frees}; dropped events: {self.dropped}; "
             f"untracked allocations (tracking full): {c.overflow_allocations}")
         self.health.finish(t)
@@ -473,8 +476,8 @@ class Engine:
             return
         last = self._last_drop_warn
         if force or last is None or t - last >= self.config.warn_interval_us:
-            self.health.log(t, "WARN", f"Dropped {self._drops_unreported} events (agent ring "
-                            f"full); {self.dropped} dropped so far")
+            self.health.log(t, "WARN", f"Dropped {plural(self._drops_unreported, 'event')} "
+                            f"(agent ring full); {self.dropped} dropped so far")
             self._drops_unreported = 0
             self._last_drop_warn = t
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol, TextIO
 from .leaks import LeakReport, from_engine, leaks_path, request_path
 from .outputs import Output, Snapshot
 from .stream import Batch, SessionMeta, StreamMessage
+from .words import plural
 from .writers import DEFAULT_PREFIX, FileLimits, FilePaths, OutputFiles
 
 # Where replay writes (and `status` looks) when no directory is given.
@@ -297,7 +298,8 @@ def interruption(path: Path | str, offset: int, events: int, signame: str) -> st
         share = f" of {size} ({100 * offset / size:.0f} %)" if size else ""
     except OSError:
         share = ""
-    return f"stopped by {by} at byte {offset}{share} of {Path(path).name}, after {events} events"
+    return (f"stopped by {by} at byte {offset}{share} of {Path(path).name}, after "
+            f"{plural(events, 'event')}")
 
 
 def replay(

@@ -29,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import leaks as leaks_mod
+from .words import plural
 from .writers import FilePaths
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -358,8 +359,8 @@ class Dashboard:
         for g in rep.sites[:rows]:
             t.add_row(g.where, f"{g.allocations:,}", f"{g.bytes:,}")
         when = "live at the end" if ended else "live now"
-        return Panel(t, title=f"{when} by call site: {rep.allocations:,} blocks, "
-                     f"{mb(rep.bytes)} in {len(rep.sites)} sites")
+        return Panel(t, title=f"{when} by call site: {plural(rep.allocations, 'block', sep=True)}"
+                     f", {mb(rep.bytes)} in {plural(len(rep.sites), 'site')}")
 
 
 def _lines(text: Text, width: int) -> int:

@@ -239,6 +239,20 @@ def test_replay_counts_events_in_words(tmp_path):
     write_recording(rec, meta, list(msgs))
     r = run("replay", rec, "-o", tmp_path / "o")
     assert r.stdout.startswith("1 event replayed into "), r.stdout
+    log = FilePaths.of(tmp_path / "o").log.read_text()
+    assert "Final statistics: 1 allocation, " in log, log
+    import re
+
+    assert not re.search(r"\b1 (allocations|frees|bytes|failures|events|call sites|modules)\b",
+                         log), log
+
+
+def test_plural():
+    from nvse_monitor.words import plural
+
+    assert plural(1, "event") == "1 event" and plural(0, "event") == "0 events"
+    assert plural(1234, "call site", sep=True) == "1,234 call sites"
+    assert plural(2, "entry", "entries") == "2 entries"
 
 
 def test_interrupted_replay_says_so_everywhere(tmp_path):

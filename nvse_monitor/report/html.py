@@ -14,6 +14,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from .. import __version__
+from ..words import plural
 from .data import ReportData
 
 MIB = 1 << 20
@@ -216,8 +217,9 @@ def render(data: ReportData) -> str:
         rows = [[_e(g.module), _e("" if g.offset is None else f"0x{g.offset:x}"),
                  f"{g.allocations:,}", f"{g.bytes:,}", _e(f"{g.min_size}..{g.max_size}"),
                  _e("+".join(g.heaps))] for g in data.leaks.sites[:50]]
-        body.append(f"<h2>Leaks: {data.leaks.allocations:,} blocks, {data.leaks.bytes:,} bytes "
-                    f"live at end, top call sites</h2>")
+        body.append(f"<h2>Leaks: {plural(data.leaks.allocations, 'block', sep=True)}, "
+                    f"{plural(data.leaks.bytes, 'byte', sep=True)} live at end, top call "
+                    "sites</h2>")
         body.append(_table(["module", "offset", "blocks", "bytes", "sizes", "heaps"], rows,
                            {2, 3}))
         if len(data.leaks.sites) > 50:
