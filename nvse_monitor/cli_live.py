@@ -36,6 +36,11 @@ def _ring_size(_ctx: Any, _param: Any, value: str | None) -> int | None:
 
 
 def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    # --help lists them in this order: what most sessions set first, the file caps and
+    # /metrics last (the innermost decorators are listed last)
+    f = file_limit_options(metrics_options(f))
+    f = click.option("--top", is_flag=True, help="Show the live dashboard (docs/views.md) "
+                     "instead of the status line.")(f)
     opts = [
         click.option("--profile", "-p", help="Hook profile name or TOML path (default: chosen "
                      "from the target; see `nvse-monitor profiles`). FalloutNV.exe: "
@@ -44,12 +49,12 @@ def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--out", "out_dir", type=click.Path(path_type=Path),
                      help="Directory for the four monitoring files (default: the game's "
                      f"Data/NVSE/Plugins for FalloutNV.exe, else ./{DEFAULT_OUT_DIR})."),
+        click.option("--duration", type=click.FloatRange(min=0, min_open=True),
+                     help="Stop after this many seconds (like Ctrl-C)."),
         click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
                      help="File name prefix of the four files."),
         click.option("--record", type=click.Path(dir_okay=False, path_type=Path),
                      help="Also write a recording of the session (replay it later)."),
-        click.option("--duration", type=click.FloatRange(min=0, min_open=True),
-                     help="Stop after this many seconds (like Ctrl-C)."),
         click.option("--ring-size", callback=_ring_size,
                      help="Agent ring slots (power of two, 64 bytes each; default 512K on 64-bit "
                      "targets, 128K on 32-bit ones, where address space is scarce)."),
@@ -63,9 +68,7 @@ def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for opt in reversed(opts):
         f = opt(f)
-    f = click.option("--top", is_flag=True, help="Show the live dashboard (docs/views.md) "
-                     "instead of the status line.")(f)
-    return file_limit_options(metrics_options(f))
+    return f
 
 
 def _run(kind: str, target: Any, spawn: dict[str, Any] | None = None, **kw: Any) -> None:
