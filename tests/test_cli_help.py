@@ -14,7 +14,8 @@ from nvse_monitor.cli import main
 def test_main_options_before_file_caps_and_metrics(cmd):
     r = CliRunner().invoke(main, [cmd, "--help"])
     assert r.exit_code == 0
-    listed = re.findall(r"^\s+(?:-\w, )?(--[a-z-]+)", r.output, re.M)
+    options = r.output.split("Options:", 1)[1]
+    listed = re.findall(r"^\s+(?:-\w, )?(--[a-z-]+)", options, re.M)
     first = [listed.index(o) for o in ("--profile", "--out", "--duration")]
     later = [listed.index(o) for o in ("--log-max-mb", "--csv-max-mb", "--keep-rotated",
                                        "--metrics-port", "--metrics-address")]
