@@ -48,6 +48,7 @@ from .targets import (
     frida_error_message,
     probe,
     resolve_target,
+    unlisted_reason,
 )
 from .writers import DEFAULT_PREFIX, FileLimits, OutputDirError, check_prefix
 from .writers.files import make_out_dir
@@ -211,7 +212,7 @@ class LiveSession:
             if _pid_exists(spec):  # Frida lists only processes it may inspect
                 raise TargetError(
                     f"cannot attach to PID {spec.strip()}: the process exists but Frida cannot "
-                    "see it: permission denied (run as the target's user or as root)") from None
+                    f"see it: {unlisted_reason(int(spec))}") from None
             raise
         self.pid = ref.pid
         self.session = self._attach(ref.pid, f"attach to {ref.name} (PID {ref.pid})")

@@ -54,8 +54,69 @@ def frida_error_message(exc: BaseException, what: str) -> str:
     return f"cannot {what}: {type(exc).__name__}: {str(exc).strip()}"
 
 
+PF_KTHREAD = 0x00200000  # linux/sched.h: the task is a kernel thread
+
+
+def unlisted_reason(pid: int) -> str:
+    """Why process `pid`, which exists, is not in Frida's list (which holds only what it may
+    inspect). Linux: from /proc; elsewhere the usual cause."""
+    state, flags = "", 0
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        state, flags = fields[0], int(fields[6])
+    if flags & PF_KTHREAD:
+        return "it is a kernel thread: there is no program in it to monitor"
+    if state == "Z":
+        return "it has exited (a zombie its parent has not reaped)"
+    if os.name != "posix" or os.geteuid() != 0:
+        return "permission denied (run as the target's user or as root)"
+    if not _has_cap_sys_ptrace():
+        return ("permission denied: the monitor runs as root but without CAP_SYS_PTRACE "
+                "(dropped here, e.g. by a container)")
+    return ("permission denied although the monitor runs as root with CAP_SYS_PTRACE: the "
+            "process is protected (/proc/sys/kernel/yama/ptrace_scope 3, or a security module)")
+
+
+CAP_SYS_PTRACE = 19
+
+
+def _has_cap_sys_ptrace() -> bool:
+    """Whether this process's effective capabilities hold CAP_SYS_PTRACE (Linux; True when
+    /proc cannot tell)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_PTRACE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
+def _exe_name(p: Any) -> str:
+    path = str((getattr(p, "parameters", None) or {}).get("path") or "")
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _by_executable(device: frida.core.Device, wanted: str) -> list[ProcessRef]:
+    """Processes whose executable file is named `wanted` (or `wanted`.exe), named by that file
+    as the monitor will show them."""
+    try:
+        procs = device.enumerate_processes(scope="metadata")
+    except frida.InvalidOperationError:  # pragma: no cover - device gone
+        return []
+    out = []
+    for p in procs:
+        exe = _exe_name(p)
+        if exe and exe.lower() in (wanted, wanted + ".exe"):
+            out.append(ProcessRef(p.pid, exe))
+    return out
+
+
 def resolve_target(device: frida.core.Device, spec: str) -> ProcessRef:
-    """A PID (all digits) or a process name (case-insensitive, must be unique)."""
+    """A PID (all digits), a process name or the file name of its executable (the name the
+    monitor shows; case-insensitive, ".exe" optional, must be unique)."""
     spec = spec.strip()
     try:
         procs = device.enumerate_processes()
@@ -73,8 +134,13 @@ def resolve_target(device: frida.core.Device, spec: str) -> ProcessRef:
         # Windows users type "FalloutNV" for "FalloutNV.exe".
         found = [p for p in procs if p.name.lower() == wanted + ".exe"]
     if not found:
-        raise TargetError(f"no process named {spec!r} (give its PID or its exact name)")
-    if len(found) > 1:
+        # The name the monitor shows is the executable's (python3 runs python3.11; Linux
+        # process names are cut to 15 characters): accept that one too.
+        found = _by_executable(device, wanted)
+    if not found:
+        raise TargetError(f"no process named {spec!r} (give its PID, its name or its "
+                          "executable's file name)")
+    if len({p.pid for p in found}) > 1:
         listing = ", ".join(f"{p.name} (PID {p.pid})" for p in sorted(found, key=lambda p: p.pid))
         raise TargetError(f"{len(found)} processes are named {spec!r}: {listing}; give a PID")
     return ProcessRef(found[0].pid, found[0].name)
