@@ -44,7 +44,9 @@ from .stream import (
 from .targets import (
     EXIT_WATCH_JS,
     ExitNotice,
+    ExitStatus,
     TargetError,
+    describe_wait_status,
     frida_error_message,
     probe,
     resolve_target,
@@ -161,6 +163,7 @@ class LiveSession:
         self.recorder: Any = None
         self._exit_script: Any = None
         self._exit_notice: ExitNotice | None = None
+        self._exit_status: ExitStatus | None = None  # spawn: the program's wait status
         self._stop_reason: str | None = None  # "interrupted" / "duration" once asked to stop
         self._stop_started = False
         self._stop_deadline = 0.0
@@ -250,6 +253,7 @@ class LiveSession:
                 self._follow_child(pid, argv[0])
             else:
                 self.pid = pid
+                self._exit_status = ExitStatus(pid)
                 self.session = self._attach(pid, f"attach to the spawned {argv[0]!r}")
         except BaseException:
             self._release_parents()
@@ -757,9 +761,10 @@ class LiveSession:
         notice = self._exit_notice
         if detached.reason == "process-terminated" and self.mode == "spawn":
             # Our own child: its wait status says exactly how it ended.
-            status = self._reap_spawned()
+            status = self._wait_status()
+            if status is not None:
+                self._notes.append(f"the program {describe_wait_status(status)}")
             if status is not None and os.WIFEXITED(status):
-                self._notes.append(f"target exit status {os.WEXITSTATUS(status)}")
                 return SessionEnd(self._last_ts, "target-exited", True, "", counters)
             if status is not None and os.WIFSIGNALED(status):
                 sig = _signal_name(os.WTERMSIG(status))
@@ -775,6 +780,12 @@ class LiveSession:
         elif detached.reason == "process-terminated" and not crash:
             crash = "no exit() call seen: killed by a signal or crashed"
         return SessionEnd(self._last_ts, detached.reason, False, crash, counters)
+
+    def _wait_status(self) -> int | None:
+        """The spawned program's wait status: from its pidfd (exact, also when Frida reaped
+        it first), else our own waitpid()."""
+        status = self._exit_status.status() if self._exit_status is not None else None
+        return status if status is not None else self._reap_spawned()
 
     def _reap_spawned(self, timeout_s: float = 2.0) -> int | None:
         """The wait status of the spawned program (Frida's spawn makes it our child), or None
