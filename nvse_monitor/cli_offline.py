@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import click
@@ -91,6 +91,12 @@ def status(directory: Path, prefix: str) -> None:
     sys.exit(code)
 
 
+def files_pattern(out_dir: PurePath, prefix: str) -> str:
+    """`DIR/PREFIX_*` with the platform's separator throughout (`out\\MemoryPoolNVSE_*` on
+    Windows, not `out\\x/MemoryPoolNVSE_*`)."""
+    return str(out_dir / f"{prefix}_*")
+
+
 def _last_error(directory: Path, prefix: str) -> str | None:
     """The stats JSON's health.last_error ("none" and unreadable: None)."""
     import json
@@ -162,7 +168,7 @@ def replay_cmd(recording: Path, out_dir: Path, prefix: str, realtime: bool, **kw
                    err=True)
         sys.exit(130)  # like a shell's status for a command ended by SIGINT
     events = plural(result.events, "event", sep=True)
-    click.echo(f"{events} replayed into {out_dir}/{prefix}_* ({state})")
+    click.echo(f"{events} replayed into {files_pattern(out_dir, prefix)} ({state})")
     if result.error:
         raise UserError(result.error)
 

@@ -53,3 +53,14 @@ def test_help_and_version_still_exit_0():
     assert run("--version").returncode == 0
     r = run("replay", "--help")
     assert r.returncode == 0 and "Usage:" in r.stdout
+
+
+def test_replay_line_uses_one_separator():
+    """`DIR\\PREFIX_*` on Windows, not `\\tmp\\x\\rw/MemoryPoolNVSE_*` (issue 12)."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    from nvse_monitor.cli_offline import files_pattern
+
+    assert files_pattern(PureWindowsPath(r"\tmp\x\rw"), "MemoryPoolNVSE") == \
+        r"\tmp\x\rw\MemoryPoolNVSE_*"
+    assert files_pattern(PurePosixPath("out/x"), "P") == "out/x/P_*"
