@@ -139,6 +139,11 @@ class _Batch:
 _REC_VOID = np.dtype((np.void, RECORD_DTYPE.itemsize))
 
 
+# Session ends that need words in the log (the others say what they are).
+END_REASONS = {"target-exec": "the program replaced itself (exec) with another, which is not "
+               "monitored: the hooks were in the image it replaced"}
+
+
 class Engine:
     def __init__(self, meta: SessionMeta, config: EngineConfig | None = None) -> None:
         self.meta = meta
@@ -455,7 +460,9 @@ class Engine:
         if msg.counters is not None:
             self._agent_counters(t, msg.counters)
         if msg.expected:
-            self.health.log(t, "INFO", f"Session ended: {msg.reason}")
+            why = END_REASONS.get(msg.reason)
+            self.health.log(t, "INFO", f"Session ended: {msg.reason}" + (f" ({why})" if why
+                                                                         else ""))
         else:
             crash = f"; crash: {msg.crash}" if msg.crash else ""
             self.health.fail(t, "CRITICAL", f"Target lost unexpectedly: {msg.reason}{crash}",

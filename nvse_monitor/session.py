@@ -47,6 +47,7 @@ from .targets import (
     ExitStatus,
     TargetError,
     describe_wait_status,
+    exe_path,
     frida_error_message,
     probe,
     resolve_target,
@@ -164,6 +165,9 @@ class LiveSession:
         self._exit_script: Any = None
         self._exit_notice: ExitNotice | None = None
         self._exit_status: ExitStatus | None = None  # spawn: the program's wait status
+        # spawn: the program's file at start and when the session was detached (an exec)
+        self._spawn_exe: str | None = None
+        self._exe_at_detach: str | None = None
         self._stop_reason: str | None = None  # "interrupted" / "duration" once asked to stop
         self._stop_started = False
         self._stop_deadline = 0.0
@@ -194,6 +198,8 @@ class LiveSession:
         self.q.put(msg)
 
     def _on_detached(self, reason: str, crash: Any) -> None:
+        if self._spawn_exe is not None:  # one readlink: an exec'd program may not live long
+            self._exe_at_detach = exe_path(self.pid)
         self.q.put(_Detached(str(reason), crash))
 
     def _on_child_added(self, child: Any) -> None:
@@ -254,6 +260,7 @@ class LiveSession:
             else:
                 self.pid = pid
                 self._exit_status = ExitStatus(pid)
+                self._spawn_exe = exe_path(pid)
                 self.session = self._attach(pid, f"attach to the spawned {argv[0]!r}")
         except BaseException:
             self._release_parents()
@@ -759,6 +766,16 @@ class LiveSession:
         if detached.reason == "application-requested" and self._stop_reason is not None:
             return SessionEnd(self._last_ts, self._stop_reason, True, "", counters)
         notice = self._exit_notice
+        new = self._exe_at_detach
+        if detached.reason == "process-terminated" and new and new != self._spawn_exe:
+            # Not an end: the program exec'd and the agent went with the old image (Frida
+            # reports it as process-terminated).
+            self._notes.append(
+                f"the program replaced itself with {new} (exec): the hooks were in the program "
+                f"it replaced, so {new} runs on (PID {self.pid}) unmonitored; to monitor it, "
+                f"start it directly (nvse-monitor spawn -- {new} ARGS...) or attach to it "
+                f"while it runs (nvse-monitor attach {self.pid})")
+            return SessionEnd(self._last_ts, "target-exec", True, "", counters)
         if detached.reason == "process-terminated" and self.mode == "spawn":
             # Our own child: its wait status says exactly how it ended.
             status = self._wait_status()

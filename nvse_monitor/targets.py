@@ -252,6 +252,14 @@ class ExitStatus:
             self.fd = None
 
 
+def exe_path(pid: int) -> str | None:
+    """The file process `pid` runs (Linux /proc; None elsewhere or when it is gone)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
 def describe_wait_status(status: int) -> str:
     """`exited with status 3`, `was killed by SIGKILL`."""
     import signal

@@ -3,6 +3,10 @@ itself, so the status comes from a pidfd opened while the program lives (docs/se
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -59,3 +63,29 @@ def test_describe_wait_status():
     assert describe_wait_status(3 << 8) == "exited with status 3"
     assert describe_wait_status(9) == "was killed by SIGKILL"
     assert describe_wait_status(11 | 0x80) == "was killed by SIGSEGV (core dumped)"
+
+
+def test_exec_is_said_plainly(tmp_path):
+    """`sh -c 'exec PROGRAM'`: the agent goes with the shell's image (Frida says
+    process-terminated); the session says the program replaced itself, that PROGRAM runs on
+    unmonitored and how to monitor it, not that it was killed or crashed (issue 12)."""
+    r = spawn(tmp_path, "sh", "-c", "exec sleep 5")
+    assert r.returncode == 0, r.stderr
+    assert "session ended: target-exec" in r.stderr and "unexpected" not in r.stderr
+    m = re.search(r"the program replaced itself with (\S+) \(exec\): .* runs on \(PID (\d+)\) "
+                  r"unmonitored; to monitor it, start it directly \(nvse-monitor spawn -- \S+ "
+                  r"ARGS\.\.\.\) or attach to it while it runs \(nvse-monitor attach \d+\)",
+                  r.stderr)
+    assert m, r.stderr
+    assert os.path.basename(m.group(1)) == "sleep"
+    pid = int(m.group(2))
+    try:
+        os.kill(pid, 0)  # sleep runs on
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    log = (tmp_path / "out" / "MemoryPoolNVSE_rpmalloc.log").read_text()
+    assert "Session ended: target-exec (the program replaced itself (exec)" in log
+    assert "CRITICAL" not in log
+    status = (tmp_path / "out" / "MemoryPoolNVSE_status.txt").read_text()
+    assert "Status: SHUTDOWN" in status and "Health: HEALTHY" in status
