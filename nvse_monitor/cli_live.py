@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from .agent_host import DEFAULT_MAX_WAIT_MS
 from .cli import UserError, main
 from .cli_offline import file_limit_options, limits_from
 from .cli_views import metrics_options
@@ -58,6 +59,14 @@ def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--ring-size", callback=_ring_size,
                      help="Agent ring slots (power of two, 64 bytes each; default 512K on 64-bit "
                      "targets, 128K on 32-bit ones, where address space is scarce)."),
+        click.option("--on-full", type=click.Choice(["wait", "drop"]), default="wait",
+                     show_default=True, help="When the agent's ring is full: the allocating "
+                     "thread waits for the monitor to catch up (lossless), or its event is "
+                     "dropped (counted; blocks whose fate it decided are marked uncertain)."),
+        click.option("--max-wait-ms", type=click.IntRange(min=0, max=60000),
+                     default=DEFAULT_MAX_WAIT_MS, show_default=True,
+                     help="--on-full wait: the longest one call waits for a free slot before "
+                     "its event is dropped (counted)."),
         click.option("--addrspace-warn-mb", type=click.FloatRange(min=0), default=256,
                      show_default=True, help="32-bit targets: sample the address space about "
                      "once a second (<prefix>_addrspace.csv) and warn when its largest free "
@@ -87,6 +96,8 @@ def _run(kind: str, target: Any, spawn: dict[str, Any] | None = None, **kw: Any)
         metrics_port=kw["metrics_port"],
         metrics_address=kw["metrics_address"],
         top=kw["top"],
+        on_full=kw["on_full"],
+        max_wait_ms=kw["max_wait_ms"],
     )
     opts.addrspace_warn_bytes = int(kw["addrspace_warn_mb"] * 2**20)
     if kw.get("ring_size"):
@@ -105,6 +116,8 @@ def _run(kind: str, target: Any, spawn: dict[str, Any] | None = None, **kw: Any)
     tail = (f", {plural(c.allocs, 'alloc call', sep=True)}, "
             f"{plural(c.reallocs, 'realloc call', sep=True)}, {plural(c.frees, 'free', sep=True)}, "
             f"{c.dropped:,} dropped" if c is not None else "")
+    if c is not None and c.stalls:  # --on-full wait: calls that waited for a ring slot
+        tail += f", {c.stalls:,} stalls ({c.stall_us:,} µs, longest {c.stall_max_us:,} µs)"
     how = "" if end.expected else f" (unexpected: {end.crash})" if end.crash else " (unexpected)"
     click.echo(
         f"nvse-monitor: session ended: {end.reason}{how}{tail}; "

@@ -31,6 +31,7 @@ class StatusLine:
         self._show(
             f"{status}  allocs {allocs:,}  cur {cur_mb:,.1f} MiB  peak {peak_mb:,.1f} MiB  "
             f"{_si(self._rate)} ev/s  drops {drops:,}"
+            + (f"  stalls {counters.stalls:,}" if counters is not None and counters.stalls else "")
         )
 
     def note(self, text: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 import frida
 
 from . import __version__, addrspace, fnv
-from .agent_host import default_ring_slots
+from .agent_host import DEFAULT_MAX_WAIT_MS, MAX_INFLIGHT_RECORDS, default_ring_slots
 from .live_status import StatusLine
 from .pipeline import Pipeline
 from .stream import (
@@ -75,6 +75,9 @@ class SessionOptions:
     record: Path | None = None
     duration: float | None = None  # seconds, then stop like Ctrl-C
     ring_slots: int | None = None  # None: agent_host.default_ring_slots(target arch)
+    on_full: str = "wait"  # a full ring: producers wait (bounded by max_wait_ms) or drop
+    max_wait_ms: int = DEFAULT_MAX_WAIT_MS
+    transport: str = "shm"  # "messages": the agent drains and sends (tests, benchmarks)
     large_alloc_bytes: int = 1 << 20
     drain_interval_ms: int = 10
     # Agent batch size: measured on 2 cores under load, 64 KiB batches sustain 5 M events/s
@@ -186,6 +189,7 @@ class LiveSession:
         self._launcher_pid = 0
         self._release_thread: threading.Thread | None = None
         self._addrspace_watch: addrspace.Watch | None = None
+        self._target_lock: Any = None  # capture/shm.TargetLock while attached
         use_status = opts.status_line
         if use_status is None:
             use_status = bool(getattr(self.err, "isatty", lambda: False)()) and not opts.top
@@ -224,8 +228,12 @@ class LiveSession:
                     f"see it: {unlisted_reason(int(spec))}") from None
             raise
         self.pid = ref.pid
-        self.session = self._attach(ref.pid, f"attach to {ref.name} (PID {ref.pid})")
-        return self._run()
+        self._lock_target(ref.pid)
+        try:
+            self.session = self._attach(ref.pid, f"attach to {ref.name} (PID {ref.pid})")
+            return self._run()
+        finally:
+            self._target_lock.release()
 
     def run_spawn(self, argv: list[str]) -> SessionResult:
         if not argv:
@@ -401,6 +409,15 @@ class LiveSession:
             raise SessionError(
                 f"cannot write to output directory {out}: {exc.strerror or exc}") from None
 
+    def _lock_target(self, pid: int) -> None:
+        """One monitor per process, checked before we touch it (capture/shm.TargetLock)."""
+        from .capture.shm import TargetBusy, TargetLock
+
+        try:
+            self._target_lock = TargetLock(pid)
+        except TargetBusy as exc:
+            raise TargetError(str(exc)) from None
+
     def _attach(self, pid: int, what: str) -> frida.core.Session:
         assert self.device is not None
         try:
@@ -481,6 +498,10 @@ class LiveSession:
                 large_alloc_bytes=self.opts.large_alloc_bytes,
                 drain_interval_ms=self.opts.drain_interval_ms,
                 max_batch_bytes=self.opts.max_batch_bytes,
+                on_full=self.opts.on_full,
+                max_wait_ms=self.opts.max_wait_ms,
+                transport=self.opts.transport,
+                max_inflight_records=MAX_INFLIGHT_RECORDS,
             )
         except ValueError as exc:
             raise SessionError(str(exc)) from None
@@ -488,13 +509,15 @@ class LiveSession:
         early: list[Any] = []
         try:
             self.agent = self._call_in_worker(
-                "init", lambda: load_agent(self.session, profile, config, self._on_stream), early
+                "init", lambda: load_agent(self.session, profile, config, self._on_stream,
+                                           lock=self._target_lock is None), early
             )
         except AgentLoadError as exc:
             raise SessionError(f"PID {self.pid}: {exc}") from None
         init_result = self.agent.init_result
         self.meta = self.agent.session_meta(
-            target=info.main_module, mode=self.mode, ring_slots=ring_slots
+            target=info.main_module, mode=self.mode, ring_slots=ring_slots,
+            on_full=self.opts.on_full, max_wait_ms=self.opts.max_wait_ms,
         )
         self.meta.utc_offset_s = _utc_offset_s()
         self.meta.monitor_version = __version__
@@ -715,6 +738,8 @@ class LiveSession:
         self._messages += 1
         if isinstance(msg, Batch):
             self._records += len(msg.records)
+            if self.agent is not None:
+                self.agent.ack(len(msg.records))  # flow control: the reader may hand on more
             self._last_counters = msg.counters
             self._last_ts = max(self._last_ts, msg.now_us)
         else:
@@ -823,6 +848,10 @@ class LiveSession:
 
     def _finish(self, detached: _Detached) -> SessionResult:
         assert self.pipeline is not None and self.meta is not None
+        if self.agent is not None and self._final_counters is None:
+            # the target went first: its last records are still in our view of the ring
+            with contextlib.suppress(Exception):
+                self._final_counters = self.agent.final_read()
         # Items queued after the detach notice (a late stop() result) still count.
         while True:
             try:

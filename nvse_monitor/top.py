@@ -313,9 +313,14 @@ class Dashboard:
         if self.show_leaks:
             rep = self.leak_report
             wanted.append(max(1, min(8, len(rep.sites) if rep is not None else 1)))
-        # rows: outer border 2, head (2 or more when wrapped), activity 7, module title+header
-        # 2, warnings border 2, keys 1; the leak panel's border and header 3
-        fixed = 14 + _lines(head, width - 4) + (3 if self.show_leaks else 0)
+        # rows: outer border 2, head (2 or more when wrapped), activity 7, the ring line 0 or 1,
+        # module title+header 2, warnings border 2, keys 1; the leak panel's border and header 3
+        # (+1 for its uncertain blocks)
+        ring = ring_line(mon)
+        uncertain = self.show_leaks and bool(getattr(self.leak_report, "uncertain_allocations",
+                                                     0))
+        fixed = (14 + _lines(head, width - 4) + (ring is not None)
+                 + (3 + uncertain if self.show_leaks else 0))
         rows = fit(wanted, (height or 10_000) - fixed)
 
         mods = Table(title="modules holding bytes at the end" if ended
@@ -340,8 +345,10 @@ class Dashboard:
             wlines.append(t)
         warn = Group(*wlines) if wlines else Text("no warnings", style="dim")
 
-        parts: list[RenderableType] = [head, Panel(Group(act, spark), title=title), mods,
-                                       Panel(warn, title="last warnings")]
+        parts: list[RenderableType] = [head, Panel(Group(act, spark), title=title)]
+        if ring is not None:  # the agent's ring: policy, stalls, lost frees (issue 13)
+            parts.append(ring)
+        parts += [mods, Panel(warn, title="last warnings")]
         if self.show_leaks:
             parts.append(self._leak_panel(ended, rows[2]))
         parts.append(Text("l: leak report   q: quit", style="dim"))
@@ -359,14 +366,50 @@ class Dashboard:
         for g in rep.sites[:rows]:
             t.add_row(g.where, f"{g.allocations:,}", f"{g.bytes:,}")
         when = "live at the end" if ended else "live now"
-        return Panel(t, title=f"{when} by call site: {plural(rep.allocations, 'block', sep=True)}"
-                     f", {mb(rep.bytes)} in {plural(len(rep.sites), 'site')}")
+        title = (f"{when} by call site: {plural(rep.allocations, 'block', sep=True)}, "
+                 f"{mb(rep.bytes)} in {plural(len(rep.sites), 'site')}")
+        if rep.uncertain_allocations:  # blocks allocated before lost frees: not leaks
+            note = Text(f"set aside: {plural(rep.uncertain_allocations, 'block', sep=True)}, "
+                        f"{mb(rep.uncertain_bytes)} allocated before lost frees (uncertain)",
+                        style="yellow", no_wrap=True, overflow="ellipsis")
+            return Panel(Group(t, note), title=title)
+        return Panel(t, title=title)
 
 
 def _lines(text: Text, width: int) -> int:
     """Rows `text` takes when wrapped to `width` columns."""
     con = Console(file=io.StringIO(), width=max(width, 10))
     return len(con.render_lines(text, con.options, pad=False))
+
+
+def us_text(us: int) -> str:
+    """µs as a short duration: 850 µs, 84.2 ms, 1.23 s."""
+    if us < 1000:
+        return f"{us} µs"
+    return f"{us / 1e3:,.1f} ms" if us < 1_000_000 else f"{us / 1e6:,.2f} s"
+
+
+def ring_line(mon: dict[str, Any]) -> Text | None:
+    """One line on the agent's ring (issue 13): policy, stalls, lost frees, invalid records.
+    None for a session that has nothing to say (an older JSON, no policy and no stalls)."""
+    stalls = int(mon.get("stalls") or 0)
+    lost = int(mon.get("dropped_frees") or 0)
+    policy = mon.get("on_full")
+    if policy is None and not stalls and not lost:
+        return None
+    t = Text(no_wrap=True, overflow="ellipsis")
+    t.append("ring ", "bold")
+    t.append(f"{policy or '?'}  ")
+    t.append(f"stalls {stalls:,}", "yellow" if stalls else "")
+    if stalls:
+        t.append(f" ({us_text(int(mon.get('stall_total_us') or 0))}, longest "
+                 f"{us_text(int(mon.get('stall_max_us') or 0))})")
+    t.append("  ")
+    t.append(f"lost frees {lost:,}", "bold red" if lost else "")
+    bad = int((mon.get("agent_counters") or {}).get("unknown_records") or 0)
+    if bad:
+        t.append(f"  invalid {bad:,}", "bold red")
+    return t
 
 
 class _Keys:

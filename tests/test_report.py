@@ -63,8 +63,22 @@ def test_recording_report_figures_match_the_replay(from_recording, replayed):
     assert [h.allocations for h in d.hist] == record_size_classes()
     # the leak table is the leaks CSV's
     csv_rows = (replayed / "MemoryPoolNVSE_leaks.csv").read_text().splitlines()
-    assert len(d.leaks.sites) + len(d.leaks.modules) == len(csv_rows) - 1
-    assert d.leaks.bytes == doc["memory_stats"]["current_bytes_allocated"]
+    lk = d.leaks
+    assert len(lk.sites) + len(lk.modules) + len(lk.uncertain_sites) + \
+        len(lk.uncertain_modules) == len(csv_rows) - 1
+    # the fixture dropped frees: blocks allocated before the last such drop are set aside
+    assert lk.uncertain_allocations and lk.allocations
+    assert lk.bytes + lk.uncertain_bytes == doc["memory_stats"]["current_bytes_allocated"]
+    assert (lk.allocations + lk.uncertain_allocations
+            == doc["memory_stats"]["current_allocations"])
+    assert doc["monitor"]["leaks"] == {
+        "leaked_allocations": lk.allocations, "leaked_bytes": lk.bytes,
+        "uncertain_allocations": lk.uncertain_allocations,
+        "uncertain_bytes": lk.uncertain_bytes}
+    until = doc["monitor"]["uncertain_fate_until_us"]
+    assert lk.uncertain_until_us == until
+    assert all(g.oldest_us > until for g in lk.sites)
+    assert all(g.newest_us <= until for g in lk.uncertain_sites)
     # the peak is marked at its value, within the series' time span
     assert max(d.peak) == doc["memory_stats"]["peak_bytes_allocated"]
     assert d.t[0] <= d.peak_t <= d.t[-1]
@@ -84,9 +98,16 @@ def test_recording_report_figures_match_the_replay(from_recording, replayed):
         {m: v[i] for m, v in d.module_series.items() if v[i]}
     bars = dict(report_html.module_bars(d))
     leaked = next(v for k, v in bars.items() if k.startswith("leaked"))
-    assert leaked == {g.module: g.bytes for g in d.leaks.modules} == \
+    assert leaked == {g.module: g.bytes for g in d.leaks.modules}
+    unc = {g.module: g.bytes for g in d.leaks.uncertain_modules}
+    assert {m: leaked.get(m, 0) + unc.get(m, 0) for m in {*leaked, *unc}} == \
         {k: v for k, v in doc["monitor"]["modules_live_bytes"].items()}
     html = path.read_text()
+    assert f"Uncertain: {lk.uncertain_allocations:,} blocks" in html
+    assert f'<div class="k">uncertain blocks</div><div class="v">' \
+        f"{lk.uncertain_allocations:,}</div>" in html
+    assert f'<div class="k">lost frees</div><div class="v">' \
+        f'{doc["monitor"]["dropped_frees"]:,}</div>' in html
     assert html.count('class="plotly-graph-div"') == 6
     assert "<script src=" not in html  # everything inline: opens offline
 
@@ -128,7 +149,10 @@ def test_directory_report_reads_the_files(from_dir, replayed):
     n_warn = doc["logging"]["warning_logs"] + doc["logging"]["error_logs"] + \
         doc["logging"]["critical_logs"]
     assert len(d.messages) + d.messages_omitted == n_warn
-    assert d.leaks is not None and d.leaks.bytes == doc["memory_stats"]["current_bytes_allocated"]
+    assert d.leaks is not None and d.leaks.bytes + d.leaks.uncertain_bytes == \
+        doc["memory_stats"]["current_bytes_allocated"]
+    assert d.leaks.uncertain_bytes == doc["monitor"]["leaks"]["uncertain_bytes"] > 0
+    assert d.leaks.uncertain_until_us == doc["monitor"]["uncertain_fate_until_us"]
     # rates: the CSV's integrated, in round time buckets over the session; the peak marked at
     # the first row whose running peak is the final peak
     rows = list(csv.DictReader(io.StringIO((replayed / "MemoryPoolNVSE_performance.csv")
@@ -296,3 +320,24 @@ def test_chromium_here_is_offline(tmp_path):
                     "</body></html>")
     r = chromium(tmp_path, "--dump-dom", page.as_uri())
     assert 'data-p="undefined"' in r.stdout, r.stdout[-500:]
+
+
+@pytest.mark.parametrize("kind", ["recording", "directory"])
+def test_report_shows_stalls_and_uncertain_blocks(tmp_path, kind):
+    import ring_session
+
+    rec = ring_session.write(tmp_path / "ring.nvmrec")
+    source = rec
+    if kind == "directory":
+        source = tmp_path / "out"
+        replay(rec, source)
+    build_report(source, tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert '<div class="k">stalls</div><div class="v">250 <span class="note">(1.50 s, longest ' \
+        '50.0 ms)</span></div>' in html
+    assert '<div class="k">uncertain blocks</div><div class="v">1</div>' in html
+    assert "Uncertain: 1 block, 40 bytes set aside, not leaks" in html
+    assert "allocated at or before 0.200000 s, when free records were lost (1 free/realloc " \
+        "record was dropped)" in html
+    assert "Leaks: 1 block, 7 bytes live at end" in html
+    assert "Stall burst: 250 hooked calls waited for a free ring slot" in html

@@ -470,3 +470,31 @@ def test_top_dir_in_tmux_80x24(busy_dir):
         assert "l: leak report" in s
     finally:
         t.kill()
+
+
+def test_ring_line_and_uncertain_leaks_fit_80_columns(tmp_path):
+    import ring_session
+
+    out = tmp_path / "out"
+    replay(ring_session.write(tmp_path / "ring.nvmrec"), out)
+    dash = Dashboard(DirSource(out, "MemoryPoolNVSE"))
+    dash.poll()
+    dash.toggle_leaks()
+    dash.poll()
+    text = text_of(dash, width=80)
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "ring wait  stalls 250 (1.50 s, longest 50.0 ms)  lost frees 1" in text
+    assert "Stall burst: 250 hooked calls" in text  # the burst's WARN line in the log tail
+    # the leak panel: B is the leak, A (allocated before the lost free) is set aside
+    assert "Game.exe+0x200" in text and "Game.exe+0x100" not in text
+    assert "set aside: 1 block, 0.0 KiB allocated before lost frees (uncertain)" in text
+
+
+def test_no_ring_line_for_an_older_session(replayed):
+    dash = Dashboard(DirSource(replayed, "MemoryPoolNVSE"))
+    dash.poll()
+    doc = json.loads((replayed / "MemoryPoolNVSE_stats.json").read_text())
+    assert doc["monitor"]["on_full"] is None
+    # synthetic-mixed dropped frees, so the line is there, without a policy
+    assert re.search(rf"ring \?  stalls 0  lost frees {doc['monitor']['dropped_frees']}",
+                     text_of(dash))

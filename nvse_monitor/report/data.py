@@ -404,6 +404,19 @@ def from_directory(directory: Path, prefix: str) -> ReportData:
         data.notes.append("largest allocations: from the log's PERF lines (over 1 MiB) only")
     try:
         data.leaks = leaks_mod.read_csv(leaks_mod.leaks_path(directory, prefix))
+        mon = doc.get("monitor") or {}
+        until = mon.get("uncertain_fate_until_us")
+        if data.leaks.uncertain_allocations and isinstance(until, int):
+            data.leaks.uncertain_until_us = until  # the CSV does not say when, nor why
+            why = []
+            if mon.get("dropped_frees"):
+                why.append(f"{mon['dropped_frees']} free/realloc records were dropped")
+            elif mon.get("dropped_events"):
+                why.append(f"{mon['dropped_events']} events were dropped")
+            bad = (mon.get("agent_counters") or {}).get("unknown_records")
+            if bad:
+                why.append(f"{bad} invalid ring records were skipped")
+            data.leaks.uncertain_reason = "; ".join(why)
     except FileNotFoundError:
         data.notes.append("no leaks CSV yet (written when the session ends)")
     except (OSError, ValueError, KeyError) as e:

@@ -233,10 +233,55 @@ def _cards(data: ReportData) -> str:
         ("failures", f"{ms['allocation_failures']:,}"),
         ("dropped events", f"{int(mon.get('dropped_events', 0)):,}"),
         ("untracked frees", f"{int(mon.get('untracked_frees', 0)):,}"),
+        *_ring_cards(data, mon),
         ("warnings / errors", f"{d['health']['warning_count']} / {d['health']['error_count']}"),
     ]
     return "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{v}</div>'
                    "</div>" for k, v in cards)
+
+
+def _us(us: int) -> str:
+    if us < 1000:
+        return f"{us} µs"
+    return f"{us / 1e3:,.1f} ms" if us < 1_000_000 else f"{us / 1e6:,.2f} s"
+
+
+def _ring_cards(data: ReportData, mon: dict[str, Any]) -> list[tuple[str, str]]:
+    """Issue 13: stalls (a session that had them or knows its --on-full policy) and the
+    blocks set aside as uncertain; nothing for an older session without either."""
+    cards = []
+    stalls = int(mon.get("stalls") or 0)
+    if stalls or mon.get("on_full") is not None:
+        detail = (f' <span class="note">({_us(int(mon.get("stall_total_us") or 0))}, longest '
+                  f'{_us(int(mon.get("stall_max_us") or 0))})</span>' if stalls else "")
+        cards.append(("stalls", f"{stalls:,}{detail}"))
+    if mon.get("dropped_frees"):
+        cards.append(("lost frees", f"{int(mon['dropped_frees']):,}"))
+    if data.leaks is not None and data.leaks.uncertain_allocations:
+        cards.append(("uncertain blocks", f"{data.leaks.uncertain_allocations:,}"))
+    return cards
+
+
+def _uncertain_section(data: ReportData) -> list[str]:
+    rep = data.leaks
+    if rep is None or not rep.uncertain_allocations:
+        return []
+    when = ("" if rep.uncertain_until_us is None else
+            f" at or before {rep.uncertain_until_us / 1e6:.6f} s")
+    why = f" ({_e(rep.uncertain_reason)})" if rep.uncertain_reason else ""
+    rows = [[_e(g.module), _e("" if g.offset is None else f"0x{g.offset:x}"),
+             f"{g.allocations:,}", f"{g.bytes:,}", _e(f"{g.min_size}..{g.max_size}"),
+             _e("+".join(g.heaps))] for g in rep.uncertain_sites[:20]]
+    out = [f"<h2>Uncertain: {plural(rep.uncertain_allocations, 'block', sep=True)}, "
+           f"{plural(rep.uncertain_bytes, 'byte', sep=True)} set aside, not leaks</h2>",
+           f'<p class="note">Still live at the end but allocated{_e(when)}, when free records '
+           f"were lost{why}: one of the lost frees may have freed them. They are not counted "
+           "as leaks; blocks allocated later are.</p>",
+           _table(["module", "offset", "blocks", "bytes", "sizes", "heaps"], rows, {2, 3})]
+    if len(rep.uncertain_sites) > 20:
+        out.append(f'<p class="note">{len(rep.uncertain_sites) - 20} more call sites in the '
+                   "leaks CSV (uncertain-site rows)</p>")
+    return out
 
 
 def render(data: ReportData) -> str:
@@ -266,6 +311,7 @@ def render(data: ReportData) -> str:
         if len(data.leaks.sites) > 50:
             body.append(f'<p class="note">{len(data.leaks.sites) - 50} more call sites in the '
                         "leaks CSV</p>")
+    body += _uncertain_section(data)
     body.append("<h2>Allocation sizes</h2>")
     if data.hist:
         body.append(hist_chart(data))
