@@ -15,6 +15,7 @@ numpy operations (docs/engine.md explains the steps and every counter rule):
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from .stream import (
     StreamMessage,
 )
 from .tracking import LiveColumns, LiveTable
+from .words import plural
 
 ADDRSPACE_LOW = "address space low"  # the health cause
 _MB = 1 << 20
@@ -141,6 +143,11 @@ class _Batch:
 _REC_VOID = np.dtype((np.void, RECORD_DTYPE.itemsize))
 
 
+# Session ends that need words in the log (the others say what they are).
+END_REASONS = {"target-exec": "the program replaced itself (exec) with another, which is not "
+               "monitored: the hooks were in the image it replaced"}
+
+
 class Engine:
     def __init__(self, meta: SessionMeta, config: EngineConfig | None = None) -> None:
         self.meta = meta
@@ -209,6 +216,7 @@ class Engine:
         self._last_snap_status = None
         self.started = False
         self.finished = False
+        self.interrupted = False  # note_interrupted(): the JSON's monitor section says so
 
     # -- public API --
     def start(self) -> list[Output]:
@@ -284,6 +292,19 @@ class Engine:
                          "damaged input")
         return self._take()
 
+    def note_interrupted(self, message: str) -> list[Output]:
+        """The replay was stopped before the end of its input (Ctrl-C): like damaged input, the
+        figures cover only a prefix of the session -> ERROR, then SHUTDOWN unhealthy."""
+        if self.finished:
+            return []
+        if not self.started:
+            self._start()
+        t = self._advance(self.now)
+        self.interrupted = True
+        self.health.fail(t, "ERROR", f"Replay interrupted, figures cover only the part before "
+                         f"it: {message}", "replay interrupted")
+        return self._take()
+
     def finish(self, ts_us: int | None = None) -> list[Output]:
         if self.finished:
             return []
@@ -296,12 +317,14 @@ class Engine:
         self._report_drops(t, force=True)
         c = self.state.c
         log = self.health.log
-        log(t, "INFO", f"Final statistics: {c.total_allocations} allocations, {c.total_frees} "
-            f"frees, {c.total_bytes_allocated} bytes allocated, {c.total_bytes_freed} bytes freed, "
-            f"{c.allocation_failures} failures")
-        log(t, "INFO", f"Peak: {c.peak_allocations} live allocations, {c.peak_bytes} bytes")
-        log(t, "INFO", f"Still live at end: {c.current_allocations} allocations, "
-            f"{c.current_bytes} bytes")
+        log(t, "INFO", f"Final statistics: {plural(c.total_allocations, 'allocation')}, "
+            f"{plural(c.total_frees, 'free')}, {plural(c.total_bytes_allocated, 'byte')} "
+            f"allocated, {plural(c.total_bytes_freed, 'byte')} freed, "
+            f"{plural(c.allocation_failures, 'failure')}")
+        log(t, "INFO", f"Peak: {plural(c.peak_allocations, 'live allocation')}, "
+            f"{plural(c.peak_bytes, 'byte')}")
+        log(t, "INFO", f"Still live at end: {plural(c.current_allocations, 'allocation')}, "
+            f"{plural(c.current_bytes, 'byte')}")
         log(t, "INFO", f"Untracked frees: {c.untracked_frees}; dropped events: {self.dropped}; "
             f"untracked allocations (tracking full): {c.overflow_allocations}")
         self._report_invalid(t, force=True)
@@ -382,7 +405,7 @@ class Engine:
     def _feed_hook(self, msg: HookEvent) -> None:
         t = self._advance(msg.ts_us)
         h = self.health
-        detail = f" ({msg.detail})" if msg.detail else ""
+        detail = f" ({plain_hook_detail(msg.detail)})" if msg.detail else ""
         if msg.pending:
             h.log(t, "INFO", f"Hook pending: {msg.name}{detail}")
             state = "pending"
@@ -449,15 +472,15 @@ class Engine:
         low = ADDRSPACE_LOW in h.conditions
         if lf >= warn and not low:
             return
-        free = f"free {(msg.free or 0) / _MB:.1f} MB" + (
-            f" of {msg.limit / _MB:.1f} MB" if msg.limit is not None else "")
+        free = f"free {(msg.free or 0) / _MB:.1f} MiB" + (
+            f" of {msg.limit / _MB:.1f} MiB" if msg.limit is not None else "")
         if lf < warn and not low:
-            h.log(t, "WARN", f"Address space low: largest free block {lf / _MB:.1f} MB "
-                  f"(< {warn / _MB:.1f} MB), {free}")
+            h.log(t, "WARN", f"Address space low: largest free block {lf / _MB:.1f} MiB "
+                  f"(< {warn / _MB:.1f} MiB), {free}")
             h.set_condition(t, ADDRSPACE_LOW)
         elif lf >= warn and low:
-            h.log(t, "INFO", f"Address space recovered: largest free block {lf / _MB:.1f} MB "
-                  f"(>= {warn / _MB:.1f} MB), {free}")
+            h.log(t, "INFO", f"Address space recovered: largest free block {lf / _MB:.1f} MiB "
+                  f"(>= {warn / _MB:.1f} MiB), {free}")
             h.clear_condition(t, ADDRSPACE_LOW, "address space recovered")
 
     def _feed_end(self, msg: SessionEnd) -> None:
@@ -466,7 +489,9 @@ class Engine:
         if msg.counters is not None:
             self._agent_counters(t, msg.counters)
         if msg.expected:
-            self.health.log(t, "INFO", f"Session ended: {msg.reason}")
+            why = END_REASONS.get(msg.reason)
+            self.health.log(t, "INFO", f"Session ended: {msg.reason}" + (f" ({why})" if why
+                                                                         else ""))
         else:
             crash = f"; crash: {msg.crash}" if msg.crash else ""
             self.health.fail(t, "CRITICAL", f"Target lost unexpectedly: {msg.reason}{crash}",
@@ -490,8 +515,8 @@ class Engine:
             return
         last = self._last_drop_warn
         if force or last is None or t - last >= self.config.warn_interval_us:
-            self.health.log(t, "WARN", f"Dropped {self._drops_unreported} events (agent ring "
-                            f"full); {self.dropped} dropped so far")
+            self.health.log(t, "WARN", f"Dropped {plural(self._drops_unreported, 'event')} "
+                            f"(agent ring full); {self.dropped} dropped so far")
             self._drops_unreported = 0
             self._last_drop_warn = t
 
@@ -513,12 +538,14 @@ class Engine:
             self.uncertain_until = t  # every record of a batch is at or before its time
             why = []
             if self._knows_dropped_frees and ac.dropped_frees:
-                why.append(f"{ac.dropped_frees} free/realloc records were dropped")
+                n = ac.dropped_frees
+                why.append(f"{plural(n, 'free/realloc record')} {_were(n)} dropped")
             elif not self._knows_dropped_frees and ac.dropped:
-                why.append(f"{ac.dropped} events were dropped (the recording does not say "
-                           "which were frees)")
+                why.append(f"{plural(ac.dropped, 'event')} {_were(ac.dropped)} dropped (the "
+                           "recording does not say which were frees)")
             if ac.unknown_records:
-                why.append(f"{ac.unknown_records} invalid ring records were skipped")
+                n = ac.unknown_records
+                why.append(f"{plural(n, 'invalid ring record')} {_were(n)} skipped")
             self.uncertain_reason = "; ".join(why)
         self._report_invalid(t)
         burst = self._burst
@@ -1038,6 +1065,8 @@ class Engine:
             "allocation_sizes": _size_classes(st),
             "largest_allocations": self._largest_entries(st.largest),
         }
+        if self.interrupted:  # only then: the files of a complete replay stay as they were
+            mon["interrupted"] = True
         a = self.addrspace
         if a is not None:  # ia32 targets only: absent when nothing was sampled
             mon["address_space"] = {
@@ -1050,6 +1079,27 @@ class Engine:
                 "low": ADDRSPACE_LOW in self.health.conditions,
             }
         return mon
+
+
+# The agent's note when replaceFast refused an entry point and Interceptor.replace took it
+# (agent.js); Frida's own words end in "please file a bug", which is not the case here.
+_SLOW_PATH = re.compile(r" ?\(slow path: Interceptor\.replace, replaceFast said: (.*)\)$")
+
+
+def _were(n: int) -> str:
+    return "was" if n == 1 else "were"
+
+
+def plain_hook_detail(detail: str) -> str:
+    """A hook's detail as the log says it: the slow-path fallback in plain words."""
+    m = _SLOW_PATH.search(detail)
+    if m is None:
+        return detail
+    said = m.group(1).removesuffix("; please file a bug")
+    why = ("the function is too short for the jump of Frida's fast hook"
+           if said.startswith("unable to intercept") else f"Frida's fast hook refused it: {said}")
+    return (f"{detail[:m.start()]}; {why}, so it is hooked the slower way (Interceptor.replace, "
+            "~0.8 µs more a call): harmless, every call is recorded")
 
 
 @dataclass

@@ -23,6 +23,7 @@ import numpy as np
 
 from .modmap import UNKNOWN
 from .stream import Module
+from .words import plural as _n
 
 CSV_COLUMNS = ("scope", "module", "offset", "allocations", "bytes", "sites", "min_size",
                "max_size", "heaps", "oldest_timestamp", "newest_timestamp")
@@ -77,26 +78,26 @@ class LeakReport:
                     f" at or before {self.uncertain_until_us / 1e6:.6f} s")
             why = f" ({self.uncertain_reason})" if self.uncertain_reason else ""
             where = f"; rows uncertain-* in {csv_name}" if csv_name else ""
-            lines.append(f"Leak report: {self.uncertain_allocations} allocations, "
-                         f"{self.uncertain_bytes} bytes still live set aside as uncertain, not "
-                         f"leaks: allocated{when}, when free records were lost{why}{where}")
+            lines.append(f"Leak report: {_n(self.uncertain_allocations, 'allocation')}, "
+                         f"{_n(self.uncertain_bytes, 'byte')} still live set aside as uncertain, "
+                         f"not leaks: allocated{when}, when free records were lost{why}{where}")
         return lines
 
     def _leak_lines(self, top: int, csv_name: str) -> list[str]:
         if not self.allocations:
             return []
         where = f"; all in {csv_name}" if csv_name else ""
-        lines = [f"Leak report: {self.allocations} allocations, {self.bytes} bytes still live "
-                 f"from {_n(len(self.sites), 'call site')} in "
+        lines = [f"Leak report: {_n(self.allocations, 'allocation')}, {_n(self.bytes, 'byte')} "
+                 f"still live from {_n(len(self.sites), 'call site')} in "
                  f"{_n(len(self.modules), 'module')}{where}"]
         for g in self.modules[:top]:
-            lines.append(f"Live at end in {g.where}: {g.allocations} allocations, {g.bytes} "
-                         f"bytes from {_n(g.sites, 'call site')}")
+            lines.append(f"Live at end in {g.where}: {_n(g.allocations, 'allocation')}, "
+                         f"{_n(g.bytes, 'byte')} from {_n(g.sites, 'call site')}")
         for g in self.sites[:top]:
             sizes = f"{g.min_size}" if g.min_size == g.max_size else \
                 f"{g.min_size}..{g.max_size}"
-            lines.append(f"Live at end from {g.where}: {g.allocations} allocations, {g.bytes} "
-                         f"bytes (size {sizes}, {'+'.join(g.heaps)})")
+            lines.append(f"Live at end from {g.where}: {_n(g.allocations, 'allocation')}, "
+                         f"{_n(g.bytes, 'byte')} (size {sizes}, {'+'.join(g.heaps)})")
         return lines
 
     def log_to(self, engine: Any, csv_name: str) -> None:
@@ -118,10 +119,6 @@ class LeakReport:
                    wall_clock_zero_us + g.oldest_us, wall_clock_zero_us + g.newest_us]
             out.write(",".join(str(v) for v in row) + "\n")
         return out.getvalue()
-
-
-def _n(k: int, noun: str) -> str:
-    return f"{k} {noun}" + ("" if k == 1 else "s")
 
 
 def _csv_field(s: str) -> str:

@@ -44,13 +44,17 @@ from .stream import (
 from .targets import (
     EXIT_WATCH_JS,
     ExitNotice,
+    ExitStatus,
     TargetError,
+    describe_wait_status,
+    exe_path,
     frida_error_message,
     probe,
     resolve_target,
+    unlisted_reason,
 )
 from .writers import DEFAULT_PREFIX, FileLimits, OutputDirError, check_prefix
-from .writers.files import check_writable_dir
+from .writers.files import make_out_dir
 
 STREAM_TYPES = (Batch, ModuleEvent, HookEvent, AgentError, SessionEnd, AddressSpace)
 STOP_TIMEOUT_S = 15.0  # agent stop() + detach; then we detach without the final drain
@@ -163,6 +167,10 @@ class LiveSession:
         self.recorder: Any = None
         self._exit_script: Any = None
         self._exit_notice: ExitNotice | None = None
+        self._exit_status: ExitStatus | None = None  # spawn: the program's wait status
+        # spawn: the program's file at start and when the session was detached (an exec)
+        self._spawn_exe: str | None = None
+        self._exe_at_detach: str | None = None
         self._stop_reason: str | None = None  # "interrupted" / "duration" once asked to stop
         self._stop_started = False
         self._stop_deadline = 0.0
@@ -194,6 +202,8 @@ class LiveSession:
         self.q.put(msg)
 
     def _on_detached(self, reason: str, crash: Any) -> None:
+        if self._spawn_exe is not None:  # one readlink: an exec'd program may not live long
+            self._exe_at_detach = exe_path(self.pid)
         self.q.put(_Detached(str(reason), crash))
 
     def _on_child_added(self, child: Any) -> None:
@@ -215,7 +225,7 @@ class LiveSession:
             if _pid_exists(spec):  # Frida lists only processes it may inspect
                 raise TargetError(
                     f"cannot attach to PID {spec.strip()}: the process exists but Frida cannot "
-                    "see it: permission denied (run as the target's user or as root)") from None
+                    f"see it: {unlisted_reason(int(spec))}") from None
             raise
         self.pid = ref.pid
         self._lock_target(ref.pid)
@@ -257,6 +267,8 @@ class LiveSession:
                 self._follow_child(pid, argv[0])
             else:
                 self.pid = pid
+                self._exit_status = ExitStatus(pid)
+                self._spawn_exe = exe_path(pid)
                 self.session = self._attach(pid, f"attach to the spawned {argv[0]!r}")
         except BaseException:
             self._release_parents()
@@ -390,8 +402,7 @@ class LiveSession:
     @staticmethod
     def _check_out_dir(out: Path) -> None:
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            check_writable_dir(out)
+            make_out_dir(out)
         except OutputDirError as exc:
             raise SessionError(str(exc)) from None
         except OSError as exc:
@@ -780,11 +791,22 @@ class LiveSession:
         if detached.reason == "application-requested" and self._stop_reason is not None:
             return SessionEnd(self._last_ts, self._stop_reason, True, "", counters)
         notice = self._exit_notice
+        new = self._exe_at_detach
+        if detached.reason == "process-terminated" and new and new != self._spawn_exe:
+            # Not an end: the program exec'd and the agent went with the old image (Frida
+            # reports it as process-terminated).
+            self._notes.append(
+                f"the program replaced itself with {new} (exec): the hooks were in the program "
+                f"it replaced, so {new} runs on (PID {self.pid}) unmonitored; to monitor it, "
+                f"start it directly (nvse-monitor spawn -- {new} ARGS...) or attach to it "
+                f"while it runs (nvse-monitor attach {self.pid})")
+            return SessionEnd(self._last_ts, "target-exec", True, "", counters)
         if detached.reason == "process-terminated" and self.mode == "spawn":
             # Our own child: its wait status says exactly how it ended.
-            status = self._reap_spawned()
+            status = self._wait_status()
+            if status is not None:
+                self._notes.append(f"the program {describe_wait_status(status)}")
             if status is not None and os.WIFEXITED(status):
-                self._notes.append(f"target exit status {os.WEXITSTATUS(status)}")
                 return SessionEnd(self._last_ts, "target-exited", True, "", counters)
             if status is not None and os.WIFSIGNALED(status):
                 sig = _signal_name(os.WTERMSIG(status))
@@ -800,6 +822,12 @@ class LiveSession:
         elif detached.reason == "process-terminated" and not crash:
             crash = "no exit() call seen: killed by a signal or crashed"
         return SessionEnd(self._last_ts, detached.reason, False, crash, counters)
+
+    def _wait_status(self) -> int | None:
+        """The spawned program's wait status: from its pidfd (exact, also when Frida reaped
+        it first), else our own waitpid()."""
+        status = self._exit_status.status() if self._exit_status is not None else None
+        return status if status is not None else self._reap_spawned()
 
     def _reap_spawned(self, timeout_s: float = 2.0) -> int | None:
         """The wait status of the spawned program (Frida's spawn makes it our child), or None

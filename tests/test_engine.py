@@ -480,7 +480,7 @@ def test_dropped_free_makes_older_blocks_uncertain() -> None:
         batch(recs((A, 0x40, 64, 25)), 30, dropped=2, dropped_frees=1),  # an alloc was lost
         finish=False, m=meta(extra=dict(RING)))
     assert e.uncertain_until == 20
-    assert e.uncertain_reason == "1 free/realloc records were dropped"
+    assert e.uncertain_reason == "1 free/realloc record was dropped"
     assert e.snapshot().monitor["uncertain_fate_until_us"] == 20
     assert e.snapshot().monitor["dropped_frees"] == 1
 

@@ -216,11 +216,11 @@ def test_dropped_free_sets_older_blocks_aside_and_later_ones_stay_leaks(tmp_path
         (1, 7, 1, 40)
     # the log: the leak lines name B only; one line says what was set aside and why
     log = (tmp_path / "P_rpmalloc.log").read_text()
-    assert "Leak report: 1 allocations, 7 bytes still live from 1 call site in 1 module" in log
+    assert "Leak report: 1 allocation, 7 bytes still live from 1 call site in 1 module" in log
     assert "Live at end from Game.exe+0x100" not in log
-    assert ("Leak report: 1 allocations, 40 bytes still live set aside as uncertain, not leaks: "
+    assert ("Leak report: 1 allocation, 40 bytes still live set aside as uncertain, not leaks: "
             "allocated at or before 0.000200 s, when free records were lost (1 free/realloc "
-            "records were dropped); rows uncertain-* in P_leaks.csv") in log
+            "record was dropped); rows uncertain-* in P_leaks.csv") in log
     import json
     mon = json.loads((tmp_path / "P_stats.json").read_text())["monitor"]
     assert mon["leaks"] == {"leaked_allocations": 1, "leaked_bytes": 7,
@@ -242,7 +242,7 @@ def test_older_recording_any_drop_sets_older_blocks_aside(tmp_path):
     rep = pipe.leak_report
     assert (rep.allocations, rep.bytes, rep.uncertain_allocations, rep.uncertain_bytes) == \
         (1, 7, 1, 40)
-    assert "1 events were dropped (the recording does not say which were frees)" in \
+    assert "1 event was dropped (the recording does not say which were frees)" in \
         (tmp_path / "P_rpmalloc.log").read_text()
 
 

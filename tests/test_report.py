@@ -21,6 +21,7 @@ from conftest import REPO
 from nvse_monitor.events import Kind
 from nvse_monitor.pipeline import replay
 from nvse_monitor.report import build_report
+from nvse_monitor.report import data as report_data
 from nvse_monitor.report import html as report_html
 
 FIXTURE = REPO / "fixtures" / "synthetic-mixed.nvmrec"
@@ -152,11 +153,17 @@ def test_directory_report_reads_the_files(from_dir, replayed):
         doc["memory_stats"]["current_bytes_allocated"]
     assert d.leaks.uncertain_bytes == doc["monitor"]["leaks"]["uncertain_bytes"] > 0
     assert d.leaks.uncertain_until_us == doc["monitor"]["uncertain_fate_until_us"]
-    # rates: the CSV's; the peak marked at the first row whose running peak is the final peak
+    # rates: the CSV's integrated, in round time buckets over the session; the peak marked at
+    # the first row whose running peak is the final peak
     rows = list(csv.DictReader(io.StringIO((replayed / "MemoryPoolNVSE_performance.csv")
                                            .read_text())))
-    assert d.alloc_rate == [float(r["allocs_per_sec"]) for r in rows]
-    assert d.free_rate == [float(r["frees_per_sec"]) for r in rows]
+    assert d.bucket_s == report_data.bucket_width(d.end_t)
+    assert d.rate_t[0] == 0 and d.rate_t[-1] < d.end_t and 100 <= len(d.rate_t) <= 250
+    total = sum(r * d.bucket_s for r in d.alloc_rate[:-1]) + d.alloc_rate[-1] * (
+        d.end_t - d.rate_t[-1])
+    assert total == pytest.approx(doc["memory_stats"]["total_allocations"], rel=1e-3)
+    assert d.avg_alloc_rate == pytest.approx(doc["memory_stats"]["total_allocations"]
+                                             / doc["plugin"]["uptime_seconds"])
     first_peak = next(r for r in rows if int(r["peak_memory"]) == max(d.peak))
     assert d.peak_t == pytest.approx((int(first_peak["timestamp"]) - doc["timestamp"]) / 1e6
                                      + doc["plugin"]["uptime_seconds"], abs=0.06)
@@ -181,8 +188,14 @@ def test_both_sources_tell_the_same_story(from_recording, from_dir):
     assert [s[1:] for s in rec.status] == [s[1:] for s in dire.status]
     assert [s[0] for s in rec.status] == pytest.approx([s[0] for s in dire.status], abs=1e-6)
     assert [m[1:] for m in rec.messages] == [m[1:] for m in dire.messages]
-    assert rec.peak == dire.peak and rec.current == dire.current
-    assert rec.t == pytest.approx(dire.t, abs=0.06)
+    assert max(rec.peak) == max(dire.peak) and rec.peak_t == pytest.approx(dire.peak_t, abs=0.01)
+    # the same rate buckets; the directory's rows, 1,000 allocations apart, are interpolated
+    # between: at most 1,000 allocations off at each bucket edge
+    assert rec.bucket_s == dire.bucket_s and rec.rate_t == pytest.approx(dire.rate_t)
+    for r, d in zip(rec.alloc_rate, dire.alloc_rate, strict=True):
+        assert abs(r - d) * rec.bucket_s <= 2000 + 1e-6
+    # the recording's memory series is finer than the CSV's (a point per 1,000 allocations)
+    assert len(rec.t) > len(dire.t)
 
 
 def test_older_json_without_the_added_sections(tmp_path, replayed):
@@ -323,8 +336,8 @@ def test_report_shows_stalls_and_uncertain_blocks(tmp_path, kind):
     assert '<div class="k">stalls</div><div class="v">250 <span class="note">(1.50 s, longest ' \
         '50.0 ms)</span></div>' in html
     assert '<div class="k">uncertain blocks</div><div class="v">1</div>' in html
-    assert "Uncertain: 1 blocks, 40 bytes set aside, not leaks" in html
+    assert "Uncertain: 1 block, 40 bytes set aside, not leaks" in html
     assert "allocated at or before 0.200000 s, when free records were lost (1 free/realloc " \
-        "records were dropped)" in html
-    assert "Leaks: 1 blocks, 7 bytes live at end" in html
+        "record was dropped)" in html
+    assert "Leaks: 1 block, 7 bytes live at end" in html
     assert "Stall burst: 250 hooked calls waited for a free ring slot" in html

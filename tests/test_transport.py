@@ -18,8 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 from conftest import REPO, Monitor, read_outputs
 from test_live import (
     ARCH_PARAMS,
@@ -195,7 +195,7 @@ def test_host_gone_while_producers_wait(how, targets, tmp_path, live_procs):
         host.wait()
 
 
-# ---- the mapping ----------------------------------------------------------------------------------
+# ---- the mapping ---------------------------------------------------------------------------------
 
 def shm_names() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith("nvse-monitor")}
