@@ -435,3 +435,37 @@ def test_cli_spawn_with_replacer_loading_later(install: FakeInstall, tmp_path: P
     assert "patched by libfake_nvhr.so after attach; left alone (not reverted); calls followed " \
         "into libfake_nvhr.so" in log
     assert "Hook not needed: MemoryManager::Size (size query: nothing to record)" in log
+
+
+# ---------------------------------------------------------------- lossless under load (issue 13)
+
+
+def test_burst_on_thiscall_heaps_lossless_under_cpu_load(install: FakeInstall,
+                                                        profile: Profile) -> None:
+    """Eight game threads on the thiscall heaps, the static CRT and the plugins' CRTs at once,
+    with a CPU-bound process on each core and a small ring: producers wait for the host, and
+    every call is recorded exactly once (per hook: calls and bytes), nothing dropped."""
+    from test_transport import cpu_hogs
+
+    old = dict(os.environ)
+    os.environ.update(_env(FAKE_GAME_THREADS="8", FAKE_GAME_ITERS="6000"))
+    try:
+        mon = Monitored(install.game_argv(), profile, config=AgentConfig(ring_slots=4096))
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    try:
+        with cpu_hogs():
+            mon.say("go")
+            lines = mon.read_until("done")
+        final = mon.stop()
+        assert mon.close() == 0
+        gt = parse_truth(lines)
+        got = Run(gt, mon.records(), [], None, 0, lines).per_hook(profile)  # type: ignore[arg-type]
+    finally:
+        if mon.proc.poll() is None:
+            mon.proc.kill()
+            mon.proc.wait()
+    assert gt.hooks["MemoryManager::Allocate"][0] > 40_000
+    assert final.dropped == 0 and final.stalls > 0
+    assert got == gt.hooks

@@ -23,6 +23,7 @@ import pytest
 from conftest import REPO, Monitor, read_outputs
 from test_live import (
     ARCH_PARAMS,
+    EXACT_KEYS,
     assert_matches_truth,
     assert_shutdown,
     per_thread_from_records,
@@ -112,7 +113,12 @@ def test_burst_attach_lossless_under_cpu_load(arch, targets, tmp_path, live_proc
     assert target.finish() == {"prologue_restored": True}
     assert truth["ok"]
     js, log = assert_lossless(out, truth, mon, exe)
-    assert_matches_truth(js, truth)  # attached after the threads started: exact
+    # attached after the threads started: every count exact. The C library may free a few
+    # blocks it allocated before the attach (a thread's TLS vector grows when Frida's
+    # libraries load): untracked frees, nothing to do with the workload's blocks.
+    ms = js["memory_stats"]
+    assert {k: ms[k] for k in EXACT_KEYS} == {k: truth[k] for k in EXACT_KEYS}
+    assert js["monitor"]["untracked_frees"] <= 8
     assert js["monitor"]["agent_counters"]["stalls"] > 0  # the ring did fill: producers waited
     assert "Full-ring policy: wait" in log
 
