@@ -135,6 +135,8 @@ class _Body:
         self.pos = 0
 
     def column(self, n: int, name: str, nested: bool = False) -> np.ndarray:
+        """The column's values, as unsigned integers of its stored width or wider (u64 after a
+        delta); callers cast them (modulo 2**bits, like the encoder's input) to their field."""
         if self.pos + COLUMN_HEADER.size > len(self.buf):
             raise ChunkError(f"column {name} header past the end of the chunk body")
         transform, width = COLUMN_HEADER.unpack_from(self.buf, self.pos)
@@ -155,13 +157,58 @@ class _Body:
             raise ChunkError(f"column {name}: {size} bytes needed, {len(self.buf) - self.pos} left")
         planes = np.frombuffer(self.buf, np.uint8, size, self.pos).reshape(width, n)
         self.pos += size
-        v = np.ascontiguousarray(planes.T).view(f"<u{width}").reshape(n)
+        v = _unshuffle(planes, width)
         if uniq is not None:
             if n and int(v.max()) >= len(uniq):
                 raise ChunkError(f"column {name}: dictionary index out of range")
-            return uniq[v]
-        v = v.astype(np.uint64)
-        return _undo_zigzag_delta(v) if transform == ZIGZAG_DELTA else v
+            return uniq.take(v)
+        return _undo_zigzag_delta(v.astype(np.uint64)) if transform == ZIGZAG_DELTA else v
+
+
+def _unshuffle(planes: np.ndarray, width: int) -> np.ndarray:
+    """Values of `width` bytes from their byte planes (inverse of the encoder's byte shuffle).
+    Shifts and ors of whole planes: several times faster than numpy's byte transpose."""
+    if width == 1:
+        return planes[0]
+    if width == 8:
+        lo = _unshuffle(planes[:4], 4).astype(np.uint64)
+        lo |= _unshuffle(planes[4:], 4).astype(np.uint64) << np.uint64(32)
+        return lo
+    dt = np.dtype(f"<u{width}")
+    v = planes[width - 1].astype(dt)
+    for i in range(width - 2, -1, -1):
+        v <<= 8
+        v |= planes[i]
+    return v
+
+
+# Records are assembled as 7 little-endian 64-bit words each (RECORD_DTYPE has no padding):
+# ts_us, ptr, old_ptr, size, caller, then tid | dur_us << 32, then kind | hook << 8 |
+# flags << 16 | seq << 32; one transposing copy writes them all (field-by-field stores into
+# 56-byte strides cost ~5x more).
+_WORDS = np.dtype("<u8")
+_WORD_FIELDS = ("ts_us", "ptr", "old_ptr", "size", "caller")
+_PACKED = (("tid", 5, 0), ("dur_us", 5, 32), ("kind", 6, 0), ("hook", 6, 8), ("flags", 6, 16),
+           ("seq", 6, 32))
+assert RECORD_DTYPE.itemsize == 7 * 8 and all(
+    RECORD_DTYPE.fields[f][1] == 8 * i for i, f in enumerate(_WORD_FIELDS))  # type: ignore[index]
+assert all(RECORD_DTYPE.fields[f][1] == 8 * w + s // 8 for f, w, s in _PACKED)  # type: ignore[index]
+
+
+def _assemble(cols: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """RECORD_DTYPE records from their columns in stream order (each cast to its field)."""
+    words = np.zeros((7, n), _WORDS)
+    for i, f in enumerate(_WORD_FIELDS):
+        np.copyto(words[i], cols[f], casting="unsafe")
+    tmp = np.empty(n, _WORDS)
+    for f, w, shift in _PACKED:
+        np.copyto(tmp, cols[f].astype(RECORD_DTYPE[f], copy=False), casting="unsafe")
+        if shift:
+            tmp <<= np.uint64(shift)
+        words[w] |= tmp
+    records = np.empty(n, RECORD_DTYPE)
+    records.view(_WORDS).reshape(n, 7)[...] = words.T
+    return records
 
 
 def decode_chunk(payload: bytes, version: int = 2) -> tuple[list[BatchRow], np.ndarray]:
@@ -193,24 +240,24 @@ def decode_chunk(payload: bytes, version: int = 2) -> tuple[list[BatchRow], np.n
     counts = table["n_records"]
     if int(counts.sum(dtype=np.uint64)) != n_records or (counts > n_records).any():
         raise ChunkError(f"batch record counts do not add up to {n_records}")
-    records = np.zeros(n_records, dtype=RECORD_DTYPE)
-    grouped = np.zeros(n_records, dtype=RECORD_DTYPE)
-    for name in RECORD_FIELDS:
-        col = b.column(n_records, name)
-        target = records if name in UNGROUPED else grouped
-        target[name] = col.astype(RECORD_DTYPE[name], copy=False)
+    cols = {name: b.column(n_records, name) for name in RECORD_FIELDS}
     if b.pos != raw_size:
         raise ChunkError(f"{raw_size - b.pos} unexpected bytes after the last column")
-    order = np.argsort(records["kind"], kind="stable")
+    kind = cols["kind"].astype(RECORD_DTYPE["kind"], copy=False)
+    # grouped columns are in stable kind order: record i is at inv[i] among them
+    order = np.argsort(kind, kind="stable")
+    inv = np.empty(n_records, np.intp)
+    inv[order] = np.arange(n_records, dtype=np.intp)
     for name in RECORD_FIELDS:
         if name not in UNGROUPED:
-            records[name][order] = grouped[name]
-    cols = {k: v.tolist() for k, v in table.items()}
+            cols[name] = cols[name].take(inv)
+    records = _assemble(cols, n_records)
+    vals = {k: v.tolist() for k, v in table.items()}
     rows = [
         BatchRow(
-            now_us=cols["now_us"][i],
-            counters=AgentCounters(**{f: cols[f][i] for f in counter_fields}),
-            n_records=cols["n_records"][i],
+            now_us=vals["now_us"][i],
+            counters=AgentCounters(**{f: vals[f][i] for f in counter_fields}),
+            n_records=vals["n_records"][i],
         )
         for i in range(n_batches)
     ]
