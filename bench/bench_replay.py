@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -41,9 +42,11 @@ MIN_EVENTS = 5_000_000
 
 
 def _run_monitor(pkg_root: Path, args: list[str], **kw) -> subprocess.CompletedProcess:
-    """`python -m nvse_monitor ARGS` with the package found under pkg_root first."""
+    """`python -m nvse_monitor ARGS` with the package found under pkg_root first (`-m` puts the
+    working directory first on sys.path: it is pkg_root too)."""
     env = dict(os.environ, PYTHONPATH=str(pkg_root))
-    return subprocess.run([sys.executable, "-m", "nvse_monitor", *args], env=env, **kw)
+    return subprocess.run([sys.executable, "-m", "nvse_monitor", *args], env=env, cwd=pkg_root,
+                          **kw)
 
 
 def recording(cache: Path, regen: bool) -> tuple[Path, int]:
@@ -80,15 +83,18 @@ def recording(cache: Path, regen: bool) -> tuple[Path, int]:
     return path, records
 
 
-def one_replay(pkg_root: Path, rec: Path, out: Path) -> float:
+def one_replay(pkg_root: Path, rec: Path, out: Path) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system, all threads) of one replay command."""
     shutil.rmtree(out, ignore_errors=True)
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = _run_monitor(pkg_root, ["replay", str(rec), "--out", str(out)], capture_output=True,
                      text=True)
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         raise SystemExit(f"replay failed ({p.returncode}) with {pkg_root}:\n{p.stderr[-2000:]}")
-    return dt
+    return dt, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def same_files(a: Path, b: Path) -> list[str]:
@@ -102,8 +108,9 @@ def same_files(a: Path, b: Path) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--compare", type=Path, metavar="DIR",
-                    help="another copy of the package (DIR/nvse_monitor) to run alternately")
+    ap.add_argument("--compare", type=Path, metavar="DIR", action="append", default=[],
+                    help="another copy of the package (DIR/nvse_monitor) to run alternately "
+                    "(repeatable)")
     ap.add_argument("--cache", type=Path,
                     default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                     / "nvse-monitor-bench")
@@ -112,32 +119,34 @@ def main() -> int:
     rec, events = recording(args.cache, args.regen)
     print(f"recording: {rec} ({events:,} events, {rec.stat().st_size / 2**20:.1f} MiB)")
     impls = [("current", REPO)]
-    if args.compare is not None:
-        if not (args.compare / "nvse_monitor" / "__init__.py").exists():
-            raise SystemExit(f"--compare: no nvse_monitor package in {args.compare}")
-        impls.append(("compare", args.compare.resolve()))
+    for i, d in enumerate(args.compare):
+        if not (d / "nvse_monitor" / "__init__.py").exists():
+            raise SystemExit(f"--compare: no nvse_monitor package in {d}")
+        impls.append((f"compare{i + 1 if len(args.compare) > 1 else ''}", d.resolve()))
     times: dict[str, list[float]] = {name: [] for name, _ in impls}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in impls}
     with tempfile.TemporaryDirectory() as tmp:
         outs = {name: Path(tmp) / name for name, _ in impls}
         for i in range(args.runs):
             for name, root in impls if i % 2 == 0 else impls[::-1]:
-                times[name].append(one_replay(root, rec, outs[name]))
+                wall, cpu_s = one_replay(root, rec, outs[name])
+                times[name].append(wall)
+                cpu[name].append(cpu_s)
             print(f"run {i + 1}: " + ", ".join(
-                f"{n} {times[n][-1]:.2f} s ({events / times[n][-1] / 1e6:.2f} M/s)"
-                for n, _ in impls), flush=True)
-        differ = same_files(outs["current"], outs["compare"]) if len(impls) > 1 else []
+                f"{n} {times[n][-1]:.2f} s ({events / times[n][-1] / 1e6:.2f} M/s, "
+                f"CPU {cpu[n][-1]:.2f} s)" for n, _ in impls), flush=True)
+        differ = {n: same_files(outs["current"], outs[n]) for n, _ in impls[1:]}
     med = {n: statistics.median(t) for n, t in times.items()}
     for n, _ in impls:
         print(f"{n}: {events / med[n] / 1e6:.2f} M events/s, median {med[n]:.3f} s of "
-              f"{args.runs} (range {min(times[n]):.3f}-{max(times[n]):.3f} s), start-up included")
-    if len(impls) > 1:
-        ratios = [c / n for n, c in zip(times["current"], times["compare"], strict=True)]
-        print(f"speed-up current/compare: {med['compare'] / med['current']:.2f}x of medians, "
-              f"{statistics.median(ratios):.2f}x median of per-run ratios")
-        print("files: " + ("byte-identical" if not differ else f"DIFFER: {', '.join(differ)}"))
-        if differ:
-            return 1
-    return 0
+              f"{args.runs} (range {min(times[n]):.3f}-{max(times[n]):.3f} s), start-up included; "
+              f"CPU {statistics.median(cpu[n]):.3f} s")
+    for name, _ in impls[1:]:
+        ratios = [c / n for n, c in zip(times["current"], times[name], strict=True)]
+        print(f"speed-up current/{name}: {med[name] / med['current']:.2f}x of medians, "
+              f"{statistics.median(ratios):.2f}x median of per-run ratios; files: "
+              + (f"DIFFER: {', '.join(differ[name])}" if differ[name] else "byte-identical"))
+    return 1 if any(differ.values()) else 0
 
 
 if __name__ == "__main__":

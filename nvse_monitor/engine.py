@@ -141,6 +141,26 @@ class _Batch:
 _REC_VOID = np.dtype((np.void, RECORD_DTYPE.itemsize))
 
 
+def _joined(recs: list[np.ndarray]) -> np.ndarray:
+    """The records of consecutive batches as one array: a view when they lie back to back in
+    one array (a replayed chunk, a run merged by replay's reader), else a copy."""
+    base = recs[0].base
+    if isinstance(base, np.ndarray) and base.ndim == 1 and base.dtype == recs[0].dtype \
+            and base.flags.c_contiguous:
+        at = base.__array_interface__["data"][0]
+        pos = start = recs[0].__array_interface__["data"][0]
+        for r in recs:
+            if r.base is not base or r.__array_interface__["data"][0] != pos \
+                    or not r.flags.c_contiguous:
+                break
+            pos += r.nbytes
+        else:
+            i = (start - at) // base.itemsize
+            return base[i:i + (pos - start) // base.itemsize]
+    # as opaque items: concatenating structured arrays promotes dtypes field by field
+    return np.concatenate([r.view(_REC_VOID) for r in recs]).view(recs[0].dtype)
+
+
 class Engine:
     def __init__(self, meta: SessionMeta, config: EngineConfig | None = None) -> None:
         self.meta = meta
@@ -593,9 +613,7 @@ class Engine:
             recs, floor, bounds = first, None, []
         else:
             sizes = [len(b.records) for b in run]
-            # as opaque items: concatenating structured arrays promotes dtypes field by field
-            recs = np.concatenate([b.records.view(_REC_VOID) for b in run]).view(
-                run[0].records.dtype)
+            recs = _joined([b.records for b in run])
             # As if fed one by one: a batch's records are no earlier than the batches before.
             floors = np.maximum.accumulate(
                 np.array([self.now] + [b.now_us for b in run[:-1]], dtype=np.uint64))

@@ -8,13 +8,16 @@ another calls finish(): a lock serialises them.
 from __future__ import annotations
 
 import contextlib
+import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
+
+import numpy as np
 
 from .leaks import LeakReport, from_engine, leaks_path, request_path
 from .outputs import Output, Snapshot
@@ -257,32 +260,28 @@ def replay(
         pipe.start()
         if on_start is not None:  # e.g. a /metrics endpoint reading pipe.snapshot_now()
             on_start(pipe)
-        pacer = Pacer() if realtime else None
         n = 0
         error = None
-        pending: list[StreamMessage] = []
-        pending_records = 0
         try:
-            try:
+            if realtime:
+                pacer = Pacer()
                 for msg in rec:
                     n += 1
-                    if pacer is not None:
-                        pacer.wait(message_ts(msg))
-                        pipe.feed(msg)
-                    else:
-                        # Small live drains are fed in runs: the engine's per-call cost dominates
-                        # otherwise, and feed_many gives the same files (tested).
-                        pending.append(msg)
-                        if isinstance(msg, Batch):
-                            pending_records += len(msg.records)
-                        if pending_records >= REPLAY_RUN_RECORDS or not isinstance(msg, Batch):
-                            pipe.feed_many(pending)
-                            pending, pending_records = [], 0
+                    pacer.wait(message_ts(msg))
+                    pipe.feed(msg)
                     if progress is not None:
                         progress(rec.offset)
-            finally:
-                if pending:
-                    pipe.feed_many(pending)
+            else:
+                # Small live drains are fed in runs: the engine's per-call cost dominates
+                # otherwise, and feed_many gives the same files (tested). The runs are read
+                # and decoded ahead on a thread (zlib and numpy let go of the GIL).
+                with _Prefetch(rec) as runs:
+                    for msgs, offsets in runs:
+                        n += len(msgs)
+                        pipe.feed_many(msgs)
+                        if progress is not None:
+                            for off in offsets:
+                                progress(off)
         except RecordingError as e:
             error = str(e)
             # The file name only: the files stay byte-identical wherever the recording lies.
@@ -295,3 +294,97 @@ def replay(
         close = getattr(rec, "close", None)
         if close is not None:
             close()
+
+
+Run = tuple[list[StreamMessage], list[int]]  # messages, the reader's offset after each
+
+
+class _Prefetch:
+    """Iterates a recording on a thread, `depth` runs ahead of the consumer: runs of batches of
+    about REPLAY_RUN_RECORDS records, each control message ending a run. A damaged recording:
+    the run before the damage, then the RecordingError, as iterating it directly would."""
+
+    def __init__(self, rec: Iterable[StreamMessage], depth: int = 2) -> None:
+        self._rec = rec
+        self._q: queue.Queue[tuple[Run | None, BaseException | None]] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="replay-reader", daemon=True)
+
+    def __enter__(self) -> _Prefetch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a put() waiting for room
+            with contextlib.suppress(queue.Empty):
+                self._q.get(timeout=0.05)
+        self._thread.join()
+
+    def __iter__(self) -> Iterator[Run]:
+        while True:
+            run, exc = self._q.get()
+            if run is not None:
+                yield run
+            if exc is not None:
+                raise exc
+            if run is None:
+                return
+
+    def _put(self, item: tuple[Run | None, BaseException | None]) -> bool:
+        while not self._stop.is_set():
+            with contextlib.suppress(queue.Full):
+                self._q.put(item, timeout=0.1)
+                return True
+        return False
+
+    def _work(self) -> None:
+        msgs: list[StreamMessage] = []
+        offsets: list[int] = []
+        records = 0
+        it = iter(self._rec)
+        try:
+            for msg in it:
+                msgs.append(msg)
+                offsets.append(getattr(self._rec, "offset", 0))
+                if isinstance(msg, Batch):
+                    records += len(msg.records)
+                if records >= REPLAY_RUN_RECORDS or not isinstance(msg, Batch):
+                    if not self._put(((_merged(msgs), offsets), None)):
+                        return
+                    msgs, offsets, records = [], [], 0
+        except BaseException as e:  # handed to the consumer, after what preceded it
+            self._put(((_merged(msgs), offsets) if msgs else None, e))
+            return
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+        self._put(((_merged(msgs), offsets), None) if msgs else (None, None))
+        if msgs:
+            self._put((None, None))
+
+
+def _merged(msgs: list[StreamMessage]) -> list[StreamMessage]:
+    """The same messages, the records of each run of batches copied back to back into one
+    array (here, on the reader's thread) so that the engine takes them as one view."""
+    out: list[StreamMessage] = []
+    i = 0
+    while i < len(msgs):
+        j = i
+        while j < len(msgs) and isinstance(msgs[j], Batch):
+            j += 1
+        run: list[Batch] = msgs[i:j]  # type: ignore[assignment]
+        if len({id(b.records.base) for b in run}) > 1:
+            void = np.dtype((np.void, run[0].records.dtype.itemsize))  # plain copies, see engine
+            recs = np.concatenate([b.records.view(void) for b in run]).view(run[0].records.dtype)
+            pos = 0
+            for b in run:
+                n = len(b.records)
+                out.append(Batch(b.now_us, b.counters, recs[pos:pos + n]))
+                pos += n
+        else:
+            out += run
+        out += msgs[j:j + 1]
+        i = j + 1
+    return out
