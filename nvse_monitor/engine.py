@@ -144,18 +144,20 @@ _REC_VOID = np.dtype((np.void, RECORD_DTYPE.itemsize))
 def _joined(recs: list[np.ndarray]) -> np.ndarray:
     """The records of consecutive batches as one array: a view when they lie back to back in
     one array (a replayed chunk, a run merged by replay's reader), else a copy."""
-    base = recs[0].base
-    if isinstance(base, np.ndarray) and base.ndim == 1 and base.dtype == recs[0].dtype \
+    full = [r for r in recs if len(r)]  # an empty slice's address is not where it was cut
+    if len(full) == 1:
+        return full[0]
+    base = full[0].base if full else None
+    if isinstance(base, np.ndarray) and base.ndim == 1 and base.dtype == full[0].dtype \
             and base.flags.c_contiguous:
-        at = base.__array_interface__["data"][0]
-        pos = start = recs[0].__array_interface__["data"][0]
-        for r in recs:
+        pos = start = full[0].__array_interface__["data"][0]
+        for r in full:
             if r.base is not base or r.__array_interface__["data"][0] != pos \
                     or not r.flags.c_contiguous:
                 break
             pos += r.nbytes
         else:
-            i = (start - at) // base.itemsize
+            i = (start - base.__array_interface__["data"][0]) // base.itemsize
             return base[i:i + (pos - start) // base.itemsize]
     # as opaque items: concatenating structured arrays promotes dtypes field by field
     return np.concatenate([r.view(_REC_VOID) for r in recs]).view(recs[0].dtype)
