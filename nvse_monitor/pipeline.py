@@ -8,6 +8,7 @@ another calls finish(): a lock serialises them.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import sys
 import threading
@@ -244,13 +245,15 @@ def replay(
     err: TextIO | None = None,
     limits: FileLimits | None = None,
     on_start: Callable[[Pipeline], None] | None = None,
+    read_ahead: bool | None = None,
 ) -> ReplayResult:
     """The four files from a recording.
 
     Raises recording.RecordingError when not even the header is readable (no files then), and
     writers.OutputDirError. Damage later in the file ends the replay there: the files get their
     final update for the intact prefix and the result carries the error line. `progress` is
-    called with the reader's byte offset after each message.
+    called with the reader's byte offset after each message. `read_ahead`: decode on a second
+    thread (None: when spare_core() says a core is free); the files are the same either way.
     """
     from .recording import RecordingError, open_recording
 
@@ -274,8 +277,10 @@ def replay(
             else:
                 # Small live drains are fed in runs: the engine's per-call cost dominates
                 # otherwise, and feed_many gives the same files (tested). The runs are read
-                # and decoded ahead on a thread (zlib and numpy let go of the GIL).
-                with _Prefetch(rec) as runs:
+                # and decoded ahead on a thread when a core is free (zlib and numpy let go
+                # of the GIL).
+                with _Prefetch(rec, ahead=spare_core() if read_ahead is None else read_ahead) \
+                        as runs:
                     for msgs, offsets in runs:
                         n += len(msgs)
                         pipe.feed_many(msgs)
@@ -299,19 +304,68 @@ def replay(
 Run = tuple[list[StreamMessage], list[int]]  # messages, the reader's offset after each
 
 
-class _Prefetch:
-    """Iterates a recording on a thread, `depth` runs ahead of the consumer: runs of batches of
-    about REPLAY_RUN_RECORDS records, each control message ending a run. A damaged recording:
-    the run before the damage, then the RecordingError, as iterating it directly would."""
+def _runs(rec: Iterable[StreamMessage]) -> Iterator[Run]:
+    """A recording's messages in runs for feed_many: batches of about REPLAY_RUN_RECORDS
+    records, each control message ending a run. On damage (or any exception) the run read so
+    far comes first, then the exception, as iterating the recording directly would."""
+    msgs: list[StreamMessage] = []
+    offsets: list[int] = []
+    records = 0
+    it = iter(rec)
+    try:
+        try:
+            for msg in it:
+                msgs.append(msg)
+                offsets.append(getattr(rec, "offset", 0))
+                if isinstance(msg, Batch):
+                    records += len(msg.records)
+                if records >= REPLAY_RUN_RECORDS or not isinstance(msg, Batch):
+                    yield _merged(msgs), offsets
+                    msgs, offsets, records = [], [], 0
+        except GeneratorExit:
+            raise
+        except BaseException:
+            if msgs:
+                yield _merged(msgs), offsets
+            raise
+        if msgs:
+            yield _merged(msgs), offsets
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
-    def __init__(self, rec: Iterable[StreamMessage], depth: int = 2) -> None:
+
+def spare_core() -> bool:
+    """Whether a second thread would find a core of its own now (1-minute load average under
+    the cores this process may use, less one half). With the GIL, two busy threads on
+    oversubscribed cores hand it over slowly: replay's reader thread measured 1.2x faster on
+    an idle 2-core machine, 0.7-0.9x under a load of 6 (bench/bench_replay.py)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows: no load average; assume the cores are free
+        load = 0.0
+    return cpus >= 2 and load < cpus - 0.5
+
+
+class _Prefetch:
+    """_runs(rec) on a thread, `depth` runs ahead of the consumer (or, ahead=False, in the
+    consumer's thread)."""
+
+    def __init__(self, rec: Iterable[StreamMessage], depth: int = 2, ahead: bool = True) -> None:
         self._rec = rec
+        self._ahead = ahead
         self._q: queue.Queue[tuple[Run | None, BaseException | None]] = queue.Queue(depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="replay-reader", daemon=True)
 
     def __enter__(self) -> _Prefetch:
-        self._thread.start()
+        if self._ahead:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -319,16 +373,20 @@ class _Prefetch:
         while self._thread.is_alive():  # unblock a put() waiting for room
             with contextlib.suppress(queue.Empty):
                 self._q.get(timeout=0.05)
-        self._thread.join()
+        if self._ahead:
+            self._thread.join()
 
     def __iter__(self) -> Iterator[Run]:
+        if not self._ahead:
+            yield from _runs(self._rec)
+            return
         while True:
             run, exc = self._q.get()
             if run is not None:
                 yield run
-            if exc is not None:
+            elif exc is not None:
                 raise exc
-            if run is None:
+            else:
                 return
 
     def _put(self, item: tuple[Run | None, BaseException | None]) -> bool:
@@ -339,30 +397,17 @@ class _Prefetch:
         return False
 
     def _work(self) -> None:
-        msgs: list[StreamMessage] = []
-        offsets: list[int] = []
-        records = 0
-        it = iter(self._rec)
+        gen = _runs(self._rec)
         try:
-            for msg in it:
-                msgs.append(msg)
-                offsets.append(getattr(self._rec, "offset", 0))
-                if isinstance(msg, Batch):
-                    records += len(msg.records)
-                if records >= REPLAY_RUN_RECORDS or not isinstance(msg, Batch):
-                    if not self._put(((_merged(msgs), offsets), None)):
-                        return
-                    msgs, offsets, records = [], [], 0
+            for run in gen:
+                if not self._put((run, None)):
+                    return
         except BaseException as e:  # handed to the consumer, after what preceded it
-            self._put(((_merged(msgs), offsets) if msgs else None, e))
+            self._put((None, e))
             return
         finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-        self._put(((_merged(msgs), offsets), None) if msgs else (None, None))
-        if msgs:
-            self._put((None, None))
+            gen.close()
+        self._put((None, None))
 
 
 def _merged(msgs: list[StreamMessage]) -> list[StreamMessage]:

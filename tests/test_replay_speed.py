@@ -134,11 +134,12 @@ def big_recording(tmp_path_factory):
     return path
 
 
-def test_prefetch_yields_every_message_in_order(big_recording):
+@pytest.mark.parametrize("ahead", [True, False])
+def test_prefetch_yields_every_message_in_order(big_recording, ahead):
     want = list(open_recording(big_recording))
     rec = open_recording(big_recording)
     got, offsets = [], []
-    with _Prefetch(rec) as runs:
+    with _Prefetch(rec, ahead=ahead) as runs:
         for msgs, offs in runs:
             assert len(msgs) == len(offs)
             got += msgs
@@ -153,7 +154,8 @@ def test_prefetch_yields_every_message_in_order(big_recording):
     assert offsets == sorted(offsets) and offsets[-1] == big_recording.stat().st_size
 
 
-def test_prefetch_hands_over_damage_after_what_preceded_it(big_recording, tmp_path):
+@pytest.mark.parametrize("ahead", [True, False])
+def test_prefetch_hands_over_damage_after_what_preceded_it(big_recording, tmp_path, ahead):
     data = big_recording.read_bytes()
     cut = tmp_path / "cut.nvmrec"
     cut.write_bytes(data[: len(data) * 2 // 3])
@@ -165,18 +167,32 @@ def test_prefetch_hands_over_damage_after_what_preceded_it(big_recording, tmp_pa
         err = e
     assert err is not None
     got = []
-    with pytest.raises(RecordingError) as info, _Prefetch(open_recording(cut)) as runs:
+    with pytest.raises(RecordingError) as info, \
+            _Prefetch(open_recording(cut), ahead=ahead) as runs:
         for msgs, _ in runs:
             got += msgs
     assert str(info.value) == str(err)
     assert len(got) == len(direct)
 
 
-def test_prefetch_stops_its_thread_when_the_consumer_leaves(big_recording):
+@pytest.mark.parametrize("ahead", [True, False])
+def test_prefetch_stops_its_thread_when_the_consumer_leaves(big_recording, ahead):
     rec = open_recording(big_recording)
     before = threading.active_count()
-    with pytest.raises(KeyboardInterrupt), _Prefetch(rec, depth=1) as runs:
+    with pytest.raises(KeyboardInterrupt), _Prefetch(rec, depth=1, ahead=ahead) as runs:
         for _ in runs:
             raise KeyboardInterrupt  # e.g. Ctrl-C while the engine works
     assert threading.active_count() == before
     assert rec._f is None  # the reader closed the file
+
+
+def test_replay_files_do_not_depend_on_reading_ahead(big_recording, tmp_path):
+    from nvse_monitor.pipeline import replay
+
+    res = replay(big_recording, tmp_path / "a", read_ahead=True)
+    ref = replay(big_recording, tmp_path / "b", read_ahead=False)
+    assert res.error is None and res.messages == ref.messages
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(names) >= 5
+    for n in names:
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
