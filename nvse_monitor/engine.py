@@ -147,9 +147,9 @@ def _joined(recs: list[np.ndarray]) -> np.ndarray:
     full = [r for r in recs if len(r)]  # an empty slice's address is not where it was cut
     if len(full) == 1:
         return full[0]
-    base = full[0].base if full else None
-    if isinstance(base, np.ndarray) and base.ndim == 1 and base.dtype == full[0].dtype \
-            and base.flags.c_contiguous:
+    base = full[0].base if full else None  # numpy's base: the array that owns the memory
+    if isinstance(base, np.ndarray) and base.ndim == 1 and base.flags.c_contiguous \
+            and base.itemsize == full[0].itemsize:
         pos = start = full[0].__array_interface__["data"][0]
         for r in full:
             if r.base is not base or r.__array_interface__["data"][0] != pos \
@@ -158,7 +158,7 @@ def _joined(recs: list[np.ndarray]) -> np.ndarray:
             pos += r.nbytes
         else:
             i = (start - base.__array_interface__["data"][0]) // base.itemsize
-            return base[i:i + (pos - start) // base.itemsize]
+            return base[i:i + (pos - start) // base.itemsize].view(full[0].dtype)
     # as opaque items: concatenating structured arrays promotes dtypes field by field
     return np.concatenate([r.view(_REC_VOID) for r in recs]).view(recs[0].dtype)
 

@@ -420,7 +420,9 @@ def _merged(msgs: list[StreamMessage]) -> list[StreamMessage]:
         while j < len(msgs) and isinstance(msgs[j], Batch):
             j += 1
         run: list[Batch] = msgs[i:j]  # type: ignore[assignment]
-        if len({id(b.records.base) for b in run}) > 1:
+        full = [b.records for b in run if len(b.records)]
+        base = full[0].base if full else None
+        if len(full) > 1 and (base is None or any(r.base is not base for r in full)):
             void = np.dtype((np.void, run[0].records.dtype.itemsize))  # plain copies, see engine
             recs = np.concatenate([b.records.view(void) for b in run]).view(run[0].records.dtype)
             pos = 0

@@ -82,6 +82,11 @@ def test_joined_is_a_view_only_for_back_to_back_slices():
     parts = [base[0:10], base[10:10], base[10:40], base[40:41]]
     j = _joined(parts)
     assert np.shares_memory(j, base) and j.tobytes() == base[:41].tobytes()
+    assert j.dtype == RECORD_DTYPE
+    void = np.zeros(50, np.dtype((np.void, RECORD_DTYPE.itemsize)))
+    recs = void.view(RECORD_DTYPE)  # slices of it have the void array as their base
+    j = _joined([recs[:5], recs[5:9]])
+    assert np.shares_memory(j, void) and j.dtype == RECORD_DTYPE and len(j) == 9
     for parts in ([base[0:10], base[11:20]],  # a gap
                   [base[10:20], base[0:10]],  # out of order
                   [base[0:10], base[10:20].copy()],  # another array
@@ -99,6 +104,7 @@ def test_engine_feeds_views_and_copies_alike():
     copies = [Batch(b.now_us, b.counters, b.records.copy()) for b in batches]
     views = _merged(copies)
     assert len({id(b.records.base) for b in views}) == 1
+    assert np.shares_memory(_joined([b.records for b in views]), views[0].records.base)
     outs = []
     for run in (copies, views):
         eng = Engine(meta)
