@@ -336,20 +336,32 @@ def _runs(rec: Iterable[StreamMessage]) -> Iterator[Run]:
             close()
 
 
-def spare_core() -> bool:
-    """Whether a second thread would find a core of its own now (1-minute load average under
-    the cores this process may use, less one half). With the GIL, two busy threads on
-    oversubscribed cores hand it over slowly: replay's reader thread measured 1.2x faster on
-    an idle 2-core machine, 0.7-0.9x under a load of 6 (bench/bench_replay.py)."""
+def spare_core(samples: int = 10) -> bool:
+    """Whether a second thread would find a core of its own now: fewer runnable tasks than
+    cores besides this one (Linux: the running count of /proc/loadavg, averaged over a few ms;
+    elsewhere the 1-minute load average, or yes). With the GIL, two busy threads on
+    oversubscribed cores hand it over slowly: replay's reader thread measured 1.2x faster on an
+    idle 2-core machine, 0.7-0.9x under a load of 6 (bench/bench_replay.py)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
+    if cpus < 2:
+        return False
     try:
-        load = os.getloadavg()[0]
+        running = 0.0
+        for i in range(samples):
+            with open("/proc/loadavg", "rb") as f:  # "0.52 0.58 0.59 3/467 12345"
+                running += int(f.read().split()[3].split(b"/")[0]) - 1  # less this thread
+            if i + 1 < samples:
+                time.sleep(0.0005)
+        return running / samples <= cpus - 1.5
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.getloadavg()[0] < cpus - 0.5
     except (AttributeError, OSError):  # Windows: no load average; assume the cores are free
-        load = 0.0
-    return cpus >= 2 and load < cpus - 0.5
+        return True
 
 
 class _Prefetch:
