@@ -109,8 +109,10 @@ def replay_cmd(recording: Path, out_dir: Path, prefix: str, realtime: bool, **kw
     A damaged recording: the files are written for its intact part, one line names the file
     and byte offset, exit code 2.
     """
+    from .pipeline import keep_freed_memory
     from .recording import RecordingError
 
+    keep_freed_memory()
     bar = None
     stderr = sys.stderr
     if stderr.isatty():

@@ -68,8 +68,12 @@ def _zigzag_delta(v: np.ndarray) -> np.ndarray:
 
 
 def _undo_zigzag_delta(z: np.ndarray) -> np.ndarray:
-    d = (z >> np.uint64(1)) ^ (np.uint64(0) - (z & np.uint64(1)))
-    return np.cumsum(d, dtype=np.uint64)
+    """Inverse of _zigzag_delta, in place (z: a u64 array of the caller's own)."""
+    sign = z & np.uint64(1)
+    np.negative(sign, out=sign)  # 0 or all ones
+    z >>= np.uint64(1)
+    z ^= sign
+    return np.cumsum(z, out=z)
 
 
 def _cost(v: np.ndarray) -> float:

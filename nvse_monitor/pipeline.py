@@ -336,6 +336,25 @@ def _runs(rec: Iterable[StreamMessage]) -> Iterator[Run]:
             close()
 
 
+def keep_freed_memory() -> None:
+    """glibc (Linux): keep freed memory for reuse rather than hand it back to the kernel at once.
+    A replay allocates and frees tens of MB per run of batches; by default glibc unmaps or trims
+    most of it each time and then faults it in again: ~150,000 page faults, about 15 % of the
+    CPU time of a 6 M-event replay. Blocks up to 32 MiB come from the heap and up to 256 MiB of
+    free heap is kept (the process is short-lived; its peak RSS barely changes)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)  # also turns off glibc's own threshold tuning
+    mallopt(m_trim_threshold, 256 << 20)
+
+
 def spare_core(samples: int = 10) -> bool:
     """Whether a second thread would find a core of its own now: fewer runnable tasks than
     cores besides this one (Linux: the running count of /proc/loadavg, averaged over a few ms;
