@@ -23,14 +23,15 @@ from nvse_monitor.synthetic import generate
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
-def chunk_payloads(path: Path) -> list[bytes]:
+def chunk_payloads(path: Path) -> tuple[list[bytes], int]:
+    """The chunk payloads of a recording, and its format version."""
     rec = open_recording(path)
     out = []
     try:
         while True:
             ftype, payload, _ = rec._read_frame()
             if ftype == 0:
-                return out
+                return out, rec.version
             if ftype == FRAME_CHUNK:
                 out.append(payload)
     finally:
@@ -40,13 +41,13 @@ def chunk_payloads(path: Path) -> list[bytes]:
 @pytest.mark.parametrize("name", ["live-x64", "live-ia32", "synthetic-mixed"])
 def test_zlib_and_isal_decode_alike(monkeypatch, name):
     pytest.importorskip("isal")
-    payloads = chunk_payloads(FIXTURES / f"{name}.nvmrec")
+    payloads, version = chunk_payloads(FIXTURES / f"{name}.nvmrec")
     assert payloads
-    fast = [decode_chunk(p) for p in payloads]
+    fast = [decode_chunk(p, version) for p in payloads]
     monkeypatch.setattr(codec, "_inflate_lib", zlib)
     monkeypatch.setattr(codec, "_INFLATE_ERRORS", (zlib.error,))
     for p, (rows, recs) in zip(payloads, fast, strict=True):
-        rows2, recs2 = decode_chunk(p)
+        rows2, recs2 = decode_chunk(p, version)
         assert rows == rows2 and recs.dtype == RECORD_DTYPE
         assert recs.tobytes() == recs2.tobytes()
 
@@ -56,10 +57,11 @@ def test_corrupt_deflate_stream_is_a_chunk_error(monkeypatch, use_zlib):
     if use_zlib:
         monkeypatch.setattr(codec, "_inflate_lib", zlib)
         monkeypatch.setattr(codec, "_INFLATE_ERRORS", (zlib.error,))
-    p = bytearray(chunk_payloads(FIXTURES / "live-x64.nvmrec")[0])
+    payloads, version = chunk_payloads(FIXTURES / "live-x64.nvmrec")
+    p = bytearray(payloads[0])
     p[-1] ^= 0xFF  # the adler32 check word
     with pytest.raises(ChunkError, match="corrupt|decompress"):
-        decode_chunk(bytes(p))
+        decode_chunk(bytes(p), version)
 
 
 def test_decoded_fields_wrap_like_the_fields():
