@@ -356,11 +356,11 @@ def keep_freed_memory() -> None:
 
 
 def spare_core(samples: int = 10) -> bool:
-    """Whether a second thread would find a core of its own now: fewer runnable tasks than
-    cores besides this one (Linux: the running count of /proc/loadavg, averaged over a few ms;
-    elsewhere the 1-minute load average, or yes). With the GIL, two busy threads on
-    oversubscribed cores hand it over slowly: replay's reader thread measured 1.2x faster on an
-    idle 2-core machine, 0.7-0.9x under a load of 6 (bench/bench_replay.py)."""
+    """Whether a second thread would find a core of its own now: the 1-minute load average is
+    under the cores this process may use and, on Linux, no more tasks than cores less two run
+    besides this one in any of a few looks at /proc/loadavg over ~5 ms. With the GIL, two busy
+    threads on oversubscribed cores hand it over slowly: replay's reader thread measured 1.2x
+    faster on a quiet 2-core machine, 0.7-0.9x under a load of 5 (bench/bench_replay.py)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -368,19 +368,21 @@ def spare_core(samples: int = 10) -> bool:
     if cpus < 2:
         return False
     try:
-        running = 0.0
-        for i in range(samples):
-            with open("/proc/loadavg", "rb") as f:  # "0.52 0.58 0.59 3/467 12345"
-                running += int(f.read().split()[3].split(b"/")[0]) - 1  # less this thread
-            if i + 1 < samples:
-                time.sleep(0.0005)
-        return running / samples <= cpus - 1.5
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.getloadavg()[0] < cpus - 0.5
+        if os.getloadavg()[0] >= cpus:
+            return False
     except (AttributeError, OSError):  # Windows: no load average; assume the cores are free
         return True
+    try:
+        for i in range(samples):
+            with open("/proc/loadavg", "rb") as f:  # "0.52 0.58 0.59 3/467 12345"
+                running = int(f.read().split()[3].split(b"/")[0]) - 1  # less this thread
+            if running > cpus - 2:
+                return False
+            if i + 1 < samples:
+                time.sleep(0.0005)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
 
 
 class _Prefetch:
