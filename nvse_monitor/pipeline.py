@@ -27,8 +27,12 @@ from .writers import DEFAULT_PREFIX, FileLimits, FilePaths, OutputFiles
 
 # Where replay writes (and `status` looks) when no directory is given.
 DEFAULT_OUT_DIR = Path("nvse-monitor-out")
-# Replay feeds the engine runs of batches of about this many records at a time.
+# Replay feeds the engine runs of batches of at most about this many records at a time...
 REPLAY_RUN_RECORDS = 1 << 18
+# ...and ends a run where a recording's chunk ends once it has this many: a run within one
+# chunk is a view of the chunk's records (no copy), and 64K-record runs cost the engine no more
+# per record than 256K ones (bench/bench_ingest.py; the writer's chunks hold 65,536).
+REPLAY_RUN_MIN_RECORDS = 1 << 15
 
 
 class EngineLike(Protocol):
@@ -305,16 +309,23 @@ Run = tuple[list[StreamMessage], list[int]]  # messages, the reader's offset aft
 
 
 def _runs(rec: Iterable[StreamMessage]) -> Iterator[Run]:
-    """A recording's messages in runs for feed_many: batches of about REPLAY_RUN_RECORDS
-    records, each control message ending a run. On damage (or any exception) the run read so
+    """A recording's messages in runs for feed_many: the batches of one chunk, or of several
+    small ones (at most about REPLAY_RUN_RECORDS records), each control message ending a run.
+    On damage (or any exception) the run read so
     far comes first, then the exception, as iterating the recording directly would."""
     msgs: list[StreamMessage] = []
     offsets: list[int] = []
     records = 0
+    base = None  # the array the run's latest records are a slice of (a chunk's)
     it = iter(rec)
     try:
         try:
             for msg in it:
+                if isinstance(msg, Batch) and len(msg.records):
+                    if records >= REPLAY_RUN_MIN_RECORDS and msg.records.base is not base:
+                        yield _merged(msgs), offsets  # the next chunk starts
+                        msgs, offsets, records = [], [], 0
+                    base = msg.records.base
                 msgs.append(msg)
                 offsets.append(getattr(rec, "offset", 0))
                 if isinstance(msg, Batch):
