@@ -55,7 +55,12 @@ class Pipeline:
         engine: EngineLike | None = None,
         err: TextIO | None = None,
         limits: FileLimits | None = None,
+        snapshot_files_every_s: float | None = None,
     ) -> None:
+        """snapshot_files_every_s: write the JSON and status files for at most one snapshot per
+        this many seconds of wall time (the final one and any while a file fails always), e.g.
+        for a replay, where the engine's snapshots come faster than anyone reads the files; the
+        log and CSV are flushed at each snapshot as usual. None: every snapshot."""
         if engine is None:
             from .engine import Engine
 
@@ -69,6 +74,8 @@ class Pipeline:
         self.leaks_request = request_path(out_dir, prefix)
         self.leak_report: LeakReport | None = None  # set by finish()
         self._err = err
+        self._snapshot_every_s = snapshot_files_every_s
+        self._snapshot_written: float | None = None  # time.monotonic() of the last one
         self._lock = threading.Lock()
         self._started = False
         self._finished = False
@@ -191,9 +198,20 @@ class Pipeline:
         with contextlib.suppress(OSError):  # a request nobody will answer now: the CSV is final
             self.leaks_request.unlink()
 
+    def _skip_snapshot_files(self, snap: Snapshot) -> bool:
+        every, last, now = self._snapshot_every_s, self._snapshot_written, time.monotonic()
+        if every is None or last is None or snap.final or self.files.failing \
+                or now - last >= every:
+            self._snapshot_written = now
+            return False
+        return True
+
     def _route(self, outputs: list[Output], depth: int = 0) -> None:
         for out in outputs:
-            failures = self.files.write(out)
+            if isinstance(out, Snapshot) and self._skip_snapshot_files(out):
+                failures = self.files.flush()
+            else:
+                failures = self.files.write(out)
             if isinstance(out, Snapshot):
                 self.last_snapshot = out
                 if self.on_snapshot is not None:
@@ -263,7 +281,10 @@ def replay(
 
     rec = open_recording(path)
     try:
-        pipe = Pipeline(rec.meta, out_dir, prefix, engine_config, err=err, limits=limits)
+        # Runs of batches come faster than anyone reads the JSON and status files: they are
+        # rewritten at most 4 times a second (and at the end), not after every run.
+        pipe = Pipeline(rec.meta, out_dir, prefix, engine_config, err=err, limits=limits,
+                        snapshot_files_every_s=None if realtime else 0.25)
         pipe.start()
         if on_start is not None:  # e.g. a /metrics endpoint reading pipe.snapshot_now()
             on_start(pipe)

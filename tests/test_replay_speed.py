@@ -204,3 +204,25 @@ def test_replay_files_do_not_depend_on_reading_ahead(big_recording, tmp_path):
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(names) >= 5
     for n in names:
         assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
+
+
+def test_snapshot_files_at_most_once_per_interval_and_always_at_the_end(tmp_path):
+    from nvse_monitor.pipeline import Pipeline
+
+    meta, msgs = generate(60_000, seed=9)
+    msgs = list(msgs)
+    outs = {}
+    for name, every in (("all", None), ("few", 3600.0)):
+        pipe = Pipeline(meta, tmp_path / name, snapshot_files_every_s=every)
+        written = []
+        write = pipe.files.json.write
+        pipe.files.json.write = lambda snap, w=write, seen=written: (seen.append(snap), w(snap))
+        pipe.start()
+        for m in msgs:
+            pipe.feed(m)
+        pipe.finish()
+        outs[name] = written
+    assert len(outs["all"]) > 5  # the engine made many snapshots
+    assert len(outs["few"]) == 2 and outs["few"][-1].final  # the first and the final
+    for p in (tmp_path / "all").iterdir():
+        assert p.read_bytes() == (tmp_path / "few" / p.name).read_bytes(), p.name
