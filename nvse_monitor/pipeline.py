@@ -387,12 +387,12 @@ def keep_freed_memory() -> None:
     mallopt(m_trim_threshold, 256 << 20)
 
 
-def spare_core(samples: int = 10) -> bool:
-    """Whether a second thread would find a core of its own now: the 1-minute load average is
-    under the cores this process may use and, on Linux, no more tasks than cores less two run
-    besides this one in any of a few looks at /proc/loadavg over ~5 ms. With the GIL, two busy
-    threads on oversubscribed cores hand it over slowly: replay's reader thread measured 1.2x
-    faster on a quiet 2-core machine, 0.7-0.9x under a load of 5 (bench/bench_replay.py)."""
+def spare_core() -> bool:
+    """Whether a second thread is likely to find a core: the 1-minute load average (this
+    command's own earlier runs included) is under the cores this process may use plus one.
+    With the GIL, two busy threads on oversubscribed cores hand it over slowly. Measured on the
+    2-core machine (bench/bench_replay.py, the reader thread vs decoding in turn): 1.2x on a
+    quiet machine, 1.14x at a load average of 2.5, 0.9x at 3.5-5, 0.7-0.9x at 5-8."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -400,21 +400,9 @@ def spare_core(samples: int = 10) -> bool:
     if cpus < 2:
         return False
     try:
-        if os.getloadavg()[0] >= cpus:
-            return False
-    except (AttributeError, OSError):  # Windows: no load average; assume the cores are free
+        return os.getloadavg()[0] < cpus + 1
+    except (AttributeError, OSError):  # Windows: no load average; assume a core is free
         return True
-    try:
-        for i in range(samples):
-            with open("/proc/loadavg", "rb") as f:  # "0.52 0.58 0.59 3/467 12345"
-                running = int(f.read().split()[3].split(b"/")[0]) - 1  # less this thread
-            if running > cpus - 2:
-                return False
-            if i + 1 < samples:
-                time.sleep(0.0005)
-    except (OSError, ValueError, IndexError):
-        pass
-    return True
 
 
 class _Prefetch:
