@@ -126,8 +126,10 @@ def replay_cmd(recording: Path, out_dir: Path, prefix: str, realtime: bool, **kw
     and byte offset, exit code 2. Ctrl-C: the files say the replay was interrupted (ERROR, then
     SHUTDOWN unhealthy, no leak report), exit code 130.
     """
+    from .pipeline import keep_freed_memory
     from .recording import RecordingError
 
+    keep_freed_memory()
     bar = None
     stderr = sys.stderr
     if stderr.isatty():

@@ -148,6 +148,28 @@ END_REASONS = {"target-exec": "the program replaced itself (exec) with another, 
                "monitored: the hooks were in the image it replaced"}
 
 
+def _joined(recs: list[np.ndarray]) -> np.ndarray:
+    """The records of consecutive batches as one array: a view when they lie back to back in
+    one array (a replayed chunk, a run merged by replay's reader), else a copy."""
+    full = [r for r in recs if len(r)]  # an empty slice's address is not where it was cut
+    if len(full) == 1:
+        return full[0]
+    base = full[0].base if full else None  # numpy's base: the array that owns the memory
+    if isinstance(base, np.ndarray) and base.ndim == 1 and base.flags.c_contiguous \
+            and base.itemsize == full[0].itemsize:
+        pos = start = full[0].__array_interface__["data"][0]
+        for r in full:
+            if r.base is not base or r.__array_interface__["data"][0] != pos \
+                    or not r.flags.c_contiguous:
+                break
+            pos += r.nbytes
+        else:
+            i = (start - base.__array_interface__["data"][0]) // base.itemsize
+            return base[i:i + (pos - start) // base.itemsize].view(full[0].dtype)
+    # as opaque items: concatenating structured arrays promotes dtypes field by field
+    return np.concatenate([r.view(_REC_VOID) for r in recs]).view(recs[0].dtype)
+
+
 class Engine:
     def __init__(self, meta: SessionMeta, config: EngineConfig | None = None) -> None:
         self.meta = meta
@@ -620,9 +642,7 @@ class Engine:
             recs, floor, bounds = first, None, []
         else:
             sizes = [len(b.records) for b in run]
-            # as opaque items: concatenating structured arrays promotes dtypes field by field
-            recs = np.concatenate([b.records.view(_REC_VOID) for b in run]).view(
-                run[0].records.dtype)
+            recs = _joined([b.records for b in run])
             # As if fed one by one: a batch's records are no earlier than the batches before.
             floors = np.maximum.accumulate(
                 np.array([self.now] + [b.now_us for b in run[:-1]], dtype=np.uint64))

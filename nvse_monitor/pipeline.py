@@ -8,14 +8,18 @@ another calls finish(): a lock serialises them.
 from __future__ import annotations
 
 import contextlib
+import os
+import queue
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
+
+import numpy as np
 
 from .leaks import LeakReport, from_engine, leaks_path, request_path
 from .outputs import Output, Snapshot
@@ -25,8 +29,12 @@ from .writers import DEFAULT_PREFIX, FileLimits, FilePaths, OutputFiles
 
 # Where replay writes (and `status` looks) when no directory is given.
 DEFAULT_OUT_DIR = Path("nvse-monitor-out")
-# Replay feeds the engine runs of batches of about this many records at a time.
+# Replay feeds the engine runs of batches of at most about this many records at a time...
 REPLAY_RUN_RECORDS = 1 << 18
+# ...and ends a run where a recording's chunk ends once it has this many: a run within one
+# chunk is a view of the chunk's records (no copy), and 64K-record runs cost the engine no more
+# per record than 256K ones (bench/bench_ingest.py; the writer's chunks hold 65,536).
+REPLAY_RUN_MIN_RECORDS = 1 << 15
 
 
 class EngineLike(Protocol):
@@ -49,7 +57,12 @@ class Pipeline:
         engine: EngineLike | None = None,
         err: TextIO | None = None,
         limits: FileLimits | None = None,
+        snapshot_files_every_s: float | None = None,
     ) -> None:
+        """snapshot_files_every_s: write the JSON and status files for at most one snapshot per
+        this many seconds of wall time (the final one and any while a file fails always), e.g.
+        for a replay, where the engine's snapshots come faster than anyone reads the files; the
+        log and CSV are flushed at each snapshot as usual. None: every snapshot."""
         if engine is None:
             from .engine import Engine
 
@@ -63,6 +76,8 @@ class Pipeline:
         self.leaks_request = request_path(out_dir, prefix)
         self.leak_report: LeakReport | None = None  # set by finish()
         self._err = err
+        self._snapshot_every_s = snapshot_files_every_s
+        self._snapshot_written: float | None = None  # time.monotonic() of the last one
         self._lock = threading.Lock()
         self._started = False
         self._finished = False
@@ -201,9 +216,20 @@ class Pipeline:
         with contextlib.suppress(OSError):  # a request nobody will answer now: the CSV is final
             self.leaks_request.unlink()
 
+    def _skip_snapshot_files(self, snap: Snapshot) -> bool:
+        every, last, now = self._snapshot_every_s, self._snapshot_written, time.monotonic()
+        if every is None or last is None or snap.final or self.files.failing \
+                or now - last >= every:
+            self._snapshot_written = now
+            return False
+        return True
+
     def _route(self, outputs: list[Output], depth: int = 0) -> None:
         for out in outputs:
-            failures = self.files.write(out)
+            if isinstance(out, Snapshot) and self._skip_snapshot_files(out):
+                failures = self.files.flush()
+            else:
+                failures = self.files.write(out)
             if isinstance(out, Snapshot):
                 self.last_snapshot = out
                 if self.on_snapshot is not None:
@@ -313,6 +339,7 @@ def replay(
     err: TextIO | None = None,
     limits: FileLimits | None = None,
     on_start: Callable[[Pipeline], None] | None = None,
+    read_ahead: bool | None = None,
 ) -> ReplayResult:
     """The four files from a recording.
 
@@ -321,59 +348,65 @@ def replay(
     final update for the intact prefix and the result carries the error line. Ctrl-C
     (KeyboardInterrupt) ends it too: the files say it was interrupted (ERROR, then SHUTDOWN
     unhealthy), no leak report is made, and the result's `interrupted` says where. `progress` is
-    called with the reader's byte offset after each message.
+    called with the reader's byte offset after each message. `read_ahead`: decode on a second
+    thread (None: when spare_core() says a core is free); the files are the same either way.
     """
     from .recording import RecordingError, open_recording
 
     rec = open_recording(path)
     try:
-        pipe = Pipeline(rec.meta, out_dir, prefix, engine_config, err=err, limits=limits)
+        # Runs of batches come faster than anyone reads the JSON and status files: they are
+        # rewritten at most 4 times a second (and at the end), not after every run.
+        pipe = Pipeline(rec.meta, out_dir, prefix, engine_config, err=err, limits=limits,
+                        snapshot_files_every_s=None if realtime else 0.25)
         pipe.start()
         if on_start is not None:  # e.g. a /metrics endpoint reading pipe.snapshot_now()
             on_start(pipe)
-        pacer = Pacer() if realtime else None
         n = events = 0
         error = interrupted = None
-        pending: list[StreamMessage] = []
-        pending_records = 0
+        fed_offset = 0  # the reader's offset after the last message fed (it may read ahead)
         stop = StopOnSignal()
         try:
-            try:
-                with stop:
+            with stop:
+                if realtime:
+                    pacer = Pacer()
                     for msg in rec:
-                        if pacer is not None:
-                            pacer.wait(message_ts(msg), stop.event)
+                        pacer.wait(message_ts(msg), stop.event)
                         if stop.event.is_set():
                             raise KeyboardInterrupt
                         n += 1
                         if isinstance(msg, Batch):
                             events += len(msg.records)
-                        if pacer is not None:
-                            pipe.feed(msg)
-                        else:
-                            # Small live drains are fed in runs: the engine's per-call cost
-                            # dominates otherwise, and feed_many gives the same files (tested).
-                            pending.append(msg)
-                            if isinstance(msg, Batch):
-                                pending_records += len(msg.records)
-                            if (pending_records >= REPLAY_RUN_RECORDS
-                                    or not isinstance(msg, Batch)):
-                                pipe.feed_many(pending)
-                                pending, pending_records = [], 0
+                        pipe.feed(msg)
+                        fed_offset = rec.offset
                         if progress is not None:
-                            progress(rec.offset)
-                    if stop.event.is_set():  # a signal during the last message
-                        raise KeyboardInterrupt
-            finally:
-                if pending:
-                    pipe.feed_many(pending)
+                            progress(fed_offset)
+                else:
+                    # Small live drains are fed in runs: the engine's per-call cost dominates
+                    # otherwise, and feed_many gives the same files (tested). The runs are
+                    # read and decoded ahead on a thread when a core is free (zlib and numpy
+                    # let go of the GIL).
+                    ahead = spare_core() if read_ahead is None else read_ahead
+                    with _Prefetch(rec, ahead=ahead) as runs:
+                        for msgs, offsets in runs:
+                            if stop.event.is_set():
+                                raise KeyboardInterrupt
+                            n += len(msgs)
+                            events += sum(len(m.records) for m in msgs if isinstance(m, Batch))
+                            pipe.feed_many(msgs)
+                            fed_offset = offsets[-1] if offsets else fed_offset
+                            if progress is not None:
+                                for off in offsets:
+                                    progress(off)
+                if stop.event.is_set():  # a signal during the last message
+                    raise KeyboardInterrupt
         except RecordingError as e:
             error = str(e)
             # The file name only: the files stay byte-identical wherever the recording lies.
             where = f" at byte {e.offset}" if e.offset is not None else ""
             pipe.note_input_error(f"{Path(e.path).name}: {e.problem}{where}")
         except KeyboardInterrupt:
-            interrupted = interruption(path, rec.offset, events, stop.signame or "SIGINT")
+            interrupted = interruption(path, fed_offset, events, stop.signame or "SIGINT")
             pipe.note_interrupted(interrupted)
         finally:
             final = pipe.finish()  # also on Ctrl-C: the files end with a SHUTDOWN update
@@ -383,3 +416,180 @@ def replay(
         close = getattr(rec, "close", None)
         if close is not None:
             close()
+
+
+Run = tuple[list[StreamMessage], list[int]]  # messages, the reader's offset after each
+
+
+def _runs(rec: Iterable[StreamMessage]) -> Iterator[Run]:
+    """A recording's messages in runs for feed_many: the batches of one chunk, or of several
+    small ones (at most about REPLAY_RUN_RECORDS records), each control message ending a run.
+    On damage (or any exception) the run read so
+    far comes first, then the exception, as iterating the recording directly would."""
+    msgs: list[StreamMessage] = []
+    offsets: list[int] = []
+    records = 0
+    base = None  # the array the run's latest records are a slice of (a chunk's)
+    it = iter(rec)
+    try:
+        try:
+            for msg in it:
+                if isinstance(msg, Batch) and len(msg.records):
+                    if records >= REPLAY_RUN_MIN_RECORDS and msg.records.base is not base:
+                        yield _merged(msgs), offsets  # the next chunk starts
+                        msgs, offsets, records = [], [], 0
+                    base = msg.records.base
+                msgs.append(msg)
+                offsets.append(getattr(rec, "offset", 0))
+                if isinstance(msg, Batch):
+                    records += len(msg.records)
+                if records >= REPLAY_RUN_RECORDS or not isinstance(msg, Batch):
+                    yield _merged(msgs), offsets
+                    msgs, offsets, records = [], [], 0
+        except GeneratorExit:
+            raise
+        except BaseException:
+            if msgs:
+                yield _merged(msgs), offsets
+            raise
+        if msgs:
+            yield _merged(msgs), offsets
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def keep_freed_memory() -> None:
+    """glibc (Linux): keep freed memory for reuse rather than hand it back to the kernel at once.
+    A replay allocates and frees tens of MB per run of batches; by default glibc unmaps or trims
+    most of it each time and then faults it in again: ~150,000 page faults, about 15 % of the
+    CPU time of a 6 M-event replay. Blocks up to 32 MiB come from the heap and up to 256 MiB of
+    free heap is kept (the process is short-lived; its peak RSS barely changes)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)  # also turns off glibc's own threshold tuning
+    mallopt(m_trim_threshold, 256 << 20)
+
+
+def spare_core(samples: int = 10) -> bool:
+    """Whether a second thread is likely to find a core: the 1-minute load average (this
+    command's own earlier runs included) is under the cores this process may use plus one and,
+    on Linux, fewer than cores less a half other tasks run now (the running count of
+    /proc/loadavg over ~5 ms; the average lags a burst of other work). With the GIL, two busy
+    threads on oversubscribed cores hand it over slowly. Measured on the 2-core machine
+    (bench/bench_replay.py, the reader thread vs decoding in turn): 1.2x when quiet, 1.14x at a
+    load average of 2.5, 0.9x at 3.5-5, 0.7-0.9x at 5-8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    if cpus < 2:
+        return False
+    try:
+        if os.getloadavg()[0] >= cpus + 1:
+            return False
+    except (AttributeError, OSError):  # Windows: no load average; assume a core is free
+        return True
+    try:
+        others = 0
+        for i in range(samples):
+            with open("/proc/loadavg", "rb") as f:  # "0.52 0.58 0.59 3/467 12345"
+                others += int(f.read().split()[3].split(b"/")[0]) - 1  # less this thread
+            if i + 1 < samples:
+                time.sleep(0.0005)
+        return others / samples < cpus - 0.5
+    except (OSError, ValueError, IndexError):
+        return True
+
+
+class _Prefetch:
+    """_runs(rec) on a thread, `depth` runs ahead of the consumer (or, ahead=False, in the
+    consumer's thread)."""
+
+    def __init__(self, rec: Iterable[StreamMessage], depth: int = 2, ahead: bool = True) -> None:
+        self._rec = rec
+        self._ahead = ahead
+        self._q: queue.Queue[tuple[Run | None, BaseException | None]] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="replay-reader", daemon=True)
+
+    def __enter__(self) -> _Prefetch:
+        if self._ahead:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a put() waiting for room
+            with contextlib.suppress(queue.Empty):
+                self._q.get(timeout=0.05)
+        if self._ahead:
+            self._thread.join()
+
+    def __iter__(self) -> Iterator[Run]:
+        if not self._ahead:
+            yield from _runs(self._rec)
+            return
+        while True:
+            run, exc = self._q.get()
+            if run is not None:
+                yield run
+            elif exc is not None:
+                raise exc
+            else:
+                return
+
+    def _put(self, item: tuple[Run | None, BaseException | None]) -> bool:
+        while not self._stop.is_set():
+            with contextlib.suppress(queue.Full):
+                self._q.put(item, timeout=0.1)
+                return True
+        return False
+
+    def _work(self) -> None:
+        gen = _runs(self._rec)
+        try:
+            for run in gen:
+                if not self._put((run, None)):
+                    return
+        except BaseException as e:  # handed to the consumer, after what preceded it
+            self._put((None, e))
+            return
+        finally:
+            gen.close()
+        self._put((None, None))
+
+
+def _merged(msgs: list[StreamMessage]) -> list[StreamMessage]:
+    """The same messages, the records of each run of batches copied back to back into one
+    array (here, on the reader's thread) so that the engine takes them as one view."""
+    out: list[StreamMessage] = []
+    i = 0
+    while i < len(msgs):
+        j = i
+        while j < len(msgs) and isinstance(msgs[j], Batch):
+            j += 1
+        run: list[Batch] = msgs[i:j]  # type: ignore[assignment]
+        full = [b.records for b in run if len(b.records)]
+        base = full[0].base if full else None
+        if len(full) > 1 and (base is None or any(r.base is not base for r in full)):
+            void = np.dtype((np.void, run[0].records.dtype.itemsize))  # plain copies, see engine
+            recs = np.concatenate([b.records.view(void) for b in run]).view(run[0].records.dtype)
+            pos = 0
+            for b in run:
+                n = len(b.records)
+                out.append(Batch(b.now_us, b.counters, recs[pos:pos + n]))
+                pos += n
+        else:
+            out += run
+        out += msgs[j:j + 1]
+        i = j + 1
+    return out
