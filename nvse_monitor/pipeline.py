@@ -78,6 +78,7 @@ class Pipeline:
         self._err = err
         self._snapshot_every_s = snapshot_files_every_s
         self._snapshot_written: float | None = None  # time.monotonic() of the last one
+        self._snapshot_status: tuple[Any, bool] | None = None  # a new health is always written
         self._lock = threading.Lock()
         self._started = False
         self._finished = False
@@ -218,9 +219,11 @@ class Pipeline:
 
     def _skip_snapshot_files(self, snap: Snapshot) -> bool:
         every, last, now = self._snapshot_every_s, self._snapshot_written, time.monotonic()
-        if every is None or last is None or snap.final or self.files.failing \
+        changed = (snap.status, snap.is_healthy) != self._snapshot_status
+        if every is None or last is None or snap.final or self.files.failing or changed \
                 or now - last >= every:
             self._snapshot_written = now
+            self._snapshot_status = (snap.status, snap.is_healthy)
             return False
         return True
 

@@ -223,6 +223,11 @@ def test_snapshot_files_at_most_once_per_interval_and_always_at_the_end(tmp_path
         pipe.finish()
         outs[name] = written
     assert len(outs["all"]) > 5  # the engine made many snapshots
-    assert len(outs["few"]) == 2 and outs["few"][-1].final  # the first and the final
+    # the first, each change of status or health, and the final: not the others
+    allsnaps, few = outs["all"], outs["few"]
+    changes = [x for i, x in enumerate(allsnaps) if i == 0 or (x.status, x.is_healthy) !=
+               (allsnaps[i - 1].status, allsnaps[i - 1].is_healthy)]
+    assert few[-1].final and len(few) < len(allsnaps)
+    assert [x.ts_us for x in few if not x.final] == [x.ts_us for x in changes if not x.final]
     for p in (tmp_path / "all").iterdir():
         assert p.read_bytes() == (tmp_path / "few" / p.name).read_bytes(), p.name
