@@ -192,3 +192,26 @@ def test_fuzzed_mapping_never_breaks_the_reader(garbage, records, ptr_size):
     c = ring.reader.counters()
     assert c.published == len(recs)
     assert min(c.dropped, c.stalls, c.unknown_records) >= 0
+
+
+def test_times_come_from_positions_between_looks():
+    """A record's time lies between the last look that did not see it reserved and the first
+    that did, also across an idle spell (no per-record clock in the target)."""
+    ring = Ring(slots=64)
+    ring.now = 1000
+    ring.reader.drain(0.005)  # a look at an empty ring
+    for i in range(10):
+        ring.publish(ptr=i + 1)
+    ring.now = 2000
+    ring.reader.drain(0.005)  # sees the 10: reserved between 1000 and 2000
+    for t in (5000, 9000):  # idle looks
+        ring.now = t
+        ring.reader.drain(0.005)
+    for i in range(10):
+        ring.publish(ptr=100 + i)
+    ring.now = 10000
+    ring.reader.drain(0.005)
+    ts = ring.records()["ts_us"].astype(np.int64)
+    assert np.all((1000 <= ts[:10]) & (ts[:10] <= 2000))
+    assert np.all((9000 <= ts[10:]) & (ts[10:] <= 10000))
+    assert np.all(np.diff(ts) >= 0)

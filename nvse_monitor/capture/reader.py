@@ -208,11 +208,20 @@ class RingReader:
         if head - self.tail > self.layout.slots:  # garbage: a head never runs that far ahead
             head = self.tail + self.layout.slots
         now = self._now()
-        if self._anchor_pos[-1] == head:
-            self._anchor_us[-1] = now  # still there: the later look bounds the next record
-        elif head > self._anchor_pos[-1]:
-            self._anchor_pos.append(head)
-            self._anchor_us.append(now)
+        # (head, now): records before head were reserved by now, those at or after it later.
+        # While head stands still, the first look that saw it bounds the records before it
+        # and the latest look the records after it: two anchors at one position (np.interp
+        # takes the right-hand one for positions at or after it).
+        pos, us = self._anchor_pos, self._anchor_us
+        if head > pos[-1]:
+            pos.append(head)
+            us.append(now)
+        elif head == pos[-1]:
+            if len(pos) >= 2 and pos[-2] == head:
+                us[-1] = now
+            else:
+                pos.append(head)
+                us.append(now)
         recs = self._take(head)
         self._tallies()
         n = len(recs)
