@@ -148,6 +148,22 @@ END_REASONS = {"target-exec": "the program replaced itself (exec) with another, 
                "monitored: the hooks were in the image it replaced"}
 
 
+@dataclass
+class _Throttled:
+    """A WARN about counts that come often: at most one line per interval, summing the rest."""
+
+    unreported: int = 0
+    last: int | None = None  # stream time of the last line
+
+    def due(self, t: int, interval_us: int, force: bool) -> int:
+        """The count to report now (and it is taken), or 0."""
+        n = self.unreported
+        if n and (force or self.last is None or t - self.last >= interval_us):
+            self.unreported, self.last = 0, t
+            return n
+        return 0
+
+
 def _joined(recs: list[np.ndarray]) -> np.ndarray:
     """The records of consecutive batches as one array: a view when they lie back to back in
     one array (a replayed chunk, a run merged by replay's reader), else a copy."""
@@ -204,16 +220,14 @@ class Engine:
         self.agent = AgentCounters()
         self._counters_t = 0  # time of the latest counters
         self.dropped = 0
-        self._drops_unreported = 0
-        self._last_drop_warn: int | None = None
+        self._drop_warn = _Throttled()
         self._last_fail_warn: int | None = None
         self._overflow_warned = False
         # Issue 13: ring stalls, invalid ring records, blocks whose fate is uncertain.
         self._burst: _StallBurst | None = None
         self.stall_bursts = 0
         self._long_stalls = False  # some burst degraded health
-        self._invalid_unreported = 0
-        self._last_invalid_warn: int | None = None
+        self._invalid_warn = _Throttled()
         # Whether the counters say which dropped records were frees (a session that knows its
         # --on-full policy has the ring counters; so does any that counted a dropped free).
         self._knows_dropped_frees = "on_full" in meta.extra
@@ -526,21 +540,16 @@ class Engine:
         new = ac.dropped - self.dropped
         if new > 0:
             self.dropped = ac.dropped
-            self._drops_unreported += new
+            self._drop_warn.unreported += new
             self._report_drops(t)
             self.health.degrade_transient(t, "dropped events")
         else:
             self._report_drops(t)
 
     def _report_drops(self, t: int, force: bool = False) -> None:
-        if not self._drops_unreported:
-            return
-        last = self._last_drop_warn
-        if force or last is None or t - last >= self.config.warn_interval_us:
-            self.health.log(t, "WARN", f"Dropped {plural(self._drops_unreported, 'event')} "
-                            f"(agent ring full); {self.dropped} dropped so far")
-            self._drops_unreported = 0
-            self._last_drop_warn = t
+        if (n := self._drop_warn.due(t, self.config.warn_interval_us, force)):
+            self.health.log(t, "WARN", f"Dropped {plural(n, 'event')} (agent ring full); "
+                            f"{self.dropped} dropped so far")
 
     # -- issue 13: the shared ring's counters --
     def _ring_counters(self, t: int, prev: AgentCounters, ac: AgentCounters) -> None:
@@ -554,7 +563,7 @@ class Engine:
             lost = ac.dropped > max(prev.dropped, self.dropped)
         invalid = ac.unknown_records > prev.unknown_records  # garbage in the ring: lost events
         if invalid:
-            self._invalid_unreported += ac.unknown_records - prev.unknown_records
+            self._invalid_warn.unreported += ac.unknown_records - prev.unknown_records
             self.health.degrade_transient(t, "invalid ring records")
         if lost or invalid:
             self.uncertain_until = t  # every record of a batch is at or before its time
@@ -589,14 +598,9 @@ class Engine:
         self._counters_t = t
 
     def _report_invalid(self, t: int, force: bool = False) -> None:
-        if not self._invalid_unreported:
-            return
-        last = self._last_invalid_warn
-        if force or last is None or t - last >= self.config.warn_interval_us:
-            self.health.log(t, "WARN", f"Skipped {self._invalid_unreported} invalid records "
-                            f"from the shared ring; {self.agent.unknown_records} so far")
-            self._invalid_unreported = 0
-            self._last_invalid_warn = t
+        if (n := self._invalid_warn.due(t, self.config.warn_interval_us, force)):
+            self.health.log(t, "WARN", f"Skipped {n} invalid records from the shared ring; "
+                            f"{self.agent.unknown_records} so far")
 
     def _end_stall_burst(self, t: int) -> None:
         """One WARN per burst, when it is over (a quiet stall_gap_us, or the end)."""
