@@ -11,11 +11,13 @@
  *   FAKE_GAME_READY  file written with "PID\n" once the early plugins are loaded
  *   FAKE_GAME_GO     the workload waits until this file exists (unset: runs at once)
  *   FAKE_GAME_HOLD   after the truth, waits until this file exists before freeing what it kept
+ *                    (unset: frees it before the truth, counted in it)
  *   FAKE_GAME_THREADS (4), FAKE_GAME_ITERS (300)
  *   FAKE_GAME_CRASH=1  an access violation right after the truth is written
  *   FAKE_REPLACER=early|late  nvhr_fake.dll patches the entry points before READY / after GO
  *   FAKE_GAME_PLUGINS  early plugins (DLL names in Data\NVSE\Plugins, ';'-separated) loaded
- *                      before READY; FAKE_GAME_LATE_PLUGINS: loaded after GO
+ *                      before READY, run after the workers; FAKE_GAME_LATE_PLUGINS: loaded and
+ *                      run after them
  * Exit code 0; 3 on an inconsistency (a wrong `this`, a block freed by a heap that does not own
  * it, a wrong result), with the reason in the truth file.
  */
@@ -375,6 +377,11 @@ static void wait_file (const char *var) {
   for (int i = 0; i < 6000 && GetFileAttributesA (path) == INVALID_FILE_ATTRIBUTES; i++) Sleep (50);
 }
 
+#define MAX_PLUGINS 16
+static plugin_run_fn loaded[MAX_PLUGINS];
+static int nloaded;
+
+/* LoadLibrary each DLL of a ';'-separated list from Data\NVSE\Plugins; their plugin_run waits */
 static void load_plugins (const char *var) {
   char list[1024], path[MAX_PATH + 64];
   if (!env (var, list, sizeof list)) return;
@@ -391,12 +398,35 @@ static void load_plugins (const char *var) {
       HMODULE h = LoadLibraryA (path);
       if (h == NULL) die ("a plugin did not load");
       plugin_run_fn run = (plugin_run_fn) (void *) GetProcAddress (h, "plugin_run");
-      if (run == NULL) die ("plugin_run missing");
-      if (run (count) != 0) die ("a plugin's check failed");
+      if (run == NULL || nloaded == MAX_PLUGINS) die ("plugin_run missing or too many plugins");
+      loaded[nloaded++] = run;
     }
     if (end == 0) break;
     name = p + 1;
   }
+}
+
+static void run_plugins (void) {
+  for (int i = 0; i < nloaded; i++)
+    if (loaded[i] (count) != 0) die ("a plugin's check failed");
+  nloaded = 0;
+}
+
+static void free_kept (int counted) {
+  for (LONG i = 0; i < nkept_game; i++) {
+    unsigned size = game_header (kept_game[i])[1];
+    MM_Free (&g_heap, kept_game[i]);
+    if (counted) count (EXE_NAME, NAME_FREE, 0, EXE_NAME, -(int) size);
+  }
+  nkept_game = 0;
+#ifndef FAKE_GECK
+  for (LONG i = 0; i < nkept_crt; i++) {
+    unsigned size = (unsigned) crt_msize (kept_crt[i]);
+    crt_free (kept_crt[i]);
+    if (counted) count (EXE_NAME, "crt!free", 0, EXE_NAME, -(int) size);
+  }
+  nkept_crt = 0;
+#endif
 }
 
 static void replacer (const char *when) {
@@ -416,6 +446,51 @@ static void write_file (const char *var, const char *text) {
   while (text[len]) len++;
   WriteFile (f, text, len, &n, NULL);
   CloseHandle (f);
+}
+
+/* The game's own view of its address space (what the monitor's sampler must agree with):
+ * free bytes, the largest free block, committed and reserved bytes up to the highest user
+ * address, walked with VirtualQuery like the sampler does. */
+static void say_address_space (void) {
+  SYSTEM_INFO si;
+  GetSystemInfo (&si);
+  unsigned long long free_b = 0, largest = 0, committed = 0, reserved = 0;
+  char *a = si.lpMinimumApplicationAddress, *top = si.lpMaximumApplicationAddress;
+  MEMORY_BASIC_INFORMATION m;
+  while (a < top && VirtualQuery (a, &m, sizeof m) == sizeof m) {
+    unsigned long long size = m.RegionSize;
+    if ((char *) m.BaseAddress + size > top + 1) size = (unsigned long long) (top + 1 - (char *) m.BaseAddress);
+    if (m.State == MEM_FREE) {
+      free_b += size;
+      if (size > largest) largest = size;
+    } else if (m.State == MEM_COMMIT) {
+      committed += size;
+    } else {
+      reserved += size;
+    }
+    a = (char *) m.BaseAddress + m.RegionSize;
+  }
+  say ("gt vq ");
+  say_num ((long long) free_b);
+  say (" ");
+  say_num ((long long) largest);
+  say (" ");
+  say_num ((long long) committed);
+  say (" ");
+  say_num ((long long) reserved);
+  say ("\n");
+}
+
+/* what the game was started with: the Steam variables and its working directory */
+static void say_env (void) {
+  char v[MAX_PATH];
+  say ("gt env SteamAppID=");
+  say (env ("SteamAppID", v, sizeof v) ? v : "-");
+  say (" SteamGameId=");
+  say (env ("SteamGameId", v, sizeof v) ? v : "-");
+  say ("\ngt cwd ");
+  say (GetCurrentDirectoryA (sizeof v, v) ? v : "?");
+  say ("\n");
 }
 
 static LONG WINAPI on_crash (EXCEPTION_POINTERS *e) {
@@ -452,8 +527,12 @@ void game_main (void) {
     if ((th[t] = CreateThread (NULL, 0, worker, (void *) (size_t) t, 0, NULL)) == NULL)
       die ("CreateThread");
   WaitForMultipleObjects ((DWORD) nthreads, th, TRUE, INFINITE);
-  /* plugins through FormHeap and MemoryManager by address, later DLLs */
+  run_plugins ();  /* the early ones, loaded before READY */
   load_plugins ("FAKE_GAME_LATE_PLUGINS");
+  run_plugins ();
+  char hold[MAX_PATH];
+  int holding = env ("FAKE_GAME_HOLD", hold, sizeof hold);
+  if (!holding) free_kept (1);  /* no one looks before the end: the frees are in the truth */
 
   for (int i = 0; i < ncalls; i++) {
     say ("gt call ");
@@ -475,6 +554,8 @@ void game_main (void) {
     say_num (lives[i].live);
     say ("\n");
   }
+  say_env ();
+  say_address_space ();
   say (GetModuleHandleA ("nvse_steam_loader.dll") ? "gt injected 1\n" : "gt injected 0\n");
   say ("gt game_calls ");
   say_num (g_heap.calls);
@@ -482,10 +563,7 @@ void game_main (void) {
   FlushFileBuffers (truth_file);
   if (env_int ("FAKE_GAME_CRASH", 0)) *(volatile int *) 0 = 1;
   wait_file ("FAKE_GAME_HOLD");
-  for (LONG i = 0; i < nkept_game; i++) MM_Free (&g_heap, kept_game[i]);
-#ifndef FAKE_GECK
-  for (LONG i = 0; i < nkept_crt; i++) crt_free (kept_crt[i]);
-#endif
+  free_kept (0);  /* after the monitor left: the game goes on unharmed */
   say ("bye\n");
   CloseHandle (truth_file);
   ExitProcess (0);
