@@ -58,7 +58,9 @@ class PeInstall:
 
 def mingw_problem() -> str | None:
     missing = [t for t in (GCC, WINDRES) if shutil.which(t) is None]
-    return f"{' and '.join(missing)} not installed (bash tests/windows/setup.sh)" if missing else None
+    if not missing:
+        return None
+    return f"{' and '.join(missing)} not installed (bash tests/windows/setup.sh)"
 
 
 def _run(args: list[str], cwd: Path) -> None:

@@ -414,7 +414,7 @@ static void run_plugins (void) {
 
 static void free_kept (int counted) {
   for (LONG i = 0; i < nkept_game; i++) {
-    unsigned size = game_header (kept_game[i])[1];
+    unsigned size = (unsigned) MM_Size (&g_heap, kept_game[i]); /* a replacer's block maybe */
     MM_Free (&g_heap, kept_game[i]);
     if (counted) count (EXE_NAME, NAME_FREE, 0, EXE_NAME, -(int) size);
   }
