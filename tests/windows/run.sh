@@ -20,7 +20,9 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import nvse_monitor, 
   "$VENV/bin/python" -m pip install -q -e '.[test]'
 fi
 wineserver -k 2>/dev/null || true   # a previous run's leftovers
-"$VENV/bin/python" -m pytest tests/windows -p no:cacheprovider "$@"
+where=(tests/windows)
+for a in "$@"; do case "$a" in tests/*) where=() ;; esac; done
+"$VENV/bin/python" -m pytest "${where[@]}" -p no:cacheprovider "$@"
 rc=$?
 wineserver -k 2>/dev/null || true   # Wine's background processes go with the lane
 exit $rc

@@ -79,6 +79,9 @@ for n in names:
         import os; os.makedirs(os.path.dirname(dest), exist_ok=True)
         open(dest, "wb").write(outer.read(n))
 PYEOF
+  # Wine 8's propsys.dll lacks VariantToString: platform.system() through _wmi aborts the process
+  # (prometheus_client calls it on import). Without _wmi, platform falls back to `ver`.
+  rm -f "$PY/_wmi.pyd"
   pth=$(ls "$PY"/python3*._pth | head -1)
   printf 'python312.zip\n.\nLib\\site-packages\nimport site\n' >"$pth"
   mkdir -p "$PY/Lib/site-packages" "$CACHE/wheels"

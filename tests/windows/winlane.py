@@ -67,7 +67,7 @@ def run_monitor(args: list[str], cwd: Path, env: dict[str, str] | None = None,
                 timeout: float = WAIT_S) -> subprocess.CompletedProcess[str]:
     return subprocess.run(monitor_cmd(*args), cwd=cwd, env=env or game_env(),
                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout)
+                          encoding="utf-8", errors="replace", timeout=timeout)
 
 
 class Monitor:
@@ -83,7 +83,8 @@ class Monitor:
 
         self.proc = subprocess.Popen(monitor_cmd(*args), cwd=cwd, env=env or game_env(),
                                      stdin=slave, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, preexec_fn=own_terminal)
+                                     stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                                     errors="replace", preexec_fn=own_terminal)
         os.close(slave)
         self._err: list[str] = []
         self._out: list[str] = []
