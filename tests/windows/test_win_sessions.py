@@ -65,6 +65,19 @@ def test_spawn_counts_exact(spawned: tuple[Any, Truth, Path], pe: PeInstall) -> 
     assert_final(stats(pe.plugins_dir), truth)
 
 
+def test_optional_export_missing_is_info_not_degraded(spawned: tuple[Any, Truth, Path],
+                                                      pe: PeInstall) -> None:
+    """Wine's msvcrt.dll has no _recalloc: the optional hook is "not present", the session
+    never degrades for it (it degraded from the first second before)."""
+    p, _, _ = spawned
+    log = (pe.plugins_dir / "MemoryPoolNVSE_rpmalloc.log").read_text()
+    assert "[INFO]" in log and "Hook not present: msvcr!_recalloc (export _recalloc not found " \
+        "in msvcrt.dll)" in log
+    assert "-> DEGRADED (hook" not in log and "Hook failed" not in log
+    assert "(1 optional not present)" in p.stderr
+    assert stats(pe.plugins_dir)["hooks_failed"] == []
+
+
 def test_spawn_gets_steam_ids_and_game_dir(spawned: tuple[Any, Truth, Path],
                                           pe: PeInstall) -> None:
     _, truth, _ = spawned
