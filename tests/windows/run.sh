@@ -14,6 +14,15 @@ fi
 echo "windows lane: set up in $(( $(date +%s) - start )) s" >&2
 # shellcheck disable=SC1090
 source "$envfile"
+# the single-file nvse-monitor.exe (PyInstaller), cached like the Windows Python
+if [ "${NVSE_WIN_SKIP_EXE:-0}" != 1 ]; then
+  if exe=$(bash tests/windows/build_exe.sh); then
+    export NVSE_WIN_EXE="$exe"
+  else
+    echo "windows lane: building nvse-monitor.exe FAILED (its tests will fail)" >&2
+    export NVSE_WIN_EXE=/nonexistent/nvse-monitor.exe
+  fi
+fi
 VENV=${NVSE_MONITOR_VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import nvse_monitor, pytest' 2>/dev/null; then
   python3 -m venv "$VENV"

