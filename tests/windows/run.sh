@@ -3,13 +3,13 @@
 # (tests/windows/setup.sh, cached), then runs tests/windows with the Linux venv's pytest driving
 # the Windows nvse-monitor under Wine against the PE fakes.
 # Usage: bash tests/windows/run.sh [pytest args...]
-# Exit status: pytest's; 3 when Wine cannot be installed ("SKIPPED" printed, never a pass).
+# Exit status: pytest's; 77 when Wine cannot be installed ("SKIPPED" printed, never a pass).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 start=$(date +%s)
 if ! envfile=$(bash tests/windows/setup.sh); then
   echo "=== WINDOWS LANE SKIPPED: Wine / mingw / the Windows Python could not be set up (see ${NVSE_WIN_CACHE:-$HOME/.cache/nvse-monitor-windows}/setup.log) ===" >&2
-  exit 3
+  exit 77
 fi
 echo "windows lane: set up in $(( $(date +%s) - start )) s" >&2
 # shellcheck disable=SC1090
