@@ -227,7 +227,7 @@ def test_burst_four_threads_lossless(pe: PeInstall, tmp_path: Path) -> None:
                      winpath(tmp_path / "b.nvmrec"), "--", "FalloutNV.exe"], cwd=pe.root,
                     env=game_env(FAKE_GAME_TRUTH=winpath(tmp_path / "truth.txt"),
                                  FAKE_GAME_PLUGINS="", FAKE_GAME_LATE_PLUGINS="",
-                                 FAKE_GAME_ITERS="16700"), timeout=600)
+                                 FAKE_GAME_ITERS="21000"), timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     truth = wait_truth(tmp_path / "truth.txt", 5)
     per_thread = sum(c for (_, _), (c, _) in truth.calls.items()) / 4
