@@ -14,6 +14,7 @@
  *                    (unset: frees it before the truth, counted in it)
  *   FAKE_GAME_THREADS (4), FAKE_GAME_ITERS (300)
  *   FAKE_GAME_CRASH=1  an access violation right after the truth is written
+ *   FAKE_GAME_BENCH=N  time N crt_malloc + crt_free pairs instead (see bench ())
  *   FAKE_REPLACER=early|late  nvhr_fake.dll patches the entry points before READY / after GO
  *   FAKE_GAME_PLUGINS  early plugins (DLL names in Data\NVSE\Plugins, ';'-separated) loaded
  *                      before READY, run after the workers; FAKE_GAME_LATE_PLUGINS: loaded and
@@ -498,6 +499,27 @@ static LONG WINAPI on_crash (EXCEPTION_POINTERS *e) {
   return EXCEPTION_EXECUTE_HANDLER;
 }
 
+/* FAKE_GAME_BENCH=N (bench/bench_windows.py): FAKE_GAME_ROUNDS rounds of N crt_malloc(64) +
+ * crt_free pairs on the main thread, "bench pair_ps X" per round (picoseconds a pair), then
+ * exit: the hook cost on the Windows path, with and without the monitor. */
+#ifndef FAKE_GECK
+static void bench (int pairs) {
+  LARGE_INTEGER f, a, b;
+  QueryPerformanceFrequency (&f);
+  int rounds = env_int ("FAKE_GAME_ROUNDS", 9);
+  for (int r = 0; r < rounds; r++) {
+    QueryPerformanceCounter (&a);
+    for (int i = 0; i < pairs; i++) crt_free (crt_malloc (64));
+    QueryPerformanceCounter (&b);
+    say ("bench pair_ps ");
+    say_num ((b.QuadPart - a.QuadPart) * 1000000000000LL / f.QuadPart / pairs);
+    say ("\n");
+  }
+  FlushFileBuffers (truth_file);
+  ExitProcess (0);
+}
+#endif
+
 void game_main (void) {
   char path[MAX_PATH] = "fnv_truth.txt", pid[16];
   backing = HeapCreate (0, 0, 0);
@@ -521,12 +543,22 @@ void game_main (void) {
   wait_file ("FAKE_GAME_GO");
   replacer ("late");
 
+#ifndef FAKE_GECK
+  if (env_int ("FAKE_GAME_BENCH", 0) > 0) bench (env_int ("FAKE_GAME_BENCH", 0));
+#endif
+  LARGE_INTEGER f, t0, t1;
+  QueryPerformanceFrequency (&f);
+  QueryPerformanceCounter (&t0);
   HANDLE th[64];
   if (nthreads < 1 || nthreads > 64) die ("FAKE_GAME_THREADS out of range");
   for (int t = 0; t < nthreads; t++)
     if ((th[t] = CreateThread (NULL, 0, worker, (void *) (size_t) t, 0, NULL)) == NULL)
       die ("CreateThread");
   WaitForMultipleObjects ((DWORD) nthreads, th, TRUE, INFINITE);
+  QueryPerformanceCounter (&t1);
+  say ("gt workload_us ");
+  say_num ((t1.QuadPart - t0.QuadPart) * 1000000 / f.QuadPart);
+  say ("\n");
   run_plugins ();  /* the early ones, loaded before READY */
   load_plugins ("FAKE_GAME_LATE_PLUGINS");
   run_plugins ();
