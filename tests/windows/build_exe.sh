@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the single-file nvse-monitor.exe with PyInstaller inside the lane's Windows Python under
 # Wine (about 2-3 minutes), cached while the Windows Python is unchanged. Prints the exe's path.
-# On Windows the same build is: pip install nvse-monitor pyinstaller, then
+# On Windows the same build is, in a checkout: pip install . pyinstaller, then
 #   pyinstaller --onefile --name nvse-monitor --collect-data nvse_monitor
 #     --collect-submodules nvse_monitor packaging/nvse_monitor_exe.py
 set -euo pipefail
