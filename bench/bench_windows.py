@@ -26,11 +26,10 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(HERE / "tests" / "windows"))
 sys.path.insert(0, str(HERE / "tests"))
 
-from fakes import build_pe_install  # noqa: E402
-from winlane import read_truth, winpath  # noqa: E402
+from windows.fakes import build_pe_install  # noqa: E402
+from windows.winlane import read_truth, winpath  # noqa: E402
 
 
 def rounds_ps(truth: Path) -> list[float]:

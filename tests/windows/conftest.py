@@ -7,8 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fakes import PeInstall, build_pe_install, mingw_problem
-from winlane import win_python
+
+from windows.fakes import PeInstall, build_pe_install, mingw_problem
+from windows.winlane import win_python
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes import PeInstall
-from winlane import (
+
+from windows.fakes import PeInstall
+from windows.winlane import (
     Monitor,
     assert_exact,
     game_env,

@@ -12,8 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from fakes import PeInstall
-from winlane import (
+
+from windows.fakes import PeInstall
+from windows.winlane import (
     Monitor,
     assert_exact,
     game_env,

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import PeInstall
-from winlane import (
+
+from windows.fakes import PeInstall
+from windows.winlane import (
     GECK,
     Monitor,
     Truth,
