@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_golden import recording_for
 
 from windows.fakes import PeInstall
 from windows.winlane import (
@@ -143,14 +144,20 @@ def test_metrics_from_windows(pe: PeInstall, tmp_path: Path) -> None:
     assert "nvse_" in text and 'heap="game"' in text, text[:1500]
 
 
-@pytest.mark.parametrize("rec", sorted(p.name for p in FIXTURES.glob("*.nvmrec")))
-def test_fixture_replays_byte_identical(rec: str, tmp_path: Path) -> None:
-    """The Windows replay of each bundled recording writes the golden files byte for byte (one
-    line ending, '\\n', on every platform: docs/files.md)."""
+@pytest.mark.parametrize("case", sorted(p.name for p in (FIXTURES / "expected").iterdir()))
+def test_fixture_replays_byte_identical(case: str, tmp_path: Path) -> None:
+    """The Windows replay of each golden case (a damaged one too: a fixture cut short, as in
+    tests/test_golden.py) writes the golden files byte for byte (one line ending, '\\n', on
+    every platform: docs/files.md) and, when damaged, the same one-line error."""
+    rec = recording_for(case, tmp_path)
     out = tmp_path / "out"
-    p = run_monitor(["replay", winpath(FIXTURES / rec), "--out", winpath(out)], cwd=tmp_path)
-    golden = FIXTURES / "expected" / rec.removesuffix(".nvmrec")
-    assert p.returncode == (1 if (golden / "error.txt").exists() else 0), p.stderr[-1500:]
+    p = run_monitor(["replay", winpath(rec), "--out", winpath(out)], cwd=tmp_path)
+    golden = FIXTURES / "expected" / case
+    error = golden / "error.txt"
+    if error.exists():
+        assert p.returncode != 0 and error.read_text().strip() in p.stderr, p.stderr[-1500:]
+    else:
+        assert p.returncode == 0, p.stderr[-1500:]
     want = {f.name: f.read_bytes() for f in golden.iterdir() if f.name != "error.txt"}
     got = {f.name: f.read_bytes() for f in out.iterdir()}
     assert sorted(got) == sorted(want)
