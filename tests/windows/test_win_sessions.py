@@ -158,15 +158,15 @@ def test_attach_exact(pe: PeInstall, tmp_path: Path, by: str) -> None:
 
 def test_address_space_agrees_with_the_games_own_walk(pe: PeInstall, tmp_path: Path) -> None:
     """The sampler's last sample (JSON) and the game's VirtualQuery walk, taken while the game
-    holds still, agree (up to what Frida's own threads map in between)."""
+    holds still, agree within 8 MiB (what Frida's own threads map in between: ~0.2 MiB seen)."""
     mon, truth, _ = _attach(pe, tmp_path, "FalloutNV.exe")
     a = stats(tmp_path / "out")["address_space"]
     free_b, largest, committed, reserved = truth.vq
     assert a["samples"] >= 1 and a["limit_bytes"] >= 2047 * MiB
-    assert abs(a["largest_free_bytes"] - largest) <= 16 * MiB, (a, truth.vq)
-    assert abs(a["free_bytes"] - free_b) <= 32 * MiB, (a, truth.vq)
-    assert abs(a["committed_bytes"] - committed) <= 32 * MiB, (a, truth.vq)
-    assert abs(a["reserved_bytes"] - reserved) <= 32 * MiB, (a, truth.vq)
+    assert abs(a["largest_free_bytes"] - largest) <= 8 * MiB, (a, truth.vq)
+    assert abs(a["free_bytes"] - free_b) <= 8 * MiB, (a, truth.vq)
+    assert abs(a["committed_bytes"] - committed) <= 8 * MiB, (a, truth.vq)
+    assert abs(a["reserved_bytes"] - reserved) <= 8 * MiB, (a, truth.vq)
 
 
 @pytest.mark.parametrize("when", ["early", "late"])
