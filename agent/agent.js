@@ -3,8 +3,10 @@
  * and calls rpc init(config). See docs/agent.md and docs/protocol.md.
  *
  * C hot path: one CModule replacement per profile hook, installed with Interceptor.replaceFast,
- * writing 56-byte records into a bounded ring. JS only drains the ring on a timer and send()s
- * binary batches; it never runs on a hooked call.
+ * writing 56-byte records into a bounded ring. The ring lives in a mapping the host created
+ * (cfg.transport) and reads itself; where that mapping cannot be opened, JS drains the ring on a
+ * timer and send()s binary batches instead (the message transport). JS never runs on a hooked
+ * call; its messages are control traffic (modules, hooks, errors).
  */
 'use strict';
 
@@ -18,12 +20,24 @@ const CHECK_MS = 1000;           // how often installed entry points are checked
 const SNAP_BYTES = 16;           // bytes of our jump compared by that check
 const FOLLOW_SPARE = 1;          // instances kept for following a foreign patch (see checkHooks)
 const WATCH_MAX = 128;           // NV_WATCH_MAX in hotpath.c
+const HEADER_BYTES = 4096;       // NV_HEADER_BYTES: the ring's header (NvShared), then the slots
+const MAGIC = 0x524d564e;        // 'NVMR'
+const LAYOUT_VERSION = 1;
+// NvShared offsets (docs/format.md "Shared ring")
+const SH = { magic: 0, version: 4, ptrSize: 8, slotSize: 12, slots: 16, headerBytes: 24,
+  onFull: 320, maxWaitUs: 324, closing: 328 };
 
 let cm = null;            // the CModule
 let st = null;            // NvState (Memory.alloc'd)
 let origTable = null;     // nv_orig[]: original-function pointers, filled after replaceFast
 let ring = null;
-let ringRaw = null;       // keeps the ring allocation alive (a derived pointer does not)
+let shared = null;        // NvShared: the header of the ring's mapping
+let ringRaw = null;       // keeps a Memory.alloc'd ring alive (a derived pointer does not)
+let transport = null;     // {kind: 'shm' | 'messages', detail, unmap: function | null}
+let fnMark = null;
+let fnClassified = null;
+let fnSetClosing = null;
+let markSeq = 0;
 let outBuf = null;
 let maxRecs = 0;
 let ringSlots = 0;
@@ -133,7 +147,7 @@ function genHook(index, h, arch, slow, inst, slot) {
         `      nv_alloc_done (${index}, *(gsize *) out, size, ${ra}, th, t0);\n` +
         `    else\n` +
         `      nv_emit (KIND_FAILED, ${index}, 0, 0, size, ${ra}, th,\n` +
-        `          t0 != 0 ? (nv_clock () - t0) >> NV_DUR_SHIFT : 0);\n  }\n`;
+        `          t0 != 0 ? nv_clock () - t0 : 0);\n  }\n`;
       break;
     case 'free':
     case 'aligned_free':
@@ -145,9 +159,9 @@ function genHook(index, h, arch, slow, inst, slot) {
     case 'recalloc':
       body = `  {\n    gsize p = ${arg('ptr')};\n` +
         (h.role === 'realloc' ? `    guint64 size = ${arg('size')};\n` : countTimesSize) +
-        `    gsize pos;\n    guint64 ts;\n    NvSlot * s = nv_realloc_begin (&pos, &ts);\n` +
+        `    gsize pos;\n    guint64 t0;\n    NvSlot * s = nv_realloc_begin (&pos, &t0, size, th);\n` +
         `    r = ${call};\n` +
-        `    nv_realloc_end (s, pos, ts, ${index}, r, p, size, ${ra}, th);\n  }\n`;
+        `    nv_realloc_end (s, pos, t0, ${index}, r, p, size, ${ra}, th);\n  }\n`;
       break;
     default:
       throw new Error(`hook ${h.name}: role ${h.role} has no replacement`);
@@ -173,14 +187,13 @@ function planInstances(profile) {
   return slots;
 }
 
-function buildSource(profile, arch, platform, clock, extraDefines) {
+function buildSource(profile, arch, platform, extraDefines) {
   const defs = [];
   for (const d of extraDefines) {
     if (!/^NV_BENCH_[A-Z_]+$/.test(d)) throw new Error(`unknown define ${d}`);
     defs.push(`#define ${d} 1`);
   }
   if (platform === 'windows') defs.push('#define NV_WINDOWS 1');
-  if (clock === 'tsc') defs.push('#define NV_CLOCK_TSC 1');
   let src = defs.join('\n') + '\n' + HOTPATH_C + '\n';
   profile.hooks.forEach((h, i) => {
     for (let k = 0; k < h.ninst; k++) {
@@ -439,7 +452,7 @@ function inModule(address, base, size) {
 function onModuleAdded(mod, initial) {
   const j = moduleJson(mod);
   modules.set(mod.base.toString(), j);
-  if (!initial) send({ type: 'module', ts_us: clockNowUs(), action: 'add', module: j });
+  if (!initial) sendModule('add', j);
   const find = exportFinder(mod);
   const list = [];
   for (const e of hooks) {
@@ -508,7 +521,18 @@ function onModuleRemoved(mod) {
     }
   }
   refreshWatch();
-  send({ type: 'module', ts_us: clockNowUs(), action: 'remove', module: j });
+  sendModule('remove', j);
+}
+
+// With the shared ring, records reach the host without us: a marker record numbered like the
+// message puts the module event at its place among them (hotpath.c nv_mark).
+function sendModule(action, j) {
+  const msg = { type: 'module', ts_us: clockNowUs(), action, module: j };
+  if (transport !== null && transport.kind === 'shm' && fnMark !== null) {
+    markSeq += 1;
+    if (Number(fnMark(markSeq)) !== 0) msg.mark = markSeq;
+  }
+  send(msg);
 }
 
 /* ------------------------------------------------------------------ foreign patches
@@ -672,17 +696,22 @@ function tamperedNames() {
 
 /* ------------------------------------------------------------------ drain */
 
+// Message transport only: the exact counters nv_drain/nv_finish keep (the host keeps its own
+// from the shared ring), with the wait tallies from the ring's header.
 function countersJson() {
   const c = [];
-  for (let i = 0; i < 8; i++) c.push(Number(countersPtr.add(i * 8).readU64()));
+  for (let i = 0; i < 9; i++) c.push(Number(countersPtr.add(i * 8).readU64()));
+  const w = [0, 1, 2].map(i => Number(fnSharedWord(i)));
   return {
     now_us: c[7],
     counters: {
       allocs: c[0], frees: c[1], reallocs: c[2], failures: c[3], bytes_allocated: c[4],
-      dropped: c[5], published: c[6],
+      dropped: c[5], published: c[6], dropped_frees: c[8],
+      stalls: w[0], stall_us: w[1], stall_max_us: w[2],
     },
   };
 }
+let fnSharedWord = null;
 
 // Threads that made their first hooked call since the last look: Frida's own (started after
 // init: cloaked, e.g. a GLib worker doing iconv) get their records filtered out by nv_finish.
@@ -693,10 +722,16 @@ function classifyNewThreads() {
       fnIgnoreLate(tid);
     }
   }
+  fnClassified();  // the host may now take the records of every thread listed so far
 }
 
 function drainAll(forceEmpty) {
   if (cm === null) return;
+  if (transport.kind === 'shm') {
+    classifyNewThreads();
+    periodicCheck();
+    return;
+  }
   let sent = false;
   // At most one ring's worth per call: producers refilling as fast as we drain must not keep
   // the JS thread (and with it stop() and every RPC) busy forever.
@@ -720,10 +755,80 @@ function drainAll(forceEmpty) {
     send({ type: 'batch', now_us: h.now_us, counters: h.counters });
     lastSendMs = t;
   }
+  periodicCheck();
+}
+
+function periodicCheck() {
+  const t = Date.now();
   if (t - lastCheckMs >= CHECK_MS) {
     lastCheckMs = t;
     checkHooks();
   }
+}
+
+/* ------------------------------------------------------------------ the ring's memory */
+
+// The host's mapping (cfg.transport: {path} on Linux, {name} on Windows; {bytes, slots}), opened
+// and mapped here. Returns {base, unmap} or a string saying why not.
+function openMapping(t, slots) {
+  const need = HEADER_BYTES + slots * SLOT_SIZE;
+  if (!(t.bytes >= need)) return `mapping of ${t.bytes} bytes is smaller than ${need}`;
+  let base, unmap;
+  if (Process.platform === 'windows') {
+    const k32 = Process.getModuleByName('kernel32.dll');
+    const abi = Process.arch === 'ia32' ? 'stdcall' : 'default';
+    const open = new NativeFunction(k32.getExportByName('OpenFileMappingW'), 'pointer', ['uint32', 'int', 'pointer'], abi);
+    const view = new NativeFunction(k32.getExportByName('MapViewOfFile'), 'pointer', ['pointer', 'uint32', 'uint32', 'uint32', 'size_t'], abi);
+    const unview = new NativeFunction(k32.getExportByName('UnmapViewOfFile'), 'int', ['pointer'], abi);
+    const close = new NativeFunction(k32.getExportByName('CloseHandle'), 'int', ['pointer'], abi);
+    const FILE_MAP_ALL_ACCESS = 0xF001F;
+    const h = open(FILE_MAP_ALL_ACCESS, 0, Memory.allocUtf16String(t.name));
+    if (h.isNull()) return `OpenFileMappingW(${t.name}) failed`;
+    base = view(h, FILE_MAP_ALL_ACCESS, 0, 0, need);
+    close(h);  // the view keeps the mapping alive
+    if (base.isNull()) return `MapViewOfFile(${t.name}) failed`;
+    unmap = () => unview(base);
+  } else {
+    const libc = (n) => Module.getGlobalExportByName(n);
+    const open = new NativeFunction(libc('open'), 'int', ['pointer', 'int', 'int']);
+    const mmap = new NativeFunction(libc('mmap'), 'pointer', ['pointer', 'size_t', 'int', 'int', 'int', 'long']);
+    const munmap = new NativeFunction(libc('munmap'), 'int', ['pointer', 'size_t']);
+    const close = new NativeFunction(libc('close'), 'int', ['int']);
+    const O_RDWR = 2, O_NOFOLLOW = 0x20000, O_CLOEXEC = 0x80000;
+    const PROT_RW = 3, MAP_SHARED = 1;
+    const fd = open(Memory.allocUtf8String(t.path), O_RDWR | O_NOFOLLOW | O_CLOEXEC, 0);
+    if (fd < 0) return `cannot open ${t.path}`;
+    base = mmap(ptr(0), need, PROT_RW, MAP_SHARED, fd, 0);
+    close(fd);
+    if (base.equals(ptr(-1)) || base.isNull()) return `cannot map ${t.path}`;
+    unmap = () => munmap(base, need);
+  }
+  const bad = checkHeader(base, slots);
+  if (bad !== null) { unmap(); return bad; }
+  return { base, unmap };
+}
+
+function checkHeader(base, slots) {
+  if (base.add(SH.magic).readU32() !== MAGIC) return 'no ring header in the mapping';
+  if (base.add(SH.version).readU32() !== LAYOUT_VERSION) return 'ring layout version differs';
+  if (base.add(SH.ptrSize).readU32() !== Process.pointerSize) return 'ring layout is for another pointer width';
+  if (base.add(SH.slotSize).readU32() !== SLOT_SIZE) return 'ring slot size differs';
+  if (Number(base.add(SH.slots).readU64()) !== slots) return 'ring slot count differs';
+  if (Number(base.add(SH.headerBytes).readU64()) !== HEADER_BYTES) return 'ring header size differs';
+  return null;
+}
+
+// The message transport's ring: our own memory, the same layout.
+function allocRing(slots) {
+  ringRaw = Memory.alloc(HEADER_BYTES + slots * SLOT_SIZE + 64);
+  const base = ringRaw.add((64 - ringRaw.and(63).toInt32()) & 63);
+  base.add(SH.magic).writeU32(MAGIC);
+  base.add(SH.version).writeU32(LAYOUT_VERSION);
+  base.add(SH.ptrSize).writeU32(Process.pointerSize);
+  base.add(SH.slotSize).writeU32(SLOT_SIZE);
+  base.add(SH.slots).writeU64(slots);
+  base.add(SH.headerBytes).writeU64(HEADER_BYTES);
+  return base;
 }
 
 function tick() {
@@ -818,30 +923,52 @@ function init(cfg) {
   if (!(slots >= 2) || (slots & (slots - 1)) !== 0) throw new Error(`ring_slots ${slots} is not a power of two`);
   const arch = Process.arch;
   const platform = Process.platform;
-  const clock = cfg.clock || 'tsc';
 
   st = Memory.alloc(STATE_BYTES);
   const nslots = planInstances(profile);
   planSlots = nslots;
   origTable = Memory.alloc(Math.max(1, nslots) * Process.pointerSize);
   const ringBytes = slots * SLOT_SIZE;
-  ringRaw = Memory.alloc(ringBytes + 64);
-  ring = ringRaw.add((64 - ringRaw.and(63).toInt32()) & 63);
+  let why = cfg.transport ? null : 'not asked for';
+  if (cfg.transport) {
+    let m;
+    try {
+      m = openMapping(cfg.transport, slots);
+    } catch (e) {
+      m = e.message;
+    }
+    if (typeof m === 'string') {
+      why = m;
+    } else {
+      shared = m.base;
+      transport = { kind: 'shm', detail: cfg.transport.path || cfg.transport.name, unmap: m.unmap };
+    }
+  }
+  if (shared === null) {
+    shared = allocRing(slots);
+    transport = { kind: 'messages', detail: why, unmap: null };
+  }
+  ring = shared.add(HEADER_BYTES);
+  shared.add(SH.onFull).writeU32(cfg.on_full === 'drop' ? 0 : 1);
+  shared.add(SH.maxWaitUs).writeU32(Math.min(0xffffffff, Math.round((cfg.max_wait_ms ?? 1000) * 1000)));
   maxRecs = Math.max(1, Math.floor(cfg.max_batch_bytes / RECORD_SIZE));
   ringSlots = slots;
-  outBuf = Memory.alloc(maxRecs * RECORD_SIZE);
+  if (transport.kind === 'messages') outBuf = Memory.alloc(maxRecs * RECORD_SIZE);
 
-  const symbols = { nv_state: st, nv_orig: origTable };
+  const symbols = { nv_state: st, nv_shared: shared, nv_orig: origTable };
   if (platform === 'windows') {
-    symbols.GetCurrentThreadId = Process.getModuleByName('kernel32.dll').getExportByName('GetCurrentThreadId');
+    const k32 = Process.getModuleByName('kernel32.dll');
+    for (const f of ['GetCurrentThreadId', 'SwitchToThread', 'Sleep']) symbols[f] = k32.getExportByName(f);
   } else {
-    symbols.syscall = Module.getGlobalExportByName('syscall');
+    for (const f of ['syscall', 'sched_yield', 'usleep']) symbols[f] = Module.getGlobalExportByName(f);
   }
-  const source = buildSource(profile, arch, platform, clock, cfg.defines || []);
+  const source = buildSource(profile, arch, platform, cfg.defines || []);
   cm = new CModule(source, symbols);
 
   const stateSize = new NativeFunction(cm.nv_state_size, 'size_t', [])();
   if (Number(stateSize) > STATE_BYTES) throw new Error(`NvState is ${stateSize} bytes`);
+  const sharedSize = new NativeFunction(cm.nv_shared_size, 'size_t', [])();
+  if (Number(sharedSize) > HEADER_BYTES) throw new Error(`NvShared is ${sharedSize} bytes`);
   new NativeFunction(cm.nv_configure, 'void', ['size_t', 'pointer', 'uint64'])(
       slots, ring, uint64(cfg.large_alloc_bytes));
   new NativeFunction(cm.nv_start, 'void', [])();
@@ -856,12 +983,17 @@ function init(cfg) {
   fnSuspend = new NativeFunction(cm.nv_suspend_current_thread, 'size_t', []);
   fnResume = new NativeFunction(cm.nv_resume_current_thread, 'void', ['size_t']);
   fnNowUs = new NativeFunction(cm.nv_now_us, 'uint64', []);
+  fnMark = new NativeFunction(cm.nv_mark, 'size_t', ['size_t']);
+  fnClassified = new NativeFunction(cm.nv_classified, 'void', []);
+  fnSetClosing = new NativeFunction(cm.nv_set_closing, 'void', []);
+  fnSharedWord = new NativeFunction(cm.nv_shared_word, 'size_t', ['size_t']);
   countersPtr = new NativeFunction(cm.nv_counters, 'pointer', [])();
   const ignoreTid = new NativeFunction(cm.nv_ignore_tid, 'void', ['size_t']);
   const fridaTids = fridaThreadIds();
   for (const tid of fridaTids.concat(cfg.ignore_tids || [])) ignoreTid(tid);
   new NativeFunction(cm.nv_ignore_current_thread, 'void', [])();
   const wall0 = Number(new NativeFunction(cm.nv_wall0, 'int64', [])());
+  const mono0 = Number(new NativeFunction(cm.nv_mono0, 'int64', [])());
 
   hooks = profile.hooks.map((spec, index) => ({
     index, spec, inst: [], ok: false, detail: '', pending: false, ninst: spec.ninst,
@@ -912,6 +1044,9 @@ function init(cfg) {
     main_module: main !== null ? main.name : '',
     main_path: main !== null ? main.path : '',
     wall_clock_zero_us: wall0,
+    monotonic_zero_us: mono0,
+    now_us: clockNowUs(),
+    transport: { kind: transport.kind, detail: transport.detail },
     modules: Array.from(modules.values()),
     hooks: hooks.map(e => ({
       index: e.index, name: e.spec.name, ok: e.ok, detail: e.detail,
@@ -919,8 +1054,7 @@ function init(cfg) {
       instances: e.inst.map(i => ({ module: i.module, address: Number(i.address), detail: i.detail })),
     })),
     ring_bytes: ringBytes,
-    agent_bytes: STATE_BYTES + ringBytes + 64 + maxRecs * RECORD_SIZE,
-    clock,
+    agent_bytes: STATE_BYTES + HEADER_BYTES + ringBytes + (outBuf !== null ? maxRecs * RECORD_SIZE : 0),
     thread_state: tls !== null ? `direct TLS slot (thread pointer + 0x${tls.off.toString(16)})`
       : 'gum TLS calls',
     footprint: ownFootprint(),
@@ -1005,9 +1139,15 @@ function stop() {
     e.inst = e.inst.filter(i => i.tampered);
   }
   // Threads that were inside a replacement finish their call and publish (a realloc holds its
-  // slot across the original call): give them a moment before the final drain.
+  // slot across the original call): give them a moment before the final drain. The host keeps
+  // reading meanwhile, so a thread waiting for a slot gets one; then nobody may wait any more.
   Thread.sleep(IN_FLIGHT_GRACE_S);
-  drainAll(true);
+  fnSetClosing();
+  if (transport.kind === 'shm') {
+    classifyNewThreads();  // the host's final read needs every thread classified
+  } else {
+    drainAll(true);
+  }
   return stopResult();
 }
 
@@ -1032,6 +1172,9 @@ function snapshot() {
 function dispose() {
   if (drainTimer !== null) clearInterval(drainTimer);
   drainTimer = null;
+  // the host may be gone: a thread waiting for a slot gives up now (its record is counted
+  // dropped), before our code goes away
+  if (fnSetClosing !== null) fnSetClosing();
   let any = false;
   stopWatch();
   checkHooks(false);
@@ -1047,7 +1190,7 @@ function dispose() {
     e.inst = [];
   }
   if (any) Thread.sleep(IN_FLIGHT_GRACE_S);
-  if (!stopped && cm !== null) {
+  if (!stopped && cm !== null && transport.kind === 'messages') {
     // the target is exiting (or the host unloads us without stop()): send what the ring holds
     stopped = true;
     try {
@@ -1055,6 +1198,16 @@ function dispose() {
     } catch (e) {
       // the connection may be gone already
     }
+  }
+  // every hook is off and in-flight calls had their grace: the mapping goes with us (the
+  // host's side goes with its process); an eternalized script is never disposed and keeps it
+  if (transport !== null && transport.unmap !== null) {
+    try {
+      transport.unmap();
+    } catch (e) {
+      // nothing to do about it while unloading
+    }
+    transport.unmap = null;
   }
 }
 
@@ -1092,7 +1245,7 @@ function foreignCodeRefs() {
     }
   }
   if (lo === null) throw new Error('the CModule is not in /proc/self/maps');
-  const ours = [[lo, hi], [st, st.add(STATE_BYTES)],
+  const ours = [[lo, hi], [st, st.add(STATE_BYTES)], [shared, shared.add(HEADER_BYTES)],
     [origTable, origTable.add(Math.max(1, planSlots) * Process.pointerSize)]];
   const inside = (t) => ours.some(([a, b]) => t.compare(a) >= 0 && t.compare(b) < 0);
   const bad = [];
@@ -1115,4 +1268,9 @@ function foreignCodeRefs() {
   return { instructions: n, code_bytes: Number(hi.sub(lo)), foreign: bad };
 }
 
-rpc.exports = { init, flush, stop, snapshot, dispose, cloakThread, foreignCodeRefs };
+// Before init: what the host needs to lay out the shared ring for us.
+function where() {
+  return { pointer_size: Process.pointerSize, arch: Process.arch, platform: Process.platform };
+}
+
+rpc.exports = { where, init, flush, stop, snapshot, dispose, cloakThread, foreignCodeRefs };

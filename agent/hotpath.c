@@ -1,16 +1,24 @@
 /*
  * nvse-monitor hot path, compiled in the target by Frida's CModule (TinyCC).
  *
- * agent.js prepends a few #defines (NV_WINDOWS, NV_CLOCK_TSC, NV_NHOOKS) and appends one
- * replacement function per profile hook (generated for its role and ABI). Everything writable
- * lives in `nv_state` / `nv_orig`, allocated by JS (CModule data is read-only).
+ * agent.js prepends a few #defines (NV_WINDOWS, NV_BENCH_*) and appends one replacement function
+ * per profile hook (generated for its role and ABI). Everything writable lives in `nv_state` /
+ * `nv_orig` (Memory.alloc'd by JS: CModule data is read-only) and in `nv_shared`, the header of
+ * the ring's mapping, which the host maps too (docs/agent.md "Shared-memory transport").
  *
  * Ring: `slots` (power of two) slots of 64 bytes = 56-byte record + a publish word.
  *   producer: reserve a position with lock cmpxchg on head (bounded: never passes tail + slots),
- *             fill the record, then store publish word = pos + 1.
- *   consumer: nv_drain() copies slots from tail while publish word == pos + 1, then advances tail.
+ *             fill the record, then store publish word = pos + 1. A full ring makes it wait
+ *             (policy `wait`, bounded by max_wait_us) or drop (policy `drop`), counted.
+ *   consumer: the host's reader thread, straight from the mapping (or, where no mapping could be
+ *             made, nv_drain() for JS's messages): copies slots from tail while publish word ==
+ *             pos + 1, then advances tail.
  * x86 is TSO: stores are seen in program order, so the publish store (after a compiler barrier)
  * makes the whole record visible; loads are not reordered with older loads.
+ *
+ * Time: producers read no clock (it was the largest cost on some hosts). A record's time is its
+ * ring position's: the consumer notes (head, now) at each look and interpolates between them.
+ * Only calls above the large-allocation threshold read the monotonic clock, for their duration.
  *
  * No floating-point literals, string literals or initialised data: TinyCC places such constants
  * in a section that Frida 17's CModule does not map (RIP-relative loads land past the module, in
@@ -36,13 +44,13 @@
 
 typedef struct
 {
-  guint64 ts;        /* raw clock value in the ring; µs since time zero after nv_drain() */
+  guint64 ts;        /* not written by producers; µs since time zero, set by the consumer */
   guint64 ptr;
   guint64 old_ptr;
   guint64 size;
   guint64 caller;
   guint32 tid;
-  guint32 dur;       /* raw clock ticks in the ring; µs after nv_drain() */
+  guint32 dur;       /* µs, only for calls above the large-allocation threshold */
   guint8 kind;
   guint8 hook;
   guint16 flags;
@@ -65,22 +73,74 @@ typedef struct
 #define NV_WATCH_MAX 128   /* code ranges of our hooks, watched for foreign patches */
 #define NV_WATCH_PAUSED 8  /* threads writing our own hooks (their protection calls are ours) */
 
+#define NV_LINE(n) guint8 n[64 - sizeof (gsize)]
+
+/*
+ * The ring's header, at offset 0 of the mapping both sides map (host: Python mmap). Fixed
+ * offsets (docs/format.md): 64-byte lines; every `gsize` is the TARGET's pointer width (4 on
+ * ia32), positions and tallies wrap modulo 2^width and the host compares them that way.
+ * The host writes line 0 and line 5's policy before the agent starts, `tail` and `host_polls`
+ * while it reads; everything else is the agent's. The host trusts none of it beyond bounds.
+ */
 typedef struct
 {
-  /* producers' line */
+  /* 0: layout (host) */
+  guint32 magic;          /* 0x524d564e "NVMR" */
+  guint32 version;        /* 1 */
+  guint32 ptr_size;       /* 4 or 8 */
+  guint32 slot_size;      /* 64 */
+  guint64 slots;
+  guint64 header_bytes;   /* the ring starts here */
+  guint8 pad0[32];
+  /* 64: producers */
   volatile gsize head;
-  guint8 pad0[64 - sizeof (gsize)];
-  /* consumer's line (read by producers for the fullness check) */
+  NV_LINE (pad1);
+  /* 128: consumer */
   volatile gsize tail;
-  guint8 pad1[64 - sizeof (gsize)];
-  /* drop tallies: atomics, only touched when the ring is full (wrap; folded by nv_drain) */
+  NV_LINE (pad2);
+  /* 192: drop tallies (atomics, only when a record is dropped) */
   volatile gsize drop_n;
   volatile gsize drop_allocs;
   volatile gsize drop_frees;
   volatile gsize drop_reallocs;
   volatile gsize drop_failures;
   volatile gsize drop_bytes;
-  guint8 pad2[64 - 6 * sizeof (gsize)];
+  guint8 pad3[64 - 6 * sizeof (gsize)];
+  /* 256: waits on a full ring (atomics, only when a producer waited) */
+  volatile gsize stall_n;
+  volatile gsize stall_us;
+  volatile gsize stall_max_us;
+  volatile gsize wait_timeouts;  /* waits that ended in a drop after max_wait_us */
+  guint8 pad4[64 - 4 * sizeof (gsize)];
+  /* 320: control */
+  volatile guint32 on_full;      /* 0 drop, 1 wait (host, before start) */
+  volatile guint32 max_wait_us;  /* (host, before start) */
+  volatile guint32 closing;      /* agent: unloading, nobody may wait any more */
+  volatile guint32 host_stalled; /* agent sets, host clears: no look at the ring for a while */
+  volatile gsize host_polls;     /* host: one more per look at the ring (its heartbeat) */
+  guint8 pad5[64 - 16 - sizeof (gsize)];
+  /* 384: thread classification (see nv_thread_slow, nv_classified) */
+  volatile gsize new_head;       /* threads that made a first call */
+  volatile gsize new_done;       /* of those, classified by JS (late Frida threads listed) */
+  volatile gsize n_late;
+  guint8 pad6[64 - 3 * sizeof (gsize)];
+  /* 448: markers (JS: control messages ordered among records) */
+  volatile gsize marks;
+  NV_LINE (pad7);
+  /* 512: Frida threads found after init */
+  volatile gsize late_tids[NV_LATE_TIDS];
+} NvShared;
+
+#define NV_HEADER_BYTES 4096
+#define NV_KIND_MARK 5          /* a marker record: ptr = control message number (JS) */
+#define NV_SPIN 64              /* full ring: pause this many times, */
+#define NV_YIELDS 96            /* then yield up to here, then sleep, from NV_SLEEP_US up */
+#define NV_SLEEP_US 50
+#define NV_SLEEP_MAX_US 1000
+#define NV_HOST_STALL_US 3000000 /* no heartbeat for this long: the host is gone or hung */
+
+typedef struct
+{
   /* read-mostly configuration */
   gsize slots;
   gsize mask;
@@ -93,20 +153,14 @@ typedef struct
   volatile gsize init_tids[NV_INIT_TIDS];
   gsize ignored_tids[NV_IGNORED_TIDS];
   gsize n_ignored;
-  /* new threads (tid, in first-call order): producers append, JS reads and clears */
-  volatile gsize new_head;
+  /* new threads (tid, in first-call order; count in nv_shared.new_head): JS reads and clears */
   volatile gsize new_tids[NV_NEW_TIDS];
   gsize new_read;
-  /* Frida threads seen only after init (JS thread writes; nv_finish filters their records) */
-  gsize late_tids[NV_LATE_TIDS];
-  gsize n_late;
-  /* consumer-only state */
-  guint64 clock0;        /* raw clock at time zero */
+  /* consumer-only state (message transport: nv_drain / nv_finish) */
   gint64 mono0;          /* g_get_monotonic_time() at time zero */
   gint64 wall0;          /* g_get_real_time() at time zero */
-  guint64 anchor_clock;  /* raw clock / µs pair of the previous drain (tsc conversion) */
-  gint64 anchor_us;
-  double us_per_tick;    /* TSC rate of the previous drain (or of nv_start) */
+  gsize anchor_pos;      /* head / µs at the previous drain: records between are interpolated */
+  guint64 anchor_us;
   guint64 last_ts_us;    /* records leave nv_drain() with non-decreasing ts */
   gsize last_drop[6];
   /* exact cumulative counters (published + dropped), consumer-only writes */
@@ -118,6 +172,7 @@ typedef struct
   guint64 c_dropped;
   guint64 c_published;
   guint64 now_us;
+  guint64 c_dropped_frees;
   /* patch watch (see nv_on_protect): two tables of [lo, hi) ranges; JS fills the one not in
    * use, then publishes it with its length in watch_sel = table | (n << 1) */
   volatile gsize watch_sel;
@@ -128,26 +183,28 @@ typedef struct
 } NvState;
 
 extern NvState nv_state;
+extern NvShared nv_shared;
 extern gpointer nv_orig[];
 
 #ifdef NV_WINDOWS
 extern guint32 __attribute__ ((stdcall)) GetCurrentThreadId (void);
+extern gint32 __attribute__ ((stdcall)) SwitchToThread (void);
+extern void __attribute__ ((stdcall)) Sleep (guint32 ms);
 static gsize nv_os_tid (void) { return GetCurrentThreadId (); }
+static void nv_yield (void) { SwitchToThread (); }
+static void nv_sleep_step (guint32 us) { (void) us; Sleep (1); }  /* Windows' shortest */
 #else
 extern long syscall (long number, ...);
+extern int sched_yield (void);
+extern int usleep (guint32 us);
 # if NV_PTR64
 #  define NV_SYS_GETTID 186
 # else
 #  define NV_SYS_GETTID 224
 # endif
 static gsize nv_os_tid (void) { return (gsize) syscall (NV_SYS_GETTID); }
-#endif
-
-/* Durations are stored in clock units >> NV_DUR_SHIFT so a u32 spans minutes of TSC ticks. */
-#ifdef NV_CLOCK_TSC
-# define NV_DUR_SHIFT 10
-#else
-# define NV_DUR_SHIFT 0
+static void nv_yield (void) { sched_yield (); }
+static void nv_sleep_step (guint32 us) { usleep (us); }
 #endif
 
 static inline gsize
@@ -168,18 +225,11 @@ nv_fetch_add (volatile gsize * p, gsize v)
   return v;
 }
 
+/* µs, for durations of calls above the large-allocation threshold only (and the wait path). */
 static inline guint64
 nv_clock (void)
 {
-#if defined (NV_BENCH_NO_CLOCK)
-  return 1;  /* bench only: the clock's share of the cost */
-#elif defined (NV_CLOCK_TSC)
-  guint32 lo, hi;
-  asm volatile ("rdtsc" : "=a" (lo), "=d" (hi));
-  return ((guint64) hi << 32) | lo;
-#else
   return (guint64) g_get_monotonic_time ();
-#endif
 }
 
 /* ---------------------------------------------------------------- per-thread state
@@ -218,7 +268,7 @@ nv_thread_slow (void)
     return 0;
   /* JS asks Frida's cloak whether this is one of Frida's threads started after init; the entry
      is stored before this thread publishes any record (x86 TSO), see nv_finish() */
-  i = nv_fetch_add (&nv_state.new_head, 1);
+  i = nv_fetch_add (&nv_shared.new_head, 1);
   nv_state.new_tids[i % NV_NEW_TIDS] = tid;
   return v;
 }
@@ -316,18 +366,135 @@ nv_leave (gsize v)
 
 /* ---------------------------------------------------------------- ring */
 
-/* A position for one record, or NULL when the ring is full (the caller counts a drop). */
-static inline NvSlot *
-nv_reserve (gsize * pos_out)
+/* Is this thread one of Frida's found after init? (only asked on the full-ring path) */
+static int
+nv_is_late (gsize tid)
 {
-  gsize h = nv_state.head;
+  gsize i, n = nv_shared.n_late;
+  for (i = 0; i != n && i != NV_LATE_TIDS; i++)
+    if (nv_shared.late_tids[i] == tid)
+      return 1;
+  return 0;
+}
+
+static void
+nv_drop (guint kind, guint64 bytes)
+{
+  nv_fetch_add (&nv_shared.drop_n, 1);
+  if (kind == KIND_ALLOC)
+    nv_fetch_add (&nv_shared.drop_allocs, 1);
+  else if (kind == KIND_FREE)
+    nv_fetch_add (&nv_shared.drop_frees, 1);
+  else if (kind == KIND_REALLOC)
+    nv_fetch_add (&nv_shared.drop_reallocs, 1);
+  else
+    nv_fetch_add (&nv_shared.drop_failures, 1);
+  if (bytes != 0)
+    nv_fetch_add (&nv_shared.drop_bytes, (gsize) bytes);
+}
+
+static void
+nv_count_stall (guint64 us)
+{
+  gsize m = nv_shared.stall_max_us;
+  nv_fetch_add (&nv_shared.stall_n, 1);
+  nv_fetch_add (&nv_shared.stall_us, (gsize) us);
+  while ((gsize) us > m)
+  {
+    gsize prev = nv_cas (&nv_shared.stall_max_us, m, (gsize) us);
+    if (prev == m)
+      break;
+    m = prev;
+  }
+}
+
+/*
+ * The ring is full. Policy `wait`: spin, then yield, then sleep in growing steps (50 µs to 1 ms:
+ * waiting threads leave the CPU to the host) until the reader frees a slot (returns 1: reserve
+ * again), at most max_wait_us. Returns 0, and the caller counts a drop, at once under policy
+ * `drop`, while unloading, on a Frida thread, and while the host is marked stalled: it gave no
+ * heartbeat for NV_HOST_STALL_US, or a wait ran out; the host clears the mark when it takes
+ * records again, so a stuck host costs one wait, not one per call. Never called with a lock held
+ * by us; the thread's TLS word says "inside", so what yield/sleep allocate passes through.
+ */
+static int
+nv_full (gsize th)
+{
+  guint64 t0, now;
+  gsize polls, i;
+  guint64 polled_at;
+  guint32 nap = NV_SLEEP_US;
+  if (nv_shared.on_full == 0 || nv_shared.closing || nv_shared.host_stalled
+      || nv_is_late (th >> 2))
+    return 0;
+  t0 = nv_clock ();
+  now = t0;
+  polled_at = t0;
+  polls = nv_shared.host_polls;
+  for (i = 0;; i++)
+  {
+    if ((gssize) (nv_shared.head - nv_shared.tail) < (gssize) nv_state.slots)
+    {
+      nv_count_stall (nv_clock () - t0);
+      return 1;
+    }
+    if (nv_shared.closing)
+      break;
+    if (i < NV_SPIN)
+      asm volatile ("pause" : : : "memory");
+    else if (i < NV_YIELDS)
+      nv_yield ();
+    else
+    {
+      nv_sleep_step (nap);
+      if (nap < NV_SLEEP_MAX_US)
+        nap += nap;
+    }
+    if (i >= NV_SPIN)
+    {
+      now = nv_clock ();
+      if (nv_shared.host_polls != polls)
+      {
+        polls = nv_shared.host_polls;
+        polled_at = now;
+      }
+      else if (now - polled_at >= NV_HOST_STALL_US)
+      {
+        nv_shared.host_stalled = 1;  /* later calls drop at once until the host looks again */
+        break;
+      }
+      if (now - t0 >= nv_shared.max_wait_us)
+      {
+        nv_fetch_add (&nv_shared.wait_timeouts, 1);
+        nv_shared.host_stalled = 1;
+        break;
+      }
+      if (nv_is_late (th >> 2))
+        break;
+    }
+  }
+  nv_count_stall (now - t0);
+  return 0;
+}
+
+/* A position for one record, or NULL when it is dropped (the caller counts the drop). */
+static NvSlot *
+nv_reserve (gsize * pos_out, gsize th)
+{
+  volatile gsize * headp = &nv_shared.head;
+  gsize h = *headp;
   for (;;)
   {
     gsize prev;
     /* signed: h may be stale and already behind a tail read after it (then the CAS fails) */
-    if ((gssize) (h - nv_state.tail) >= (gssize) nv_state.slots)
-      return NULL;
-    prev = nv_cas (&nv_state.head, h, h + 1);
+    if ((gssize) (h - nv_shared.tail) >= (gssize) nv_state.slots)
+    {
+      if (!nv_full (th))
+        return NULL;
+      h = *headp;
+      continue;
+    }
+    prev = nv_cas (headp, h, h + 1);
     if (prev == h)
       break;
     h = prev;
@@ -336,7 +503,7 @@ nv_reserve (gsize * pos_out)
   return &nv_state.ring[h & nv_state.mask];
 }
 
-/* Every field but the timestamp (each writer takes its clock at its own moment). A macro: TinyCC
+/* Every field but the timestamp (the consumer sets it from the ring position). A macro: TinyCC
    does not inline, and nv_emit is on every hooked call. */
 #define NV_FILL(r_, pos_, kind_, hook_, ptr_, old_ptr_, size_, caller_, th_, dur_) \
   do \
@@ -360,61 +527,51 @@ nv_publish (NvSlot * s, gsize pos)
   s->pub = pos + 1;
 }
 
-static void
-nv_drop (guint kind, guint64 bytes)
-{
-  nv_fetch_add (&nv_state.drop_n, 1);
-  if (kind == KIND_ALLOC)
-    nv_fetch_add (&nv_state.drop_allocs, 1);
-  else if (kind == KIND_FREE)
-    nv_fetch_add (&nv_state.drop_frees, 1);
-  else if (kind == KIND_REALLOC)
-    nv_fetch_add (&nv_state.drop_reallocs, 1);
-  else
-    nv_fetch_add (&nv_state.drop_failures, 1);
-  if (bytes != 0)
-    nv_fetch_add (&nv_state.drop_bytes, (gsize) bytes);
-}
+#define NV_DROPPED_BYTES(kind_, ptr_, size_) \
+  (((kind_) == KIND_ALLOC || ((kind_) == KIND_REALLOC && (ptr_) != 0)) ? (size_) : 0)
 
 /* One complete record written now. TinyCC does not inline, so the hot path is written flat here
-   (reserve, clock, fill, publish in one frame) rather than as calls to the helpers above. */
+   (reserve, fill, publish in one frame); only a full ring calls out (nv_reserve). */
 static void
 nv_emit (guint kind, guint hook, gsize ptr, gsize old_ptr, guint64 size, gpointer caller,
     gsize th, guint64 dur)
 {
   /* through a pointer: TinyCC would address an extern in an asm "m" operand RIP-relative */
-  volatile gsize * headp = &nv_state.head;
+  volatile gsize * headp = &nv_shared.head;
   gsize h = *headp;
   NvSlot * s;
   NvRecord * r;
   for (;;)
   {
     gsize prev;
-    if ((gssize) (h - nv_state.tail) >= (gssize) nv_state.slots)  /* signed: see nv_reserve */
+    if ((gssize) (h - nv_shared.tail) >= (gssize) nv_state.slots)  /* signed: see nv_reserve */
     {
-      nv_drop (kind, (kind == KIND_ALLOC || (kind == KIND_REALLOC && ptr != 0)) ? size : 0);
-      return;
+      s = nv_reserve (&h, th);
+      if (s == NULL)
+      {
+        nv_drop (kind, NV_DROPPED_BYTES (kind, ptr, size));
+        return;
+      }
+      break;
     }
     asm volatile ("lock; cmpxchg %2, %1"
         : "=a" (prev), "+m" (*headp)
         : "r" (h + 1), "0" (h)
         : "memory", "cc");
     if (prev == h)
+    {
+      s = &nv_state.ring[h & nv_state.mask];
       break;
+    }
     h = prev;
   }
-  s = &nv_state.ring[h & nv_state.mask];
   r = &s->rec;
-#if defined (NV_BENCH_NO_CLOCK)
-  r->ts = 1;
-#elif defined (NV_CLOCK_TSC)
+#if defined (NV_BENCH_TSC)
   {
-    guint32 lo, hi;
+    guint32 lo, hi;  /* bench only: the 0.2.0 per-record rdtsc, for its cost */
     asm volatile ("rdtsc" : "=a" (lo), "=d" (hi));
     r->ts = ((guint64) hi << 32) | lo;
   }
-#else
-  r->ts = (guint64) g_get_monotonic_time ();
 #endif
   NV_FILL (r, h, kind, hook, ptr, old_ptr, size, caller, th, dur);
   NV_BARRIER ();
@@ -427,7 +584,7 @@ nv_alloc_done (guint hook, gsize result, guint64 size, gpointer caller, gsize th
 {
   guint64 dur = 0;
   if (t0 != 0)
-    dur = (nv_clock () - t0) >> NV_DUR_SHIFT;
+    dur = nv_clock () - t0;
   if (result != 0)
     nv_emit (KIND_ALLOC, hook, result, 0, size, caller, th, dur);
   else if (size != 0)
@@ -443,31 +600,31 @@ nv_free_before (guint hook, gsize ptr, gpointer caller, gsize th)
 }
 
 /* A REALLOC holds its slot across the call: reserved before (the old block may be released),
-   filled and published after (the new block is known). */
+   filled and published after (the new block is known); a drop is counted then, with its
+   outcome. */
 static inline NvSlot *
-nv_realloc_begin (gsize * pos, guint64 * ts)
+nv_realloc_begin (gsize * pos, guint64 * t0, guint64 size, gsize th)
 {
-  NvSlot * s = nv_reserve (pos);
-  *ts = nv_clock ();
+  NvSlot * s = nv_reserve (pos, th);
+  *t0 = size > nv_state.large_bytes ? nv_clock () : 0;
   return s;
 }
 
 static inline void
-nv_realloc_end (NvSlot * s, gsize pos, guint64 ts, guint hook, gsize result, gsize old_ptr,
+nv_realloc_end (NvSlot * s, gsize pos, guint64 t0, guint hook, gsize result, gsize old_ptr,
     guint64 size, gpointer caller, gsize th)
 {
   guint kind = KIND_REALLOC;
   guint64 dur = 0;
   if (result == 0 && size != 0)
     kind = KIND_FAILED;
-  if (size > nv_state.large_bytes)
-    dur = (nv_clock () - ts) >> NV_DUR_SHIFT;
   if (s == NULL)
   {
-    nv_drop (kind, (kind == KIND_REALLOC && result != 0) ? size : 0);
+    nv_drop (kind, NV_DROPPED_BYTES (kind, result, size));
     return;
   }
-  s->rec.ts = ts;
+  if (t0 != 0)
+    dur = nv_clock () - t0;
   NV_FILL (&s->rec, pos, kind, hook, result, old_ptr,
       kind == KIND_REALLOC && result == 0 ? 0 : size, caller, th, dur);
   nv_publish (s, pos);
@@ -481,12 +638,12 @@ nv_fold_drops (void)
   gsize cur[6];
   gsize i;
   guint64 d[6];
-  cur[0] = nv_state.drop_n;
-  cur[1] = nv_state.drop_allocs;
-  cur[2] = nv_state.drop_frees;
-  cur[3] = nv_state.drop_reallocs;
-  cur[4] = nv_state.drop_failures;
-  cur[5] = nv_state.drop_bytes;
+  cur[0] = nv_shared.drop_n;
+  cur[1] = nv_shared.drop_allocs;
+  cur[2] = nv_shared.drop_frees;
+  cur[3] = nv_shared.drop_reallocs;
+  cur[4] = nv_shared.drop_failures;
+  cur[5] = nv_shared.drop_bytes;
   for (i = 0; i != 6; i++)
   {
     d[i] = (guint64) (gsize) (cur[i] - nv_state.last_drop[i]);  /* modular: ia32 wraps */
@@ -498,6 +655,7 @@ nv_fold_drops (void)
   nv_state.c_reallocs += d[3];
   nv_state.c_failures += d[4];
   nv_state.c_bytes += d[5];
+  nv_state.c_dropped_frees += d[2] + d[3];
 }
 
 /* Configuration from JS (before nv_start). */
@@ -521,34 +679,57 @@ nv_now_us (void)
 void
 nv_start (void)
 {
-  gint64 m0, m1;
-  guint64 c0, c1;
-
   nv_state.tls_key = gum_tls_key_new ();
-  m0 = g_get_monotonic_time ();
-  c0 = nv_clock ();
+  nv_state.mono0 = g_get_monotonic_time ();
   nv_state.wall0 = g_get_real_time ();
-#ifdef NV_CLOCK_TSC
-  /* rough rate for the first drain; every drain re-anchors on the monotonic clock */
-  do
-    m1 = g_get_monotonic_time ();
-  while (m1 - m0 < 2000);
-  c1 = nv_clock ();
-  nv_state.us_per_tick = (double) (m1 - m0) / (double) (gint64) (c1 - c0);
-#else
-  m1 = m0;
-  c1 = c0;
-#endif
-  nv_state.mono0 = m0;
-  nv_state.clock0 = c0;
-  nv_state.anchor_clock = c1;
-  nv_state.anchor_us = m1 - m0;
 }
 
 gint64
 nv_wall0 (void)
 {
   return nv_state.wall0;
+}
+
+/* g_get_monotonic_time() at time zero: the host maps its own clock onto ours with it. */
+gint64
+nv_mono0 (void)
+{
+  return nv_state.mono0;
+}
+
+/* Unloading: waiting producers give up at once, later ones drop without waiting. */
+void
+nv_set_closing (void)
+{
+  nv_shared.closing = 1;
+}
+
+/*
+ * A marker record (JS, message transport off): a control message (a module loaded) numbered
+ * `n` is sent right after; the host delivers it at this place among the records, so records
+ * of a module's code never come before the module. Never waits: 0 when the ring is full.
+ */
+gsize
+nv_mark (gsize n)
+{
+  volatile gsize * headp = &nv_shared.head;
+  gsize h = *headp;
+  NvSlot * s;
+  for (;;)
+  {
+    gsize prev;
+    if ((gssize) (h - nv_shared.tail) >= (gssize) nv_state.slots)
+      return 0;
+    prev = nv_cas (headp, h, h + 1);
+    if (prev == h)
+      break;
+    h = prev;
+  }
+  s = &nv_state.ring[h & nv_state.mask];
+  NV_FILL (&s->rec, h, NV_KIND_MARK, 0, n, 0, 0, NULL, 0, 0);
+  nv_publish (s, h);
+  nv_fetch_add (&nv_shared.marks, 1);
+  return 1;
 }
 
 /* For agent.js's search of the TLS offset (on its own thread, before any hook). */
@@ -618,76 +799,52 @@ nv_ignore_current_thread (void)
 }
 
 /*
- * Copies up to `max` published records in ring order into `out`, converting the raw clock to
- * µs since time zero (non-decreasing, never later than this drain's now_us), and tallies the
- * exact counters. Returns the number of records copied.
+ * Message transport: copies up to `max` published records in ring order into `out`, timing
+ * them by position between the previous drain's (head, µs) and this one's (non-decreasing,
+ * never later than now). Returns the number of records copied; nv_finish() completes them.
  */
 guint
 nv_drain (NvRecord * out, guint max)
 {
-  gsize t = nv_state.tail;
+  gsize t = nv_shared.tail;
   guint n = 0;
-  gint64 now_us;
-  guint64 now_clock;
-#ifdef NV_CLOCK_TSC
-  double us_per_tick;
-#endif
+  gsize head = nv_shared.head;
+  guint64 now_us = (guint64) (g_get_monotonic_time () - nv_state.mono0);
+  gsize p0 = nv_state.anchor_pos;
+  guint64 t0 = nv_state.anchor_us;
+  double span = (double) (gssize) (head - p0);
+  double per = span > 0 ? (double) (gint64) (now_us - t0) / span : 0;
   guint64 last = nv_state.last_ts_us;
-
-  now_clock = nv_clock ();
-  now_us = g_get_monotonic_time () - nv_state.mono0;
-#ifdef NV_CLOCK_TSC
-  if (now_clock > nv_state.anchor_clock && now_us > nv_state.anchor_us + 1000)
-    us_per_tick = (double) (now_us - nv_state.anchor_us)
-        / (double) (gint64) (now_clock - nv_state.anchor_clock);
-  else
-    us_per_tick = nv_state.us_per_tick;
-#endif
 
   while (n != max)
   {
     NvSlot * s = &nv_state.ring[t & nv_state.mask];
     NvRecord * r = out + n;
     guint64 ts;
+    gssize ahead;
     if (s->pub != t + 1)
       break;
     NV_BARRIER ();
     *r = s->rec;
-#ifdef NV_CLOCK_TSC
-    {
-      gint64 dt = (gint64) (r->ts - nv_state.anchor_clock);
-      gint64 us = (gint64) ((double) nv_state.anchor_us + (double) dt * us_per_tick);
-      ts = us < 0 ? 0 : (guint64) us;
-      if (r->dur != 0)
-      {
-        gint64 d = (gint64) ((double) ((gint64) r->dur << NV_DUR_SHIFT) * us_per_tick);
-        r->dur = (d < 0 || d > (gint64) 0xffffffffU) ? 0xffffffffU : (guint32) d;
-      }
-    }
-#else
-    ts = r->ts - (guint64) nv_state.mono0;
-#endif
+    ahead = (gssize) (t - p0);  /* reserved after the previous drain's look at head */
+    ts = ahead > 0 ? t0 + (guint64) (gint64) ((double) ahead * per) : t0;
     if (ts < last)
       ts = last;
-    if (ts > (guint64) now_us)
-      ts = (guint64) now_us;
+    if (ts > now_us)
+      ts = now_us;
     r->ts = ts;
     last = ts;
     n++;
     t++;
   }
   NV_BARRIER ();
-  nv_state.tail = t;
+  nv_shared.tail = t;
+  nv_shared.host_polls++;
+  nv_shared.host_stalled = 0;
   nv_state.last_ts_us = last;
-  nv_state.now_us = (guint64) now_us;
-#ifdef NV_CLOCK_TSC
-  if (now_us > nv_state.anchor_us + 1000)
-  {
-    nv_state.anchor_clock = now_clock;
-    nv_state.anchor_us = now_us;
-    nv_state.us_per_tick = us_per_tick;
-  }
-#endif
+  nv_state.now_us = now_us;
+  nv_state.anchor_pos = head;
+  nv_state.anchor_us = now_us;
   nv_fold_drops ();
   return n;
 }
@@ -701,13 +858,13 @@ guint
 nv_finish (NvRecord * out, guint n)
 {
   guint i, k = 0;
-  gsize nl = nv_state.n_late;
+  gsize nl = nv_shared.n_late;
   for (i = 0; i != n; i++)
   {
     NvRecord * r = out + i;
     gsize j;
     for (j = 0; j != nl; j++)
-      if (nv_state.late_tids[j] == r->tid)
+      if (nv_shared.late_tids[j] == r->tid)
         break;
     if (j != nl)
       continue;
@@ -737,24 +894,38 @@ gsize
 nv_next_new_tid (void)
 {
   gsize i = nv_state.new_read;
+  gsize head = nv_shared.new_head;
   gsize tid;
-  if (i == nv_state.new_head)
+  if (i == head)
     return 0;
-  if (nv_state.new_head - i > NV_NEW_TIDS)
-    i = nv_state.new_head - NV_NEW_TIDS;  /* fell behind (thousands of new threads): skip */
+  if (head - i > NV_NEW_TIDS)
+    i = head - NV_NEW_TIDS;  /* fell behind (thousands of new threads): skip */
   tid = nv_state.new_tids[i % NV_NEW_TIDS];
   if (tid == 0)
-    return 0;  /* position taken, tid not stored yet: next drain */
+    return 0;  /* position taken, tid not stored yet: next time */
   nv_state.new_tids[i % NV_NEW_TIDS] = 0;
   nv_state.new_read = i + 1;
   return tid;
 }
 
+/* JS has classified every thread before new_read (late Frida threads are in late_tids). */
+void
+nv_classified (void)
+{
+  NV_BARRIER ();
+  nv_shared.new_done = nv_state.new_read;
+}
+
 void
 nv_ignore_late_tid (gsize tid)
 {
-  if (nv_state.n_late < NV_LATE_TIDS)
-    nv_state.late_tids[nv_state.n_late++] = tid;
+  gsize n = nv_shared.n_late;
+  if (n < NV_LATE_TIDS)
+  {
+    nv_shared.late_tids[n] = tid;
+    NV_BARRIER ();
+    nv_shared.n_late = n + 1;
+  }
 }
 
 gsize
@@ -763,10 +934,31 @@ nv_state_size (void)
   return sizeof (NvState);
 }
 
+gsize
+nv_shared_size (void)
+{
+  return sizeof (NvShared);
+}
+
 guint64 *
 nv_counters (void)
 {
-  return &nv_state.c_allocs;  /* allocs, frees, reallocs, failures, bytes, dropped, published, now */
+  /* allocs, frees, reallocs, failures, bytes, dropped, published, now, dropped_frees */
+  return &nv_state.c_allocs;
+}
+
+/* allocs... through the stall tallies, for the message transport's batches */
+gsize
+nv_shared_word (gsize i)
+{
+  switch (i)
+  {
+    case 0: return nv_shared.stall_n;
+    case 1: return nv_shared.stall_us;
+    case 2: return nv_shared.stall_max_us;
+    case 3: return nv_shared.wait_timeouts;
+    default: return 0;
+  }
 }
 
 /*

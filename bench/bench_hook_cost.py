@@ -6,13 +6,14 @@ the agent, in one run (rounds alternate between the targets; medians; ratios).
 Targets (each its own process of tests/agent_targets/bench_target.c, -O2):
   native        no monitor
   passthrough   replaceFast into a C replacement that only calls the original (the floor)
-  full          the agent as shipped (rdtsc clock, TLS thread state), drain + host consuming
-  gum-tls       same with the thread state through gum_tls_key_get/set_value calls (the
-                fallback where the direct TLS slot is not found; the agent before 0.1.1)
-  monotonic     same with g_get_monotonic_time() as the record clock
+  full          the agent as shipped (no clock per record, direct TLS slot, shared ring read
+                by the host's reader thread meanwhile)
+  messages      same with the message transport (the fallback: JS drains and sends)
+  rdtsc         same plus the 0.2.0 per-record rdtsc (what dropping the clock saved)
+  gum-tls       same as full with the thread state through gum_tls_key_get/set_value calls
+                (the fallback where the direct TLS slot is not found; the agent before 0.1.1)
   no-tls        same without the per-thread TLS word (no re-entrancy guard: unsafe, bench only)
-  no-clock      same with timestamps 0 (bench only: the clock's share)
-The ring is big enough for a round (no drops: checked); the drain and the host run meanwhile.
+The ring is big enough for a round (no waits, no drops: checked); the host reads meanwhile.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ VARIANTS: dict[str, dict | None] = {
     "native": None,
     "passthrough": {"defines": ("NV_BENCH_PASSTHROUGH",)},
     "full": {},
-    "monotonic": {"clock": "monotonic"},
+    "messages": {"transport": "messages"},
+    "rdtsc": {"defines": ("NV_BENCH_TSC",)},
     "gum-tls": {"defines": ("NV_BENCH_TLS_CALLS",)},
     "no-tls": {"defines": ("NV_BENCH_NO_THREAD_STATE",)},
-    "no-clock": {"defines": ("NV_BENCH_NO_CLOCK",)},
 }
 
 
@@ -75,6 +76,7 @@ class Target:
         if self.handle is not None:
             final = self.handle.stop()
             info = {"dropped": final.dropped, "published": final.published,
+                    "stalls": final.stalls,
                     "agent_bytes": self.handle.init_result["agent_bytes"],
                     "ring_bytes": self.handle.init_result["ring_bytes"]}
             self.handle.unload()
@@ -122,7 +124,7 @@ def main() -> None:
         extra = "" if name == "native" else \
             f"  +{med[name] - base:5.1f} ns  x{med[name] / base:4.2f}"
         info = infos[name]
-        drop = f"  dropped {info['dropped']}" if info else ""
+        drop = f"  dropped {info['dropped']} waits {info['stalls']}" if info else ""
         print(f"  {name:12s} {med[name]:6.1f}  ({min(v):.1f}-{max(v):.1f}){extra}{drop}")
     full = infos["full"]
     print(f"agent memory in the target: {full['agent_bytes'] / 2**20:.1f} MiB "
@@ -130,9 +132,9 @@ def main() -> None:
     print(f"added by the agent (full - native): {med['full'] - base:.1f} ns per call; "
           f"of which replaceFast floor {med['passthrough'] - base:.1f}, "
           f"TLS thread state {med['full'] - med['no-tls']:.1f} "
-          f"(through gum calls {med['gum-tls'] - med['no-tls']:.1f}), "
-          f"rdtsc clock {med['full'] - med['no-clock']:.1f}, "
-          f"monotonic clock instead of rdtsc {med['monotonic'] - med['full']:+.1f}")
+          f"(through gum calls {med['gum-tls'] - med['no-tls']:.1f}); "
+          f"the 0.2.0 per-record rdtsc would add {med['rdtsc'] - med['full']:+.1f}; "
+          f"message transport instead of the shared ring {med['messages'] - med['full']:+.1f}")
 
 
 if __name__ == "__main__":

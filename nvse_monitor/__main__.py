@@ -1,3 +1,3 @@
-from .cli import main
+from .cli import PROG, main
 
-main()
+main(prog_name=PROG)

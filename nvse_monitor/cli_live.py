@@ -10,10 +10,12 @@ from typing import Any
 
 import click
 
-from .cli import main
+from .agent_host import DEFAULT_MAX_WAIT_MS
+from .cli import UserError, main
 from .cli_offline import file_limit_options, limits_from
 from .cli_views import metrics_options
 from .pipeline import DEFAULT_OUT_DIR
+from .words import plural
 from .writers import DEFAULT_PREFIX
 
 
@@ -35,23 +37,36 @@ def _ring_size(_ctx: Any, _param: Any, value: str | None) -> int | None:
 
 
 def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    # --help lists them in this order: what most sessions set first, the file caps and
+    # /metrics last (the innermost decorators are listed last)
+    f = file_limit_options(metrics_options(f))
+    f = click.option("--top", is_flag=True, help="Show the live dashboard (docs/views.md) "
+                     "instead of the status line.")(f)
     opts = [
         click.option("--profile", "-p", help="Hook profile name or TOML path (default: chosen "
                      "from the target; see `nvse-monitor profiles`). FalloutNV.exe: "
                      "fnv-1.4.0.525; fnv-1.4.0.525-noscrap turns the scrap heap off, "
                      "fnv-1.4.0.525-win32 turns kernel32 Heap*/Virtual* hooks on."),
-        click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+        click.option("--out", "out_dir", type=click.Path(path_type=Path),
                      help="Directory for the four monitoring files (default: the game's "
                      f"Data/NVSE/Plugins for FalloutNV.exe, else ./{DEFAULT_OUT_DIR})."),
+        click.option("--duration", type=click.FloatRange(min=0, min_open=True),
+                     help="Stop after this many seconds (like Ctrl-C)."),
         click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
                      help="File name prefix of the four files."),
         click.option("--record", type=click.Path(dir_okay=False, path_type=Path),
                      help="Also write a recording of the session (replay it later)."),
-        click.option("--duration", type=click.FloatRange(min=0, min_open=True),
-                     help="Stop after this many seconds (like Ctrl-C)."),
         click.option("--ring-size", callback=_ring_size,
                      help="Agent ring slots (power of two, 64 bytes each; default 512K on 64-bit "
                      "targets, 128K on 32-bit ones, where address space is scarce)."),
+        click.option("--on-full", type=click.Choice(["wait", "drop"]), default="wait",
+                     show_default=True, help="When the agent's ring is full: the allocating "
+                     "thread waits for the monitor to catch up (lossless), or its event is "
+                     "dropped (counted; blocks whose fate it decided are marked uncertain)."),
+        click.option("--max-wait-ms", type=click.IntRange(min=0, max=60000),
+                     default=DEFAULT_MAX_WAIT_MS, show_default=True,
+                     help="--on-full wait: the longest one call waits for a free slot before "
+                     "its event is dropped (counted)."),
         click.option("--addrspace-warn-mb", type=click.FloatRange(min=0), default=256,
                      show_default=True, help="32-bit targets: sample the address space about "
                      "once a second (<prefix>_addrspace.csv) and warn when its largest free "
@@ -62,9 +77,7 @@ def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for opt in reversed(opts):
         f = opt(f)
-    f = click.option("--top", is_flag=True, help="Show the live dashboard (docs/views.md) "
-                     "instead of the status line.")(f)
-    return file_limit_options(metrics_options(f))
+    return f
 
 
 def _run(kind: str, target: Any, spawn: dict[str, Any] | None = None, **kw: Any) -> None:
@@ -83,6 +96,8 @@ def _run(kind: str, target: Any, spawn: dict[str, Any] | None = None, **kw: Any)
         metrics_port=kw["metrics_port"],
         metrics_address=kw["metrics_address"],
         top=kw["top"],
+        on_full=kw["on_full"],
+        max_wait_ms=kw["max_wait_ms"],
     )
     opts.addrspace_warn_bytes = int(kw["addrspace_warn_mb"] * 2**20)
     if kw.get("ring_size"):
@@ -91,20 +106,22 @@ def _run(kind: str, target: Any, spawn: dict[str, Any] | None = None, **kw: Any)
     try:
         result = live.run_attach(target) if kind == "attach" else live.run_spawn(list(target))
     except (TargetError, SessionError) as exc:
-        click.echo(f"nvse-monitor: error: {exc}", err=True)
-        sys.exit(2)
+        raise UserError(str(exc)) from None
     except KeyboardInterrupt:
         click.echo("nvse-monitor: interrupted before monitoring started", err=True)
         sys.exit(130)
     end = result.end
     c = result.final_counters
     # The agent's exact call counts (the files count reallocs as free + alloc).
-    tail = (f", {c.allocs:,} alloc calls, {c.reallocs:,} realloc calls, {c.frees:,} frees, "
+    tail = (f", {plural(c.allocs, 'alloc call', sep=True)}, "
+            f"{plural(c.reallocs, 'realloc call', sep=True)}, {plural(c.frees, 'free', sep=True)}, "
             f"{c.dropped:,} dropped" if c is not None else "")
+    if c is not None and c.stalls:  # --on-full wait: calls that waited for a ring slot
+        tail += f", {c.stalls:,} stalls ({c.stall_us:,} µs, longest {c.stall_max_us:,} µs)"
     how = "" if end.expected else f" (unexpected: {end.crash})" if end.crash else " (unexpected)"
     click.echo(
         f"nvse-monitor: session ended: {end.reason}{how}{tail}; "
-        f"{result.records:,} events; files in {live.out_dir}"
+        f"{plural(result.records, 'event', sep=True)}; files in {live.out_dir}"
         + (f"; recording {opts.record}" if opts.record else ""),
         err=True,
     )
@@ -181,8 +198,7 @@ def launch(game_dir: Path, args: tuple[str, ...], **kw: Any) -> None:
         plan = fnv.plan_launch(game_dir, args, large_address_aware=_large_address_aware(game_dir),
                                game_as_dir=True)
     except ValueError as exc:
-        click.echo(f"nvse-monitor: error: {exc}", err=True)
-        sys.exit(2)
+        raise UserError(str(exc)) from None
     click.echo(f"nvse-monitor: launching {plan.argv[0]} ({plan.reason})", err=True)
     _run("spawn", list(plan.argv), {
         "spawn_cwd": plan.cwd, "spawn_env": plan.env, "follow_child": plan.gate_children,

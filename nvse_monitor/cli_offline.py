@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import click
 
-from .cli import main
+from .cli import UserError, main
 from .cli_views import metrics_options, start_metrics
 from .pipeline import DEFAULT_OUT_DIR, replay
+from .words import plural
 from .writers import DEFAULT_PREFIX, FileLimits, FilePaths, OutputDirError
 from .writers import status as status_file
 
@@ -42,12 +43,6 @@ def limits_from(kw: dict[str, Any]) -> FileLimits:
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 
 
-class UserError(click.ClickException):
-    """A one-line error for bad input (no traceback), exit code 2."""
-
-    exit_code = 2
-
-
 def status_exit_code(status: str | None, health: str | None) -> int:
     """ACTIVE: 0 if healthy else 1; DEGRADED 1; ERROR 2; SHUTDOWN (a finished session): 0 if it
     ended healthy else 2; INITIALIZING/UNINITIALIZED or anything unreadable: 3 (cannot tell yet)."""
@@ -74,7 +69,8 @@ def status(directory: Path, prefix: str) -> None:
     """Print the status file in DIRECTORY (default: ./nvse-monitor-out).
 
     Exit code (Nagios): 0 ACTIVE and healthy (or SHUTDOWN healthy), 1 DEGRADED or ACTIVE but
-    unhealthy, 2 ERROR (or SHUTDOWN unhealthy), 3 missing, unreadable or still starting.
+    unhealthy, 2 ERROR (or SHUTDOWN unhealthy: e.g. an interrupted replay), 3 missing,
+    unreadable or still starting. When unhealthy, a last line gives the JSON's last error.
     """
     path = FilePaths.of(directory, prefix).status
     try:
@@ -88,14 +84,34 @@ def status(directory: Path, prefix: str) -> None:
     click.echo(text, nl=not text.endswith("\n"))
     fields = status_file.parse(text)
     code = status_exit_code(fields.get("Status"), fields.get("Health"))
+    if fields.get("Health") == "UNHEALTHY" and (why := _last_error(directory, prefix)):
+        click.echo(f"Last Error: {why}")  # what the status file has no line for (the JSON's)
     if code == UNKNOWN and "Status" not in fields:
         click.echo(f"UNKNOWN: {path} has no 'Status:' line", err=True)
     sys.exit(code)
 
 
+def files_pattern(out_dir: PurePath, prefix: str) -> str:
+    """`DIR/PREFIX_*` with the platform's separator throughout (`out\\MemoryPoolNVSE_*` on
+    Windows, not `out\\x/MemoryPoolNVSE_*`)."""
+    return str(out_dir / f"{prefix}_*")
+
+
+def _last_error(directory: Path, prefix: str) -> str | None:
+    """The stats JSON's health.last_error ("none" and unreadable: None)."""
+    import json
+
+    try:
+        doc = json.loads(FilePaths.of(directory, prefix).json.read_text(encoding="utf-8"))
+        why = str(doc["health"]["last_error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None if why == "none" else why
+
+
 @main.command("replay")
 @click.argument("recording", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path),
               default=str(DEFAULT_OUT_DIR), show_default=True,
               help="Directory for the four monitoring files (created if needed).")
 @click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
@@ -107,7 +123,8 @@ def replay_cmd(recording: Path, out_dir: Path, prefix: str, realtime: bool, **kw
     """Write the four monitoring files from RECORDING.
 
     A damaged recording: the files are written for its intact part, one line names the file
-    and byte offset, exit code 2.
+    and byte offset, exit code 2. Ctrl-C: the files say the replay was interrupted (ERROR, then
+    SHUTDOWN unhealthy, no leak report), exit code 130.
     """
     from .recording import RecordingError
 
@@ -145,7 +162,13 @@ def replay_cmd(recording: Path, out_dir: Path, prefix: str, realtime: bool, **kw
     final = result.final
     state = f"{final.status.value}, {'healthy' if final.is_healthy else 'unhealthy'}" if final \
         else "no snapshot"
-    click.echo(f"{result.messages} messages replayed into {out_dir}/{prefix}_* ({state})")
+    if result.interrupted:
+        click.echo(f"nvse-monitor: replay interrupted: {result.interrupted}; the files in "
+                   f"{out_dir} say so and cover only that part ({state}, no leak report)",
+                   err=True)
+        sys.exit(130)  # like a shell's status for a command ended by SIGINT
+    events = plural(result.events, "event", sep=True)
+    click.echo(f"{events} replayed into {files_pattern(out_dir, prefix)} ({state})")
     if result.error:
         raise UserError(result.error)
 

@@ -11,13 +11,9 @@ from typing import Any
 
 import click
 
-from .cli import main
+from .cli import UserError, main
 from .pipeline import DEFAULT_OUT_DIR
 from .writers import DEFAULT_PREFIX
-
-
-class UserError(click.ClickException):
-    exit_code = 2
 
 
 def metrics_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -79,7 +75,10 @@ def report_cmd(source: Path, output: Path, prefix: str) -> None:
 @click.option("--once", is_flag=True, help="Print one frame and exit.")
 def top_cmd(directory: Path, prefix: str, interval: float, once: bool) -> None:
     """Live dashboard of the session writing DIRECTORY (default ./nvse-monitor-out): status,
-    rates, memory with a sparkline, modules, drops, last warnings. Keys: l leak report, q quit."""
+    rates, memory with a sparkline, modules, drops, last warnings. Keys: l leak report, q quit.
+
+    --once: one frame on stdout; exit 0, or 3 when DIRECTORY has no stats JSON yet, 2 when
+    it does not exist."""
     from .top import DirSource, run_dashboard
 
     src = DirSource(directory, prefix)
@@ -88,9 +87,14 @@ def top_cmd(directory: Path, prefix: str, interval: float, once: bool) -> None:
 
         from .top import Dashboard
 
+        if not directory.is_dir():  # live, top waits for a session to make it; once cannot
+            raise UserError(f"{directory}: no such directory")
         dash = Dashboard(src)
         dash.poll()
-        Console().print(dash.render())
+        con = Console()  # a pipe: 80 columns (or $COLUMNS), which the frame fits
+        con.print(dash.render(con.width, con.height if con.is_terminal else None))
+        if dash.doc is None:  # nothing to show: like `status`, UNKNOWN
+            sys.exit(3)
         return
     with contextlib.suppress(KeyboardInterrupt):
         run_dashboard(src, interval=interval)

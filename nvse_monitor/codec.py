@@ -1,12 +1,13 @@
 """Columnar compression of record chunks (the payload of a recording's chunk frame).
 
-A chunk holds consecutive Batches: a batch table (now_us, the seven AgentCounters, the number
-of records) and the records of all of them. Every column is encoded on its own: optionally
-zigzag delta (signed difference to the previous value), narrowed to the smallest of 1/2/4/8
-bytes that holds every value, and byte-shuffled (all low bytes, then all next bytes...) so that
-zlib sees long runs of similar bytes. Record fields other than ts_us, seq and kind are stored
-grouped by kind (stable), so that e.g. FREE records' zero sizes sit together. Layout: see
-docs/format.md. Everything is vectorised with numpy; nothing loops per record.
+A chunk holds consecutive Batches: a batch table (now_us, the AgentCounters of the file's
+format version: 7 in version 1, 12 in version 2; the number of records) and the records of
+all of them. Every column is encoded on its own: optionally zigzag delta (signed difference
+to the previous value), narrowed to the smallest of 1/2/4/8 bytes that holds every value, and
+byte-shuffled (all low bytes, then all next bytes...) so that zlib sees long runs of similar
+bytes. Record fields other than ts_us, seq and kind are stored grouped by kind (stable), so
+that e.g. FREE records' zero sizes sit together. Layout: see docs/format.md. Everything is
+vectorised with numpy; nothing loops per record.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from .stream import AgentCounters
 
 COUNTER_FIELDS = tuple(f.name for f in dataclasses.fields(AgentCounters))
 BATCH_COLUMNS = ("now_us", *COUNTER_FIELDS, "n_records")
+# The counters a chunk's batch table holds, per recording format version (docs/format.md):
+# version 1 predates the shared-memory ring's counters (read as 0).
+COUNTERS_BY_VERSION = {1: COUNTER_FIELDS[:7], 2: COUNTER_FIELDS}
 RECORD_FIELDS = tuple(RECORD_DTYPE.names or ())
 # fields kept in stream order; the others are stored grouped by kind
 UNGROUPED = ("ts_us", "seq", "kind")
@@ -160,8 +164,11 @@ class _Body:
         return _undo_zigzag_delta(v) if transform == ZIGZAG_DELTA else v
 
 
-def decode_chunk(payload: bytes) -> tuple[list[BatchRow], np.ndarray]:
-    """Inverse of encode_chunk. Raises ChunkError (bounded work and memory on any input)."""
+def decode_chunk(payload: bytes, version: int = 2) -> tuple[list[BatchRow], np.ndarray]:
+    """Inverse of encode_chunk (`version`: the recording's format version, which says which
+    counters the batch table holds). Raises ChunkError (bounded work and memory on any input)."""
+    counter_fields = COUNTERS_BY_VERSION[version]
+    batch_columns = ("now_us", *counter_fields, "n_records")
     if len(payload) < CHUNK_HEADER.size:
         raise ChunkError(f"chunk payload of {len(payload)} bytes is shorter than its header")
     n_batches, n_records, raw_size, codec = CHUNK_HEADER.unpack_from(payload)
@@ -169,8 +176,8 @@ def decode_chunk(payload: bytes) -> tuple[list[BatchRow], np.ndarray]:
         raise ChunkError(f"unknown chunk codec {codec}")
     if n_records > MAX_CHUNK_RECORDS or n_batches > MAX_CHUNK_BATCHES:
         raise ChunkError(f"absurd chunk counts ({n_batches} batches, {n_records} records)")
-    most = COLUMN_HEADER.size * (len(BATCH_COLUMNS) + len(RECORD_FIELDS)) + (
-        n_batches * len(BATCH_COLUMNS) * 8 + n_records * RECORD_SIZE
+    most = COLUMN_HEADER.size * (len(batch_columns) + len(RECORD_FIELDS)) + (
+        n_batches * len(batch_columns) * 8 + n_records * RECORD_SIZE
     )
     if raw_size > min(most, MAX_RAW_BYTES):
         raise ChunkError(f"absurd decompressed size {raw_size} for {n_records} records")
@@ -182,7 +189,7 @@ def decode_chunk(payload: bytes) -> tuple[list[BatchRow], np.ndarray]:
     if len(body) != raw_size or not d.eof or d.unconsumed_tail or d.unused_data:
         raise ChunkError(f"body does not decompress to the stated {raw_size} bytes")
     b = _Body(body)
-    table = {name: b.column(n_batches, name) for name in BATCH_COLUMNS}
+    table = {name: b.column(n_batches, name) for name in batch_columns}
     counts = table["n_records"]
     if int(counts.sum(dtype=np.uint64)) != n_records or (counts > n_records).any():
         raise ChunkError(f"batch record counts do not add up to {n_records}")
@@ -202,7 +209,7 @@ def decode_chunk(payload: bytes) -> tuple[list[BatchRow], np.ndarray]:
     rows = [
         BatchRow(
             now_us=cols["now_us"][i],
-            counters=AgentCounters(**{f: cols[f][i] for f in COUNTER_FIELDS}),
+            counters=AgentCounters(**{f: cols[f][i] for f in counter_fields}),
             n_records=cols["n_records"][i],
         )
         for i in range(n_batches)

@@ -15,6 +15,7 @@ numpy operations (docs/engine.md explains the steps and every counter rule):
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from .stream import (
     StreamMessage,
 )
 from .tracking import LiveColumns, LiveTable
+from .words import plural
 
 ADDRSPACE_LOW = "address space low"  # the health cause
 # Detail prefix of a hook message for an optional entry point that a module does not have
@@ -83,6 +85,10 @@ class EngineConfig:
     warn_interval_us: int = 1_000_000  # repeated WARN lines (failures, drops): at most one per
     # Address space (ia32): DEGRADED while the largest free block is under this many bytes.
     addrspace_warn_bytes: int = DEFAULT_WARN_BYTES
+    # Ring stalls (--on-full wait): a burst is stalls rising in batches less than this apart...
+    stall_gap_us: int = 1_000_000
+    # ...and one whose calls waited this long in total degrades health (transient).
+    stall_degrade_us: int = 1_000_000
 
 
 @dataclass
@@ -140,6 +146,11 @@ class _Batch:
 _REC_VOID = np.dtype((np.void, RECORD_DTYPE.itemsize))
 
 
+# Session ends that need words in the log (the others say what they are).
+END_REASONS = {"target-exec": "the program replaced itself (exec) with another, which is not "
+               "monitored: the hooks were in the image it replaced"}
+
+
 class Engine:
     def __init__(self, meta: SessionMeta, config: EngineConfig | None = None) -> None:
         self.meta = meta
@@ -172,11 +183,24 @@ class Engine:
         self.rate_frees = 0.0
         # agent counters and drops
         self.agent = AgentCounters()
+        self._counters_t = 0  # time of the latest counters
         self.dropped = 0
         self._drops_unreported = 0
         self._last_drop_warn: int | None = None
         self._last_fail_warn: int | None = None
         self._overflow_warned = False
+        # Issue 13: ring stalls, invalid ring records, blocks whose fate is uncertain.
+        self._burst: _StallBurst | None = None
+        self.stall_bursts = 0
+        self._long_stalls = False  # some burst degraded health
+        self._invalid_unreported = 0
+        self._last_invalid_warn: int | None = None
+        # Whether the counters say which dropped records were frees (a session that knows its
+        # --on-full policy has the ring counters; so does any that counted a dropped free).
+        self._knows_dropped_frees = "on_full" in meta.extra
+        self.uncertain_until: int | None = None  # blocks allocated at or before: fate unknown
+        self.uncertain_reason = ""
+        self.leak_summary: dict[str, int] | None = None  # set by note_leaks (session end)
         self._hook_state: dict[object, str] = {}  # hook index -> ok, failed, pending, absent
         self._hooks_complete = False
         self.hooks_installed: list[str] = []
@@ -195,6 +219,7 @@ class Engine:
         self._last_snap_status = None
         self.started = False
         self.finished = False
+        self.interrupted = False  # note_interrupted(): the JSON's monitor section says so
 
     # -- public API --
     def start(self) -> list[Output]:
@@ -270,6 +295,19 @@ class Engine:
                          "damaged input")
         return self._take()
 
+    def note_interrupted(self, message: str) -> list[Output]:
+        """The replay was stopped before the end of its input (Ctrl-C): like damaged input, the
+        figures cover only a prefix of the session -> ERROR, then SHUTDOWN unhealthy."""
+        if self.finished:
+            return []
+        if not self.started:
+            self._start()
+        t = self._advance(self.now)
+        self.interrupted = True
+        self.health.fail(t, "ERROR", f"Replay interrupted, figures cover only the part before "
+                         f"it: {message}", "replay interrupted")
+        return self._take()
+
     def finish(self, ts_us: int | None = None) -> list[Output]:
         if self.finished:
             return []
@@ -282,14 +320,19 @@ class Engine:
         self._report_drops(t, force=True)
         c = self.state.c
         log = self.health.log
-        log(t, "INFO", f"Final statistics: {c.total_allocations} allocations, {c.total_frees} "
-            f"frees, {c.total_bytes_allocated} bytes allocated, {c.total_bytes_freed} bytes freed, "
-            f"{c.allocation_failures} failures")
-        log(t, "INFO", f"Peak: {c.peak_allocations} live allocations, {c.peak_bytes} bytes")
-        log(t, "INFO", f"Still live at end: {c.current_allocations} allocations, "
-            f"{c.current_bytes} bytes")
+        log(t, "INFO", f"Final statistics: {plural(c.total_allocations, 'allocation')}, "
+            f"{plural(c.total_frees, 'free')}, {plural(c.total_bytes_allocated, 'byte')} "
+            f"allocated, {plural(c.total_bytes_freed, 'byte')} freed, "
+            f"{plural(c.allocation_failures, 'failure')}")
+        log(t, "INFO", f"Peak: {plural(c.peak_allocations, 'live allocation')}, "
+            f"{plural(c.peak_bytes, 'byte')}")
+        log(t, "INFO", f"Still live at end: {plural(c.current_allocations, 'allocation')}, "
+            f"{plural(c.current_bytes, 'byte')}")
         log(t, "INFO", f"Untracked frees: {c.untracked_frees}; dropped events: {self.dropped}; "
             f"untracked allocations (tracking full): {c.overflow_allocations}")
+        self._report_invalid(t, force=True)
+        self._end_stall_burst(t)
+        self._stall_summary(t)
         self.health.finish(t)
         log(t, "INFO", f"=== {NAME} monitoring stopped ===")
         self._csv_row(t, c.total_allocations, c.total_frees, c.current_bytes, c.peak_bytes,
@@ -339,6 +382,15 @@ class Engine:
         log(t, "INFO", f"Modules at start: {len(m.modules)}")
         log(t, "INFO", f"Tracking up to {cfg.max_tracked} live allocations; large allocation "
             f"threshold {cfg.large_alloc_bytes} bytes")
+        transport = m.extra.get("transport")
+        if transport:  # live sessions since 0.3.0: how records reach us (docs/agent.md)
+            log(t, "INFO", f"Transport: {transport}")
+        on_full = m.extra.get("on_full")
+        if on_full is not None:  # live sessions since issue 13
+            wait = m.extra.get("max_wait_ms")
+            log(t, "INFO", f"Full-ring policy: {on_full}" + (
+                f" (a hooked call waits up to {wait:g} ms for a free slot, then drops its event)"
+                if on_full == "wait" and wait is not None else ""))
         self.health.start(t)
 
     def _end_feed(self) -> None:
@@ -356,7 +408,7 @@ class Engine:
     def _feed_hook(self, msg: HookEvent) -> None:
         t = self._advance(msg.ts_us)
         h = self.health
-        detail = f" ({msg.detail})" if msg.detail else ""
+        detail = f" ({plain_hook_detail(msg.detail)})" if msg.detail else ""
         key = msg.hook if msg.hook >= 0 else ("name", msg.name)
         if not msg.ok and not msg.pending and msg.detail.startswith(NOT_PRESENT):
             # an optional entry point this module does not have: no failure (docs/engine.md)
@@ -430,15 +482,15 @@ class Engine:
         low = ADDRSPACE_LOW in h.conditions
         if lf >= warn and not low:
             return
-        free = f"free {(msg.free or 0) / _MB:.1f} MB" + (
-            f" of {msg.limit / _MB:.1f} MB" if msg.limit is not None else "")
+        free = f"free {(msg.free or 0) / _MB:.1f} MiB" + (
+            f" of {msg.limit / _MB:.1f} MiB" if msg.limit is not None else "")
         if lf < warn and not low:
-            h.log(t, "WARN", f"Address space low: largest free block {lf / _MB:.1f} MB "
-                  f"(< {warn / _MB:.1f} MB), {free}")
+            h.log(t, "WARN", f"Address space low: largest free block {lf / _MB:.1f} MiB "
+                  f"(< {warn / _MB:.1f} MiB), {free}")
             h.set_condition(t, ADDRSPACE_LOW)
         elif lf >= warn and low:
-            h.log(t, "INFO", f"Address space recovered: largest free block {lf / _MB:.1f} MB "
-                  f"(>= {warn / _MB:.1f} MB), {free}")
+            h.log(t, "INFO", f"Address space recovered: largest free block {lf / _MB:.1f} MiB "
+                  f"(>= {warn / _MB:.1f} MiB), {free}")
             h.clear_condition(t, ADDRSPACE_LOW, "address space recovered")
 
     def _feed_end(self, msg: SessionEnd) -> None:
@@ -447,14 +499,18 @@ class Engine:
         if msg.counters is not None:
             self._agent_counters(t, msg.counters)
         if msg.expected:
-            self.health.log(t, "INFO", f"Session ended: {msg.reason}")
+            why = END_REASONS.get(msg.reason)
+            self.health.log(t, "INFO", f"Session ended: {msg.reason}" + (f" ({why})" if why
+                                                                         else ""))
         else:
             crash = f"; crash: {msg.crash}" if msg.crash else ""
             self.health.fail(t, "CRITICAL", f"Target lost unexpectedly: {msg.reason}{crash}",
                              "target lost")
 
     def _agent_counters(self, t: int, ac: AgentCounters) -> None:
+        prev = self.agent
         self.agent = ac
+        self._ring_counters(t, prev, ac)
         new = ac.dropped - self.dropped
         if new > 0:
             self.dropped = ac.dropped
@@ -469,10 +525,99 @@ class Engine:
             return
         last = self._last_drop_warn
         if force or last is None or t - last >= self.config.warn_interval_us:
-            self.health.log(t, "WARN", f"Dropped {self._drops_unreported} events (agent ring "
-                            f"full); {self.dropped} dropped so far")
+            self.health.log(t, "WARN", f"Dropped {plural(self._drops_unreported, 'event')} "
+                            f"(agent ring full); {self.dropped} dropped so far")
             self._drops_unreported = 0
             self._last_drop_warn = t
+
+    # -- issue 13: the shared ring's counters --
+    def _ring_counters(self, t: int, prev: AgentCounters, ac: AgentCounters) -> None:
+        """Blocks of uncertain fate, invalid records and stall bursts from the cumulative
+        counters of a batch (or the SessionEnd) at stream time t."""
+        if ac.dropped_frees:
+            self._knows_dropped_frees = True
+        if self._knows_dropped_frees:
+            lost = ac.dropped_frees > prev.dropped_frees
+        else:  # a recording from before issue 13: any drop may have been a free
+            lost = ac.dropped > max(prev.dropped, self.dropped)
+        invalid = ac.unknown_records > prev.unknown_records  # garbage in the ring: lost events
+        if invalid:
+            self._invalid_unreported += ac.unknown_records - prev.unknown_records
+            self.health.degrade_transient(t, "invalid ring records")
+        if lost or invalid:
+            self.uncertain_until = t  # every record of a batch is at or before its time
+            why = []
+            if self._knows_dropped_frees and ac.dropped_frees:
+                n = ac.dropped_frees
+                why.append(f"{plural(n, 'free/realloc record')} {_were(n)} dropped")
+            elif not self._knows_dropped_frees and ac.dropped:
+                why.append(f"{plural(ac.dropped, 'event')} {_were(ac.dropped)} dropped (the "
+                           "recording does not say which were frees)")
+            if ac.unknown_records:
+                n = ac.unknown_records
+                why.append(f"{plural(n, 'invalid ring record')} {_were(n)} skipped")
+            self.uncertain_reason = "; ".join(why)
+        self._report_invalid(t)
+        burst = self._burst
+        if ac.stalls > prev.stalls:
+            if burst is not None and t - burst.last_t >= self.config.stall_gap_us:
+                self._end_stall_burst(t)
+                burst = None
+            if burst is None:
+                burst = self._burst = _StallBurst(self._counters_t, t, prev)
+                self.stall_bursts += 1
+            burst.last_t, burst.end = t, ac
+            if burst.degraded:
+                self.health.touch_transient(t, "long stalls")
+            elif ac.stall_us - burst.start.stall_us >= self.config.stall_degrade_us:
+                burst.degraded = self._long_stalls = True
+                self.health.degrade_transient(t, "long stalls")
+        elif burst is not None and t - burst.last_t >= self.config.stall_gap_us:
+            self._end_stall_burst(t)
+        self._counters_t = t
+
+    def _report_invalid(self, t: int, force: bool = False) -> None:
+        if not self._invalid_unreported:
+            return
+        last = self._last_invalid_warn
+        if force or last is None or t - last >= self.config.warn_interval_us:
+            self.health.log(t, "WARN", f"Skipped {self._invalid_unreported} invalid records "
+                            f"from the shared ring; {self.agent.unknown_records} so far")
+            self._invalid_unreported = 0
+            self._last_invalid_warn = t
+
+    def _end_stall_burst(self, t: int) -> None:
+        """One WARN per burst, when it is over (a quiet stall_gap_us, or the end)."""
+        b = self._burst
+        if b is None:
+            return
+        self._burst = None
+        a, z = b.start, b.end
+        self.health.log(t, "WARN", f"Stall burst: {z.stalls - a.stalls} hooked calls waited for "
+                        f"a free ring slot, {z.stall_us - a.stall_us} microseconds in total, "
+                        f"within {b.last_t - b.first_t} microseconds (longest wait so far "
+                        f"{z.stall_max_us} microseconds; {z.stalls} stalls so far)")
+
+    def _stall_summary(self, t: int) -> None:
+        ac, extra = self.agent, self.meta.extra
+        if not ac.stalls and "on_full" not in extra:
+            return  # a recording from before issue 13: nothing to say
+        policy = f"; policy {extra['on_full']}" if "on_full" in extra else ""
+        if "max_wait_ms" in extra and extra.get("on_full") == "wait":
+            policy += f", at most {extra['max_wait_ms']} ms per call"
+        self.health.log(t, "WARN" if self._long_stalls else "INFO",
+                        f"Stalls: {ac.stalls} hooked calls waited for a free ring slot, "
+                        f"{ac.stall_us} microseconds in total, longest {ac.stall_max_us} "
+                        f"microseconds, in {_n(self.stall_bursts, 'burst')}{policy}")
+
+    def note_leaks(self, report: object) -> None:
+        """The session's leak report (leaks.LeakReport), for the final JSON's monitor.leaks."""
+        self.leak_summary = {
+            "leaked_allocations": int(getattr(report, "allocations", 0)),
+            "leaked_bytes": int(getattr(report, "bytes", 0)),
+            "uncertain_allocations": int(getattr(report, "uncertain_allocations", 0)),
+            "uncertain_bytes": int(getattr(report, "uncertain_bytes", 0)),
+        }
 
     # -- batches --
     def _feed_batches(self, run: list[Batch]) -> None:
@@ -913,8 +1058,18 @@ class Engine:
             "replaced_live": c.replaced_live,
             "untracked_allocations_overflow": c.overflow_allocations,
             "untracked_bytes_overflow": c.overflow_bytes,
-            "unknown_records": self.unknown_records,
+            "unknown_records": self.unknown_records + self.agent.unknown_records,
             "agent_counters": dataclasses.asdict(self.agent),
+            # issue 13 (docs/files.md): the ring's policy, stalls, lost frees, uncertain fates
+            "on_full": m.extra.get("on_full"),
+            "max_wait_ms": m.extra.get("max_wait_ms"),
+            "stalls": self.agent.stalls,
+            "stall_total_us": self.agent.stall_us,
+            "stall_max_us": self.agent.stall_max_us,
+            "stall_bursts": self.stall_bursts,
+            "dropped_frees": self.agent.dropped_frees,
+            "uncertain_fate_until_us": self.uncertain_until,
+            "leaks": None if self.leak_summary is None else dict(self.leak_summary),
             "heaps": heaps,
             "modules_live_bytes": mods,
             "allocation_sizes": _size_classes(st),
@@ -924,6 +1079,8 @@ class Engine:
         if isinstance(fp, dict):  # live sessions since 0.3 (docs/agent.md, "Footprint")
             mon["agent_footprint"] = {k: fp[k] for k in ("committed_bytes", "reserved_bytes",
                                                          "ring_bytes") if k in fp}
+        if self.interrupted:  # only then: the files of a complete replay stay as they were
+            mon["interrupted"] = True
         a = self.addrspace
         if a is not None:  # ia32 targets only: absent when nothing was sampled
             mon["address_space"] = {
@@ -936,6 +1093,42 @@ class Engine:
                 "low": ADDRSPACE_LOW in self.health.conditions,
             }
         return mon
+
+
+# The agent's note when replaceFast refused an entry point and Interceptor.replace took it
+# (agent.js); Frida's own words end in "please file a bug", which is not the case here.
+_SLOW_PATH = re.compile(r" ?\(slow path: Interceptor\.replace, replaceFast said: (.*)\)$")
+
+
+def _were(n: int) -> str:
+    return "was" if n == 1 else "were"
+
+
+def plain_hook_detail(detail: str) -> str:
+    """A hook's detail as the log says it: the slow-path fallback in plain words."""
+    m = _SLOW_PATH.search(detail)
+    if m is None:
+        return detail
+    said = m.group(1).removesuffix("; please file a bug")
+    why = ("the function is too short for the jump of Frida's fast hook"
+           if said.startswith("unable to intercept") else f"Frida's fast hook refused it: {said}")
+    return (f"{detail[:m.start()]}; {why}, so it is hooked the slower way (Interceptor.replace, "
+            "~0.8 µs more a call): harmless, every call is recorded")
+
+
+@dataclass
+class _StallBurst:
+    """Stalls rising in consecutive batches: counters before it and at its latest rise."""
+
+    first_t: int  # time of the batch before its first rise (stalls happened after it)
+    last_t: int  # time of its latest rise
+    start: AgentCounters
+    end: AgentCounters = field(default_factory=AgentCounters)
+    degraded: bool = False
+
+
+def _n(k: int, noun: str) -> str:
+    return f"{k} {noun}" + ("" if k == 1 else "s")
 
 
 def _size_bins(sizes: np.ndarray) -> np.ndarray:

@@ -4,13 +4,18 @@ A call site is the allocating call's return address, shown as module+offset (the
 held it when the block was allocated, as the engine attributed it). Grouping is vectorised
 (one sort of the live blocks, reduceat per column), so 1M+ live blocks take well under a second;
 only the distinct call sites (usually hundreds) are handled in Python.
+
+Blocks of uncertain fate (issue 13): when the agent dropped free/realloc records, a block
+allocated at or before the batch that reported the drop may have been freed by one of them.
+Those blocks are set aside as "uncertain" (their own groups, scopes `uncertain-module` and
+`uncertain-site`), never presented as leaks; blocks allocated later stay leak candidates.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,7 @@ import numpy as np
 
 from .modmap import UNKNOWN
 from .stream import Module
+from .words import plural as _n
 
 CSV_COLUMNS = ("scope", "module", "offset", "allocations", "bytes", "sites", "min_size",
                "max_size", "heaps", "oldest_timestamp", "newest_timestamp")
@@ -45,29 +51,53 @@ class LeakGroup:
         return f"{self.module}+0x{self.offset:x}"
 
 
+UNCERTAIN = "uncertain-"  # scope prefix of the groups of blocks whose fate is uncertain
+
+
 @dataclass
 class LeakReport:
-    allocations: int
+    allocations: int  # leak candidates (every live block when nothing was lost)
     bytes: int
     modules: list[LeakGroup]
     sites: list[LeakGroup]
+    # Live blocks allocated at or before `uncertain_until_us` (stream µs) when free records may
+    # have been lost: set aside, not leaks. Scopes "uncertain-module" / "uncertain-site".
+    uncertain_allocations: int = 0
+    uncertain_bytes: int = 0
+    uncertain_modules: list[LeakGroup] = field(default_factory=list)
+    uncertain_sites: list[LeakGroup] = field(default_factory=list)
+    uncertain_until_us: int | None = None
+    uncertain_reason: str = ""  # what was lost, e.g. "5 free/realloc records were dropped"
 
     def log_lines(self, top: int = LOG_TOP, csv_name: str = "") -> list[str]:
-        """WARN messages for the log: a summary, then the top modules and call sites."""
+        """WARN messages for the log: a summary, then the top modules and call sites; then
+        the blocks set aside as uncertain, if any."""
+        lines = self._leak_lines(top, csv_name)
+        if self.uncertain_allocations:
+            when = ("" if self.uncertain_until_us is None else
+                    f" at or before {self.uncertain_until_us / 1e6:.6f} s")
+            why = f" ({self.uncertain_reason})" if self.uncertain_reason else ""
+            where = f"; rows uncertain-* in {csv_name}" if csv_name else ""
+            lines.append(f"Leak report: {_n(self.uncertain_allocations, 'allocation')}, "
+                         f"{_n(self.uncertain_bytes, 'byte')} still live set aside as uncertain, "
+                         f"not leaks: allocated{when}, when free records were lost{why}{where}")
+        return lines
+
+    def _leak_lines(self, top: int, csv_name: str) -> list[str]:
         if not self.allocations:
             return []
         where = f"; all in {csv_name}" if csv_name else ""
-        lines = [f"Leak report: {self.allocations} allocations, {self.bytes} bytes still live "
-                 f"from {_n(len(self.sites), 'call site')} in "
+        lines = [f"Leak report: {_n(self.allocations, 'allocation')}, {_n(self.bytes, 'byte')} "
+                 f"still live from {_n(len(self.sites), 'call site')} in "
                  f"{_n(len(self.modules), 'module')}{where}"]
         for g in self.modules[:top]:
-            lines.append(f"Live at end in {g.where}: {g.allocations} allocations, {g.bytes} "
-                         f"bytes from {_n(g.sites, 'call site')}")
+            lines.append(f"Live at end in {g.where}: {_n(g.allocations, 'allocation')}, "
+                         f"{_n(g.bytes, 'byte')} from {_n(g.sites, 'call site')}")
         for g in self.sites[:top]:
             sizes = f"{g.min_size}" if g.min_size == g.max_size else \
                 f"{g.min_size}..{g.max_size}"
-            lines.append(f"Live at end from {g.where}: {g.allocations} allocations, {g.bytes} "
-                         f"bytes (size {sizes}, {'+'.join(g.heaps)})")
+            lines.append(f"Live at end from {g.where}: {_n(g.allocations, 'allocation')}, "
+                         f"{_n(g.bytes, 'byte')} (size {sizes}, {'+'.join(g.heaps)})")
         return lines
 
     def log_to(self, engine: Any, csv_name: str) -> None:
@@ -75,21 +105,20 @@ class LeakReport:
         the engine's current time: what a session's end and a recording's report both log."""
         for msg in self.log_lines(csv_name=csv_name):
             engine.health.log(engine.now, "WARN", msg)
+        note = getattr(engine, "note_leaks", None)
+        if note is not None:  # the final JSON's monitor.leaks
+            note(self)
 
     def csv_text(self, wall_clock_zero_us: int = 0) -> str:
         out = io.StringIO()
         out.write(",".join(CSV_COLUMNS) + "\n")
-        for g in [*self.modules, *self.sites]:
+        for g in [*self.modules, *self.sites, *self.uncertain_modules, *self.uncertain_sites]:
             off = "" if g.offset is None else f"0x{g.offset:x}"
             row = [g.scope, _csv_field(g.module), off, g.allocations, g.bytes, g.sites,
                    g.min_size, g.max_size, _csv_field("+".join(g.heaps)),
                    wall_clock_zero_us + g.oldest_us, wall_clock_zero_us + g.newest_us]
             out.write(",".join(str(v) for v in row) + "\n")
         return out.getvalue()
-
-
-def _n(k: int, noun: str) -> str:
-    return f"{k} {noun}" + ("" if k == 1 else "s")
 
 
 def _csv_field(s: str) -> str:
@@ -99,8 +128,25 @@ def _csv_field(s: str) -> str:
 
 
 def group_live(live: dict[str, np.ndarray], modules: Sequence[Module],
-               heap_names: Sequence[str]) -> LeakReport:
-    """Group live blocks (Engine.live_allocations() columns: size, ts, caller, heap, module)."""
+               heap_names: Sequence[str], uncertain_until: int | None = None,
+               uncertain_reason: str = "") -> LeakReport:
+    """Group live blocks (Engine.live_allocations() columns: size, ts, caller, heap, module);
+    those allocated at or before `uncertain_until` (stream µs) apart, as uncertain."""
+    if uncertain_until is None:
+        return _group(live, modules, heap_names)
+    ts = np.asarray(live["ts"], dtype=np.uint64)
+    before = ts <= np.uint64(max(uncertain_until, 0))
+    leak = _group({k: np.asarray(v)[~before] for k, v in live.items()}, modules, heap_names)
+    unc = _group({k: np.asarray(v)[before] for k, v in live.items()}, modules, heap_names)
+    return replace(
+        leak, uncertain_allocations=unc.allocations, uncertain_bytes=unc.bytes,
+        uncertain_modules=[replace(g, scope=UNCERTAIN + g.scope) for g in unc.modules],
+        uncertain_sites=[replace(g, scope=UNCERTAIN + g.scope) for g in unc.sites],
+        uncertain_until_us=uncertain_until, uncertain_reason=uncertain_reason)
+
+
+def _group(live: dict[str, np.ndarray], modules: Sequence[Module],
+           heap_names: Sequence[str]) -> LeakReport:
     caller = np.asarray(live["caller"], dtype=np.uint64)
     n = len(caller)
     if n == 0:
@@ -170,8 +216,10 @@ def group_live(live: dict[str, np.ndarray], modules: Sequence[Module],
 
 
 def from_engine(engine: Any) -> LeakReport:
-    """The leak report of an Engine's live blocks now."""
-    return group_live(engine.live_allocations(), engine.modmap.modules, engine.heap_names)
+    """The leak report of an Engine's live blocks now (those of uncertain fate apart)."""
+    return group_live(engine.live_allocations(), engine.modmap.modules, engine.heap_names,
+                      getattr(engine, "uncertain_until", None),
+                      getattr(engine, "uncertain_reason", ""))
 
 
 def leaks_path(out_dir: Path | str, prefix: str) -> Path:
@@ -188,8 +236,8 @@ def read_csv(path: Path | str) -> LeakReport:
     """A leaks CSV read back (top, report). Raises OSError / ValueError."""
     import csv
 
-    mods: list[LeakGroup] = []
-    sites: list[LeakGroup] = []
+    groups: dict[str, list[LeakGroup]] = {"module": [], "site": [], "uncertain-module": [],
+                                          "uncertain-site": []}
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
@@ -198,5 +246,10 @@ def read_csv(path: Path | str) -> LeakReport:
                       int(r["min_size"]), int(r["max_size"]),
                       tuple(x for x in r["heaps"].split("+") if x),
                       int(r["oldest_timestamp"]), int(r["newest_timestamp"]))
-        (mods if g.scope == "module" else sites).append(g)
-    return LeakReport(sum(g.allocations for g in mods), sum(g.bytes for g in mods), mods, sites)
+        if g.scope not in groups:
+            raise ValueError(f"unknown scope {g.scope!r}")
+        groups[g.scope].append(g)
+    mods, um = groups["module"], groups["uncertain-module"]
+    return LeakReport(sum(g.allocations for g in mods), sum(g.bytes for g in mods), mods,
+                      groups["site"], sum(g.allocations for g in um), sum(g.bytes for g in um),
+                      um, groups["uncertain-site"])

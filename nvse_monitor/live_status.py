@@ -29,8 +29,9 @@ class StatusLine:
         allocs = counters.allocs if counters is not None else 0
         drops = counters.dropped if counters is not None else 0
         self._show(
-            f"{status}  allocs {allocs:,}  cur {cur_mb:,.1f} MB  peak {peak_mb:,.1f} MB  "
+            f"{status}  allocs {allocs:,}  cur {cur_mb:,.1f} MiB  peak {peak_mb:,.1f} MiB  "
             f"{_si(self._rate)} ev/s  drops {drops:,}"
+            + (f"  stalls {counters.stalls:,}" if counters is not None and counters.stalls else "")
         )
 
     def note(self, text: str) -> None:

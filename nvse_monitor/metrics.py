@@ -64,6 +64,18 @@ class SnapshotCollector(Collector):
                       snap.allocation_failures)
         yield counter("dropped_events", "Events the agent's ring had no room for",
                       int(mon.get("dropped_events", 0)))
+        # issue 13: the shared ring (absent from an older JSON: 0)
+        yield counter("dropped_frees", "Free/realloc records among the dropped events (blocks "
+                      "allocated before them have an uncertain fate)",
+                      int(mon.get("dropped_frees") or 0))
+        yield counter("stalls", "Hooked calls that waited for a free ring slot (--on-full wait)",
+                      int(mon.get("stalls") or 0))
+        yield counter("stall_seconds", "Total time hooked calls waited for a free ring slot",
+                      int(mon.get("stall_total_us") or 0) / 1e6)
+        yield gauge("stall_max_seconds", "Longest single wait for a free ring slot",
+                    int(mon.get("stall_max_us") or 0) / 1e6)
+        yield counter("unknown_records", "Records skipped as invalid or of an unknown kind",
+                      int(mon.get("unknown_records") or 0))
         yield counter("untracked_frees", "Frees of blocks not tracked (allocated before attach, "
                       "double frees)", int(mon.get("untracked_frees", 0)))
         yield counter("untracked_allocations", "Allocations not tracked (tracking limit)",

@@ -8,6 +8,7 @@ another calls finish(): a lock serialises them.
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any, Protocol, TextIO
 from .leaks import LeakReport, from_engine, leaks_path, request_path
 from .outputs import Output, Snapshot
 from .stream import Batch, SessionMeta, StreamMessage
+from .words import plural
 from .writers import DEFAULT_PREFIX, FileLimits, FilePaths, OutputFiles
 
 # Where replay writes (and `status` looks) when no directory is given.
@@ -64,6 +66,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self._started = False
         self._finished = False
+        self._interrupted = False
 
     @property
     def paths(self) -> FilePaths:
@@ -107,6 +110,15 @@ class Pipeline:
                     self._route(self.engine.feed(msg))
             else:
                 self._route(feed_many(msgs))
+
+    def note_interrupted(self, message: str) -> None:
+        """The replay stops before the end of its input: logged as such by the engine, and
+        finish() writes no leak report (blocks in flight at the cut are not leaks)."""
+        with self._lock:
+            if not self._finished and hasattr(self.engine, "note_interrupted"):
+                self._start()
+                self._interrupted = True
+                self._route(self.engine.note_interrupted(message))
 
     def note_input_error(self, message: str) -> None:
         with self._lock:
@@ -174,6 +186,12 @@ class Pipeline:
         and call sites as WARN lines (through the engine, so the JSON counts them)."""
         if not hasattr(self.engine, "health") or not hasattr(self.engine, "live_allocations"):
             return  # a stand-in engine (tests)
+        if self._interrupted:
+            with contextlib.suppress(OSError):  # one from an earlier run here would mislead
+                self.leaks_path.unlink()
+            self.engine.health.log(int(self.engine.now), "INFO", "No leak report: the replay was "
+                                   "interrupted (blocks live at the cut are not leaks)")
+            return
         report = self.leak_report = from_engine(self.engine)
         error = self._write_leaks_csv(report)
         if error is not None:
@@ -205,7 +223,9 @@ class ReplayResult:
     messages: int  # stream messages fed
     final: Snapshot | None  # the final (SHUTDOWN) snapshot
     error: str | None = None  # the recording's damage, one line; the files cover what preceded it
-    leaks: Path | None = None  # `<prefix>_leaks.csv` (docs/views.md)
+    leaks: Path | None = None  # `<prefix>_leaks.csv` (docs/views.md); None when interrupted
+    events: int = 0  # allocator events (records) fed
+    interrupted: str | None = None  # Ctrl-C: where the replay stopped (the files say so)
 
 
 def message_ts(msg: StreamMessage) -> int:
@@ -221,13 +241,65 @@ class Pacer:
         self._t0: float | None = None
         self._ts0 = 0
 
-    def wait(self, ts_us: int) -> None:
+    def wait(self, ts_us: int, stop: threading.Event | None = None) -> None:
+        """Until `ts_us` is due; with `stop`, in slices of at most 0.1 s, returning once it is
+        set (a long pause in a recording must not delay Ctrl-C)."""
         if self._t0 is None:
             self._t0, self._ts0 = self._clock(), ts_us
             return
-        delay = self._t0 + (ts_us - self._ts0) / 1e6 - self._clock()
-        if delay > 0:
-            self._sleep(delay)
+        due = self._t0 + (ts_us - self._ts0) / 1e6
+        while (delay := due - self._clock()) > 0:
+            if stop is None:
+                self._sleep(delay)
+                return
+            if stop.is_set():
+                return
+            self._sleep(min(delay, 0.1))
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM set a flag the replay loop checks between messages (a KeyboardInterrupt
+    in the middle of an engine update could leave its state half done); a second one raises
+    KeyboardInterrupt as usual. Only in the main thread (signals cannot be caught elsewhere)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signame = ""
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                num = getattr(signal, name, None)
+                if num is not None:
+                    self._old[num] = signal.signal(num, self._handle)
+        return self
+
+    def _handle(self, num: int, _frame: Any) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.signame = signal.Signals(num).name
+        self.event.set()
+
+    def __exit__(self, *exc: Any) -> None:
+        for num, old in self._old.items():
+            signal.signal(num, old)
+        self._old.clear()
+
+
+def interruption(path: Path | str, offset: int, events: int, signame: str) -> str:
+    """Where and how a replay was interrupted, for the log and the CLI (the file name only, as
+    for damage)."""
+    by = "SIGINT (Ctrl-C)" if signame == "SIGINT" else signame
+    try:
+        size = Path(path).stat().st_size
+        share = f" of {size} ({100 * offset / size:.0f} %)" if size else ""
+    except OSError:
+        share = ""
+    return (f"stopped by {by} at byte {offset}{share} of {Path(path).name}, after "
+            f"{plural(events, 'event')}")
 
 
 def replay(
@@ -246,7 +318,9 @@ def replay(
 
     Raises recording.RecordingError when not even the header is readable (no files then), and
     writers.OutputDirError. Damage later in the file ends the replay there: the files get their
-    final update for the intact prefix and the result carries the error line. `progress` is
+    final update for the intact prefix and the result carries the error line. Ctrl-C
+    (KeyboardInterrupt) ends it too: the files say it was interrupted (ERROR, then SHUTDOWN
+    unhealthy), no leak report is made, and the result's `interrupted` says where. `progress` is
     called with the reader's byte offset after each message.
     """
     from .recording import RecordingError, open_recording
@@ -258,28 +332,38 @@ def replay(
         if on_start is not None:  # e.g. a /metrics endpoint reading pipe.snapshot_now()
             on_start(pipe)
         pacer = Pacer() if realtime else None
-        n = 0
-        error = None
+        n = events = 0
+        error = interrupted = None
         pending: list[StreamMessage] = []
         pending_records = 0
+        stop = StopOnSignal()
         try:
             try:
-                for msg in rec:
-                    n += 1
-                    if pacer is not None:
-                        pacer.wait(message_ts(msg))
-                        pipe.feed(msg)
-                    else:
-                        # Small live drains are fed in runs: the engine's per-call cost dominates
-                        # otherwise, and feed_many gives the same files (tested).
-                        pending.append(msg)
+                with stop:
+                    for msg in rec:
+                        if pacer is not None:
+                            pacer.wait(message_ts(msg), stop.event)
+                        if stop.event.is_set():
+                            raise KeyboardInterrupt
+                        n += 1
                         if isinstance(msg, Batch):
-                            pending_records += len(msg.records)
-                        if pending_records >= REPLAY_RUN_RECORDS or not isinstance(msg, Batch):
-                            pipe.feed_many(pending)
-                            pending, pending_records = [], 0
-                    if progress is not None:
-                        progress(rec.offset)
+                            events += len(msg.records)
+                        if pacer is not None:
+                            pipe.feed(msg)
+                        else:
+                            # Small live drains are fed in runs: the engine's per-call cost
+                            # dominates otherwise, and feed_many gives the same files (tested).
+                            pending.append(msg)
+                            if isinstance(msg, Batch):
+                                pending_records += len(msg.records)
+                            if (pending_records >= REPLAY_RUN_RECORDS
+                                    or not isinstance(msg, Batch)):
+                                pipe.feed_many(pending)
+                                pending, pending_records = [], 0
+                        if progress is not None:
+                            progress(rec.offset)
+                    if stop.event.is_set():  # a signal during the last message
+                        raise KeyboardInterrupt
             finally:
                 if pending:
                     pipe.feed_many(pending)
@@ -288,9 +372,13 @@ def replay(
             # The file name only: the files stay byte-identical wherever the recording lies.
             where = f" at byte {e.offset}" if e.offset is not None else ""
             pipe.note_input_error(f"{Path(e.path).name}: {e.problem}{where}")
+        except KeyboardInterrupt:
+            interrupted = interruption(path, rec.offset, events, stop.signame or "SIGINT")
+            pipe.note_interrupted(interrupted)
         finally:
             final = pipe.finish()  # also on Ctrl-C: the files end with a SHUTDOWN update
-        return ReplayResult(pipe.paths, n, final, error, pipe.leaks_path)
+        leaks = None if interrupted else pipe.leaks_path
+        return ReplayResult(pipe.paths, n, final, error, leaks, events, interrupted)
     finally:
         close = getattr(rec, "close", None)
         if close is not None:

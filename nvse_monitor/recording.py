@@ -50,7 +50,9 @@ from .stream import (
 )
 
 MAGIC = b"\x89NVMREC\n"  # non-ASCII first byte and a newline: catches text-mode mangling
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the writer writes
+# What the reader reads: version 1 chunks lack the counters of the shared-memory ring (issue 13).
+READ_VERSIONS = (1, 2)
 FILE_HEADER = struct.Struct("<8sHHI")  # magic, version, flags (0), reserved (0)
 FRAME_HEADER = struct.Struct("<BBHII")  # type, flags (0), reserved (0), payload length, CRC32
 
@@ -290,10 +292,11 @@ class Recording:
                 len(head), f"truncated header (file is {len(head)} bytes, need {FILE_HEADER.size})"
             )
         _, version, _flags, _ = FILE_HEADER.unpack(head)
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
+            known = ", ".join(str(v) for v in READ_VERSIONS)
             raise self._err(
                 len(MAGIC), f"unsupported format version {version} (this reader knows "
-                f"{FORMAT_VERSION}; a newer nvse-monitor may read it)"
+                f"{known}; a newer nvse-monitor may read it)"
             )
         return version
 
@@ -377,7 +380,7 @@ class Recording:
                 raise self._err(start, "recording cut short: no trailer after the last frame")
             if ftype == FRAME_CHUNK:
                 try:
-                    rows, records = decode_chunk(payload)
+                    rows, records = decode_chunk(payload, self.version)
                 except ChunkError as e:
                     raise self._err(start, f"bad chunk ({e})") from None
                 pos = 0
@@ -538,6 +541,10 @@ class RecordingInfo:
             out.append(f"agent counters: allocs {c.allocs}, frees {c.frees}, reallocs "
                        f"{c.reallocs}, failures {c.failures}, bytes {c.bytes_allocated}, "
                        f"dropped {c.dropped}, published {c.published}")
+            if self.version != 1:  # version 1 has no ring counters
+                out.append(f"ring counters: dropped frees {c.dropped_frees}, stalls {c.stalls} "
+                           f"({c.stall_us} µs, longest {c.stall_max_us} µs), unknown records "
+                           f"{c.unknown_records}")
         if self.end is not None:
             e = self.end
             out.append(f"end: {e.reason} at {e.ts_us} µs"

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 import frida
 
 from . import __version__, addrspace, fnv
-from .agent_host import default_ring_slots
+from .agent_host import DEFAULT_MAX_WAIT_MS, MAX_INFLIGHT_RECORDS, default_ring_slots
 from .engine import NOT_PRESENT
 from .live_status import StatusLine
 from .pipeline import Pipeline
@@ -45,13 +45,17 @@ from .stream import (
 from .targets import (
     EXIT_WATCH_JS,
     ExitNotice,
+    ExitStatus,
     TargetError,
+    describe_wait_status,
+    exe_path,
     frida_error_message,
     probe,
     resolve_target,
+    unlisted_reason,
 )
 from .writers import DEFAULT_PREFIX, FileLimits, OutputDirError, check_prefix
-from .writers.files import check_writable_dir
+from .writers.files import make_out_dir
 
 STREAM_TYPES = (Batch, ModuleEvent, HookEvent, AgentError, SessionEnd, AddressSpace)
 STOP_TIMEOUT_S = 15.0  # agent stop() + detach; then we detach without the final drain
@@ -72,6 +76,9 @@ class SessionOptions:
     record: Path | None = None
     duration: float | None = None  # seconds, then stop like Ctrl-C
     ring_slots: int | None = None  # None: agent_host.default_ring_slots(target arch)
+    on_full: str = "wait"  # a full ring: producers wait (bounded by max_wait_ms) or drop
+    max_wait_ms: int = DEFAULT_MAX_WAIT_MS
+    transport: str = "shm"  # "messages": the agent drains and sends (tests, benchmarks)
     large_alloc_bytes: int = 1 << 20
     drain_interval_ms: int = 10
     # Agent batch size: measured on 2 cores under load, 64 KiB batches sustain 5 M events/s
@@ -161,6 +168,10 @@ class LiveSession:
         self.recorder: Any = None
         self._exit_script: Any = None
         self._exit_notice: ExitNotice | None = None
+        self._exit_status: ExitStatus | None = None  # spawn: the program's wait status
+        # spawn: the program's file at start and when the session was detached (an exec)
+        self._spawn_exe: str | None = None
+        self._exe_at_detach: str | None = None
         self._stop_reason: str | None = None  # "interrupted" / "duration" once asked to stop
         self._stop_started = False
         self._stop_deadline = 0.0
@@ -179,6 +190,7 @@ class LiveSession:
         self._launcher_pid = 0
         self._release_thread: threading.Thread | None = None
         self._addrspace_watch: addrspace.Watch | None = None
+        self._target_lock: Any = None  # capture/shm.TargetLock while attached
         use_status = opts.status_line
         if use_status is None:
             use_status = bool(getattr(self.err, "isatty", lambda: False)()) and not opts.top
@@ -191,6 +203,8 @@ class LiveSession:
         self.q.put(msg)
 
     def _on_detached(self, reason: str, crash: Any) -> None:
+        if self._spawn_exe is not None:  # one readlink: an exec'd program may not live long
+            self._exe_at_detach = exe_path(self.pid)
         self.q.put(_Detached(str(reason), crash))
 
     def _on_child_added(self, child: Any) -> None:
@@ -212,11 +226,15 @@ class LiveSession:
             if _pid_exists(spec):  # Frida lists only processes it may inspect
                 raise TargetError(
                     f"cannot attach to PID {spec.strip()}: the process exists but Frida cannot "
-                    "see it: permission denied (run as the target's user or as root)") from None
+                    f"see it: {unlisted_reason(int(spec))}") from None
             raise
         self.pid = ref.pid
-        self.session = self._attach(ref.pid, f"attach to {ref.name} (PID {ref.pid})")
-        return self._run()
+        self._lock_target(ref.pid)
+        try:
+            self.session = self._attach(ref.pid, f"attach to {ref.name} (PID {ref.pid})")
+            return self._run()
+        finally:
+            self._target_lock.release()
 
     def run_spawn(self, argv: list[str]) -> SessionResult:
         if not argv:
@@ -250,6 +268,8 @@ class LiveSession:
                 self._follow_child(pid, argv[0])
             else:
                 self.pid = pid
+                self._exit_status = ExitStatus(pid)
+                self._spawn_exe = exe_path(pid)
                 self.session = self._attach(pid, f"attach to the spawned {argv[0]!r}")
         except BaseException:
             self._release_parents()
@@ -383,13 +403,21 @@ class LiveSession:
     @staticmethod
     def _check_out_dir(out: Path) -> None:
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            check_writable_dir(out)
+            make_out_dir(out)
         except OutputDirError as exc:
             raise SessionError(str(exc)) from None
         except OSError as exc:
             raise SessionError(
                 f"cannot write to output directory {out}: {exc.strerror or exc}") from None
+
+    def _lock_target(self, pid: int) -> None:
+        """One monitor per process, checked before we touch it (capture/shm.TargetLock)."""
+        from .capture.shm import TargetBusy, TargetLock
+
+        try:
+            self._target_lock = TargetLock(pid)
+        except TargetBusy as exc:
+            raise TargetError(str(exc)) from None
 
     def _attach(self, pid: int, what: str) -> frida.core.Session:
         assert self.device is not None
@@ -471,6 +499,10 @@ class LiveSession:
                 large_alloc_bytes=self.opts.large_alloc_bytes,
                 drain_interval_ms=self.opts.drain_interval_ms,
                 max_batch_bytes=self.opts.max_batch_bytes,
+                on_full=self.opts.on_full,
+                max_wait_ms=self.opts.max_wait_ms,
+                transport=self.opts.transport,
+                max_inflight_records=MAX_INFLIGHT_RECORDS,
             )
         except ValueError as exc:
             raise SessionError(str(exc)) from None
@@ -478,13 +510,15 @@ class LiveSession:
         early: list[Any] = []
         try:
             self.agent = self._call_in_worker(
-                "init", lambda: load_agent(self.session, profile, config, self._on_stream), early
+                "init", lambda: load_agent(self.session, profile, config, self._on_stream,
+                                           lock=self._target_lock is None), early
             )
         except AgentLoadError as exc:
             raise SessionError(f"PID {self.pid}: {exc}") from None
         init_result = self.agent.init_result
         self.meta = self.agent.session_meta(
-            target=info.main_module, mode=self.mode, ring_slots=ring_slots
+            target=info.main_module, mode=self.mode, ring_slots=ring_slots,
+            on_full=self.opts.on_full, max_wait_ms=self.opts.max_wait_ms,
         )
         self.meta.utc_offset_s = _utc_offset_s()
         self.meta.monitor_version = __version__
@@ -713,6 +747,8 @@ class LiveSession:
         self._messages += 1
         if isinstance(msg, Batch):
             self._records += len(msg.records)
+            if self.agent is not None:
+                self.agent.ack(len(msg.records))  # flow control: the reader may hand on more
             self._last_counters = msg.counters
             self._last_ts = max(self._last_ts, msg.now_us)
         else:
@@ -764,11 +800,22 @@ class LiveSession:
         if detached.reason == "application-requested" and self._stop_reason is not None:
             return SessionEnd(self._last_ts, self._stop_reason, True, "", counters)
         notice = self._exit_notice
+        new = self._exe_at_detach
+        if detached.reason == "process-terminated" and new and new != self._spawn_exe:
+            # Not an end: the program exec'd and the agent went with the old image (Frida
+            # reports it as process-terminated).
+            self._notes.append(
+                f"the program replaced itself with {new} (exec): the hooks were in the program "
+                f"it replaced, so {new} runs on (PID {self.pid}) unmonitored; to monitor it, "
+                f"start it directly (nvse-monitor spawn -- {new} ARGS...) or attach to it "
+                f"while it runs (nvse-monitor attach {self.pid})")
+            return SessionEnd(self._last_ts, "target-exec", True, "", counters)
         if detached.reason == "process-terminated" and self.mode == "spawn":
             # Our own child: its wait status says exactly how it ended.
-            status = self._reap_spawned()
+            status = self._wait_status()
+            if status is not None:
+                self._notes.append(f"the program {describe_wait_status(status)}")
             if status is not None and os.WIFEXITED(status):
-                self._notes.append(f"target exit status {os.WEXITSTATUS(status)}")
                 return SessionEnd(self._last_ts, "target-exited", True, "", counters)
             if status is not None and os.WIFSIGNALED(status):
                 sig = _signal_name(os.WTERMSIG(status))
@@ -784,6 +831,12 @@ class LiveSession:
         elif detached.reason == "process-terminated" and not crash:
             crash = "no exit() call seen: killed by a signal or crashed"
         return SessionEnd(self._last_ts, detached.reason, False, crash, counters)
+
+    def _wait_status(self) -> int | None:
+        """The spawned program's wait status: from its pidfd (exact, also when Frida reaped
+        it first), else our own waitpid()."""
+        status = self._exit_status.status() if self._exit_status is not None else None
+        return status if status is not None else self._reap_spawned()
 
     def _reap_spawned(self, timeout_s: float = 2.0) -> int | None:
         """The wait status of the spawned program (Frida's spawn makes it our child), or None
@@ -804,6 +857,10 @@ class LiveSession:
 
     def _finish(self, detached: _Detached) -> SessionResult:
         assert self.pipeline is not None and self.meta is not None
+        if self.agent is not None and self._final_counters is None:
+            # the target went first: its last records are still in our view of the ring
+            with contextlib.suppress(Exception):
+                self._final_counters = self.agent.final_read()
         # Items queued after the detach notice (a late stop() result) still count.
         while True:
             try:

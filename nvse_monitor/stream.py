@@ -72,6 +72,21 @@ class AgentCounters:
     bytes_allocated: int = 0
     dropped: int = 0  # records the ring had no room for
     published: int = 0  # records written to the ring
+    # Issue 13 (shared-memory ring, --on-full wait|drop). Older recordings lack these: 0.
+    dropped_frees: int = 0  # FREE and REALLOC records among `dropped` (blocks' fates unknown)
+    stalls: int = 0  # hooked calls that waited for a free ring slot (policy wait)
+    stall_us: int = 0  # total µs those calls waited
+    stall_max_us: int = 0  # the longest single wait, µs (a max, not a sum)
+    unknown_records: int = 0  # records read from the shared mapping that failed validation
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AgentCounters:
+        """From a JSON dict of any version: missing keys are 0 (older recordings and agents),
+        keys this version does not know are ignored (newer ones)."""
+        return cls(**{k: v for k, v in d.items() if k in _COUNTER_NAMES})
+
+
+_COUNTER_NAMES = frozenset(f.name for f in dataclasses.fields(AgentCounters))
 
 
 @dataclass
@@ -160,5 +175,7 @@ def control_from_json(d: dict[str, Any]) -> ControlMessage:
     if cls is ModuleEvent:
         d["module"] = Module(**d["module"])
     if cls is SessionEnd and d.get("counters") is not None:
-        d["counters"] = AgentCounters(**d["counters"])
+        if not isinstance(d["counters"], dict):
+            raise ValueError("counters is not an object")
+        d["counters"] = AgentCounters.from_dict(d["counters"])
     return cls(**d)

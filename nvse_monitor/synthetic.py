@@ -494,6 +494,7 @@ def _counters(recs_kind, recs_size, dropped) -> dict[str, np.ndarray]:
         "bytes_allocated": np.cumsum(np.where(is_alloc | is_re, recs_size, 0), dtype=np.uint64),
         "dropped": np.cumsum(dropped),
         "published": np.cumsum(~dropped),
+        "dropped_frees": np.cumsum(dropped & ((recs_kind == Kind.FREE) | is_re)),
     }
 
 
@@ -564,7 +565,8 @@ def _batches(
     drain_us: int,
     heartbeat_us: int,
 ) -> Iterator[StreamMessage]:
-    keys = ("allocs", "frees", "reallocs", "failures", "bytes_allocated", "dropped", "published")
+    keys = ("allocs", "frees", "reallocs", "failures", "bytes_allocated", "dropped", "published",
+            "dropped_frees")
     base = dict.fromkeys(keys, 0)  # counters before the pending calls
     last = AgentCounters()
     last_now = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,8 +55,69 @@ def frida_error_message(exc: BaseException, what: str) -> str:
     return f"cannot {what}: {type(exc).__name__}: {str(exc).strip()}"
 
 
+PF_KTHREAD = 0x00200000  # linux/sched.h: the task is a kernel thread
+
+
+def unlisted_reason(pid: int) -> str:
+    """Why process `pid`, which exists, is not in Frida's list (which holds only what it may
+    inspect). Linux: from /proc; elsewhere the usual cause."""
+    state, flags = "", 0
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        state, flags = fields[0], int(fields[6])
+    if flags & PF_KTHREAD:
+        return "it is a kernel thread: there is no program in it to monitor"
+    if state == "Z":
+        return "it has exited (a zombie its parent has not reaped)"
+    if os.name != "posix" or os.geteuid() != 0:
+        return "permission denied (run as the target's user or as root)"
+    if not _has_cap_sys_ptrace():
+        return ("permission denied: the monitor runs as root but without CAP_SYS_PTRACE "
+                "(dropped here, e.g. by a container)")
+    return ("permission denied although the monitor runs as root with CAP_SYS_PTRACE: the "
+            "process is protected (/proc/sys/kernel/yama/ptrace_scope 3, or a security module)")
+
+
+CAP_SYS_PTRACE = 19
+
+
+def _has_cap_sys_ptrace() -> bool:
+    """Whether this process's effective capabilities hold CAP_SYS_PTRACE (Linux; True when
+    /proc cannot tell)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_PTRACE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
+def _exe_name(p: Any) -> str:
+    path = str((getattr(p, "parameters", None) or {}).get("path") or "")
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _by_executable(device: frida.core.Device, wanted: str) -> list[ProcessRef]:
+    """Processes whose executable file is named `wanted` (or `wanted`.exe), named by that file
+    as the monitor will show them."""
+    try:
+        procs = device.enumerate_processes(scope="metadata")
+    except frida.InvalidOperationError:  # pragma: no cover - device gone
+        return []
+    out = []
+    for p in procs:
+        exe = _exe_name(p)
+        if exe and exe.lower() in (wanted, wanted + ".exe"):
+            out.append(ProcessRef(p.pid, exe))
+    return out
+
+
 def resolve_target(device: frida.core.Device, spec: str) -> ProcessRef:
-    """A PID (all digits) or a process name (case-insensitive, must be unique)."""
+    """A PID (all digits), a process name or the file name of its executable (the name the
+    monitor shows; case-insensitive, ".exe" optional, must be unique)."""
     spec = spec.strip()
     try:
         procs = device.enumerate_processes()
@@ -73,8 +135,13 @@ def resolve_target(device: frida.core.Device, spec: str) -> ProcessRef:
         # Windows users type "FalloutNV" for "FalloutNV.exe".
         found = [p for p in procs if p.name.lower() == wanted + ".exe"]
     if not found:
-        raise TargetError(f"no process named {spec!r} (give its PID or its exact name)")
-    if len(found) > 1:
+        # The name the monitor shows is the executable's (python3 runs python3.11; Linux
+        # process names are cut to 15 characters): accept that one too.
+        found = _by_executable(device, wanted)
+    if not found:
+        raise TargetError(f"no process named {spec!r} (give its PID, its name or its "
+                          "executable's file name)")
+    if len({p.pid for p in found}) > 1:
         listing = ", ".join(f"{p.name} (PID {p.pid})" for p in sorted(found, key=lambda p: p.pid))
         raise TargetError(f"{len(found)} processes are named {spec!r}: {listing}; give a PID")
     return ProcessRef(found[0].pid, found[0].name)
@@ -139,6 +206,74 @@ rpc.exports.dispose = function () {
     send({type: 'exit-watch', how: 'exit', what: 'exit', tid: Process.getCurrentThreadId()});
 };
 """
+
+
+class ExitStatus:
+    """The wait status of a program we spawned, however it ended. Frida reaps its spawned
+    children itself, so a waitpid() of ours lost that race (seen 4 times in 20 with a blocking
+    waitid(WNOWAIT) even); a pidfd opened while the program lives keeps its exit status after
+    whoever reaped it (Linux >= 6.13: PIDFD_GET_INFO with PIDFD_INFO_EXIT). Elsewhere status()
+    says None and the caller falls back to waitpid()."""
+
+    GET_INFO = 0xC040FF0B  # _IOWR(0xFF, 11, struct pidfd_info), its 64-byte first version
+    INFO_EXIT = 1 << 3
+    EXIT_CODE_AT = 60  # struct pidfd_info: u64 mask, u64 cgroupid, 11 x u32, s32 exit_code
+
+    def __init__(self, pid: int) -> None:
+        self.fd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):  # not Linux, or an old kernel
+            self.fd = os.pidfd_open(pid)
+
+    def status(self, timeout_s: float = 1.0) -> int | None:
+        """The wait status (os.WIFEXITED...), waiting up to `timeout_s` for the exit to be
+        recorded; None when it cannot be learnt this way."""
+        if self.fd is None:
+            return None
+        import fcntl
+        import struct
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            buf = bytearray(struct.pack("<Q", self.INFO_EXIT) + bytes(56))
+            try:
+                fcntl.ioctl(self.fd, self.GET_INFO, buf)
+            except OSError:  # ENOTTY/EINVAL: a kernel without PIDFD_GET_INFO
+                return None
+            if struct.unpack_from("<Q", buf)[0] & self.INFO_EXIT:
+                return struct.unpack_from("<i", buf, self.EXIT_CODE_AT)[0]
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+
+def exe_path(pid: int) -> str | None:
+    """The file process `pid` runs (Linux /proc; None elsewhere or when it is gone)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+def describe_wait_status(status: int) -> str:
+    """`exited with status 3`, `was killed by SIGKILL`."""
+    import signal
+
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    if os.WIFSIGNALED(status):
+        num = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(num).name
+        except ValueError:
+            name = f"signal {num}"
+        return f"was killed by {name}" + (" (core dumped)" if os.WCOREDUMP(status) else "")
+    return f"wait status {status:#x}"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ thread only pays for one snapshot (a few dict copies) per refresh.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import select
@@ -28,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import leaks as leaks_mod
+from .words import plural
 from .writers import FilePaths
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -50,7 +52,23 @@ def sparkline(values: list[float], width: int) -> str:
 
 
 def mb(n: float) -> str:
-    return f"{n / MIB:,.2f} MB" if n >= MIB else f"{n / 1024:,.1f} KB"
+    """Bytes in binary units, as the report says them (MiB = 2^20 bytes)."""
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):,.2f} GiB"
+    return f"{n / MIB:,.2f} MiB" if n >= MIB else f"{n / 1024:,.1f} KiB"
+
+
+def fit(shown: list[int], room: int, floor: int = 2) -> list[int]:
+    """Rows per list (wanted counts in `shown`) so that their sum fits `room`: the longest
+    gives up rows first, none under `floor` unless nothing else can."""
+    rows = list(shown)
+    while sum(rows) > max(room, 0):
+        i = max(range(len(rows)), key=lambda k: rows[k])
+        if rows[i] <= floor and all(r <= floor for r in rows):
+            floor = 0
+            continue
+        rows[i] -= 1
+    return rows
 
 
 class LogTail:
@@ -239,7 +257,9 @@ class Dashboard:
         self.show_leaks = not self.show_leaks
         self.leak_report = None
 
-    def render(self, width: int = 100) -> RenderableType:
+    def render(self, width: int = 100, height: int | None = None) -> RenderableType:
+        """One frame for a terminal `width` columns wide (80 is enough for every figure) and,
+        when given, `height` rows high (modules, warnings and leaks give up rows to fit)."""
         doc = self.doc
         if doc is None:
             return Panel(Text(self.source.problem or "waiting for the first snapshot...",
@@ -247,86 +267,149 @@ class Dashboard:
         plugin, ms = doc["plugin"], doc["memory_stats"]
         mon = doc.get("monitor", {}) or {}
         status = str(plugin.get("status", "?")).upper()
-        health = "HEALTHY" if plugin.get("is_healthy") else "UNHEALTHY"
+        ended = status == "SHUTDOWN"
+        # status first: the line is never cut before what matters most
         head = Text()
-        head.append(f"{mon.get('target', '?')} (PID {mon.get('pid', '?')}, "
-                    f"{mon.get('arch', '?')}) profile {mon.get('profile', '?')}   ")
         head.append(status, STATUS_STYLE.get(status, ""))
         head.append("  ")
-        head.append(health, "green" if plugin.get("is_healthy") else "bold red")
-        head.append(f"   uptime {plugin.get('uptime_seconds', 0):,.1f} s")
+        head.append("HEALTHY" if plugin.get("is_healthy") else "UNHEALTHY",
+                    "green" if plugin.get("is_healthy") else "bold red")
+        head.append(f"  uptime {plugin.get('uptime_seconds', 0):,.1f} s")
         causes = mon.get("degradation_causes") or []
         if causes:
-            head.append(f"   ({', '.join(causes)})", "yellow")
+            head.append(f"  ({', '.join(causes)})", "yellow")
+        head.append(f"\n{mon.get('target', '?')} (PID {mon.get('pid', '?')}, "
+                    f"{mon.get('arch', '?')}), profile {mon.get('profile', '?')}", "dim")
 
+        # activity and memory in one grid: 73 columns at most for 10-digit rates and 11-digit
+        # totals, so an 80-column terminal shows every figure whole
         act = Table.grid(padding=(0, 2))
-        act.add_column(style="bold", no_wrap=True)
-        act.add_column(justify="right", no_wrap=True)
-        act.add_column(style="bold", no_wrap=True)
-        act.add_column(justify="right", no_wrap=True)
-        a_rate, f_rate = self.rates
+        for justify in ("left", "right") * 3:
+            act.add_column(justify=justify, no_wrap=True, style="bold" if justify == "left"
+                           else "")
+        if ended:  # the last snapshots' rates mean nothing once it is over: averages
+            up = float(plugin.get("uptime_seconds") or 0)
+            a_rate = ms["total_allocations"] / up if up > 0 else 0.0
+            f_rate = ms["total_frees"] / up if up > 0 else 0.0
+        else:
+            a_rate, f_rate = self.rates
         drops = int(mon.get("dropped_events", 0))
-        act.add_row("allocs/s", f"{a_rate:,.0f}", "allocations", f"{ms['total_allocations']:,}")
-        act.add_row("frees/s", f"{f_rate:,.0f}", "frees", f"{ms['total_frees']:,}")
+        act.add_row("allocs/s", f"{a_rate:,.0f}", "allocations", f"{ms['total_allocations']:,}",
+                    "current", mb(ms["current_bytes_allocated"]))
+        act.add_row("frees/s", f"{f_rate:,.0f}", "frees", f"{ms['total_frees']:,}",
+                    "peak", mb(ms["peak_bytes_allocated"]))
         act.add_row("failures", f"{ms['allocation_failures']:,}", "live blocks",
-                    f"{ms['current_allocations']:,}")
+                    f"{ms['current_allocations']:,}", "", "")
         act.add_row(Text("dropped", style="bold red" if drops else "bold"), f"{drops:,}",
-                    "untracked frees", f"{int(mon.get('untracked_frees', 0)):,}")
+                    "untracked frees", f"{int(mon.get('untracked_frees', 0)):,}", "", "")
+        spark_w = max(10, min(60, width - 20))
+        spark = Text("history  ", style="bold")
+        spark.append(sparkline(list(self.mem), spark_w), style="cyan")
+        title = ("activity (session ended: rates are averages over its uptime)" if ended
+                 else "activity")
 
-        mem = Table.grid(padding=(0, 2))
-        mem.add_column(style="bold")
-        mem.add_column(justify="right")
-        mem.add_row("current", mb(ms["current_bytes_allocated"]))
-        mem.add_row("peak", mb(ms["peak_bytes_allocated"]))
-        spark_w = max(10, min(60, width - 40))
-        mem.add_row("history", Text(sparkline(list(self.mem), spark_w), style="cyan"))
-
-        mods = Table(title="modules holding live bytes", title_justify="left", expand=True,
-                     box=None, show_edge=False)
-        mods.add_column("module")
-        mods.add_column("live", justify="right")
-        mods.add_column("share", justify="right")
         live = sorted((mon.get("modules_live_bytes") or {}).items(), key=lambda kv: -kv[1])
+        wanted = [max(1, min(6, len(live))), max(1, min(6, len(self.warn)))]
+        if self.show_leaks:
+            rep = self.leak_report
+            wanted.append(max(1, min(8, len(rep.sites) if rep is not None else 1)))
+        # rows: outer border 2, head (2 or more when wrapped), activity 7, the ring line 0 or 1,
+        # module title+header 2, warnings border 2, keys 1; the leak panel's border and header 3
+        # (+1 for its uncertain blocks)
+        ring = ring_line(mon)
+        uncertain = self.show_leaks and bool(getattr(self.leak_report, "uncertain_allocations",
+                                                     0))
+        fixed = (14 + _lines(head, width - 4) + (ring is not None)
+                 + (3 + uncertain if self.show_leaks else 0))
+        rows = fit(wanted, (height or 10_000) - fixed)
+
+        mods = Table(title="modules holding bytes at the end" if ended
+                     else "modules holding live bytes", title_justify="left", expand=True,
+                     box=None, show_edge=False)
+        mods.add_column("module", overflow="ellipsis", no_wrap=True)
+        mods.add_column("live", justify="right", no_wrap=True)
+        mods.add_column("share", justify="right", no_wrap=True)
         total = sum(v for _, v in live) or 1
-        for name, v in live[:6]:
+        for name, v in live[:rows[0]]:
             mods.add_row(name, mb(v), f"{100 * v / total:.0f}%")
         if not live:
             mods.add_row(Text("none", style="dim"), "", "")
 
         wlines: list[RenderableType] = []
-        for line in self.warn[-6:]:
+        for line in self.warn[-rows[1]:] if rows[1] else []:
             lvl = next((lv for lv in LEVEL_STYLE if f"] [{lv}] " in line), "WARN")
             msg = line.split("] ", 3)[-1] if line.count("] ") >= 3 else line
             t = Text(no_wrap=True, overflow="ellipsis")
-            t.append(f"{line[1:20]}  ", "dim")
+            t.append(f"{line[12:20]}  ", "dim")  # the time of day: the date is today's
             t.append(msg, LEVEL_STYLE[lvl])
             wlines.append(t)
         warn = Group(*wlines) if wlines else Text("no warnings", style="dim")
 
-        grid = Table.grid(expand=True, padding=(0, 2))
-        grid.add_column(ratio=1)
-        grid.add_column(ratio=1)
-        grid.add_row(Panel(act, title="activity"), Panel(mem, title="memory"))
-        parts: list[RenderableType] = [head, grid, mods]
-        parts.append(Panel(warn, title="last warnings"))
+        parts: list[RenderableType] = [head, Panel(Group(act, spark), title=title)]
+        if ring is not None:  # the agent's ring: policy, stalls, lost frees (issue 13)
+            parts.append(ring)
+        parts += [mods, Panel(warn, title="last warnings")]
         if self.show_leaks:
-            parts.append(self._leak_panel(width))
+            parts.append(self._leak_panel(ended, rows[2]))
         parts.append(Text("l: leak report   q: quit", style="dim"))
         return Panel(Group(*parts), title=f"nvse-monitor top: {self.source.label}")
 
-    def _leak_panel(self, width: int) -> RenderableType:
+    def _leak_panel(self, ended: bool, rows: int = 8) -> RenderableType:
         rep = self.leak_report
         if rep is None:
             why = getattr(self.source, "leaks_wait", "computing the leak report...")
             return Panel(Text(why, style="dim"), title="leaks")
         t = Table(box=None, expand=True)
-        t.add_column("call site")
-        t.add_column("blocks", justify="right")
-        t.add_column("bytes", justify="right")
-        for g in rep.sites[:8]:
+        t.add_column("call site", overflow="ellipsis", no_wrap=True)
+        t.add_column("blocks", justify="right", no_wrap=True)
+        t.add_column("bytes", justify="right", no_wrap=True)
+        for g in rep.sites[:rows]:
             t.add_row(g.where, f"{g.allocations:,}", f"{g.bytes:,}")
-        return Panel(t, title=f"live now by call site: {rep.allocations:,} blocks, "
-                     f"{mb(rep.bytes)} in {len(rep.sites)} sites")
+        when = "live at the end" if ended else "live now"
+        title = (f"{when} by call site: {plural(rep.allocations, 'block', sep=True)}, "
+                 f"{mb(rep.bytes)} in {plural(len(rep.sites), 'site')}")
+        if rep.uncertain_allocations:  # blocks allocated before lost frees: not leaks
+            note = Text(f"set aside: {plural(rep.uncertain_allocations, 'block', sep=True)}, "
+                        f"{mb(rep.uncertain_bytes)} allocated before lost frees (uncertain)",
+                        style="yellow", no_wrap=True, overflow="ellipsis")
+            return Panel(Group(t, note), title=title)
+        return Panel(t, title=title)
+
+
+def _lines(text: Text, width: int) -> int:
+    """Rows `text` takes when wrapped to `width` columns."""
+    con = Console(file=io.StringIO(), width=max(width, 10))
+    return len(con.render_lines(text, con.options, pad=False))
+
+
+def us_text(us: int) -> str:
+    """µs as a short duration: 850 µs, 84.2 ms, 1.23 s."""
+    if us < 1000:
+        return f"{us} µs"
+    return f"{us / 1e3:,.1f} ms" if us < 1_000_000 else f"{us / 1e6:,.2f} s"
+
+
+def ring_line(mon: dict[str, Any]) -> Text | None:
+    """One line on the agent's ring (issue 13): policy, stalls, lost frees, invalid records.
+    None for a session that has nothing to say (an older JSON, no policy and no stalls)."""
+    stalls = int(mon.get("stalls") or 0)
+    lost = int(mon.get("dropped_frees") or 0)
+    policy = mon.get("on_full")
+    if policy is None and not stalls and not lost:
+        return None
+    t = Text(no_wrap=True, overflow="ellipsis")
+    t.append("ring ", "bold")
+    t.append(f"{policy or '?'}  ")
+    t.append(f"stalls {stalls:,}", "yellow" if stalls else "")
+    if stalls:
+        t.append(f" ({us_text(int(mon.get('stall_total_us') or 0))}, longest "
+                 f"{us_text(int(mon.get('stall_max_us') or 0))})")
+    t.append("  ")
+    t.append(f"lost frees {lost:,}", "bold red" if lost else "")
+    bad = int((mon.get("agent_counters") or {}).get("unknown_records") or 0)
+    if bad:
+        t.append(f"  invalid {bad:,}", "bold red")
+    return t
 
 
 class _Keys:
@@ -393,11 +476,11 @@ def run_dashboard(source: Any, interval: float = 0.5, console: Console | None = 
     keys = _Keys(key).start() if console.is_terminal else None
     try:
         dash.poll()
-        with Live(dash.render(console.width), console=console, auto_refresh=False,
+        with Live(dash.render(console.width, console.height), console=console, auto_refresh=False,
                   screen=console.is_terminal, transient=False) as live:
             while not stop.wait(interval):
                 dash.poll()
-                live.update(dash.render(console.width), refresh=True)
+                live.update(dash.render(console.width, console.height), refresh=True)
     finally:
         if keys is not None:
             keys.stop()
@@ -405,7 +488,7 @@ def run_dashboard(source: Any, interval: float = 0.5, console: Console | None = 
         if close is not None:
             close()
     if console.is_terminal:  # the alternate screen is gone: leave the last frame visible
-        console.print(dash.render(console.width))
+        console.print(dash.render(console.width, console.height))
     return dash
 
 

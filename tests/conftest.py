@@ -130,8 +130,9 @@ class Target:
 class Monitor:
     """`nvse-monitor ARGS` as a subprocess, its stderr collected by a thread."""
 
-    def __init__(self, args: list[str | Path], stdout: int | None = subprocess.DEVNULL) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def __init__(self, args: list[str | Path], stdout: int | None = subprocess.DEVNULL,
+                 env: dict[str, str] | None = None) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nvse_monitor", *[str(a) for a in args]],
             stderr=subprocess.PIPE, stdout=stdout, text=True, cwd=REPO, env=env,

@@ -53,10 +53,10 @@ def test_crossing_down_warns_degrades_and_crossing_up_recovers() -> None:
     infos = [[m for m in lines(o, "INFO") if m.startswith("Address space")] for o in per_sample]
     assert [len(w) for w in warns] == [0, 1, 0, 0, 0, 0, 1]
     assert [len(i) for i in infos] == [0, 0, 0, 0, 1, 0, 0]  # 100 MiB is not under 100 MiB
-    assert warns[1] == ["Address space low: largest free block 99.0 MB (< 100.0 MB), "
-                        "free 198.0 MB of 4096.0 MB"]
-    assert infos[4] == ["Address space recovered: largest free block 100.0 MB (>= 100.0 MB), "
-                        "free 200.0 MB of 4096.0 MB"]
+    assert warns[1] == ["Address space low: largest free block 99.0 MiB (< 100.0 MiB), "
+                        "free 198.0 MiB of 4096.0 MiB"]
+    assert infos[4] == ["Address space recovered: largest free block 100.0 MiB (>= 100.0 MiB), "
+                        "free 200.0 MiB of 4096.0 MiB"]
     status = [[m for m in lines(o, "INFO") if m.startswith("Status:")] for o in per_sample]
     assert status[1] == ["Status: ACTIVE -> DEGRADED (address space low)"]
     assert status[4] == ["Status: DEGRADED -> ACTIVE (address space recovered)"]
@@ -256,8 +256,8 @@ def test_replay_writes_samples_to_log_json_and_csv_identically(tmp_path: Path) -
     assert a.log.read_bytes() == b.log.read_bytes()
     assert len(a.addrspace.read_text().splitlines()) == 1 + 4
     log = a.log.read_text()
-    assert "[WARN] [TID:1234] Address space low: largest free block 50.0 MB" in log
-    assert "Address space recovered: largest free block 400.0 MB" in log
+    assert "[WARN] [TID:1234] Address space low: largest free block 50.0 MiB" in log
+    assert "Address space recovered: largest free block 400.0 MiB" in log
     doc = json.loads(a.json.read_text())
     assert doc["monitor"]["address_space"]["min_largest_free_bytes"] == 50 * MIB
     assert doc["monitor"]["address_space"]["samples"] == 4

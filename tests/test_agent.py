@@ -58,8 +58,10 @@ def check_stream(mon: Monitored, recs: np.ndarray) -> None:
     batches = mon.batches()
     nows = [b.now_us for b in batches]
     assert nows == sorted(nows)
+    # a batch is at most one ring's worth (shared ring) or one message (64 KiB by default)
+    limit = mon.agent.reader.layout.slots if mon.agent.reader is not None else (1 << 20) // 56
     for b in batches:
-        assert len(b.records) * 56 <= (1 << 20)
+        assert len(b.records) <= limit
         if len(b.records):
             assert int(b.records["ts_us"].max()) <= b.now_us
     last = batches[-1].counters
@@ -152,15 +154,20 @@ def run_threads(mon: Monitored) -> ThreadsRun:
     return ThreadsRun(before, after, final, per, total, recs)
 
 
-@pytest.mark.parametrize("arch,defines", [
-    ("x64", ()),
-    pytest.param("ia32", (), marks=pytest.mark.m32),
-    ("x64", ("NV_BENCH_TLS_CALLS",)),  # the fallback: thread state through gum's TLS calls
+@pytest.mark.parametrize("arch,defines,transport", [
+    ("x64", (), "shm"),
+    pytest.param("ia32", (), "shm", marks=pytest.mark.m32),
+    ("x64", ("NV_BENCH_TLS_CALLS",), "shm"),  # the fallback: thread state through gum's TLS calls
+    ("x64", (), "messages"),  # the fallback transport: the agent drains and sends batches
+    pytest.param("ia32", (), "messages", marks=pytest.mark.m32),
 ])
-def test_threads_exact_no_loss(bin_dir, m32_reason, arch, defines):
+def test_threads_exact_no_loss(bin_dir, m32_reason, arch, defines, transport):
     path = exe(bin_dir, "threads.c", arch, m32_reason, opt="-O1")
-    with Monitored([str(path), "8", "6000"], config=AgentConfig(defines=defines)) as mon:
+    cfg = AgentConfig(defines=defines, transport=transport)
+    with Monitored([str(path), "8", "6000"], config=cfg) as mon:
         r = run_threads(mon)
+    assert mon.agent.transport_text().startswith(
+        "shared memory" if transport == "shm" else "Frida messages")
     assert r.final.dropped == 0
     assert counters_delta(r.before, r.after) == r.total
     check_stream(mon, r.recs)
@@ -170,9 +177,22 @@ def test_threads_exact_no_loss(bin_dir, m32_reason, arch, defines):
     assert len(np.unique(r.recs["seq"])) == len(r.recs)
 
 
-def test_tiny_ring_overflow_keeps_counters_exact(bin_dir, m32_reason):
+@pytest.mark.parametrize("transport", ["shm", "messages"])
+def test_tiny_ring_waits_instead_of_dropping(bin_dir, m32_reason, transport):
     path = exe(bin_dir, "threads.c", "x64", m32_reason, opt="-O1")
-    cfg = AgentConfig(ring_slots=64, drain_interval_ms=20)
+    cfg = AgentConfig(ring_slots=64, drain_interval_ms=5, transport=transport)
+    with Monitored([str(path), "8", "20000"], config=cfg) as mon:
+        r = run_threads(mon)
+    assert r.final.dropped == 0 and r.final.stalls > 0  # the producers waited, none dropped
+    assert r.final.stall_max_us <= r.final.stall_us
+    assert counters_delta(r.before, r.after) == r.total
+    check_stream(mon, r.recs)
+
+
+@pytest.mark.parametrize("transport", ["shm", "messages"])
+def test_tiny_ring_overflow_keeps_counters_exact(bin_dir, m32_reason, transport):
+    path = exe(bin_dir, "threads.c", "x64", m32_reason, opt="-O1")
+    cfg = AgentConfig(ring_slots=64, drain_interval_ms=20, on_full="drop", transport=transport)
     with Monitored([str(path), "8", "20000"], config=cfg) as mon:
         r = run_threads(mon)
     assert r.after.dropped - r.before.dropped > 0

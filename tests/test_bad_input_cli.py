@@ -175,6 +175,8 @@ def test_permission_denied_is_a_clear_error(other_users_process, tmp_path):
     pid = other_users_process.pid
     line = one_line(run_cli("attach", pid, "--out", tmp_path, prefix=drop))
     assert f"PID {pid}" in line and "permission denied" in line
+    # the monitor runs as root here, with CAP_SYS_PTRACE dropped: "run as root" would be wrong
+    assert "without CAP_SYS_PTRACE" in line and "run as" not in line
     assert other_users_process.poll() is None  # unharmed
 
 

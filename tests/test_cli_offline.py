@@ -52,7 +52,8 @@ def test_replay_writes_four_files(recording, tmp_path):
     doc = json.loads(paths.json.read_text())
     assert doc["plugin"]["status"] == "shutdown"
     assert doc["memory_stats"]["total_allocations"] > 10_000
-    assert "replayed into" in r.stdout and r.stderr == ""
+    events = doc["monitor"]["agent_counters"]["published"]  # records the agent sent
+    assert r.stdout.startswith(f"{events:,} events replayed into ") and r.stderr == ""
 
 
 def test_replay_default_out_dir(recording, tmp_path, monkeypatch):
@@ -98,8 +99,8 @@ def test_replay_unwritable_out_dir(recording, tmp_path):
     (tmp_path / "f").write_text("")
     r = run("replay", recording, "-o", tmp_path / "f" / "o")
     assert r.exit_code == 2
-    assert r.stderr.strip() == f"Error: cannot write to output directory {tmp_path}/f/o: " \
-        "Not a directory"
+    assert r.stderr.strip() == "nvse-monitor: error: cannot write to output directory " \
+        f"{tmp_path}/f/o: Not a directory"
 
 
 def test_replay_progress_reports_bytes(recording, tmp_path):
@@ -230,3 +231,95 @@ def test_progress_bar_on_a_terminal(tmp_path):
     assert r.returncode == 0
     assert b"replaying" in seen and b"100%" in seen
     assert b"replayed into" in r.stdout and b"\r" not in r.stdout
+
+
+def test_replay_counts_events_in_words(tmp_path):
+    meta, msgs = generate(1, seed=5)
+    rec = tmp_path / "one.nvmrec"
+    write_recording(rec, meta, list(msgs))
+    r = run("replay", rec, "-o", tmp_path / "o")
+    assert r.stdout.startswith("1 event replayed into "), r.stdout
+    log = FilePaths.of(tmp_path / "o").log.read_text()
+    assert "Final statistics: 1 allocation, " in log, log
+    import re
+
+    assert not re.search(r"\b1 (allocations|frees|bytes|failures|events|call sites|modules)\b",
+                         log), log
+
+
+def test_plural():
+    from nvse_monitor.words import plural
+
+    assert plural(1, "event") == "1 event" and plural(0, "event") == "0 events"
+    assert plural(1234, "call site", sep=True) == "1,234 call sites"
+    assert plural(2, "entry", "entries") == "2 entries"
+
+
+def test_interrupted_replay_says_so_everywhere(tmp_path):
+    """A real SIGINT to a real `nvse-monitor replay --realtime`: the log, the JSON and the
+    status say the replay was interrupted, `status` exits 2 (not 0), and no leak report."""
+    import signal
+    import sys
+
+    meta, msgs = generate(50_000, seed=3, rate_eps=5_000)  # ~10 s of events at --realtime
+    rec = tmp_path / "long.nvmrec"
+    write_recording(rec, meta, list(msgs))
+    out = tmp_path / "o"
+    out.mkdir()
+    stale = FilePaths.of(out).json.parent / "MemoryPoolNVSE_leaks.csv"
+    stale.write_text("an earlier run's leak report\n")
+    p = subprocess.Popen([sys.executable, "-m", "nvse_monitor", "replay", str(rec), "--realtime",
+                          "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    paths = FilePaths.of(out)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # under way: a batch has gone through
+        if paths.log.exists() and "ACTIVE" in paths.log.read_text():
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=30)
+    assert p.returncode == 130, stderr
+    assert stdout == "" and "Traceback" not in stderr
+    assert stderr.startswith("nvse-monitor: replay interrupted: stopped by SIGINT (Ctrl-C) at "
+                             "byte "), stderr
+    log = paths.log.read_text()
+    assert "[ERROR]" in log and "Replay interrupted, figures cover only the part before it: " \
+        "stopped by SIGINT (Ctrl-C)" in log
+    assert "Status: ERROR -> SHUTDOWN" in log
+    assert "Leak report" not in log and "Live at end" not in log
+    assert "No leak report: the replay was interrupted" in log
+    assert not stale.exists()  # no leak report, not even an earlier one
+    doc = json.loads(paths.json.read_text())
+    assert doc["plugin"]["status"] == "shutdown" and doc["plugin"]["is_healthy"] is False
+    assert doc["health"]["last_error"].startswith("Replay interrupted")
+    assert doc["monitor"]["interrupted"] is True
+    total = doc["monitor"]["agent_counters"]
+    assert 0 < total["allocs"] < 50_000  # a part, not all of it
+    fields = status_writer.parse(paths.status.read_text())
+    assert (fields["Status"], fields["Health"], fields["Errors"]) == ("SHUTDOWN", "UNHEALTHY", "1")
+    r = run("status", out)
+    assert r.exit_code == 2
+    assert r.stdout.splitlines()[-1].startswith("Last Error: Replay interrupted")
+
+
+def test_complete_replay_json_has_no_interrupted_key(recording, tmp_path):
+    run("replay", recording, "-o", tmp_path / "o")
+    doc = json.loads(FilePaths.of(tmp_path / "o").json.read_text())
+    assert "interrupted" not in doc["monitor"] and doc["plugin"]["is_healthy"] is True
+    assert (tmp_path / "o" / "MemoryPoolNVSE_leaks.csv").exists()
+
+
+def test_info_example_in_docs_is_current():
+    """docs/cli.md's `info` example: every line it shows is in the command's output, in order
+    (`...` stands for lines left out)."""
+    doc = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    block = doc.split("$ nvse-monitor info ", 1)[1].split("```", 1)[0].splitlines()
+    rec, shown = block[0].strip(), [ln for ln in block[1:] if ln.strip() and ln != "..."]
+    r = run("info", Path(__file__).parent.parent / rec)
+    out = [ln.replace(str(Path(__file__).parent.parent) + "/", "") for ln in r.stdout.splitlines()]
+    pos = 0
+    for line in shown:
+        assert line in out[pos:], f"docs/cli.md shows {line!r}; info prints:\n" + "\n".join(out)
+        pos = out.index(line, pos) + 1

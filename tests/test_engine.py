@@ -406,3 +406,138 @@ def test_size_classes_and_largest_allocations_match_a_reference_at_every_snapsho
     final = snaps[-1].monitor["allocation_sizes"]
     assert sum(c["allocations"] for c in final) == e.state.c.total_allocations == len(sizes)
     assert final[0]["min_bytes"] == 0 and final[-1]["max_bytes"] >= 1 << 40
+
+
+# -- issue 13: the shared ring's counters (stalls, lost frees, invalid records) --
+
+RING = {"on_full": "wait", "max_wait_ms": 50}
+
+
+def empty(now: int, **counters) -> Batch:
+    return batch(recs(), now, **counters)
+
+
+def test_stall_bursts_one_warn_each_and_a_summary() -> None:
+    e, out = run(
+        empty(100_000),
+        empty(200_000, stalls=3, stall_us=300, stall_max_us=150),  # burst 1 starts
+        empty(300_000, stalls=7, stall_us=1_000, stall_max_us=400),  # rises again: same burst
+        empty(900_000, stalls=7, stall_us=1_000, stall_max_us=400),  # quiet, < 1 s
+        empty(1_300_000, stalls=7, stall_us=1_000, stall_max_us=400),  # 1 s quiet: burst over
+        empty(5_000_000, stalls=9, stall_us=1_500, stall_max_us=400),  # burst 2, open at end
+        empty(5_100_000, stalls=9, stall_us=1_500, stall_max_us=400),
+        m=meta(extra=dict(RING)))
+    warn = [(ln.ts_us, ln.message) for ln in logs(out, "WARN")]
+    assert warn == [
+        (1_300_000, "Stall burst: 7 hooked calls waited for a free ring slot, 1000 microseconds "
+         "in total, within 200000 microseconds (longest wait so far 400 microseconds; 7 "
+         "stalls so far)"),
+        # within: from the batch before its first rise (the stalls came after it) to its last
+        (5_100_000, "Stall burst: 2 hooked calls waited for a free ring slot, 500 microseconds "
+         "in total, within 3700000 microseconds (longest wait so far 400 microseconds; 9 stalls so "
+         "far)"),
+    ]
+    info = [ln.message for ln in logs(out, "INFO")]
+    assert "Full-ring policy: wait (a hooked call waits up to 50 ms for a free slot, then drops "\
+        "its event)" in info
+    assert info[-3] == ("Stalls: 9 hooked calls waited for a free ring slot, 1500 microseconds "
+                        "in total, longest 400 microseconds, in 2 bursts; policy wait, at most "
+                        "50 ms per call")
+    mon = e.snapshot().monitor
+    assert (mon["stalls"], mon["stall_total_us"], mon["stall_max_us"], mon["stall_bursts"],
+            mon["on_full"], mon["max_wait_ms"]) == (9, 1500, 400, 2, "wait", 50)
+    # stalls are not errors: short bursts leave health alone
+    assert e.health.causes == [] and e.health.warning_count == 2
+
+
+def test_a_long_stall_burst_degrades_until_quiet() -> None:
+    cfg = EngineConfig(recovery_us=2_000_000)
+    e, out = run(
+        empty(100_000),
+        empty(200_000, stalls=100, stall_us=600_000, stall_max_us=50_000),
+        empty(300_000, stalls=200, stall_us=1_200_000, stall_max_us=50_000),  # >= 1 s waited
+        empty(400_000, stalls=250, stall_us=1_500_000, stall_max_us=50_000),
+        empty(2_000_000, stalls=250, stall_us=1_500_000, stall_max_us=50_000),
+        config=cfg, finish=False, m=meta(extra=dict(RING)))
+    assert "Status: ACTIVE -> DEGRADED (long stalls)" in [ln.message for ln in logs(out)]
+    assert e.health.causes == ["long stalls"]
+    out = e.feed(empty(2_500_000, stalls=250, stall_us=1_500_000, stall_max_us=50_000))
+    assert e.health.causes == []  # recovery_us after the burst's last rise (400 ms + 2 s)
+    out += e.finish()
+    summary = [ln for ln in logs(out) if ln.message.startswith("Stalls: 250 hooked calls")]
+    assert [ln.level for ln in summary] == ["WARN"]  # a burst degraded: the summary warns
+
+
+def test_no_stall_lines_for_a_recording_from_before_the_ring_counters() -> None:
+    _, out = run(batch(recs((A, 0x10, 8, 5))))
+    assert not [ln for ln in logs(out) if "Stall" in ln.message or "policy" in ln.message]
+
+
+def test_dropped_free_makes_older_blocks_uncertain() -> None:
+    e, _ = run(
+        batch(recs((A, 0x10, 8, 5), (A, 0x20, 16, 7)), 10),
+        batch(recs((A, 0x30, 32, 15)), 20, dropped=1, dropped_frees=1),  # a free was lost
+        batch(recs((A, 0x40, 64, 25)), 30, dropped=2, dropped_frees=1),  # an alloc was lost
+        finish=False, m=meta(extra=dict(RING)))
+    assert e.uncertain_until == 20
+    assert e.uncertain_reason == "1 free/realloc record was dropped"
+    assert e.snapshot().monitor["uncertain_fate_until_us"] == 20
+    assert e.snapshot().monitor["dropped_frees"] == 1
+
+
+def test_dropped_allocs_only_leave_fates_certain() -> None:
+    e, _ = run(batch(recs((A, 0x10, 8, 5)), 10, dropped=5, dropped_frees=0),
+               finish=False, m=meta(extra=dict(RING)))
+    assert e.uncertain_until is None
+    assert e.snapshot().monitor["uncertain_fate_until_us"] is None
+
+
+def test_older_recording_any_drop_makes_fates_uncertain() -> None:
+    # no on_full in the metadata and no dropped_frees counted: any drop may have been a free
+    e, _ = run(batch(recs((A, 0x10, 8, 5)), 10),
+               batch(recs((A, 0x20, 8, 15)), 20, dropped=3),
+               batch(recs((A, 0x30, 8, 25)), 30, dropped=3), finish=False)
+    assert e.uncertain_until == 20
+    assert "3 events were dropped" in e.uncertain_reason
+
+
+def test_drop_seen_only_at_session_end_covers_every_block() -> None:
+    from nvse_monitor.stream import SessionEnd
+
+    e = Engine(meta(extra=dict(RING)))
+    e.start()
+    e.feed(batch(recs((A, 0x10, 8, 5)), 10))
+    e.feed(SessionEnd(50, "target-exited", True,
+                      counters=AgentCounters(dropped=1, dropped_frees=1)))
+    assert e.uncertain_until == 50
+
+
+def test_invalid_ring_records_warn_degrade_and_make_fates_uncertain() -> None:
+    e, out = run(batch(recs((A, 0x10, 8, 5)), 10),
+                 batch(recs(), 20, unknown_records=4),
+                 m=meta(extra=dict(RING)))
+    assert "Skipped 4 invalid records from the shared ring; 4 so far" in \
+        [ln.message for ln in logs(out, "WARN")]
+    assert "Status: ACTIVE -> DEGRADED (invalid ring records)" in [ln.message for ln in logs(out)]
+    assert e.uncertain_until == 20
+    snaps = [o for o in out if isinstance(o, Snapshot)]
+    assert snaps[-1].monitor["unknown_records"] == 4
+
+
+def test_feed_many_matches_feed_with_ring_counters(tmp_path) -> None:
+    import ring_session
+
+    from nvse_monitor.recording import read_recording
+
+    meta_, msgs = read_recording(ring_session.write(tmp_path / "ring.nvmrec"))
+    e1 = Engine(meta_)
+    o1 = e1.start()
+    for m in msgs:
+        o1 += e1.feed(m)
+    o1 += e1.finish()
+    e2 = Engine(meta_)
+    o2 = e2.start() + e2.feed_many(msgs) + e2.finish()
+    lines1 = [o for o in o1 if not isinstance(o, Snapshot)]
+    assert any("Stall burst: 250 " in getattr(o, "message", "") for o in lines1)
+    assert lines1 == [o for o in o2 if not isinstance(o, Snapshot)]
+    assert o1[-1] == o2[-1] and e1.uncertain_until == e2.uncertain_until == 200_000

@@ -8,6 +8,7 @@ import io
 from collections import defaultdict
 
 import numpy as np
+import pytest
 
 from nvse_monitor import leaks
 from nvse_monitor.engine import Engine
@@ -170,3 +171,90 @@ def test_nothing_live_gives_header_only_and_no_lines(tmp_path):
     pipe.finish()
     assert pipe.leaks_path.read_text() == ",".join(leaks.CSV_COLUMNS) + "\n"
     assert "Leak report" not in (tmp_path / "P_rpmalloc.log").read_text()
+
+
+# -- issue 13: blocks whose free may have been dropped are uncertain, never leaks --
+
+def ring_meta(**extra) -> SessionMeta:
+    m = meta()
+    m.extra.update(extra)
+    return m
+
+
+def lossy_session(tmp_path, m: SessionMeta, **lost) -> Pipeline:
+    """Block A (site 0x100) allocated, then a batch reports lost records (`lost`: counters),
+    then block B (site 0x200) allocated and block C (site 0x300) allocated and freed."""
+    pipe = Pipeline(m, tmp_path, "P")
+    pipe.start()
+    pipe.feed(Batch(100, AgentCounters(), records(
+        [(Kind.ALLOC, 0xA000, 40, 50, EXE.base + 0x100, 0)])))
+    # in the real session A's free was among the dropped records: it looks live at the end
+    pipe.feed(Batch(200, AgentCounters(**lost), records([])))
+    pipe.feed(Batch(300, AgentCounters(**lost), records(
+        [(Kind.ALLOC, 0xB000, 7, 250, EXE.base + 0x200, 0),
+         (Kind.ALLOC, 0xC000, 9, 260, EXE.base + 0x300, 0),
+         (Kind.FREE, 0xC000, 0, 270, EXE.base + 0x300, 1)])))
+    pipe.finish()
+    return pipe
+
+
+def test_dropped_free_sets_older_blocks_aside_and_later_ones_stay_leaks(tmp_path):
+    pipe = lossy_session(tmp_path, ring_meta(on_full="drop"), dropped=1, dropped_frees=1)
+    rep = pipe.leak_report
+    assert (rep.allocations, rep.bytes) == (1, 7)  # B: allocated after the lost free
+    assert [(g.module, g.offset) for g in rep.sites] == [("Game.exe", 0x200)]
+    assert (rep.uncertain_allocations, rep.uncertain_bytes) == (1, 40)  # A: fate unknown
+    assert [(g.scope, g.offset) for g in rep.uncertain_sites] == [("uncertain-site", 0x100)]
+    assert rep.uncertain_until_us == 200
+    # the CSV: leaks first, then the uncertain rows; read back the same
+    rows = list(csv.DictReader(io.StringIO(pipe.leaks_path.read_text())))
+    assert [(r["scope"], r["offset"], r["bytes"]) for r in rows] == [
+        ("module", "", "7"), ("site", "0x200", "7"),
+        ("uncertain-module", "", "40"), ("uncertain-site", "0x100", "40")]
+    back = leaks.read_csv(pipe.leaks_path)
+    assert (back.allocations, back.bytes, back.uncertain_allocations, back.uncertain_bytes) == \
+        (1, 7, 1, 40)
+    # the log: the leak lines name B only; one line says what was set aside and why
+    log = (tmp_path / "P_rpmalloc.log").read_text()
+    assert "Leak report: 1 allocation, 7 bytes still live from 1 call site in 1 module" in log
+    assert "Live at end from Game.exe+0x100" not in log
+    assert ("Leak report: 1 allocation, 40 bytes still live set aside as uncertain, not leaks: "
+            "allocated at or before 0.000200 s, when free records were lost (1 free/realloc "
+            "record was dropped); rows uncertain-* in P_leaks.csv") in log
+    import json
+    mon = json.loads((tmp_path / "P_stats.json").read_text())["monitor"]
+    assert mon["leaks"] == {"leaked_allocations": 1, "leaked_bytes": 7,
+                            "uncertain_allocations": 1, "uncertain_bytes": 40}
+    assert mon["uncertain_fate_until_us"] == 200 and mon["dropped_frees"] == 1
+
+
+def test_dropped_allocations_only_change_nothing(tmp_path):
+    # a session that counts dropped frees (it knows its policy): none were frees
+    pipe = lossy_session(tmp_path, ring_meta(on_full="drop"), dropped=1, dropped_frees=0)
+    rep = pipe.leak_report
+    assert (rep.allocations, rep.uncertain_allocations) == (2, 0)
+    assert "uncertain" not in pipe.leaks_path.read_text()
+
+
+def test_older_recording_any_drop_sets_older_blocks_aside(tmp_path):
+    # before issue 13 the counters did not say which records were frees
+    pipe = lossy_session(tmp_path, meta(), dropped=1)
+    rep = pipe.leak_report
+    assert (rep.allocations, rep.bytes, rep.uncertain_allocations, rep.uncertain_bytes) == \
+        (1, 7, 1, 40)
+    assert "1 event was dropped (the recording does not say which were frees)" in \
+        (tmp_path / "P_rpmalloc.log").read_text()
+
+
+def test_nothing_dropped_nothing_uncertain(tmp_path):
+    pipe = lossy_session(tmp_path, ring_meta(on_full="wait"))
+    rep = pipe.leak_report
+    assert (rep.allocations, rep.uncertain_allocations) == (2, 0)
+    assert rep.uncertain_sites == [] and rep.uncertain_until_us is None
+
+
+def test_leaks_csv_with_an_unknown_scope_is_refused(tmp_path):
+    path = tmp_path / "x_leaks.csv"
+    path.write_text(",".join(leaks.CSV_COLUMNS) + "\nbogus,a,,1,1,1,1,1,libc,0,0\n")
+    with pytest.raises(ValueError, match="unknown scope 'bogus'"):
+        leaks.read_csv(path)

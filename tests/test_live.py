@@ -293,8 +293,10 @@ def test_target_crash_is_reported(how, targets, tmp_path, live_procs):
     assert mon.wait() == 0, mon.stderr
     truth = json.loads(next(x for x in stdout.splitlines() if x.startswith("DONE"))[4:])
     js, log = assert_shutdown(out)
-    # Records still in the ring when the process died (< one drain interval) may be lost.
-    assert 0 < js["memory_stats"]["total_allocations"] <= truth["total_allocations"]
+    # The records still in the shared ring when the process died are read after its death:
+    # nothing is lost. A crash adds the fault handler's fopen() (its FILE and buffer).
+    extra = (0, 2) if how == "crash" else (0,)
+    assert js["memory_stats"]["total_allocations"] - truth["total_allocations"] in extra
     assert "Target lost unexpectedly: process-terminated" in log
     if how == "crash":
         assert "crashed: access-violation at workload+0x" in log and "(write of 0x0)" in log

@@ -132,7 +132,7 @@ def test_live_status_line_on_a_terminal(targets, tmp_path, live_procs):
     redraws = [x for x in text.split("\r") if "ev/s" in x]
     assert len(redraws) >= 2, text  # refreshed during the 1.6 s
     last = redraws[-1]
-    assert "allocs" in last and "drops 0" in last and "MB" in last
+    assert "allocs" in last and "drops 0" in last and "MiB" in last
     assert "session ended: duration" in text
 
 

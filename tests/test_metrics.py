@@ -205,3 +205,28 @@ def test_scraped_during_a_spawned_session(targets, tmp_path, live_procs):
     assert dict(info[1])["mode"] == "spawn"
     doc = json.loads((tmp_path / "out" / "MemoryPoolNVSE_stats.json").read_text())
     assert allocs[-1] <= doc["memory_stats"]["total_allocations"]
+
+
+def test_ring_figures_are_served(tmp_path):
+    import ring_session
+
+    rec = ring_session.write(tmp_path / "ring.nvmrec")
+    meta, msgs = read_recording(rec)
+    pipe = Pipeline(meta, tmp_path)
+    server = MetricsServer(port=0).start()
+    try:
+        server.attach(pipe)
+        pipe.start()
+        pipe.feed_all(msgs)
+        pipe.finish()
+        for om in (False, True):
+            s = samples(scrape(server.url, om), om)
+            assert s[("nvse_monitor_stalls_total", ())] == ring_session.STALLS
+            assert s[("nvse_monitor_stall_seconds_total", ())] == ring_session.STALL_US / 1e6
+            assert s[("nvse_monitor_stall_max_seconds", ())] == ring_session.STALL_MAX_US / 1e6
+            assert s[("nvse_monitor_dropped_frees_total", ())] == 1
+            assert s[("nvse_monitor_unknown_records_total", ())] == 0
+            # no per-anything labels on them
+            assert not [k for k in s if "stall" in k[0] and k[1]]
+    finally:
+        server.stop()

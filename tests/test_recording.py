@@ -316,12 +316,12 @@ def test_wrong_magic_and_unknown_version(tmp_path, recorded):
         open_recording(p)
     check_error(ei.value, p, 0)
     assert "bad magic" in str(ei.value)
-    data[8:10] = struct.pack("<H", 2)
+    data[8:10] = struct.pack("<H", 3)
     p.write_bytes(bytes(data))
     with pytest.raises(RecordingError) as ei:
         open_recording(p)
     check_error(ei.value, p, 8)
-    assert "unsupported format version 2" in str(ei.value)
+    assert "unsupported format version 3" in str(ei.value)
 
 
 def test_flipped_byte_in_every_frame_is_caught_by_its_crc(tmp_path, recorded, session):
@@ -472,3 +472,71 @@ def test_info_reports_damage_without_raising(tmp_path, recorded):
     s = info(p)
     assert not s.clean and s.error and str(p) in s.error and s.records > 0
     assert "ended cleanly: no" in "\n".join(s.lines())
+
+
+# --- issue 13: the ring's counters (format version 2) and older recordings -----------------------
+
+RING = AgentCounters(allocs=5, frees=4, reallocs=1, failures=0, bytes_allocated=99, dropped=7,
+                     published=10, dropped_frees=3, stalls=11, stall_us=12_345,
+                     stall_max_us=2**40, unknown_records=2)
+
+
+def test_ring_counters_round_trip_in_batches_and_trailer(tmp_path):
+    meta, _ = generate(0, seed=0)
+    msgs: list[StreamMessage] = [
+        Batch(10, AgentCounters(stalls=1, stall_us=5, stall_max_us=5), np.zeros(0, RECORD_DTYPE)),
+        Batch(20, RING, np.zeros(0, RECORD_DTYPE)),
+        SessionEnd(30, "target-exited", True, counters=RING),
+    ]
+    path = tmp_path / "r.nvmrec"
+    write_recording(path, meta, msgs)
+    rec = open_recording(path)
+    assert rec.version == 2
+    assert_same(list(rec), msgs)
+    lines = info(path).lines()
+    assert "ring counters: dropped frees 3, stalls 11 (12345 µs, longest 1099511627776 µs), " \
+        "unknown records 2" in lines
+
+
+def test_version_1_recordings_are_read_with_ring_counters_zero():
+    # the live fixtures were recorded before issue 13 (format version 1, 7 counters)
+    for name in ("live-x64.nvmrec", "live-ia32.nvmrec"):
+        rec = open_recording(FIXTURES / name)
+        assert rec.version == 1
+        msgs = list(rec)
+        assert rec.ended_cleanly
+        batches = [m for m in msgs if isinstance(m, Batch)]
+        assert batches and batches[-1].counters.published > 0
+        for c in [b.counters for b in batches] + [rec.end.counters]:
+            assert (c.dropped_frees, c.stalls, c.stall_us, c.stall_max_us,
+                    c.unknown_records) == (0, 0, 0, 0, 0)
+        assert not any(ln.startswith("ring counters") for ln in info(FIXTURES / name).lines())
+
+
+def test_trailer_counters_of_any_version_are_accepted():
+    from nvse_monitor.stream import control_from_json
+
+    old = {"type": "end", "ts_us": 5, "reason": "x", "expected": True, "crash": "",
+           "counters": {"allocs": 1, "frees": 0, "reallocs": 0, "failures": 0,
+                        "bytes_allocated": 8, "dropped": 2, "published": 1}}
+    end = control_from_json(old)
+    assert end.counters == AgentCounters(allocs=1, bytes_allocated=8, dropped=2, published=1)
+    newer = dict(old, counters={**old["counters"], "stalls": 4, "from_the_future": 9})
+    assert control_from_json(newer).counters.stalls == 4  # unknown keys ignored
+    with pytest.raises(ValueError, match="counters is not an object"):
+        control_from_json(dict(old, counters=[1, 2]))
+
+
+def test_trailer_with_a_non_integer_ring_counter_is_damage(tmp_path):
+    meta, _ = generate(0, seed=0)
+    path = tmp_path / "t.nvmrec"
+    write_recording(path, meta, [SessionEnd(1, "x", True, counters=RING)])
+    data = path.read_bytes()
+    bad = json.dumps({"type": "end", "ts_us": 1, "reason": "x", "expected": True, "crash": "",
+                      "counters": {"stalls": "many"}}, separators=(",", ":")).encode()
+    end = data.rindex(struct.pack("<B", FRAME_END) + b"\0\0\0")
+    path.write_bytes(data[:end] + _frame(FRAME_END, bad))
+    with pytest.raises(RecordingError, match="bad trailer message .counters.stalls is not an "
+                       "integer") as ei:
+        list(open_recording(path))
+    check_error(ei.value, path, end)

@@ -21,6 +21,7 @@ from conftest import REPO
 from nvse_monitor.events import Kind
 from nvse_monitor.pipeline import replay
 from nvse_monitor.report import build_report
+from nvse_monitor.report import data as report_data
 from nvse_monitor.report import html as report_html
 
 FIXTURE = REPO / "fixtures" / "synthetic-mixed.nvmrec"
@@ -62,8 +63,22 @@ def test_recording_report_figures_match_the_replay(from_recording, replayed):
     assert [h.allocations for h in d.hist] == record_size_classes()
     # the leak table is the leaks CSV's
     csv_rows = (replayed / "MemoryPoolNVSE_leaks.csv").read_text().splitlines()
-    assert len(d.leaks.sites) + len(d.leaks.modules) == len(csv_rows) - 1
-    assert d.leaks.bytes == doc["memory_stats"]["current_bytes_allocated"]
+    lk = d.leaks
+    assert len(lk.sites) + len(lk.modules) + len(lk.uncertain_sites) + \
+        len(lk.uncertain_modules) == len(csv_rows) - 1
+    # the fixture dropped frees: blocks allocated before the last such drop are set aside
+    assert lk.uncertain_allocations and lk.allocations
+    assert lk.bytes + lk.uncertain_bytes == doc["memory_stats"]["current_bytes_allocated"]
+    assert (lk.allocations + lk.uncertain_allocations
+            == doc["memory_stats"]["current_allocations"])
+    assert doc["monitor"]["leaks"] == {
+        "leaked_allocations": lk.allocations, "leaked_bytes": lk.bytes,
+        "uncertain_allocations": lk.uncertain_allocations,
+        "uncertain_bytes": lk.uncertain_bytes}
+    until = doc["monitor"]["uncertain_fate_until_us"]
+    assert lk.uncertain_until_us == until
+    assert all(g.oldest_us > until for g in lk.sites)
+    assert all(g.newest_us <= until for g in lk.uncertain_sites)
     # the peak is marked at its value, within the series' time span
     assert max(d.peak) == doc["memory_stats"]["peak_bytes_allocated"]
     assert d.t[0] <= d.peak_t <= d.t[-1]
@@ -83,9 +98,16 @@ def test_recording_report_figures_match_the_replay(from_recording, replayed):
         {m: v[i] for m, v in d.module_series.items() if v[i]}
     bars = dict(report_html.module_bars(d))
     leaked = next(v for k, v in bars.items() if k.startswith("leaked"))
-    assert leaked == {g.module: g.bytes for g in d.leaks.modules} == \
+    assert leaked == {g.module: g.bytes for g in d.leaks.modules}
+    unc = {g.module: g.bytes for g in d.leaks.uncertain_modules}
+    assert {m: leaked.get(m, 0) + unc.get(m, 0) for m in {*leaked, *unc}} == \
         {k: v for k, v in doc["monitor"]["modules_live_bytes"].items()}
     html = path.read_text()
+    assert f"Uncertain: {lk.uncertain_allocations:,} blocks" in html
+    assert f'<div class="k">uncertain blocks</div><div class="v">' \
+        f"{lk.uncertain_allocations:,}</div>" in html
+    assert f'<div class="k">lost frees</div><div class="v">' \
+        f'{doc["monitor"]["dropped_frees"]:,}</div>' in html
     assert html.count('class="plotly-graph-div"') == 6
     assert "<script src=" not in html  # everything inline: opens offline
 
@@ -127,12 +149,21 @@ def test_directory_report_reads_the_files(from_dir, replayed):
     n_warn = doc["logging"]["warning_logs"] + doc["logging"]["error_logs"] + \
         doc["logging"]["critical_logs"]
     assert len(d.messages) + d.messages_omitted == n_warn
-    assert d.leaks is not None and d.leaks.bytes == doc["memory_stats"]["current_bytes_allocated"]
-    # rates: the CSV's; the peak marked at the first row whose running peak is the final peak
+    assert d.leaks is not None and d.leaks.bytes + d.leaks.uncertain_bytes == \
+        doc["memory_stats"]["current_bytes_allocated"]
+    assert d.leaks.uncertain_bytes == doc["monitor"]["leaks"]["uncertain_bytes"] > 0
+    assert d.leaks.uncertain_until_us == doc["monitor"]["uncertain_fate_until_us"]
+    # rates: the CSV's integrated, in round time buckets over the session; the peak marked at
+    # the first row whose running peak is the final peak
     rows = list(csv.DictReader(io.StringIO((replayed / "MemoryPoolNVSE_performance.csv")
                                            .read_text())))
-    assert d.alloc_rate == [float(r["allocs_per_sec"]) for r in rows]
-    assert d.free_rate == [float(r["frees_per_sec"]) for r in rows]
+    assert d.bucket_s == report_data.bucket_width(d.end_t)
+    assert d.rate_t[0] == 0 and d.rate_t[-1] < d.end_t and 100 <= len(d.rate_t) <= 250
+    total = sum(r * d.bucket_s for r in d.alloc_rate[:-1]) + d.alloc_rate[-1] * (
+        d.end_t - d.rate_t[-1])
+    assert total == pytest.approx(doc["memory_stats"]["total_allocations"], rel=1e-3)
+    assert d.avg_alloc_rate == pytest.approx(doc["memory_stats"]["total_allocations"]
+                                             / doc["plugin"]["uptime_seconds"])
     first_peak = next(r for r in rows if int(r["peak_memory"]) == max(d.peak))
     assert d.peak_t == pytest.approx((int(first_peak["timestamp"]) - doc["timestamp"]) / 1e6
                                      + doc["plugin"]["uptime_seconds"], abs=0.06)
@@ -157,8 +188,14 @@ def test_both_sources_tell_the_same_story(from_recording, from_dir):
     assert [s[1:] for s in rec.status] == [s[1:] for s in dire.status]
     assert [s[0] for s in rec.status] == pytest.approx([s[0] for s in dire.status], abs=1e-6)
     assert [m[1:] for m in rec.messages] == [m[1:] for m in dire.messages]
-    assert rec.peak == dire.peak and rec.current == dire.current
-    assert rec.t == pytest.approx(dire.t, abs=0.06)
+    assert max(rec.peak) == max(dire.peak) and rec.peak_t == pytest.approx(dire.peak_t, abs=0.01)
+    # the same rate buckets; the directory's rows, 1,000 allocations apart, are interpolated
+    # between: at most 1,000 allocations off at each bucket edge
+    assert rec.bucket_s == dire.bucket_s and rec.rate_t == pytest.approx(dire.rate_t)
+    for r, d in zip(rec.alloc_rate, dire.alloc_rate, strict=True):
+        assert abs(r - d) * rec.bucket_s <= 2000 + 1e-6
+    # the recording's memory series is finer than the CSV's (a point per 1,000 allocations)
+    assert len(rec.t) > len(dire.t)
 
 
 def test_older_json_without_the_added_sections(tmp_path, replayed):
@@ -283,3 +320,24 @@ def test_chromium_here_is_offline(tmp_path):
                     "</body></html>")
     r = chromium(tmp_path, "--dump-dom", page.as_uri())
     assert 'data-p="undefined"' in r.stdout, r.stdout[-500:]
+
+
+@pytest.mark.parametrize("kind", ["recording", "directory"])
+def test_report_shows_stalls_and_uncertain_blocks(tmp_path, kind):
+    import ring_session
+
+    rec = ring_session.write(tmp_path / "ring.nvmrec")
+    source = rec
+    if kind == "directory":
+        source = tmp_path / "out"
+        replay(rec, source)
+    build_report(source, tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert '<div class="k">stalls</div><div class="v">250 <span class="note">(1.50 s, longest ' \
+        '50.0 ms)</span></div>' in html
+    assert '<div class="k">uncertain blocks</div><div class="v">1</div>' in html
+    assert "Uncertain: 1 block, 40 bytes set aside, not leaks" in html
+    assert "allocated at or before 0.200000 s, when free records were lost (1 free/realloc " \
+        "record was dropped)" in html
+    assert "Leaks: 1 block, 7 bytes live at end" in html
+    assert "Stall burst: 250 hooked calls waited for a free ring slot" in html

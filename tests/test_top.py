@@ -51,10 +51,14 @@ def test_frame_from_a_finished_directory(replayed):
     assert re.search(rf"SHUTDOWN\s+HEALTHY\s+uptime {doc['plugin']['uptime_seconds']:,.1f} s", out)
     assert re.search(rf"allocations\s+{ms['total_allocations']:,}\b", out)
     assert re.search(rf"frees\s+{ms['total_frees']:,}\b", out)
-    # one snapshot so far: the rates are the JSON's
-    assert re.search(rf"allocs/s\s+{doc['performance']['allocations_per_second']:,.0f}\b", out)
-    assert re.search(rf"current\s+{ms['current_bytes_allocated'] / 2**20:,.2f} MB", out)
-    assert re.search(rf"peak\s+{ms['peak_bytes_allocated'] / 2**20:,.2f} MB", out)
+    # the session has ended: rates are its averages, and the title says so
+    up = doc["plugin"]["uptime_seconds"]
+    assert "session ended: rates are averages" in out
+    assert re.search(rf"allocs/s\s+{ms['total_allocations'] / up:,.0f}\b", out)
+    assert re.search(rf"frees/s\s+{ms['total_frees'] / up:,.0f}\b", out)
+    assert re.search(rf"current\s+{ms['current_bytes_allocated'] / 2**20:,.2f} MiB", out)
+    assert re.search(rf"peak\s+{ms['peak_bytes_allocated'] / 2**20:,.2f} MiB", out)
+    assert "modules holding bytes at the end" in out and "live now" not in out
     assert re.search(rf"dropped\s+{mon['dropped_events']:,}\b", out) and mon["dropped_events"]
     assert re.search(rf"untracked frees\s+{mon['untracked_frees']:,}\b", out)
     # the modules holding the most live bytes, most first
@@ -64,7 +68,8 @@ def test_frame_from_a_finished_directory(replayed):
     dash.toggle_leaks()
     dash.poll()
     out = text_of(dash)
-    assert "live now by call site" in out and "FalloutNV.exe+0x" in out
+    assert "live at the end by call site" in out and "FalloutNV.exe+0x" in out
+    assert "live now" not in out
 
 
 def test_pipeline_source_gives_the_json_files_document(tmp_path):
@@ -119,6 +124,7 @@ def test_follows_a_directory_being_written(tmp_path):
 def doc_at(base: dict, ts_us: int, allocs: int, frees: int, live: int) -> dict:
     d = json.loads(json.dumps(base))
     d["timestamp"], d["plugin"]["uptime_seconds"] = ts_us, ts_us / 1e6
+    d["plugin"]["status"] = "active"  # a session under way
     d["memory_stats"].update(total_allocations=allocs, total_frees=frees,
                              current_bytes_allocated=live)
     return d
@@ -141,7 +147,7 @@ def test_rates_are_between_the_last_two_snapshots(tmp_path, replayed):
     assert dash.rates == (1000.0, 5000.0) and list(dash.mem) == [10 << 20, 30 << 20, 5 << 20]
     out = text_of(dash)
     assert re.search(r"allocs/s\s+1,000\b", out) and re.search(r"frees/s\s+5,000\b", out)
-    assert re.search(r"uptime 3\.5 s", out) and re.search(r"current\s+5\.00 MB", out)
+    assert re.search(r"uptime 3\.5 s", out) and re.search(r"current\s+5\.00 MiB", out)
     assert sparkline([10, 30, 5], 60) in out
 
 
@@ -189,7 +195,7 @@ def test_top_dir_in_tmux_with_keys(replayed):
         s = t.wait_for("nvse-monitor top")
         assert "SHUTDOWN" in t.wait_for("allocs/s") and "l: leak report" in s
         t.keys("l")
-        assert "FalloutNV.exe+0x" in t.wait_for("live now by call site")
+        assert "FalloutNV.exe+0x" in t.wait_for("live at the end by call site")
         t.keys("q")
         time.sleep(0.8)
         # after q the alternate screen is gone and the last frame is printed once
@@ -367,3 +373,128 @@ def test_spawn_top_in_tmux(targets, tmp_path):
         truth = unmonitored_truth(exe, work)
         for k in ("total_allocations", "total_frees", "total_bytes_allocated"):
             assert doc["memory_stats"][k] == truth[k], k
+
+
+# ---- 80x24: the first screen a user sees (issue 12) ------------------------------------------
+
+BIG = {"rate": 12_345_678.0, "allocs": 300_000_512, "frees": 299_000_001, "live": 1_000_511,
+       "cur": 1536 << 20, "peak": 2047 << 20}
+
+
+@pytest.fixture
+def busy_dir(tmp_path, replayed) -> Path:
+    """A session under way with big figures, ten modules and ten warning lines."""
+    doc = json.loads((replayed / "MemoryPoolNVSE_stats.json").read_text())
+    doc["plugin"]["status"] = "active"
+    doc["performance"]["allocations_per_second"] = BIG["rate"]
+    doc["performance"]["frees_per_second"] = BIG["rate"] - 1
+    doc["memory_stats"].update(total_allocations=BIG["allocs"], total_frees=BIG["frees"],
+                               current_allocations=BIG["live"],
+                               current_bytes_allocated=BIG["cur"],
+                               peak_bytes_allocated=BIG["peak"])
+    doc["monitor"]["modules_live_bytes"] = {f"plugin_{i:02d}.dll": (i + 1) << 20
+                                            for i in range(10)}
+    (tmp_path / "MemoryPoolNVSE_stats.json").write_text(json.dumps(doc))
+    (tmp_path / "MemoryPoolNVSE_rpmalloc.log").write_text("".join(
+        f"[2026-12-06 08:00:{i:02d}.000000] [WARN] [TID:1] warning number {i}\n"
+        for i in range(10)))
+    return tmp_path
+
+
+def assert_figures_whole(screen: str) -> None:
+    for text in ("12,345,678", "300,000,512", "299,000,001", "1,000,511", "1.50 GiB",
+                 "2.00 GiB", "warning number 9"):
+        assert text in screen, f"{text!r} cut or missing:\n{screen}"
+    for line in screen.splitlines():
+        if "allocs/s" in line or "frees/s" in line:
+            assert "…" not in line, line
+
+
+def test_frame_fits_80x24(busy_dir):
+    dash = Dashboard(DirSource(busy_dir, "MemoryPoolNVSE"))
+    dash.poll()
+    con = Console(record=True, width=80, height=24, file=open("/dev/null", "w"))  # noqa: SIM115
+    con.print(dash.render(80, 24))
+    lines = con.export_text().rstrip("\n").splitlines()
+    assert len(lines) <= 24 and max(len(x) for x in lines) <= 80
+    assert lines[0].startswith("╭") and lines[-1].startswith("╰")  # the whole frame
+    assert_figures_whole("\n".join(lines))
+    assert "plugin_09.dll" in lines[5] or any("plugin_09.dll" in x for x in lines)
+    # without a height limit every module and six warnings are shown
+    full = text_of(dash, 80)
+    assert all(f"plugin_{i:02d}.dll" in full for i in range(4, 10))
+    assert "warning number 4" in full and "warning number 3" not in full
+
+
+def test_once_through_a_pipe_is_80_columns(busy_dir):
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("COLUMNS", "LINES")}
+    r = subprocess.run([sys.executable, "-m", "nvse_monitor", "top", str(busy_dir), "--once"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert max(len(x) for x in r.stdout.splitlines()) == 80
+    assert_figures_whole(r.stdout)
+
+
+@pytest.mark.parametrize("where,code,says", [("missing", 2, "no such directory"),
+                                             ("empty", 3, "waiting for ")])
+def test_once_without_a_session(tmp_path, where, code, says):
+    d = tmp_path / "d"
+    if where == "empty":
+        d.mkdir()
+    r = subprocess.run([sys.executable, "-m", "nvse_monitor", "top", str(d), "--once"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == code and says in r.stdout + r.stderr
+
+
+def test_fit_gives_rows_up_longest_first():
+    from nvse_monitor.top import fit
+
+    assert fit([6, 6], 100) == [6, 6]
+    assert fit([6, 6], 8) == [4, 4]
+    assert fit([6, 1], 5) == [4, 1]
+    assert fit([6, 6, 8], 7) == [2, 2, 3]
+
+
+@needs_tmux
+def test_top_dir_in_tmux_80x24(busy_dir):
+    t = Tmux(f"nvse-top80-{time.monotonic_ns()}", [sys.executable, "-m", "nvse_monitor", "top",
+                                                   str(busy_dir)], width=80, height=24)
+    try:
+        s = t.wait_for("allocs/s")
+        time.sleep(0.6)  # a refresh later
+        s = t.screen()
+        assert_figures_whole(s)
+        lines = s.rstrip("\n").splitlines()
+        assert lines[0].startswith("╭") and "nvse-monitor top" in lines[0]
+        assert any(x.startswith("╰") for x in lines[-2:]), s  # the frame's bottom is on screen
+        assert "l: leak report" in s
+    finally:
+        t.kill()
+
+
+def test_ring_line_and_uncertain_leaks_fit_80_columns(tmp_path):
+    import ring_session
+
+    out = tmp_path / "out"
+    replay(ring_session.write(tmp_path / "ring.nvmrec"), out)
+    dash = Dashboard(DirSource(out, "MemoryPoolNVSE"))
+    dash.poll()
+    dash.toggle_leaks()
+    dash.poll()
+    text = text_of(dash, width=80)
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "ring wait  stalls 250 (1.50 s, longest 50.0 ms)  lost frees 1" in text
+    assert "Stall burst: 250 hooked calls" in text  # the burst's WARN line in the log tail
+    # the leak panel: B is the leak, A (allocated before the lost free) is set aside
+    assert "Game.exe+0x200" in text and "Game.exe+0x100" not in text
+    assert "set aside: 1 block, 0.0 KiB allocated before lost frees (uncertain)" in text
+
+
+def test_no_ring_line_for_an_older_session(replayed):
+    dash = Dashboard(DirSource(replayed, "MemoryPoolNVSE"))
+    dash.poll()
+    doc = json.loads((replayed / "MemoryPoolNVSE_stats.json").read_text())
+    assert doc["monitor"]["on_full"] is None
+    # synthetic-mixed dropped frees, so the line is there, without a policy
+    assert re.search(rf"ring \?  stalls 0  lost frees {doc['monitor']['dropped_frees']}",
+                     text_of(dash))

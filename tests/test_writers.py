@@ -159,6 +159,15 @@ def test_status_unhealthy_and_other_prefix():
     assert (fields["Status"], fields["Health"], fields["Errors"]) == ("ERROR", "UNHEALTHY", "4")
 
 
+def test_status_errors_count_what_made_the_session_unhealthy():
+    """A target lost is a CRITICAL line, not an ERROR one: `Errors:` counts both (issue 12)."""
+    text = status_writer.render(make_snapshot(status=Status.SHUTDOWN, is_healthy=False,
+                                              error_count=0, critical_count=1), ZERO_US, "P")
+    assert status_writer.parse(text)["Errors"] == "1"
+    text = status_writer.render(make_snapshot(error_count=2, critical_count=3), ZERO_US, "P")
+    assert status_writer.parse(text)["Errors"] == "5"
+
+
 # ---- CSV ------------------------------------------------------------------------------------
 
 def test_csv_header_rows_and_parse(tmp_path):

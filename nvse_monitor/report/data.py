@@ -16,11 +16,17 @@ import numpy as np
 
 from .. import leaks as leaks_mod
 from ..engine import LARGEST
-from ..outputs import CsvRow, LogLine, Snapshot
+from ..outputs import LogLine, Snapshot
 from ..stream import Batch
 from ..writers import FilePaths
 
-RUN_RECORDS = 1 << 12  # engine pass granularity: one module-series sample per run
+RUN_RECORDS = 1 << 12  # engine pass granularity: a sample of the series at least this often
+# ... and at least every 1/SAMPLES_PER_SPAN of the time so far (never finer than MIN_SAMPLE_US):
+# a short session of a few large blocks gets a curve, not one point per 1,000 allocations
+SAMPLES_PER_SPAN = 1000
+MIN_SAMPLE_US = 200
+MAX_PARTS = 2000  # a drained batch is cut into at most this many samples
+RATE_BUCKETS = 200  # the rate chart: about this many time buckets over the session
 MAX_POINTS = 4000  # per plotted series (downsampled beyond, keeping the peak)
 MAX_MESSAGES = 300
 
@@ -56,11 +62,19 @@ class ReportData:
     source: str
     kind: str  # "recording" or "directory"
     doc: dict[str, Any]  # the final stats JSON document
-    t: list[float] = field(default_factory=list)  # CSV points
+    # memory series: a recording's engine samples (the module series' times too), or the CSV's
+    # rows (a directory)
+    t: list[float] = field(default_factory=list)
     current: list[int] = field(default_factory=list)
     peak: list[int] = field(default_factory=list)
+    # rates per time bucket of `bucket_s` seconds starting at `rate_t` (resampled from the
+    # cumulative counts: a recording's samples, or the CSV's rows integrated)
+    rate_t: list[float] = field(default_factory=list)
+    bucket_s: float = 0.0
     alloc_rate: list[float] = field(default_factory=list)
     free_rate: list[float] = field(default_factory=list)
+    avg_alloc_rate: float = 0.0  # over the whole session (total / uptime)
+    avg_free_rate: float = 0.0
     peak_t: float | None = None
     status: list[tuple[float, str, str, str]] = field(default_factory=list)  # t, from, to, why
     end_t: float = 0.0
@@ -76,6 +90,60 @@ class ReportData:
     messages_omitted: int = 0
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+
+
+def bucket_width(span_s: float, buckets: int = RATE_BUCKETS) -> float:
+    """A round bucket width (1, 2 or 5 x 10^k s, at least 1 µs) giving about `buckets`
+    buckets over `span_s`."""
+    raw = max(span_s / buckets, 1e-6)
+    k = np.floor(np.log10(raw))
+    for m in (1, 2, 5, 10):
+        w = m * 10.0 ** k
+        if w >= raw * (1 - 1e-9):
+            return float(w)
+    return float(10.0 ** (k + 1))  # pragma: no cover - 10 above always qualifies
+
+
+def resample_rates(data: ReportData, t: np.ndarray, allocs: np.ndarray, frees: np.ndarray,
+                   end_t: float) -> None:
+    """Per-bucket rates from cumulative counts at times `t` (seconds, rising): each bucket's
+    count is the difference of the counts at its edges (linear between samples), over its
+    width; the last bucket ends with the session."""
+    end_t = max(end_t, float(t[-1]) if len(t) else 0.0)
+    if end_t <= 0:
+        return
+    w = bucket_width(end_t)
+    edges = np.arange(0.0, end_t, w)
+    edges = np.append(edges, end_t)
+    tt = np.concatenate([[0.0], t])
+    a = np.interp(edges, tt, np.concatenate([[0], allocs]).astype(np.float64))
+    f = np.interp(edges, tt, np.concatenate([[0], frees]).astype(np.float64))
+    width = np.diff(edges)
+    data.bucket_s = w
+    data.rate_t = edges[:-1].tolist()
+    data.alloc_rate = (np.diff(a) / width).tolist()
+    data.free_rate = (np.diff(f) / width).tolist()
+    data.avg_alloc_rate = float(allocs[-1]) / end_t if len(allocs) else 0.0
+    data.avg_free_rate = float(frees[-1]) / end_t if len(frees) else 0.0
+
+
+def _parts(b: Batch, since_us: int, quantum_us: int) -> list[Batch]:
+    """`b` cut where its records' time crosses since_us + k * quantum_us (a live batch can hold
+    a whole short session): each part but the last without agent counters (the engine takes
+    drops at the batch's end, as before), ending at its last record's time."""
+    ts = np.maximum.accumulate(b.records["ts_us"].astype(np.int64)) if len(b.records) else None
+    if ts is None or int(ts[-1]) - since_us < quantum_us:
+        return [b]
+    # at most MAX_PARTS parts: a long batch gets a coarser quantum
+    quantum_us = max(quantum_us, -(-(int(ts[-1]) - since_us) // MAX_PARTS))
+    slot = (ts - since_us) // quantum_us
+    cuts = (np.flatnonzero(np.diff(slot)) + 1).tolist()
+    parts, lo = [], 0
+    for hi in cuts:
+        parts.append(Batch(int(ts[hi - 1]), None, b.records[lo:hi]))  # type: ignore[arg-type]
+        lo = hi
+    parts.append(Batch(b.now_us, b.counters, b.records[lo:]))
+    return parts
 
 
 def _downsample(n: int, keep: int | None) -> np.ndarray:
@@ -133,45 +201,80 @@ def from_recording(path: Path, prefix: str = "MemoryPoolNVSE") -> ReportData:
     try:
         meta = rec.meta
         eng = Engine(meta)
-        rows: list[CsvRow] = []
         lines: list[LogLine] = []
-        mod_t: list[float] = []
+        # samples: seconds, current bytes, peak bytes, total allocations, total frees
+        samples: list[tuple[float, int, int, int, int]] = []
         mod_rows: list[dict[str, int]] = []
 
         def take(outs: list) -> None:
-            for o in outs:
-                if isinstance(o, CsvRow):
-                    rows.append(o)
-                elif isinstance(o, LogLine):
-                    lines.append(o)
+            lines.extend(o for o in outs if isinstance(o, LogLine))
 
-        def sample() -> None:
-            snap: Snapshot = eng.snapshot()
-            mod_t.append(snap.ts_us / 1e6)
-            mod_rows.append(dict(snap.monitor.get("modules_live_bytes", {})))
+        def sample(at_us: int | None = None, first_us: int | None = None) -> None:
+            """The state now, at the time of the last record fed (`at_us`) and, when the stream
+            went on without records (a drain of a quiet target), at the engine's time too.
+            `first_us`: the run's first record; the state before it held until then (a quiet
+            spell is drawn flat, not as a slope to the next change)."""
+            if first_us is not None and samples and first_us - 1 > samples[-1][0] * 1e6:
+                samples.append(((first_us - 1) / 1e6, *samples[-1][1:]))
+                mod_rows.append(mod_rows[-1])
+            c = eng.state.c
+            row: dict[str, int] = {}
+            for i, v in enumerate(eng.state.mod_cur.tolist()):
+                if v:
+                    name = eng.modmap.name(i)
+                    row[name] = row.get(name, 0) + v
+            times = [eng.now] if at_us is None or at_us >= eng.now else [at_us, eng.now]
+            for t in times:
+                if samples and t <= samples[-1][0] * 1e6:
+                    samples[-1] = (samples[-1][0], c.current_bytes, c.peak_bytes,
+                                   c.total_allocations, c.total_frees)
+                    mod_rows[-1] = row
+                    continue
+                samples.append((t / 1e6, c.current_bytes, c.peak_bytes, c.total_allocations,
+                                c.total_frees))
+                mod_rows.append(row)
 
         take(eng.start())
+        sample()  # time zero: nothing yet
         error = None
         pending: list = []
         n = 0
+        since = 0  # µs of the last sample
+        last_rec = None  # µs of the last record fed
+        first_rec = None  # µs of the first record of the run pending
+
+        def flush() -> None:
+            nonlocal pending, n, since, first_rec
+            take(eng.feed_many(pending))
+            pending, n = [], 0
+            sample(last_rec, first_rec)
+            since, first_rec = eng.now, None
+
         try:
             for msg in rec:
-                pending.append(msg)
-                if isinstance(msg, Batch):
-                    n += len(msg.records)
-                if n >= RUN_RECORDS or not isinstance(msg, Batch):
-                    take(eng.feed_many(pending))
-                    pending, n = [], 0
-                    sample()
+                if not isinstance(msg, Batch):
+                    pending.append(msg)
+                    flush()
+                    continue
+                quantum = max(MIN_SAMPLE_US, since // SAMPLES_PER_SPAN)
+                for part in _parts(msg, since, quantum):
+                    pending.append(part)
+                    n += len(part.records)
+                    last = int(part.records["ts_us"][-1]) if len(part.records) else part.now_us
+                    if len(part.records):
+                        last_rec = last
+                        if first_rec is None:
+                            first_rec = int(part.records["ts_us"][0])
+                    if n >= RUN_RECORDS or last - since >= quantum:
+                        flush()
         except RecordingError as e:
             error = str(e)
             if pending:
-                take(eng.feed_many(pending))
-                pending = []
+                flush()
             where = f" at byte {e.offset}" if e.offset is not None else ""
             take(eng.note_input_error(f"{Path(e.path).name}: {e.problem}{where}"))
         if pending:
-            take(eng.feed_many(pending))
+            flush()
         report_leaks = leaks_mod.from_engine(eng)
         report_leaks.log_to(eng, leaks_mod.leaks_path(".", prefix).name)
         outs = eng.finish()
@@ -185,40 +288,42 @@ def from_recording(path: Path, prefix: str = "MemoryPoolNVSE") -> ReportData:
 
     doc = json.loads(render(final, meta.wall_clock_zero_us))
     data = ReportData(str(path), "recording", doc, error=error)
-    _series(data, [(r.ts_us / 1e6, r.memory_usage, r.peak_memory, r.allocs_per_sec,
-                    r.frees_per_sec) for r in rows])
     data.end_t = final.ts_us / 1e6
+    idx = _series(data, samples)
+    arr = np.array(samples, dtype=np.float64).reshape(-1, 5)
+    resample_rates(data, arr[:, 0], arr[:, 3], arr[:, 4], data.end_t)
     for ln in lines:
         _line(data, ln.ts_us / 1e6, ln.level, ln.message)
+    # the module series at the memory series' own sample times: their spikes line up
     names = sorted({m for row in mod_rows for m in row},
                    key=lambda m: -max(row.get(m, 0) for row in mod_rows))
-    idx = _downsample(len(mod_t), None)
-    data.module_t = [mod_t[i] for i in idx]
+    data.module_t = [samples[i][0] for i in idx]
     data.module_series = {m: [mod_rows[i].get(m, 0) for i in idx] for m in names}
     if mod_rows and data.peak_t is not None:
-        at = min(range(len(mod_t)), key=lambda i: abs(mod_t[i] - data.peak_t))
-        data.module_peak, data.module_peak_t = mod_rows[at], mod_t[at]
+        at = next(i for i, x in enumerate(samples) if x[0] >= data.peak_t)
+        data.module_peak, data.module_peak_t = mod_rows[at], samples[at][0]
     data.leaks = report_leaks
     data.hist = _size_hist(doc)
     data.largest = _largest(doc) or []
     return data
 
 
-def _series(data: ReportData, rows: list[tuple[float, int, int, float, float]]) -> None:
+def _series(data: ReportData, rows: list[tuple]) -> list[int]:
+    """The memory series from rows (seconds, current, peak, ...), downsampled keeping the
+    highest point; returns the indices kept."""
     if not rows:
-        return
+        return []
     cur = np.array([r[1] for r in rows], np.int64)
     keep = int(np.argmax(cur))
-    for i in _downsample(len(rows), keep).tolist():
-        t, c, p, a, f = rows[i]
-        data.t.append(t)
-        data.current.append(int(c))
-        data.peak.append(int(p))
-        data.alloc_rate.append(float(a))
-        data.free_rate.append(float(f))
+    idx = _downsample(len(rows), keep).tolist()
+    for i in idx:
+        data.t.append(float(rows[i][0]))
+        data.current.append(int(rows[i][1]))
+        data.peak.append(int(rows[i][2]))
     # The peak happened in the interval ending at the first row whose running peak reaches it.
     final_peak = max(r[2] for r in rows)
-    data.peak_t = next(r[0] for r in rows if r[2] == final_peak)
+    data.peak_t = next(float(r[0]) for r in rows if r[2] == final_peak)
+    return idx
 
 
 def _line(data: ReportData, t: float, level: str, msg: str, tid: int = 0,
@@ -263,6 +368,17 @@ def from_directory(directory: Path, prefix: str) -> ReportData:
     except (OSError, ValueError, KeyError, TypeError) as e:
         data.notes.append(f"{paths.csv.name}: unreadable from some row on ({e})")
     _series(data, rows)
+    if rows:
+        # the CSV's rates are over the interval since the row before (the first: since time
+        # zero): integrated, they give the cumulative counts the buckets need
+        arr = np.array(rows, dtype=np.float64)
+        dt = np.diff(np.concatenate([[0.0], arr[:, 0]]))
+        resample_rates(data, arr[:, 0], np.cumsum(arr[:, 3] * dt), np.cumsum(arr[:, 4] * dt),
+                       uptime)
+        ms = doc.get("memory_stats") or {}
+        if uptime > 0:  # the JSON's totals are exact
+            data.avg_alloc_rate = float(ms.get("total_allocations", 0)) / uptime
+            data.avg_free_rate = float(ms.get("total_frees", 0)) / uptime
     largest = _largest(doc)
     try:
         with open(paths.log, encoding="utf-8", errors="replace") as f:
@@ -288,6 +404,19 @@ def from_directory(directory: Path, prefix: str) -> ReportData:
         data.notes.append("largest allocations: from the log's PERF lines (over 1 MiB) only")
     try:
         data.leaks = leaks_mod.read_csv(leaks_mod.leaks_path(directory, prefix))
+        mon = doc.get("monitor") or {}
+        until = mon.get("uncertain_fate_until_us")
+        if data.leaks.uncertain_allocations and isinstance(until, int):
+            data.leaks.uncertain_until_us = until  # the CSV does not say when, nor why
+            why = []
+            if mon.get("dropped_frees"):
+                why.append(f"{mon['dropped_frees']} free/realloc records were dropped")
+            elif mon.get("dropped_events"):
+                why.append(f"{mon['dropped_events']} events were dropped")
+            bad = (mon.get("agent_counters") or {}).get("unknown_records")
+            if bad:
+                why.append(f"{bad} invalid ring records were skipped")
+            data.leaks.uncertain_reason = "; ".join(why)
     except FileNotFoundError:
         data.notes.append("no leaks CSV yet (written when the session ends)")
     except (OSError, ValueError, KeyError) as e:

@@ -14,6 +14,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from .. import __version__
+from ..words import plural
 from .data import ReportData
 
 MIB = 1 << 20
@@ -29,11 +30,33 @@ def _e(x: Any) -> str:
     return html.escape(str(x))
 
 
-def _layout(fig: go.Figure, title: str, y: str, height: int = 340) -> go.Figure:
+def _layout(fig: go.Figure, title: str, y: str, height: int = 340,
+            end_t: float | None = None) -> go.Figure:
+    """`end_t`: a time chart's x axis spans exactly the session, 0 .. end_t, so the charts over
+    time line up with each other."""
     fig.update_layout(title=title, height=height, margin=dict(l=60, r=20, t=50, b=45),
                       xaxis_title="seconds since start", yaxis_title=y, template="plotly_white",
                       legend=dict(orientation="h", y=-0.2))
+    if end_t is not None and end_t > 0:
+        fig.update_xaxes(range=[0, end_t])
     return fig
+
+
+def si(x: float) -> str:
+    """12.3 M, 45.6 k, 789."""
+    for unit, s in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= s:
+            return f"{x / s:.3g} {unit}"
+    return f"{x:.3g}"
+
+
+def duration(s: float) -> str:
+    """A bucket width in words: 10 ms, 2 s, 500 µs."""
+    if s >= 1:
+        return f"{s:g} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:g} ms"
+    return f"{s * 1e6:g} µs"
 
 
 def _div(fig: go.Figure, name: str) -> str:
@@ -68,17 +91,34 @@ def memory_chart(data: ReportData) -> str:
             fig.add_vrect(x0=t0, x1=t1, fillcolor=STATE_COLORS[state], line_width=0,
                           annotation_text=state, annotation_position="top left")
     return _div(_layout(fig, "Memory over time (tracked live bytes; shaded: health not ACTIVE)",
-                        "MiB"), "memory")
+                        "MiB", end_t=data.end_t), "memory")
 
 
 def rates_chart(data: ReportData) -> str:
+    """Both rates per time bucket as steps: allocations/s a wide solid line, frees/s a narrower
+    dashed one drawn over it (equal rates, the usual case, still show both); the session's
+    averages as dotted lines."""
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=data.t, y=data.alloc_rate, name="allocations/s", mode="lines",
-                             line=dict(color=PALETTE[2])))
-    fig.add_trace(go.Scatter(x=data.t, y=data.free_rate, name="frees/s", mode="lines",
-                             line=dict(color=PALETTE[1])))
-    return _div(_layout(fig, "Allocation and free rates (per CSV interval)", "per second"),
-                "rates")
+    xs = [*data.rate_t, data.end_t] if data.rate_t else []
+    for name, ys, color, line in (
+            ("allocations/s", data.alloc_rate, PALETTE[2], dict(width=3.5)),
+            ("frees/s", data.free_rate, PALETTE[1], dict(width=1.6, dash="dash"))):
+        fig.add_trace(go.Scatter(x=xs, y=[*ys, ys[-1]] if ys else [], name=name, mode="lines",
+                                 line_shape="hv", line=dict(color=color, **line),
+                                 hovertemplate="%{x:.6g} s: %{y:.4s}/s<extra>" + name
+                                 + "</extra>"))
+    if data.end_t > 0:
+        for name, avg, color in (("allocations", data.avg_alloc_rate, PALETTE[2]),
+                                 ("frees", data.avg_free_rate, PALETTE[1])):
+            fig.add_trace(go.Scatter(x=[0, data.end_t], y=[avg, avg], mode="lines",
+                                     name=f"average {si(avg)} {name}/s",
+                                     line=dict(color=color, width=1, dash="dot"),
+                                     hoverinfo="skip"))
+    title = (f"Allocation and free rates (per {duration(data.bucket_s)} bucket; averages "
+             f"{si(data.avg_alloc_rate)} allocations/s, {si(data.avg_free_rate)} frees/s)")
+    fig = _layout(fig, title, "per second", end_t=data.end_t)
+    fig.update_yaxes(rangemode="tozero")
+    return _div(fig, "rates")
 
 
 def health_chart(data: ReportData) -> str:
@@ -99,7 +139,8 @@ def health_chart(data: ReportData) -> str:
                                hovertemplate="%{x:.3f} s: %{y} (%{text})<extra></extra>",
                                line=dict(color=PALETTE[4])))
     fig.update_yaxes(categoryorder="array", categoryarray=STATE_ORDER)
-    return _div(_layout(fig, "Health changes", "status", height=260), "health")
+    return _div(_layout(fig, "Health changes", "status", height=260, end_t=data.end_t),
+                "health")
 
 
 def modules_over_time_chart(data: ReportData) -> str:
@@ -115,7 +156,8 @@ def modules_over_time_chart(data: ReportData) -> str:
                for i in range(len(data.module_t))]
         fig.add_trace(go.Scatter(x=data.module_t, y=tot, name=f"{len(other)} others",
                                  mode="lines", stackgroup="m"))
-    return _div(_layout(fig, "Live bytes per module over time (stacked)", "MiB"), "modules-time")
+    return _div(_layout(fig, "Live bytes per module over time (stacked, at the memory chart's "
+                        "sample times)", "MiB", end_t=data.end_t), "modules-time")
 
 
 def module_bars(data: ReportData) -> list[tuple[str, dict[str, int]]]:
@@ -191,10 +233,55 @@ def _cards(data: ReportData) -> str:
         ("failures", f"{ms['allocation_failures']:,}"),
         ("dropped events", f"{int(mon.get('dropped_events', 0)):,}"),
         ("untracked frees", f"{int(mon.get('untracked_frees', 0)):,}"),
+        *_ring_cards(data, mon),
         ("warnings / errors", f"{d['health']['warning_count']} / {d['health']['error_count']}"),
     ]
     return "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{v}</div>'
                    "</div>" for k, v in cards)
+
+
+def _us(us: int) -> str:
+    if us < 1000:
+        return f"{us} µs"
+    return f"{us / 1e3:,.1f} ms" if us < 1_000_000 else f"{us / 1e6:,.2f} s"
+
+
+def _ring_cards(data: ReportData, mon: dict[str, Any]) -> list[tuple[str, str]]:
+    """Issue 13: stalls (a session that had them or knows its --on-full policy) and the
+    blocks set aside as uncertain; nothing for an older session without either."""
+    cards = []
+    stalls = int(mon.get("stalls") or 0)
+    if stalls or mon.get("on_full") is not None:
+        detail = (f' <span class="note">({_us(int(mon.get("stall_total_us") or 0))}, longest '
+                  f'{_us(int(mon.get("stall_max_us") or 0))})</span>' if stalls else "")
+        cards.append(("stalls", f"{stalls:,}{detail}"))
+    if mon.get("dropped_frees"):
+        cards.append(("lost frees", f"{int(mon['dropped_frees']):,}"))
+    if data.leaks is not None and data.leaks.uncertain_allocations:
+        cards.append(("uncertain blocks", f"{data.leaks.uncertain_allocations:,}"))
+    return cards
+
+
+def _uncertain_section(data: ReportData) -> list[str]:
+    rep = data.leaks
+    if rep is None or not rep.uncertain_allocations:
+        return []
+    when = ("" if rep.uncertain_until_us is None else
+            f" at or before {rep.uncertain_until_us / 1e6:.6f} s")
+    why = f" ({_e(rep.uncertain_reason)})" if rep.uncertain_reason else ""
+    rows = [[_e(g.module), _e("" if g.offset is None else f"0x{g.offset:x}"),
+             f"{g.allocations:,}", f"{g.bytes:,}", _e(f"{g.min_size}..{g.max_size}"),
+             _e("+".join(g.heaps))] for g in rep.uncertain_sites[:20]]
+    out = [f"<h2>Uncertain: {plural(rep.uncertain_allocations, 'block', sep=True)}, "
+           f"{plural(rep.uncertain_bytes, 'byte', sep=True)} set aside, not leaks</h2>",
+           f'<p class="note">Still live at the end but allocated{_e(when)}, when free records '
+           f"were lost{why}: one of the lost frees may have freed them. They are not counted "
+           "as leaks; blocks allocated later are.</p>",
+           _table(["module", "offset", "blocks", "bytes", "sizes", "heaps"], rows, {2, 3})]
+    if len(rep.uncertain_sites) > 20:
+        out.append(f'<p class="note">{len(rep.uncertain_sites) - 20} more call sites in the '
+                   "leaks CSV (uncertain-site rows)</p>")
+    return out
 
 
 def render(data: ReportData) -> str:
@@ -216,13 +303,15 @@ def render(data: ReportData) -> str:
         rows = [[_e(g.module), _e("" if g.offset is None else f"0x{g.offset:x}"),
                  f"{g.allocations:,}", f"{g.bytes:,}", _e(f"{g.min_size}..{g.max_size}"),
                  _e("+".join(g.heaps))] for g in data.leaks.sites[:50]]
-        body.append(f"<h2>Leaks: {data.leaks.allocations:,} blocks, {data.leaks.bytes:,} bytes "
-                    f"live at end, top call sites</h2>")
+        body.append(f"<h2>Leaks: {plural(data.leaks.allocations, 'block', sep=True)}, "
+                    f"{plural(data.leaks.bytes, 'byte', sep=True)} live at end, top call "
+                    "sites</h2>")
         body.append(_table(["module", "offset", "blocks", "bytes", "sizes", "heaps"], rows,
                            {2, 3}))
         if len(data.leaks.sites) > 50:
             body.append(f'<p class="note">{len(data.leaks.sites) - 50} more call sites in the '
                         "leaks CSV</p>")
+    body += _uncertain_section(data)
     body.append("<h2>Allocation sizes</h2>")
     if data.hist:
         body.append(hist_chart(data))

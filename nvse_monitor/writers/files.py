@@ -4,6 +4,7 @@ stderr line plus a WriteFailure the pipeline reports to the engine."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -90,6 +91,15 @@ def check_writable_dir(path: Path) -> None:
         raise PermissionError(13, "Permission denied")
 
 
+def make_out_dir(path: Path) -> None:
+    """Create directory `path` (and parents) and check files can be made in it. Raises OSError:
+    ENOTDIR for an existing file (mkdir alone would say "File exists")."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+    path.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(path)
+
+
 def check_prefix(prefix: str) -> None:
     if (why := prefix_problem(prefix)) is not None:
         raise OutputDirError(f"bad file prefix {prefix!r}: {why}")
@@ -126,8 +136,7 @@ class OutputFiles:
     def open(self) -> None:
         """Create the directory and start the log and CSV afresh. Raises OutputDirError."""
         try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            check_writable_dir(self.out_dir)
+            make_out_dir(self.out_dir)
             self.log.start()
             self.csv.start()
             self.addrspace.start()

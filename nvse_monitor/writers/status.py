@@ -24,7 +24,7 @@ def render(snap: Snapshot, wall_clock_zero_us: int, prefix: str) -> str:
         f"Memory Usage: {snap.current_bytes_allocated / MIB:.2f} MB",
         f"Peak Memory: {snap.peak_bytes_allocated / MIB:.2f} MB",
         f"Allocations: {int(snap.total_allocations)}",
-        f"Errors: {int(snap.error_count)}",
+        f"Errors: {int(snap.error_count) + int(snap.critical_count)}",  # ERROR + CRITICAL lines
         f"Last Update: {wall_clock_zero_us + int(snap.ts_us)}",
     ]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,194 @@
+"""The host's ring reader on a mapping it does not trust (no Frida: the reader on its own).
+
+Whatever a buggy or hostile target writes into the shared mapping, the reader counts what it
+cannot use ("unknown records") and never crashes, hangs or hands on a record it did not
+validate."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nvse_monitor.capture import ringlayout as rl
+from nvse_monitor.capture.reader import RingReader
+from nvse_monitor.events import RECORD_DTYPE, Kind
+from nvse_monitor.stream import Batch
+
+NHOOKS = 4
+
+
+class Ring:
+    """A ring in plain memory, with a producer written in Python (the agent's protocol)."""
+
+    def __init__(self, ptr_size: int = 8, slots: int = 64) -> None:
+        self.layout = rl.Layout(ptr_size, slots)
+        self.buf = bytearray(self.layout.bytes)
+        rl.init_header(self.buf, self.layout, "wait", 1000)
+        self.slots = np.frombuffer(self.buf, dtype=self.layout.slot_dtype(), count=slots,
+                                   offset=rl.HEADER_BYTES)
+        self.head = 0
+        self.out: list = []
+        self.now = 0
+        self.reader = RingReader(self.buf, self.layout, NHOOKS, self.out.append,
+                                 lambda: self.now)
+
+    def word(self, off: int, v: int) -> None:
+        fmt = self.layout.word
+        struct.pack_into(fmt, self.buf, off, v & (self.layout.wrap - 1))
+
+    def publish(self, kind: int = Kind.ALLOC, hook: int = 0, ptr: int = 0x1000, size: int = 16,
+                tid: int = 7) -> None:
+        s = self.slots[self.head % self.layout.slots]
+        r = np.zeros(1, RECORD_DTYPE)[0]
+        r["kind"], r["hook"], r["ptr"], r["size"], r["tid"] = kind, hook, ptr, size, tid
+        s["rec"] = r
+        s["pub"] = (self.head + 1) & (self.layout.wrap - 1)
+        self.head += 1
+        self.word(rl.OFF_HEAD, self.head)
+
+    def records(self) -> np.ndarray:
+        got = [m.records for m in self.out if isinstance(m, Batch)]
+        return np.concatenate(got) if got else np.empty(0, RECORD_DTYPE)
+
+
+@pytest.mark.parametrize("ptr_size", [4, 8])
+def test_reads_published_records_in_order_across_wraps(ptr_size):
+    ring = Ring(ptr_size)
+    for lap in range(5):
+        for i in range(50):
+            ring.publish(ptr=0x1000 + lap * 100 + i)
+        ring.now += 1000
+        ring.reader.drain(0.01)
+    recs = ring.records()
+    assert len(recs) == 250
+    assert np.array_equal(recs["ptr"], [0x1000 + lap * 100 + i for lap in range(5)
+                                        for i in range(50)])
+    assert np.array_equal(recs["seq"], np.arange(250))
+    assert np.all(np.diff(recs["ts_us"].astype(np.int64)) >= 0)
+    assert ring.reader.counters().published == 250
+
+
+def test_ia32_positions_wrap_at_32_bits():
+    ring = Ring(4, 64)
+    start = (1 << 32) - 30  # the target's 32-bit head is about to wrap
+    ring.head = start
+    ring.reader.tail = start
+    ring.reader._anchor_pos = [start]
+    ring.word(rl.OFF_HEAD, start)
+    ring.word(rl.OFF_TAIL, start)
+    for i in range(60):
+        ring.publish(ptr=i + 1)
+    ring.reader.drain(0.01)
+    assert np.array_equal(ring.records()["ptr"], np.arange(1, 61))
+
+
+def test_unpublished_slot_holds_back_later_records():
+    ring = Ring()
+    ring.publish(ptr=1)
+    ring.head += 1  # a reservation whose record is not published yet (a realloc in flight)
+    ring.word(rl.OFF_HEAD, ring.head)
+    ring.publish(ptr=3)
+    ring.reader.drain(0.01)
+    assert list(ring.records()["ptr"]) == [1]
+    assert ring.reader.tail == 1
+
+
+def test_invalid_kinds_and_hooks_are_counted_not_passed_on():
+    ring = Ring()
+    ring.publish(kind=Kind.ALLOC)
+    ring.publish(kind=0)
+    ring.publish(kind=9)
+    ring.publish(hook=NHOOKS)  # outside the profile
+    ring.publish(kind=Kind.FREE)
+    ring.reader.drain(0.01)
+    assert list(ring.records()["kind"]) == [Kind.ALLOC, Kind.FREE]
+    assert ring.reader.counters().unknown_records == 3
+
+
+def test_late_frida_thread_records_are_filtered():
+    ring = Ring()
+    ring.word(rl.OFF_NEW_HEAD, 2)  # two threads made first calls...
+    ring.word(rl.OFF_NEW_HEAD + 8, 2)  # ...both classified
+    ring.word(rl.OFF_NEW_HEAD + 16, 1)  # one is Frida's
+    ring.word(rl.OFF_LATE_TIDS, 99)
+    ring.publish(tid=7)
+    ring.publish(tid=99)
+    ring.publish(tid=7)
+    ring.reader.drain(0.01)
+    assert list(ring.records()["tid"]) == [7, 7]
+
+
+def test_marker_puts_control_message_in_place():
+    ring = Ring()
+    ring.publish(ptr=1)
+    ring.publish(kind=rl.KIND_MARK, ptr=5)
+    ring.publish(ptr=2)
+    ring.reader.control(5, "module loaded")  # arrived from Frida's thread
+    ring.reader.drain(0.01)
+    seq = [m if isinstance(m, str) else list(m.records["ptr"]) for m in ring.out
+           if not (isinstance(m, Batch) and len(m.records) == 0)]
+    assert seq == [[1], "module loaded", [2]]
+
+
+def test_drop_and_stall_tallies_unwrap():
+    ring = Ring(4)
+    ring.word(rl.OFF_DROPS, 5)
+    ring.word(rl.OFF_DROPS + 2 * 4, 3)  # frees
+    ring.word(rl.OFF_STALLS, 2)
+    ring.word(rl.OFF_STALLS + 4, 1500)
+    ring.word(rl.OFF_STALLS + 8, 1000)
+    c = ring.reader.drain(0.01)
+    assert (c.dropped, c.dropped_frees, c.frees) == (5, 3, 3)
+    assert (c.stalls, c.stall_us, c.stall_max_us) == (2, 1500, 1000)
+    ring.word(rl.OFF_DROPS, 2)  # 32-bit tally wrapped: 2^32 - 5 + 2 more
+    assert ring.reader.drain(0.01).dropped == (1 << 32) + 2
+
+
+def test_heartbeat_and_host_stalled_flag():
+    ring = Ring()
+    struct.pack_into("<I", ring.buf, rl.OFF_HOST_STALLED, 1)
+    polls = ring.reader.polls
+    ring.reader.drain(0.01)
+    assert ring.reader.polls > polls
+    assert struct.unpack_from("<Q", ring.buf, rl.OFF_HOST_POLLS)[0] == ring.reader.polls
+    assert struct.unpack_from("<I", ring.buf, rl.OFF_HOST_STALLED)[0] == 1  # nothing taken yet
+    ring.publish()
+    ring.reader.drain(0.01)
+    assert struct.unpack_from("<I", ring.buf, rl.OFF_HOST_STALLED)[0] == 0
+
+
+def test_final_counts_slots_never_published():
+    ring = Ring()
+    ring.publish()
+    ring.head += 2  # two threads died mid-call
+    ring.word(rl.OFF_HEAD, ring.head)
+    c = ring.reader.final(0.01)
+    assert (c.published, c.dropped, c.dropped_frees) == (1, 2, 2)
+
+
+@settings(max_examples=150, deadline=None)
+@given(garbage=st.lists(st.tuples(st.integers(0, 4096 + 64 * 64 - 8), st.binary(min_size=1,
+                                                                             max_size=64)),
+                        max_size=40),
+       records=st.integers(0, 200), ptr_size=st.sampled_from([4, 8]))
+def test_fuzzed_mapping_never_breaks_the_reader(garbage, records, ptr_size):
+    """Random bytes anywhere in the header and the ring, between honest records: the reader
+    neither raises nor hangs, and every record it hands on is valid."""
+    ring = Ring(ptr_size)
+    for i in range(records):
+        ring.publish(ptr=i + 1)
+        if i % 50 == 0:
+            for off, data in garbage:
+                ring.buf[off:off + len(data)] = data[:len(ring.buf) - off]
+            ring.reader.drain(0.005)
+    ring.reader.final(0.005)
+    recs = ring.records()
+    assert np.all((recs["kind"] >= Kind.ALLOC) & (recs["kind"] <= Kind.FAILED))
+    assert np.all(recs["hook"] < NHOOKS)
+    c = ring.reader.counters()
+    assert c.published == len(recs)
+    assert min(c.dropped, c.stalls, c.unknown_records) >= 0
