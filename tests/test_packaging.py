@@ -16,3 +16,14 @@ def test_license_is_an_spdx_string_and_setuptools_can_read_it():
     m = re.fullmatch(r"setuptools>=(\d+)(?:\.\d+)*", req)
     assert m and int(m.group(1)) >= 77, req  # setuptools 77: license expressions
     assert "license-files" not in doc["project"] or doc["project"]["license-files"]
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """A subpackage missing from [tool.setuptools] packages is left out of a non-editable install
+    (`pip install .`, the Windows lane's Python, nvse-monitor.exe): found by the Windows lane when
+    nvse_monitor.capture came without its entry."""
+    doc = tomllib.loads((REPO / "pyproject.toml").read_text())
+    listed = set(doc["tool"]["setuptools"]["packages"])
+    pkgs = {".".join(p.parent.relative_to(REPO).parts)
+            for p in (REPO / "nvse_monitor").rglob("__init__.py")}
+    assert pkgs <= listed, sorted(pkgs - listed)
