@@ -233,7 +233,6 @@ def test_geck_profile_and_addresses(pe: PeInstall, tmp_path: Path) -> None:
     assert_final(stats(tmp_path / "out"), truth, GECK)
 
 
-@pytest.mark.xfail(strict=False, reason="lossless transport (issue 13) not merged")
 def test_burst_four_threads_lossless(pe: PeInstall, tmp_path: Path) -> None:
     """4 threads x 200,000 hooked calls each on the PE game: nothing dropped, counts exact."""
     p = run_monitor(["spawn", "--out", winpath(tmp_path / "out"), "--record",
