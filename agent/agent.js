@@ -1057,7 +1057,8 @@ function init(cfg) {
     agent_bytes: STATE_BYTES + HEADER_BYTES + ringBytes + (outBuf !== null ? maxRecs * RECORD_SIZE : 0),
     thread_state: tls !== null ? `direct TLS slot (thread pointer + 0x${tls.off.toString(16)})`
       : 'gum TLS calls',
-    footprint: ownFootprint(),
+    footprint: ownFootprint(transport.kind === 'shm' ? shared : null,
+                            HEADER_BYTES + ringSlots * SLOT_SIZE),
   };
 }
 let initialLoad = true;
@@ -1065,18 +1066,21 @@ let initialLoad = true;
 /* ------------------------------------------------------------------ footprint
  * The monitor's own share of the target's address space, once at the end of init (docs/agent.md,
  * "Footprint"): every region Frida cloaks from the process (its agent library, its heaps, our
- * ring, state and CModule code), committed and reserved. Thread stacks of Frida's threads are
- * not cloaked and not counted (about 1 MiB each on Windows). null where it cannot be measured.
+ * state and CModule code) and the view of the host's shared ring (`sharedBase`, not cloaked),
+ * committed and reserved. Thread stacks of Frida's threads are not cloaked and not counted
+ * (about 1 MiB each on Windows). null where it cannot be measured.
  */
-function ownFootprint() {
+function ownFootprint(sharedBase, sharedBytes) {
   try {
     if (typeof Cloak === 'undefined') return null;
     const regions = Process.platform === 'windows' ? windowsRegions()
       : Process.platform === 'linux' ? linuxRegions() : null;
     if (regions === null) return null;
+    const inShared = (b) => sharedBase !== null && b.compare(sharedBase) >= 0 &&
+      b.compare(sharedBase.add(sharedBytes)) < 0;
     let committed = 0, reserved = 0, n = 0;
     for (const r of regions) {
-      if (!Cloak.hasRangeContaining(r.base)) continue;
+      if (!Cloak.hasRangeContaining(r.base) && !inShared(r.base)) continue;
       if (r.reserved) reserved += r.size; else committed += r.size;
       n++;
     }

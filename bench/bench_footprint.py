@@ -6,8 +6,8 @@ with its default ring, a small ring, and only the fixed-address hooks. Run by th
     python tests/windows/fakes.py /tmp/pe          # the PE fake install
     wine "$NVSE_WIN_PYTHON" bench/bench_footprint.py 'Z:\\tmp\\pe' </dev/null | cat
 
-Committed bytes of the regions Frida cloaks (what the agent reports as its footprint), before
-and after the agent loads, in MiB.
+Before: committed bytes of the regions Frida cloaks with only a probe script loaded (Frida's
+runtime). After: the footprint the agent reports (cloaked regions and the shared ring's view).
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ def measure(game_dir: str, prof: Profile, slots: int) -> tuple[float, float]:
         probe = s.create_script(WALK)
         probe.load()
         before = probe.exports_sync.cloaked()
-        load_agent(s, prof, AgentConfig(ring_slots=slots), lambda _m: None)
+        agent = load_agent(s, prof, AgentConfig(ring_slots=slots), lambda _m: None)
         time.sleep(1)
-        after = probe.exports_sync.cloaked()
+        fp = agent.init_result.get("footprint") or {}
+        after = int(fp.get("committed", 0)) + int(fp.get("reserved", 0))
     finally:
         dev.kill(pid)
     return before / 2**20, after / 2**20
