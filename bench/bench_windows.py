@@ -82,7 +82,8 @@ def main() -> None:
                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
                            errors="replace", timeout=900)
         t = read_truth(truth)
-        m_ev = re.search(r"([\d,]+) dropped; ([\d,]+) events", p.stderr)
+        m_ev = re.search(r"([\d,]+) dropped[^;]*; ([\d,]+) events", p.stderr)
+        stalls = re.search(r"dropped, ([^;]*stalls[^;]*);", p.stderr)
         us = re.search(r"gt workload_us (\d+)", truth.read_text())
         if p.returncode != 0 or not m_ev or not us:
             sys.exit(f"end-to-end run failed ({p.returncode}): {p.stderr[-800:]}")
@@ -91,7 +92,8 @@ def main() -> None:
         secs = int(us.group(1)) / 1e6
         print(f"end-to-end (4 threads, {calls:,} calls in {secs:.2f} s of workload): "
               f"{calls / secs / 1e6:.2f} M calls/s offered, {events:,} events recorded, "
-              f"{dropped:,} dropped ({100 * dropped / max(1, calls):.1f} %)")
+              f"{dropped:,} dropped ({100 * dropped / max(1, calls):.1f} %)"
+              + (f", {stalls.group(1)}" if stalls else ""))
 
 
 if __name__ == "__main__":
