@@ -217,6 +217,16 @@ function sendHook(entry, ok, detail, pending = false) {
   send({ type: 'hook', ts_us: clockNowUs(), hook: entry.index, name: entry.spec.name, ok, detail, pending });
 }
 
+// An optional hook whose entry point does not exist in this module (a CRT build without
+// _recalloc): not a failure. The host logs it as INFO "Hook not present" (docs/engine.md); the
+// hook stays pending for other modules its pattern may match.
+const NOT_PRESENT = 'not present: ';
+function notPresent(entry, reason) {
+  if (entry.detail === '') entry.detail = NOT_PRESENT + reason;
+  send({ type: 'hook', ts_us: clockNowUs(), hook: entry.index, name: entry.spec.name, ok: false,
+         detail: NOT_PRESENT + reason, pending: false });
+}
+
 function fail(entry, reason) {
   entry.ok = entry.inst.length > 0;
   entry.detail = reason;
@@ -452,7 +462,11 @@ function onModuleAdded(mod, initial) {
     const spec = e.spec;
     if (spec.export !== undefined) {
       const addr = find(spec.export);
-      if (addr === null) fail(e, `export ${spec.export} not found in ${mod.name}`);
+      if (addr === null) {
+        const why = `export ${spec.export} not found in ${mod.name}`;
+        if (spec.required === false) notPresent(e, why);
+        else fail(e, why);
+      }
       else list.push([e, addr, mod]);
     } else if (spec.offset !== undefined) {
       if (spec.offset >= mod.size) fail(e, `offset 0x${spec.offset.toString(16)} is outside ${mod.name}`);
@@ -1043,9 +1057,72 @@ function init(cfg) {
     agent_bytes: STATE_BYTES + HEADER_BYTES + ringBytes + (outBuf !== null ? maxRecs * RECORD_SIZE : 0),
     thread_state: tls !== null ? `direct TLS slot (thread pointer + 0x${tls.off.toString(16)})`
       : 'gum TLS calls',
+    footprint: ownFootprint(transport.kind === 'shm' ? shared : null,
+                            HEADER_BYTES + ringSlots * SLOT_SIZE),
   };
 }
 let initialLoad = true;
+
+/* ------------------------------------------------------------------ footprint
+ * The monitor's own share of the target's address space, once at the end of init (docs/agent.md,
+ * "Footprint"): every region Frida cloaks from the process (its agent library, its heaps, our
+ * state and CModule code) and the view of the host's shared ring (`sharedBase`, not cloaked),
+ * committed and reserved. Thread stacks of Frida's threads are not cloaked and not counted
+ * (about 1 MiB each on Windows). null where it cannot be measured.
+ */
+function ownFootprint(sharedBase, sharedBytes) {
+  try {
+    if (typeof Cloak === 'undefined') return null;
+    const regions = Process.platform === 'windows' ? windowsRegions()
+      : Process.platform === 'linux' ? linuxRegions() : null;
+    if (regions === null) return null;
+    const inShared = (b) => sharedBase !== null && b.compare(sharedBase) >= 0 &&
+      b.compare(sharedBase.add(sharedBytes)) < 0;
+    let committed = 0, reserved = 0, n = 0;
+    for (const r of regions) {
+      if (!Cloak.hasRangeContaining(r.base) && !inShared(r.base)) continue;
+      if (r.reserved) reserved += r.size; else committed += r.size;
+      n++;
+    }
+    return { committed, reserved, regions: n };
+  } catch (e) {
+    return null;
+  }
+}
+
+// {base, size, reserved} of every allocated region, by VirtualQuery (MEMORY_BASIC_INFORMATION).
+function windowsRegions() {
+  const k32 = Process.getModuleByName('kernel32.dll');
+  const vq = new NativeFunction(k32.getExportByName('VirtualQuery'), 'size_t',
+                                ['pointer', 'pointer', 'size_t']);
+  const ps = Process.pointerSize;
+  const mbi = Memory.alloc(64);
+  const offSize = ps === 4 ? 12 : 24, offState = ps === 4 ? 16 : 32;
+  const out = [];
+  let addr = ptr(0x10000);
+  for (let i = 0; i < 1000000; i++) {
+    if (vq(addr, mbi, 64).toNumber() === 0) break;
+    const base = mbi.readPointer();
+    const size = ps === 4 ? mbi.add(offSize).readU32() : Number(mbi.add(offSize).readU64());
+    const state = mbi.add(offState).readU32();
+    if (size <= 0) break;
+    if (state !== 0x10000) out.push({ base, size, reserved: state === 0x2000 });  // not MEM_FREE
+    addr = base.add(size);
+  }
+  return out;
+}
+
+// The same from /proc/self/maps; a no-access mapping counts as reserved.
+function linuxRegions() {
+  const out = [];
+  for (const line of File.readAllText('/proc/self/maps').split('\n')) {
+    const m = /^([0-9a-f]+)-([0-9a-f]+) (\S{4})/.exec(line);
+    if (m === null) continue;
+    const base = ptr('0x' + m[1]);
+    out.push({ base, size: Number(ptr('0x' + m[2]).sub(base)), reserved: m[3].startsWith('---') });
+  }
+  return out;
+}
 
 function flush() {
   drainAll(true);

@@ -17,6 +17,17 @@ from . import __version__
 PROG = "nvse-monitor"
 
 
+def _utf8_when_redirected() -> None:
+    """On Windows a redirected stdout/stderr gets the ANSI code page (cp1252), which cannot
+    encode the dashboard's block characters: `top --once > file` would die on them. Text that
+    goes to a file or pipe is written as UTF-8 instead; a console keeps its own encoding."""
+    if sys.platform != "win32":
+        return
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None and hasattr(stream, "reconfigure") and not stream.isatty():
+            stream.reconfigure(encoding="utf-8", errors="replace")
+
+
 def error_line(message: str) -> str:
     """The one style of every error line (docs/cli.md)."""
     return f"{PROG}: error: {message}"
@@ -72,6 +83,7 @@ class _Cli(click.Group):
 @click.version_option(__version__, prog_name=PROG)
 def main() -> None:
     """Monitor the memory allocator of Fallout New Vegas, its NVSE plugins, or any process."""
+    _utf8_when_redirected()
 
 
 def _register() -> None:

@@ -59,6 +59,9 @@ from .tracking import LiveColumns, LiveTable
 from .words import plural
 
 ADDRSPACE_LOW = "address space low"  # the health cause
+# Detail prefix of a hook message for an optional entry point that a module does not have
+# (agent.js notPresent): logged INFO, not a failure (docs/engine.md, "Hook failures").
+NOT_PRESENT = "not present: "
 _MB = 1 << 20
 # Allocation size classes by bit length: class 0 = size 0, class k = 2**(k-1) .. 2**k - 1 bytes.
 # Counted per batch from the biased exponent of each size as a float64 (one bincount, no log or
@@ -234,7 +237,7 @@ class Engine:
         self.uncertain_until: int | None = None  # blocks allocated at or before: fate unknown
         self.uncertain_reason = ""
         self.leak_summary: dict[str, int] | None = None  # set by note_leaks (session end)
-        self._hook_state: dict[object, str] = {}  # hook index -> ok, failed, pending
+        self._hook_state: dict[object, str] = {}  # hook index -> ok, failed, pending, absent
         self._hooks_complete = False
         self.hooks_installed: list[str] = []
         self.hooks_failed: list[dict[str, str]] = []
@@ -442,7 +445,12 @@ class Engine:
         t = self._advance(msg.ts_us)
         h = self.health
         detail = f" ({plain_hook_detail(msg.detail)})" if msg.detail else ""
-        if msg.pending:
+        key = msg.hook if msg.hook >= 0 else ("name", msg.name)
+        if not msg.ok and not msg.pending and msg.detail.startswith(NOT_PRESENT):
+            # an optional entry point this module does not have: no failure (docs/engine.md)
+            h.log(t, "INFO", f"Hook not present: {msg.name} ({msg.detail[len(NOT_PRESENT):]})")
+            state = "ok" if self._hook_state.get(key) == "ok" else "absent"
+        elif msg.pending:
             h.log(t, "INFO", f"Hook pending: {msg.name}{detail}")
             state = "pending"
         elif msg.ok:
@@ -457,17 +465,19 @@ class Engine:
             h.log(t, "WARN", f"Hook failed: {msg.name}{detail}")
             self.hooks_failed.append({"name": msg.name, "detail": msg.detail})
             state = "failed"
-        self._hook_state[msg.hook if msg.hook >= 0 else ("name", msg.name)] = state
+        self._hook_state[key] = state
         nh = len(self.meta.hooks)
         if not self._hooks_complete and nh and all(i in self._hook_state for i in range(nh)):
             self._hooks_complete = True
             states = [self._hook_state[i] for i in range(nh)]
             ok, pending = states.count("ok"), states.count("pending")
+            absent = states.count("absent")
             if ok == 0 and pending == 0:
                 h.fail(t, "ERROR", f"All {nh} hooks failed to install", "all hooks failed")
                 return
             h.log(t, "INFO", f"Hooks installed: {ok} of {nh}"
-                  + (f", {pending} waiting for their modules" if pending else ""))
+                  + (f", {pending} waiting for their modules" if pending else "")
+                  + (f", {absent} optional not present" if absent else ""))
             if state == "failed":  # earlier failures degraded when they came
                 h.degrade_persistent(t, f"hook {msg.name} failed")
             h.activate(t, "hooks installed")
@@ -1089,6 +1099,10 @@ class Engine:
             "allocation_sizes": _size_classes(st),
             "largest_allocations": self._largest_entries(st.largest),
         }
+        fp = m.extra.get("agent_footprint")
+        if isinstance(fp, dict):  # live sessions since 0.3 (docs/agent.md, "Footprint")
+            mon["agent_footprint"] = {k: fp[k] for k in ("committed_bytes", "reserved_bytes",
+                                                         "ring_bytes") if k in fp}
         if self.interrupted:  # only then: the files of a complete replay stay as they were
             mon["interrupted"] = True
         a = self.addrspace

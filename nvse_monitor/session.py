@@ -28,6 +28,7 @@ import frida
 
 from . import __version__, addrspace, fnv
 from .agent_host import DEFAULT_MAX_WAIT_MS, MAX_INFLIGHT_RECORDS, default_ring_slots
+from .engine import NOT_PRESENT
 from .live_status import StatusLine
 from .pipeline import Pipeline
 from .stream import (
@@ -522,6 +523,10 @@ class LiveSession:
         self.meta.utc_offset_s = _utc_offset_s()
         self.meta.monitor_version = __version__
         banner = _fnv_banner(self.meta, info.path)
+        footprint = _footprint(init_result)
+        if footprint is not None:
+            self.meta.extra["agent_footprint"] = footprint[0]
+            banner = [*banner, footprint[1]]
         if banner:
             # The engine logs its banner from SessionMeta; these lines ride along in the meta
             # (and so in recordings) until the engine logs meta.extra["banner"] itself.
@@ -565,12 +570,16 @@ class LiveSession:
             self.device.resume(self.pid)
             self._release_parents()  # --follow-child: now the launcher may go on
         hooks_ok = sum(1 for h in init_result.get("hooks", []) if h.get("ok"))
+        absent = sum(1 for h in init_result.get("hooks", []) if not h.get("ok")
+                     and str(h.get("detail", "")).startswith(NOT_PRESENT))
         agent_bytes = init_result.get("agent_bytes") or init_result.get("ring_bytes") or 0
         agent_mib = int(agent_bytes) / 2**20
         self.err.write(
             f"nvse-monitor: monitoring {self.meta.target} (PID {self.pid}, {self.meta.arch}, "
             f"{self.meta.platform}) with profile {self.meta.profile}: {hooks_ok}/"
-            f"{len(init_result.get('hooks', []))} hooks, agent memory {agent_mib:.1f} MiB; "
+            f"{len(init_result.get('hooks', []))} hooks"
+            f"{f' ({absent} optional not present)' if absent else ''}, "
+            f"agent memory {agent_mib:.1f} MiB; "
             f"files in {self.out_dir}{'; Ctrl-C to stop' if self.mode == 'attach' else ''}\n"
         )
         for line in banner:
@@ -977,6 +986,21 @@ def _utc_offset_s() -> int:
     """The host's local-time offset now (the log shows local time, like the original plugin)."""
     off = time.localtime().tm_gmtoff
     return int(off or 0)
+
+
+def _footprint(init_result: dict[str, Any]) -> tuple[dict[str, int], str] | None:
+    """The agent's own share of the target's memory (measured in the target at the end of init:
+    the regions Frida cloaks) for the metadata and a banner line; None when not measured."""
+    fp = init_result.get("footprint")
+    if not isinstance(fp, dict) or "committed" not in fp:
+        return None
+    d = {"committed_bytes": int(fp["committed"]), "reserved_bytes": int(fp.get("reserved", 0)),
+         "ring_bytes": int(init_result.get("ring_bytes") or 0)}
+    mib = 1 << 20
+    line = (f"Monitor footprint in the target: {d['committed_bytes'] / mib:.1f} MiB committed, "
+            f"{d['reserved_bytes'] / mib:.1f} MiB reserved (Frida agent, ring "
+            f"{d['ring_bytes'] / mib:.1f} MiB, hooks)")
+    return d, line
 
 
 def _fnv_banner(meta: SessionMeta, exe_path: str) -> list[str]:

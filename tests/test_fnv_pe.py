@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fnv.pebuild import build_pe
+from fnv.pebuild import build_pe, version_rc
 
 from nvse_monitor.cli_live import _large_address_aware
 from nvse_monitor.fnv import plan_launch
@@ -94,21 +94,6 @@ def test_geck_profile_version(tmp_path: Path) -> None:
         check_profile_version(geck, _write(tmp_path, "x.exe", build_pe("1.4.0.525")))
 
 
-RC = """1 VERSIONINFO
-FILEVERSION 1,4,0,{build}
-PRODUCTVERSION 1,4,0,{build}
-BEGIN
-  BLOCK "StringFileInfo"
-  BEGIN
-    BLOCK "040904b0"
-    BEGIN
-      VALUE "ProductName", "Fallout: New Vegas\\0"
-    END
-  END
-END
-"""
-
-
 @pytest.mark.parametrize("build,laa", [(525, False), (523, False), (525, True)])
 def test_mingw_built_exe(tmp_path: Path, build: int, laa: bool) -> None:
     """A real linker's output (i686-w64-mingw32), not only our own writer's; `laa`: linked
@@ -116,7 +101,7 @@ def test_mingw_built_exe(tmp_path: Path, build: int, laa: bool) -> None:
     gcc, windres = shutil.which("i686-w64-mingw32-gcc"), shutil.which("i686-w64-mingw32-windres")
     if not gcc or not windres:
         pytest.skip("gcc-mingw-w64-i686 is not installed (apt-get install gcc-mingw-w64-i686)")
-    (tmp_path / "v.rc").write_text(RC.format(build=build))
+    (tmp_path / "v.rc").write_text(version_rc(f"1.4.0.{build}"))
     (tmp_path / "m.c").write_text("int main(void) { return 0; }\n")
     subprocess.run([windres, "v.rc", "-O", "coff", "-o", "v.o"], cwd=tmp_path, check=True)
     flags = ["-Wl,--large-address-aware"] if laa else []

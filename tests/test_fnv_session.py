@@ -383,3 +383,11 @@ def test_address_space_low_warns_and_is_recorded(install: FakeInstall, tmp_path:
         (out / "hog_addrspace.csv").read_bytes()
     replayed = (tmp_path / "replay" / "hog_rpmalloc.log").read_text().splitlines()
     assert [ln for ln in replayed if "Address space" in ln] == low + back
+
+
+def test_agent_footprint_in_banner_and_json(via_spawn: Followed) -> None:
+    """The agent measures its own share of the -m32 target (the regions Frida cloaks): more than
+    its ring, far less than the address space; in the banner and the JSON."""
+    fp = via_spawn.json()["monitor"]["agent_footprint"]
+    assert fp["ring_bytes"] < fp["committed_bytes"] < 256 << 20
+    assert "Monitor footprint in the target: " in via_spawn.p.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from test_engine import A, F, X, batch, logs, meta, recs, run
 
-from nvse_monitor.engine import Engine, EngineConfig
+from nvse_monitor.engine import NOT_PRESENT, Engine, EngineConfig
 from nvse_monitor.outputs import Snapshot, Status
 from nvse_monitor.stream import AgentError, HookEvent, SessionEnd
 
@@ -49,6 +49,36 @@ def test_a_failed_hook_degrades_for_good() -> None:
     snap = e.snapshot()
     assert snap.monitor["hooks_failed"] == [{"name": "free", "detail": "export not found"}]
     assert snap.is_healthy  # a WARN does not make the monitor unhealthy
+
+
+def test_optional_hook_not_present_is_info_not_degraded() -> None:
+    """An optional entry point the module lacks (msvcrt.dll without _recalloc, seen on the
+    Windows lane): one INFO line, ACTIVE, not in hooks_failed."""
+    e = Engine(meta())
+    e.start()
+    e.feed(HookEvent(1, 0, "malloc", True))
+    out = e.feed(HookEvent(2, 1, "free", False, NOT_PRESENT + "export free not found in a.dll"))
+    out += e.feed(HookEvent(3, 2, "GameHeap::Allocate", True))
+    assert e.health.status == Status.ACTIVE
+    assert [x.message for x in logs(out) if "free" in x.message] == [
+        "Hook not present: free (export free not found in a.dll)"]
+    assert not logs(out, "WARN")
+    assert any("Hooks installed: 2 of 3, 1 optional not present" in x.message for x in logs(out))
+    assert e.snapshot().monitor["hooks_failed"] == []
+
+
+def test_not_present_in_one_module_keeps_an_install_in_another() -> None:
+    """A glob hook (msvcr*.dll) installed in msvcr120.dll stays installed when msvcrt.dll lacks
+    the export; a real failure after it still degrades."""
+    e = Engine(meta())
+    e.start()
+    e.feed(HookEvent(1, 1, "free", True))
+    e.feed(HookEvent(2, 1, "free", False, NOT_PRESENT + "export free not found in msvcrt.dll"))
+    e.feed(HookEvent(3, 0, "malloc", True))
+    e.feed(HookEvent(4, 2, "GameHeap::Allocate", True))
+    assert e.health.status == Status.ACTIVE
+    e.feed(HookEvent(5, 0, "malloc", False, "address 0x1 is not executable code"))
+    assert e.health.status == Status.DEGRADED
 
 
 def test_all_hooks_failed_is_error() -> None:

@@ -8,6 +8,10 @@ import os
 import threading
 from pathlib import Path
 
+# One line ending on every platform: the files are written as bytes with '\n' (docs/files.md).
+# On Windows os.open defaults to text mode, which would turn each '\n' into '\r\n'.
+_BINARY = getattr(os, "O_BINARY", 0)
+
 _tmp_counter = 0
 _tmp_lock = threading.Lock()
 
@@ -27,7 +31,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     data = text.encode("utf-8")
     try:
         # 0o666 minus umask, like any ordinary file (mkstemp would force 0600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        fd = os.open(tmp, _BINARY | os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
             _write_all(fd, data)
         finally:
@@ -83,7 +87,7 @@ class AppendFile:
     def truncate(self, text: str = "") -> None:
         """Start the file afresh with `text` (a new session); rotated files of an earlier
         session are removed (a new session starts its files afresh). Raises OSError."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        fd = os.open(self.path, _BINARY | os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
             _write_all(fd, text.encode("utf-8"))
         finally:
@@ -113,7 +117,7 @@ class AppendFile:
         self.lines.clear()
         self._carry = b""
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            fd = os.open(self.path, _BINARY | os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError:
             self._keep(data)
             raise
@@ -152,7 +156,7 @@ class AppendFile:
                     os.close(fd)
                     fd = -1
                     self._rotate()
-                    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+                    fd = os.open(self.path, _BINARY | os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError:
             self._keep(data[pos:])
             raise
@@ -168,7 +172,7 @@ class AppendFile:
                 with contextlib.suppress(FileNotFoundError):
                     os.replace(self.rotated(n), self.rotated(n + 1))
             os.replace(self.path, self.rotated(1))
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        fd = os.open(self.path, _BINARY | os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
             _write_all(fd, self.header)
         finally:

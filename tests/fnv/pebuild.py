@@ -52,6 +52,26 @@ def version_resource(file_version: str, product_version: str | None = None,
     return _node("VS_VERSION_INFO", fixed, len(fixed), 0, children)
 
 
+VERSION_RC = """1 VERSIONINFO
+FILEVERSION {commas}
+PRODUCTVERSION {commas}
+BEGIN
+  BLOCK "StringFileInfo"
+  BEGIN
+    BLOCK "040904b0"
+    BEGIN
+      VALUE "ProductName", "{product}\\0"
+    END
+  END
+END
+"""
+
+
+def version_rc(version: str, product: str = "Fallout: New Vegas") -> str:
+    """A windres script for a VERSIONINFO resource (for images linked by mingw)."""
+    return VERSION_RC.format(commas=version.replace(".", ","), product=product)
+
+
 def _rsrc_section(blob: bytes, rva: int) -> bytes:
     """Resource tree type 16 -> id 1 -> lang 0x409 -> data entry -> blob."""
     def directory(entry_id: int, offset: int, subdir: bool) -> bytes:

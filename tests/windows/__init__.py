@@ -1,0 +1,1 @@
+"""The Windows lane (a package, so that its conftest does not shadow tests/conftest.py)."""
