@@ -110,6 +110,7 @@ def test_burst_attach_lossless_under_cpu_load(arch, targets, tmp_path, live_proc
         truth = target.done(timeout=600)
     mon.signal(signal.SIGINT)
     assert mon.wait(timeout=600) == 0, mon.stderr
+    wait_frida_gone(target.pid)
     assert target.finish() == {"prologue_restored": True}
     assert truth["ok"]
     js, log = assert_lossless(out, truth, mon, exe)
@@ -135,6 +136,7 @@ def test_drop_policy_drops_and_counts(targets, tmp_path, live_procs):
         target.done(timeout=300)
     mon.signal(signal.SIGINT)
     assert mon.wait(timeout=300) == 0, mon.stderr
+    wait_frida_gone(target.pid)
     target.finish()
     js = json.loads(read_outputs(out)["json"].read_text())
     agent = js["monitor"]["agent_counters"]
@@ -195,10 +197,23 @@ def test_host_gone_while_producers_wait(how, targets, tmp_path, live_procs):
         truth = target.done(timeout=60)
         assert time.monotonic() - t0 < 30
         assert truth["ok"]
+        wait_frida_gone(target.pid)
         target.finish()
     finally:
         host.kill()
         host.wait()
+
+
+def wait_frida_gone(pid: int, timeout: float = 30.0) -> None:
+    """Until Frida's agent library has left the target. Threads that exit while Frida is still
+    unloading it can crash the target in Frida's own code (docs/agent.md "Known problems";
+    seen with both transports, not ours to fix): the workers exit only after that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/maps") as f:
+            if "frida-agent" not in f.read():
+                return
+        time.sleep(0.05)
 
 
 # ---- the mapping ---------------------------------------------------------------------------------
