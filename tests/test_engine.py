@@ -320,6 +320,14 @@ def test_feed_many_on_a_bundled_recording_matches_feed(name) -> None:
 
     path = Path(__file__).parent.parent / "fixtures" / f"{name}.nvmrec"
     meta_, msgs = read_recording(path)
+    lines, _e1, _e2 = assert_feed_many_matches_feed(meta_, msgs, run=50)
+    assert len(lines) > 20
+
+
+def assert_feed_many_matches_feed(meta_, msgs, run: int | None = None):
+    """One engine fed message by message, another by feed_many (in runs of `run` messages as a
+    replay hands over a chunk's, or all at once): the same lines and the same final snapshot.
+    Returns the lines and both engines."""
     e1 = Engine(meta_)
     o1 = e1.start()
     for m in msgs:
@@ -327,13 +335,14 @@ def test_feed_many_on_a_bundled_recording_matches_feed(name) -> None:
     o1 += e1.finish()
     e2 = Engine(meta_)
     o2 = e2.start()
-    for i in range(0, len(msgs), 50):  # as a replay would hand over a chunk's messages
-        o2 += e2.feed_many(msgs[i:i + 50])
+    step = run or max(1, len(msgs))
+    for i in range(0, len(msgs), step):
+        o2 += e2.feed_many(msgs[i:i + step])
     o2 += e2.finish()
     lines1 = [o for o in o1 if not isinstance(o, Snapshot)]
-    assert len(lines1) > 20
     assert lines1 == [o for o in o2 if not isinstance(o, Snapshot)]
     assert o1[-1] == o2[-1]
+    return lines1, e1, e2
 
 
 def test_banner_lines_and_plugins_are_logged_as_info():
@@ -530,14 +539,6 @@ def test_feed_many_matches_feed_with_ring_counters(tmp_path) -> None:
     from nvse_monitor.recording import read_recording
 
     meta_, msgs = read_recording(ring_session.write(tmp_path / "ring.nvmrec"))
-    e1 = Engine(meta_)
-    o1 = e1.start()
-    for m in msgs:
-        o1 += e1.feed(m)
-    o1 += e1.finish()
-    e2 = Engine(meta_)
-    o2 = e2.start() + e2.feed_many(msgs) + e2.finish()
-    lines1 = [o for o in o1 if not isinstance(o, Snapshot)]
-    assert any("Stall burst: 250 " in getattr(o, "message", "") for o in lines1)
-    assert lines1 == [o for o in o2 if not isinstance(o, Snapshot)]
-    assert o1[-1] == o2[-1] and e1.uncertain_until == e2.uncertain_until == 200_000
+    lines, e1, e2 = assert_feed_many_matches_feed(meta_, msgs)
+    assert any("Stall burst: 250 " in getattr(o, "message", "") for o in lines)
+    assert e1.uncertain_until == e2.uncertain_until == 200_000
