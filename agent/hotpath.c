@@ -110,8 +110,7 @@ typedef struct
   volatile gsize stall_n;
   volatile gsize stall_us;
   volatile gsize stall_max_us;
-  volatile gsize wait_timeouts;  /* waits that ended in a drop after max_wait_us */
-  guint8 pad4[64 - 4 * sizeof (gsize)];
+  guint8 pad4[64 - 3 * sizeof (gsize)];
   /* 320: control */
   volatile guint32 on_full;      /* 0 drop, 1 wait (host, before start) */
   volatile guint32 max_wait_us;  /* (host, before start) */
@@ -124,9 +123,7 @@ typedef struct
   volatile gsize new_done;       /* of those, classified by JS (late Frida threads listed) */
   volatile gsize n_late;
   guint8 pad6[64 - 3 * sizeof (gsize)];
-  /* 448: markers (JS: control messages ordered among records) */
-  volatile gsize marks;
-  NV_LINE (pad7);
+  guint8 pad7[64];  /* 448: reserved */
   /* 512: Frida threads found after init */
   volatile gsize late_tids[NV_LATE_TIDS];
 } NvShared;
@@ -465,7 +462,6 @@ nv_full (gsize th)
       }
       if (now - t0 >= nv_shared.max_wait_us)
       {
-        nv_fetch_add (&nv_shared.wait_timeouts, 1);
         nv_shared.host_stalled = 1;
         break;
       }
@@ -477,7 +473,8 @@ nv_full (gsize th)
   return 0;
 }
 
-/* A position for one record, or NULL when it is dropped (the caller counts the drop). */
+/* A position for one record, or NULL when it is dropped (the caller counts the drop). th 0:
+   never wait (JS's markers). */
 static NvSlot *
 nv_reserve (gsize * pos_out, gsize th)
 {
@@ -489,7 +486,7 @@ nv_reserve (gsize * pos_out, gsize th)
     /* signed: h may be stale and already behind a tail read after it (then the CAS fails) */
     if ((gssize) (h - nv_shared.tail) >= (gssize) nv_state.slots)
     {
-      if (!nv_full (th))
+      if (th == 0 || !nv_full (th))
         return NULL;
       h = *headp;
       continue;
@@ -712,23 +709,12 @@ nv_set_closing (void)
 gsize
 nv_mark (gsize n)
 {
-  volatile gsize * headp = &nv_shared.head;
-  gsize h = *headp;
-  NvSlot * s;
-  for (;;)
-  {
-    gsize prev;
-    if ((gssize) (h - nv_shared.tail) >= (gssize) nv_state.slots)
-      return 0;
-    prev = nv_cas (headp, h, h + 1);
-    if (prev == h)
-      break;
-    h = prev;
-  }
-  s = &nv_state.ring[h & nv_state.mask];
+  gsize h;
+  NvSlot * s = nv_reserve (&h, 0);
+  if (s == NULL)
+    return 0;
   NV_FILL (&s->rec, h, NV_KIND_MARK, 0, n, 0, 0, NULL, 0, 0);
   nv_publish (s, h);
-  nv_fetch_add (&nv_shared.marks, 1);
   return 1;
 }
 
@@ -956,7 +942,6 @@ nv_shared_word (gsize i)
     case 0: return nv_shared.stall_n;
     case 1: return nv_shared.stall_us;
     case 2: return nv_shared.stall_max_us;
-    case 3: return nv_shared.wait_timeouts;
     default: return 0;
   }
 }

@@ -155,6 +155,7 @@ BLOCKED_HOST = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import frida
     from nvse_monitor.agent_host import AgentConfig, load_agent
+    from nvse_monitor.capture.ringlayout import OFF_STALLS
     from nvse_monitor.hookprofile import load_profile
     pid, how = int(sys.argv[1]), sys.argv[2]
     session = frida.attach(pid)
@@ -163,7 +164,8 @@ BLOCKED_HOST = textwrap.dedent("""
     h.reader.stop()  # the host stops reading: the ring fills and producers wait
     print("loaded", flush=True)
     sys.stdin.readline()
-    while int.from_bytes(h.ring.buf[256:264], "little") == 0:
+    stalls = h.ring.layout.ptr_size
+    while int.from_bytes(h.ring.buf[OFF_STALLS:OFF_STALLS + stalls], "little") == 0:
         time.sleep(0.01)  # until a producer waits (stall_n in the header)
     print("blocked", flush=True)
     if how == "detach":

@@ -66,7 +66,7 @@ class RingReader:
         self._c = dict(allocs=0, frees=0, reallocs=0, failures=0, bytes_allocated=0,
                        published=0, unknown_records=0, lost_slots=0)
         self._drops = [0] * 6  # unwrapped drop tallies
-        self._stalls = [0] * 4
+        self._stalls = [0] * 3
         self._stuck_since: float | None = None
         self._last_emit = 0.0
         self._marks: dict[int, StreamMessage] = {}
@@ -190,7 +190,7 @@ class RingReader:
         for i in range(6):
             self._drops[i] = self._unwrap(self._get(rl.OFF_DROPS + i * self.layout.ptr_size),
                                           self._drops[i])
-        for i in (0, 1, 3):
+        for i in (0, 1):
             self._stalls[i] = self._unwrap(self._get(rl.OFF_STALLS + i * self.layout.ptr_size),
                                            self._stalls[i])
         self._stalls[2] = self._get(rl.OFF_STALLS + 2 * self.layout.ptr_size)

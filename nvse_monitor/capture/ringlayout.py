@@ -24,14 +24,13 @@ KIND_MARK = 5  # a marker record: ptr = number of the control message that belon
 OFF_HEAD = 64
 OFF_TAIL = 128
 OFF_DROPS = 192  # drop_n, allocs, frees, reallocs, failures, bytes (words)
-OFF_STALLS = 256  # stall_n, stall_us, stall_max_us, wait_timeouts (words)
+OFF_STALLS = 256  # stall_n, stall_us, stall_max_us (words)
 OFF_ON_FULL = 320  # u32: 0 drop, 1 wait
 OFF_MAX_WAIT_US = 324  # u32
 OFF_CLOSING = 328  # u32
 OFF_HOST_STALLED = 332  # u32
 OFF_HOST_POLLS = 336  # word
 OFF_NEW_HEAD = 384  # words: new_head, new_done, n_late
-OFF_MARKS = 448
 OFF_LATE_TIDS = 512
 LATE_TIDS = 32
 
