@@ -18,6 +18,24 @@ class Kind(IntEnum):
     FREE = 2  # ptr = block freed (NULL frees are not recorded)
     REALLOC = 3  # old_ptr -> ptr, size = new size; old_ptr 0 = alloc, size 0 = free
     FAILED = 4  # an alloc/calloc/realloc that returned NULL for size > 0
+    # 5 is the agent's marker record (capture/reader.py), never seen past the reader
+    STACK = 6  # one chunk of a sampled call's stack (issue 11): see STACK_* below
+
+
+# flags of ALLOC/REALLOC/FAILED records
+FLAG_SAMPLED = 0x0001  # this call was sampled: its STACK chunks came just before (same tid)
+FLAG_VIA_WRAPPER = 0x0002  # `caller` is the outermost profile wrapper's caller, not the hooked
+#                            function's own return address
+
+# A STACK record carries up to STACK_FRAMES_PER_RECORD return addresses in ptr, old_ptr, size,
+# caller (in that order; 0 = no frame); hook = chunk index (0, 1, ...); flags = the number of
+# frames in the whole stack (every chunk); tid = the sampled call's thread. A sampled call's
+# thread publishes its chunks (in order) before the call's own record, which has FLAG_SAMPLED:
+# the engine attaches the chunks seen since that thread's previous record to it, and discards
+# chunks followed by a record without FLAG_SAMPLED (dropped call record). Frame 0 is the hooked
+# call's own return address; frames go outwards, at most MAX_STACK_FRAMES.
+STACK_FRAMES_PER_RECORD = 4
+MAX_STACK_FRAMES = 16
 
 
 RECORD_DTYPE = np.dtype(
@@ -31,7 +49,7 @@ RECORD_DTYPE = np.dtype(
         ("dur_us", "<u4"),  # call duration, only for size >= large threshold, else 0
         ("kind", "u1"),  # Kind
         ("hook", "u1"),  # index into SessionMeta.hooks
-        ("flags", "<u2"),  # reserved, 0
+        ("flags", "<u2"),  # FLAG_* (0 on FREE records)
         ("seq", "<u4"),  # agent's ring position (wraps): gaps/dups show transport faults
     ]
 )

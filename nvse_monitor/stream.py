@@ -47,6 +47,7 @@ class SessionMeta:
     utc_offset_s: int = 0  # local-time offset of the recording machine, for log timestamps
     monitor_version: str = ""
     mode: str = "attach"  # attach, spawn, synthetic
+    sample_bytes: int = 0  # mean bytes between sampled stacks (Poisson); 0 = no stacks
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
