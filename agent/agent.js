@@ -1278,3 +1278,91 @@ function where() {
 }
 
 rpc.exports = { where, init, flush, stop, snapshot, dispose, cloakThread, foreignCodeRefs };
+
+// ---- Function names for call sites (issue 11; docs/symbols.md) -------------------------------
+// symbolize(['0x...', ...]) -> [[module | null, function | null, offset | null], ...], one entry
+// per address, in order. Called by the host in bulk, off the hot path, a bounded chunk at a time.
+// Per module, a table of its function symbols sorted by address (Module.enumerateSymbols: ELF
+// .symtab/.dynsym on Linux; on Windows dbghelp's SymEnumSymbols: exports, and a PDB's functions
+// when dbghelp found it) is built once. A symbol with a size names only the addresses inside it
+// (exact); one without a size (a PE export) names the addresses up to the next symbol (dbghelp's
+// own rule: the nearest preceding symbol). Where the module has no table at all, DebugSymbol
+// .fromAddress is asked; its `0x...` placeholders mean no name.
+const SYM_MAX_PER_CALL = 20000;   // the host chunks larger requests
+const SYM_MAX_MODULE_SYMBOLS = 2000000;
+const symTables = new Map();      // module base + path -> {starts: [], ends: [], names: []}
+const symLoaded = new Set();      // Windows: modules handed to dbghelp (DebugSymbol.load)
+
+function symTable(mod) {
+  const key = mod.base.toString() + '|' + mod.path;
+  let t = symTables.get(key);
+  if (t !== undefined) return t;
+  if (Process.platform === 'windows' && !symLoaded.has(key)) {
+    symLoaded.add(key);
+    try { DebugSymbol.load(mod.path); } catch (e) { /* dbghelp may know it already */ }
+  }
+  const lo = mod.base, hi = mod.base.add(mod.size);
+  const rows = [];
+  const add = (name, address, size) => {
+    if (!name || address.compare(lo) < 0 || address.compare(hi) >= 0) return;
+    rows.push([Number(address.sub(lo)), size > 0 ? size : 0, name]);
+  };
+  try {
+    for (const s of mod.enumerateSymbols()) {
+      if (s.type === 'function' && rows.length < SYM_MAX_MODULE_SYMBOLS) add(s.name, s.address, s.size || 0);
+    }
+  } catch (e) { /* not supported for this module */ }
+  if (rows.length === 0) {
+    try {
+      for (const x of mod.enumerateExports()) if (x.type === 'function') add(x.name, x.address, 0);
+    } catch (e) { /* none */ }
+  }
+  // sized symbols first at equal starts (aliases: the sized one names the code)
+  rows.sort((a, b) => a[0] - b[0] || b[1] - a[1]);
+  t = { starts: rows.map(r => r[0]), sizes: rows.map(r => r[1]), names: rows.map(r => r[2]) };
+  symTables.set(key, t);
+  return t;
+}
+
+function symLookup(t, off) {
+  const s = t.starts;
+  let lo = 0, hi = s.length;  // the last start <= off
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (s[mid] <= off) lo = mid + 1; else hi = mid;
+  }
+  // a sized symbol containing off, among those starting at or before it (nested or aliased
+  // symbols: the nearest start first; a few steps back at most)
+  for (let i = lo - 1, steps = 0; i >= 0 && steps < 8; i--, steps++) {
+    if (t.sizes[i] > 0 && off < s[i] + t.sizes[i]) return [t.names[i], off - s[i]];
+    if (t.sizes[i] === 0 && steps === 0) return [t.names[i], off - s[i]];
+  }
+  return null;
+}
+
+function symbolize(addresses) {
+  if (!Array.isArray(addresses)) throw new Error('symbolize: expected an array of addresses');
+  if (addresses.length > SYM_MAX_PER_CALL) {
+    throw new Error(`symbolize: at most ${SYM_MAX_PER_CALL} addresses per call`);
+  }
+  const out = [];
+  for (const a of addresses) {
+    let p;
+    try { p = ptr(a); } catch (e) { out.push([null, null, null]); continue; }
+    const mod = Process.findModuleByAddress(p);
+    if (mod === null) { out.push([null, null, null]); continue; }
+    const t = symTable(mod);
+    const off = Number(p.sub(mod.base));
+    let hit = t.starts.length ? symLookup(t, off) : null;
+    if (hit === null && t.starts.length === 0) {
+      try {
+        const d = DebugSymbol.fromAddress(p);
+        if (d.name && !/^0x[0-9a-f]+$/i.test(d.name)) hit = [d.name, null];
+      } catch (e) { /* no symbol */ }
+    }
+    out.push(hit === null ? [mod.name, null, null] : [mod.name, hit[0], hit[1]]);
+  }
+  return out;
+}
+
+rpc.exports.symbolize = symbolize;

@@ -54,6 +54,7 @@ from .stream import (
     SessionEnd,
     SessionMeta,
     StreamMessage,
+    SymbolNames,
 )
 from .tracking import LiveColumns, LiveTable
 from .words import plural
@@ -252,6 +253,8 @@ class Engine:
                                      else self.config.addrspace_warn_bytes)
         self._last_snap_ts: int | None = None
         self._largest_cache: tuple[np.ndarray | None, list[dict]] = (None, [])
+        # Issue 11: function names of code addresses ("name+0xoff"), from SymbolNames messages
+        self.symbols: dict[int, str] = {}
         self._last_snap_status = None
         self.started = False
         self.finished = False
@@ -268,6 +271,16 @@ class Engine:
             return []
         if not self.started:
             self._start()
+        if isinstance(msg, SymbolNames):  # names: no time of their own, no snapshot
+            self.symbols.update(msg.names)
+            self._largest_cache = (None, [])
+            if msg.error:
+                self.health.log(self.now, "WARN", "Function names unavailable"
+                                + (f" for {plural(msg.unresolved, 'call site')}"
+                                   if msg.unresolved else "")
+                                + f" ({msg.error}): those call sites are shown as "
+                                "module+offset")
+            return self._take()
         if isinstance(msg, Batch):
             self._feed_batches([msg])
         elif isinstance(msg, HookEvent):
@@ -387,6 +400,20 @@ class Engine:
         o = np.argsort(e.ptr, kind="stable")
         return {"ptr": e.ptr[o], "size": e.size[o], "ts": e.ts[o], "caller": e.caller[o],
                 "hook": e.hook[o], "heap": self._heap_of_hook[e.hook[o]], "module": e.module[o]}
+
+    def symbol_wants(self) -> np.ndarray:
+        """Code addresses the outputs name that have no function name yet (u64, sorted): the
+        distinct callers of live blocks (leak report, `top`) and of the largest allocations.
+        For the host's symbolizer (capture/symbolizer.py), which asks the agent off this
+        thread; sampled stacks add their frames here."""
+        e = self.table.entries()
+        callers = np.unique(np.concatenate((e.caller.astype(np.uint64),
+                                            self.state.largest["caller"].astype(np.uint64))))
+        callers = callers[callers != 0]
+        if self.symbols and len(callers):
+            known = np.fromiter(self.symbols, np.uint64, len(self.symbols))
+            callers = callers[~np.isin(callers, known)]
+        return callers
 
     # -- plumbing --
     def _take(self) -> list[Output]:
@@ -1057,7 +1084,8 @@ class Engine:
                     m = self.modmap.modules[mod]
                     where = f"{m.name}+0x{caller - m.base:x}"
                 out.append({"bytes": size, "time_us": ts, "duration_us": dur, "thread": tid,
-                            "heap": self.heap_names[self._heap_of_hook[hook]], "caller": where})
+                            "heap": self.heap_names[self._heap_of_hook[hook]], "caller": where,
+                            "function": self.symbols.get(caller)})
             self._largest_cache = (largest, out)
         return [dict(x) for x in self._largest_cache[1]]
 

@@ -1,6 +1,7 @@
 """Leak report: the blocks still live at the end, grouped by module and by call site.
 
-A call site is the allocating call's return address, shown as module+offset (the module that
+A call site is the allocating call's return address, shown as module!function+0xoff where the
+function is known (issue 11: the engine's SymbolNames), else module+offset (the module that
 held it when the block was allocated, as the engine attributed it). Grouping is vectorised
 (one sort of the live blocks, reduceat per column), so 1M+ live blocks take well under a second;
 only the distinct call sites (usually hundreds) are handled in Python.
@@ -14,7 +15,8 @@ Those blocks are set aside as "uncertain" (their own groups, scopes `uncertain-m
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,13 @@ from typing import Any
 import numpy as np
 
 from .modmap import UNKNOWN
+from .sitename import site_label
 from .stream import Module
 from .words import plural as _n
 
+# `function` (issue 11) came last so that readers by position keep working.
 CSV_COLUMNS = ("scope", "module", "offset", "allocations", "bytes", "sites", "min_size",
-               "max_size", "heaps", "oldest_timestamp", "newest_timestamp")
+               "max_size", "heaps", "oldest_timestamp", "newest_timestamp", "function")
 LOG_TOP = 10  # modules and call sites named in the log
 
 
@@ -43,12 +47,44 @@ class LeakGroup:
     heaps: tuple[str, ...]
     oldest_us: int  # stream time of the oldest / newest live block of the group
     newest_us: int
+    function: str | None = None  # site: "name+0xoff" where a symbol is known (issue 11)
 
     @property
     def where(self) -> str:
         if self.offset is None:
             return self.module
-        return f"{self.module}+0x{self.offset:x}"
+        return site_label(self.module, self.offset, self.function)
+
+
+_FUNC_OFFSET = re.compile(r"\+0x[0-9a-fA-F]+$")
+
+
+@dataclass(frozen=True)
+class FunctionGroup:
+    """Live blocks by the function of their call site (`top`'s top functions): exact, since
+    every call site lies in one function. Sites with no known function stay on their own."""
+
+    label: str  # module!function, or the site's offset form
+    allocations: int
+    bytes: int
+    sites: int
+
+
+def by_function(sites: Sequence[LeakGroup]) -> list[FunctionGroup]:
+    """Sites grouped by module and function name (without the offset), most bytes first."""
+    acc: dict[str, list[int]] = {}
+    for g in sites:
+        if g.function:
+            label = site_label(g.module, None, _FUNC_OFFSET.sub("", g.function))
+        else:
+            label = g.where
+        a = acc.setdefault(label, [0, 0, 0])
+        a[0] += g.allocations
+        a[1] += g.bytes
+        a[2] += 1
+    out = [FunctionGroup(k, *v) for k, v in acc.items()]
+    out.sort(key=lambda f: (-f.bytes, -f.allocations, f.label))
+    return out
 
 
 UNCERTAIN = "uncertain-"  # scope prefix of the groups of blocks whose fate is uncertain
@@ -116,7 +152,8 @@ class LeakReport:
             off = "" if g.offset is None else f"0x{g.offset:x}"
             row = [g.scope, _csv_field(g.module), off, g.allocations, g.bytes, g.sites,
                    g.min_size, g.max_size, _csv_field("+".join(g.heaps)),
-                   wall_clock_zero_us + g.oldest_us, wall_clock_zero_us + g.newest_us]
+                   wall_clock_zero_us + g.oldest_us, wall_clock_zero_us + g.newest_us,
+                   _csv_field(g.function or "")]
             out.write(",".join(str(v) for v in row) + "\n")
         return out.getvalue()
 
@@ -129,15 +166,19 @@ def _csv_field(s: str) -> str:
 
 def group_live(live: dict[str, np.ndarray], modules: Sequence[Module],
                heap_names: Sequence[str], uncertain_until: int | None = None,
-               uncertain_reason: str = "") -> LeakReport:
+               uncertain_reason: str = "",
+               symbols: Mapping[int, str] | None = None) -> LeakReport:
     """Group live blocks (Engine.live_allocations() columns: size, ts, caller, heap, module);
-    those allocated at or before `uncertain_until` (stream µs) apart, as uncertain."""
+    those allocated at or before `uncertain_until` (stream µs) apart, as uncertain. `symbols`:
+    call site address -> "function+0xoff" (Engine.symbols)."""
+    syms = symbols or {}
     if uncertain_until is None:
-        return _group(live, modules, heap_names)
+        return _group(live, modules, heap_names, syms)
     ts = np.asarray(live["ts"], dtype=np.uint64)
     before = ts <= np.uint64(max(uncertain_until, 0))
-    leak = _group({k: np.asarray(v)[~before] for k, v in live.items()}, modules, heap_names)
-    unc = _group({k: np.asarray(v)[before] for k, v in live.items()}, modules, heap_names)
+    leak = _group({k: np.asarray(v)[~before] for k, v in live.items()}, modules, heap_names,
+                  syms)
+    unc = _group({k: np.asarray(v)[before] for k, v in live.items()}, modules, heap_names, syms)
     return replace(
         leak, uncertain_allocations=unc.allocations, uncertain_bytes=unc.bytes,
         uncertain_modules=[replace(g, scope=UNCERTAIN + g.scope) for g in unc.modules],
@@ -146,7 +187,7 @@ def group_live(live: dict[str, np.ndarray], modules: Sequence[Module],
 
 
 def _group(live: dict[str, np.ndarray], modules: Sequence[Module],
-           heap_names: Sequence[str]) -> LeakReport:
+           heap_names: Sequence[str], symbols: Mapping[int, str]) -> LeakReport:
     caller = np.asarray(live["caller"], dtype=np.uint64)
     n = len(caller)
     if n == 0:
@@ -191,15 +232,16 @@ def _group(live: dict[str, np.ndarray], modules: Sequence[Module],
             name, off = "unknown", cal
         g = merged.get((name, off))
         if g is None:
-            merged[(name, off)] = [cnt, b, lo, hi, t0, t1, set(heaps_of[i])]
+            merged[(name, off)] = [cnt, b, lo, hi, t0, t1, set(heaps_of[i]), symbols.get(cal)]
         else:
+            g[7] = g[7] or symbols.get(cal)
             g[0] += cnt
             g[1] += b
             g[2], g[3] = min(g[2], lo), max(g[3], hi)
             g[4], g[5] = min(g[4], t0), max(g[5], t1)
             g[6].update(heaps_of[i])
     sites = [LeakGroup("site", name, off, g[0], g[1], 1, g[2], g[3], tuple(sorted(g[6])), g[4],
-                       g[5]) for (name, off), g in merged.items()]
+                       g[5], g[7]) for (name, off), g in merged.items()]
     by_mod: dict[str, list[LeakGroup]] = {}
     for g in sites:
         by_mod.setdefault(g.module, []).append(g)
@@ -219,7 +261,7 @@ def from_engine(engine: Any) -> LeakReport:
     """The leak report of an Engine's live blocks now (those of uncertain fate apart)."""
     return group_live(engine.live_allocations(), engine.modmap.modules, engine.heap_names,
                       getattr(engine, "uncertain_until", None),
-                      getattr(engine, "uncertain_reason", ""))
+                      getattr(engine, "uncertain_reason", ""), getattr(engine, "symbols", None))
 
 
 def leaks_path(out_dir: Path | str, prefix: str) -> Path:
@@ -245,7 +287,8 @@ def read_csv(path: Path | str) -> LeakReport:
                       int(r["allocations"]), int(r["bytes"]), int(r["sites"]),
                       int(r["min_size"]), int(r["max_size"]),
                       tuple(x for x in r["heaps"].split("+") if x),
-                      int(r["oldest_timestamp"]), int(r["newest_timestamp"]))
+                      int(r["oldest_timestamp"]), int(r["newest_timestamp"]),
+                      r.get("function") or None)  # older CSVs have no function column
         if g.scope not in groups:
             raise ValueError(f"unknown scope {g.scope!r}")
         groups[g.scope].append(g)

@@ -170,6 +170,15 @@ class Pipeline:
                 return self.leak_report
             return from_engine(self.engine)
 
+    def symbol_wants(self) -> np.ndarray:
+        """The engine's addresses that need function names (Engine.symbol_wants), taken under
+        the feed lock, for the symbolizer's thread (issue 11). Empty once finished."""
+        with self._lock:
+            wants = getattr(self.engine, "symbol_wants", None)
+            if self._finished or wants is None:
+                return np.zeros(0, np.uint64)
+            return wants()
+
     def answer_leak_request(self) -> bool:
         """A live session's answer to `top DIR` (another process) asking for the blocks live now:
         when `<prefix>_leaks.request` exists, write `<prefix>_leaks.csv`, then remove the

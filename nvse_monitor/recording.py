@@ -45,6 +45,7 @@ from .stream import (
     SessionEnd,
     SessionMeta,
     StreamMessage,
+    SymbolNames,
     control_from_json,
     control_to_json,
 )
@@ -155,7 +156,7 @@ class RecordingWriter:
         if isinstance(msg, SessionEnd):
             self._write_frame(FRAME_END, _json_bytes(control_to_json(msg)))
             self._ended = True
-        elif isinstance(msg, ModuleEvent | HookEvent | AgentError | AddressSpace):
+        elif isinstance(msg, ModuleEvent | HookEvent | AgentError | AddressSpace | SymbolNames):
             self._write_frame(FRAME_CONTROL, _json_bytes(control_to_json(msg)))
         else:
             raise TypeError(f"not a stream message: {type(msg).__name__}")
@@ -464,6 +465,12 @@ def _check_control(msg: Any) -> None:
         for name in ("free", "largest_free", "limit"):
             if getattr(msg, name) is not None:
                 _check_int(name, getattr(msg, name))
+    elif isinstance(msg, SymbolNames):
+        for a, n in msg.names.items():
+            _check_int("symbol address", a)
+            _check_str("symbol name", n)
+        _check_str("error", msg.error)
+        _check_int("unresolved", msg.unresolved)
     elif isinstance(msg, SessionEnd):
         _check_str("reason", msg.reason)
         _check_str("crash", msg.crash)

@@ -41,6 +41,7 @@ from .stream import (
     SessionEnd,
     SessionMeta,
     StreamMessage,
+    SymbolNames,
 )
 from .targets import (
     EXIT_WATCH_JS,
@@ -57,7 +58,8 @@ from .targets import (
 from .writers import DEFAULT_PREFIX, FileLimits, OutputDirError, check_prefix
 from .writers.files import make_out_dir
 
-STREAM_TYPES = (Batch, ModuleEvent, HookEvent, AgentError, SessionEnd, AddressSpace)
+STREAM_TYPES = (Batch, ModuleEvent, HookEvent, AgentError, SessionEnd, AddressSpace,
+                SymbolNames)
 STOP_TIMEOUT_S = 15.0  # agent stop() + detach; then we detach without the final drain
 CHILD_TIMEOUT_S = 30.0  # --follow-child: the spawned program must start its child by then
 
@@ -108,6 +110,9 @@ class SessionOptions:
     metrics_address: str = "127.0.0.1"
     top: bool = False
     limits: FileLimits | None = None  # log/CSV size caps (None: writers' defaults)
+    # Function names of the call sites shown (issue 11, capture/symbolizer.py): asked of the
+    # agent every symbols_interval_s seconds and once at stop; 0 = never.
+    symbols_interval_s: float = 2.0
 
 
 @dataclass
@@ -190,6 +195,8 @@ class LiveSession:
         self._launcher_pid = 0
         self._release_thread: threading.Thread | None = None
         self._addrspace_watch: addrspace.Watch | None = None
+        self.symbolizer: Any = None  # capture/symbolizer.Symbolizer
+        self._stop_fed = threading.Event()  # the consumer has fed everything before stop()'s end
         self._target_lock: Any = None  # capture/shm.TargetLock while attached
         use_status = opts.status_line
         if use_status is None:
@@ -560,6 +567,7 @@ class LiveSession:
             except OSError as exc:
                 raise SessionError(f"{self.opts.record}: cannot write: {exc.strerror}") from None
         self._start_addrspace(info)
+        self._start_symbolizer()
         self._install_signals()
         for item in early:
             detached = self._handle(item)
@@ -611,6 +619,18 @@ class LiveSession:
                 lambda m: self.q.put(_AddrSpaceError(m)), self.opts.addrspace_interval_ms)
         except (frida.InvalidOperationError, frida.TransportError) as exc:
             self._notes.append(f"address-space sampling off: {exc}")
+
+    def _start_symbolizer(self) -> None:
+        """Names for the call sites shown, asked of the agent off the consumer's thread; the
+        answers come back through the queue as SymbolNames, fed (and recorded) in order."""
+        if self.opts.symbols_interval_s <= 0 or self.agent is None or self.pipeline is None:
+            return
+        from .capture.symbolizer import Symbolizer, agent_resolver
+
+        self.symbolizer = Symbolizer(agent_resolver(self.agent.script),
+                                     self.pipeline.symbol_wants, self.q.put,
+                                     lambda: self._last_ts,
+                                     interval_s=self.opts.symbols_interval_s).start()
 
     def _check_version(self, profile: Any, exe_path: str) -> None:
         """A profile made for one PE version (absolute addresses) refuses any other build,
@@ -703,6 +723,8 @@ class LiveSession:
             if first is None or (first.how == "exit" and item.how != "exit"):
                 self._exit_notice = item
         elif isinstance(item, _WorkerDone):
+            if item.name == "stop":
+                self._stop_fed.set()  # what the stop drained is fed: the last names may come
             if item.name == "stop" and item.error is None and item.result is not None:
                 self._final_counters = _counters(item.result)
             elif item.error is not None:
@@ -781,11 +803,21 @@ class LiveSession:
             except Exception as exc:  # noqa: BLE001 - the target may be gone already
                 error = exc
             self.q.put(_WorkerDone("stop", result, error))
+            if self.symbolizer is not None:
+                # The last names while the agent is still loaded (the hooks are off): for the
+                # blocks the final drain brought too, once the consumer has fed them.
+                self._stop_fed.wait(5.0)
+                if error is None:
+                    self.symbolizer.final_pass()
+                else:
+                    self.symbolizer.stop()
             self._detach_quietly()
 
         threading.Thread(target=work, name="nvse-monitor-stop", daemon=True).start()
 
     def _detach_quietly(self) -> None:
+        if self.symbolizer is not None:
+            self.symbolizer.stop()
         if self._addrspace_watch is not None:
             self._addrspace_watch.unload()
         with contextlib.suppress(Exception):
@@ -860,6 +892,8 @@ class LiveSession:
 
     def _finish(self, detached: _Detached) -> SessionResult:
         assert self.pipeline is not None and self.meta is not None
+        if self.symbolizer is not None:
+            self.symbolizer.stop()  # the target is gone: no more names
         if self.agent is not None and self._final_counters is None:
             # the target went first: its last records are still in our view of the ring
             with contextlib.suppress(Exception):

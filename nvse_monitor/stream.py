@@ -148,8 +148,24 @@ class AddressSpace:
     regions: int
 
 
-StreamMessage = Batch | ModuleEvent | HookEvent | AgentError | SessionEnd | AddressSpace
-ControlMessage = ModuleEvent | HookEvent | AgentError | SessionEnd | AddressSpace
+@dataclass(frozen=True)
+class SymbolNames:
+    """Function names of code addresses (issue 11, docs/symbols.md), resolved in the target by
+    the host's symbolizer for the call sites it shows. In the stream (and so in recordings) at
+    the place the host learnt them: a replay has the same names at the same moment. Addresses
+    without a known function are left out."""
+
+    ts_us: int  # stream time when they were resolved (informational: the engine keeps its time)
+    names: dict[int, str]  # code address -> "function+0xoff" (or "function": offset unknown)
+    # Resolution failed (agent gone, RPC error, timeout): why, and how many addresses it left
+    # unnamed. The engine logs it; the offset form stays for them.
+    error: str = ""
+    unresolved: int = 0
+
+
+StreamMessage = (Batch | ModuleEvent | HookEvent | AgentError | SessionEnd | AddressSpace
+                 | SymbolNames)
+ControlMessage = ModuleEvent | HookEvent | AgentError | SessionEnd | AddressSpace | SymbolNames
 
 CONTROL_TYPES: dict[str, type] = {
     "module": ModuleEvent,
@@ -157,10 +173,17 @@ CONTROL_TYPES: dict[str, type] = {
     "agent-error": AgentError,
     "end": SessionEnd,
     "addrspace": AddressSpace,
+    "symbols": SymbolNames,
 }
 
 
 def control_to_json(msg: ControlMessage) -> dict[str, Any]:
+    if isinstance(msg, SymbolNames):  # JSON keys are strings: addresses in hex
+        d = {"type": "symbols", "ts_us": msg.ts_us,
+             "names": {f"0x{a:x}": n for a, n in sorted(msg.names.items())}}
+        if msg.error:
+            d.update(error=msg.error, unresolved=msg.unresolved)
+        return d
     for name, cls in CONTROL_TYPES.items():
         if isinstance(msg, cls):
             return {"type": name, **dataclasses.asdict(msg)}
@@ -175,6 +198,11 @@ def control_from_json(d: dict[str, Any]) -> ControlMessage:
         raise ValueError(f"unknown control message type {kind!r}")
     if cls is ModuleEvent:
         d["module"] = Module(**d["module"])
+    if cls is SymbolNames:
+        names = d.get("names")
+        if not isinstance(names, dict):
+            raise ValueError("names is not an object")
+        d["names"] = {int(a, 16): n for a, n in names.items()}
     if cls is SessionEnd and d.get("counters") is not None:
         if not isinstance(d["counters"], dict):
             raise ValueError("counters is not an object")

@@ -223,6 +223,7 @@ class Dashboard:
         self.samples: deque[tuple[int, int, int]] = deque(maxlen=8)  # (timestamp, allocs, frees)
         self.warn: list[str] = []
         self.show_leaks = False
+        self.by_function = False  # the leak panel groups call sites by function (key f)
         self.leak_report: leaks_mod.LeakReport | None = None
         self._leaks_at = 0.0
         self.rates = (0.0, 0.0)
@@ -256,6 +257,14 @@ class Dashboard:
     def toggle_leaks(self) -> None:
         self.show_leaks = not self.show_leaks
         self.leak_report = None
+
+    def toggle_functions(self) -> None:
+        """Top functions: the leak panel's live blocks by their caller's function."""
+        if not self.show_leaks:
+            self.toggle_leaks()
+            self.by_function = True
+        else:
+            self.by_function = not self.by_function
 
     def render(self, width: int = 100, height: int | None = None) -> RenderableType:
         """One frame for a terminal `width` columns wide (80 is enough for every figure) and,
@@ -312,7 +321,9 @@ class Dashboard:
         wanted = [max(1, min(6, len(live))), max(1, min(6, len(self.warn)))]
         if self.show_leaks:
             rep = self.leak_report
-            wanted.append(max(1, min(8, len(rep.sites) if rep is not None else 1)))
+            n = (len(leaks_mod.by_function(rep.sites)) if self.by_function else len(rep.sites)) \
+                if rep is not None else 1
+            wanted.append(max(1, min(8, n)))
         # rows: outer border 2, head (2 or more when wrapped), activity 7, the ring line 0 or 1,
         # module title+header 2, warnings border 2, keys 1; the leak panel's border and header 3
         # (+1 for its uncertain blocks)
@@ -351,7 +362,7 @@ class Dashboard:
         parts += [mods, Panel(warn, title="last warnings")]
         if self.show_leaks:
             parts.append(self._leak_panel(ended, rows[2]))
-        parts.append(Text("l: leak report   q: quit", style="dim"))
+        parts.append(Text("l: leak report   f: top functions   q: quit", style="dim"))
         return Panel(Group(*parts), title=f"nvse-monitor top: {self.source.label}")
 
     def _leak_panel(self, ended: bool, rows: int = 8) -> RenderableType:
@@ -360,14 +371,22 @@ class Dashboard:
             why = getattr(self.source, "leaks_wait", "computing the leak report...")
             return Panel(Text(why, style="dim"), title="leaks")
         t = Table(box=None, expand=True)
-        t.add_column("call site", overflow="ellipsis", no_wrap=True)
+        t.add_column("function" if self.by_function else "call site", overflow="ellipsis",
+                     no_wrap=True)
         t.add_column("blocks", justify="right", no_wrap=True)
         t.add_column("bytes", justify="right", no_wrap=True)
-        for g in rep.sites[:rows]:
-            t.add_row(g.where, f"{g.allocations:,}", f"{g.bytes:,}")
+        if self.by_function:  # exact: every call site lies in one function
+            funcs = leaks_mod.by_function(rep.sites)
+            for f in funcs[:rows]:
+                t.add_row(f.label, f"{f.allocations:,}", f"{f.bytes:,}")
+            groups = f"{plural(len(funcs), 'function')}"
+        else:
+            for g in rep.sites[:rows]:
+                t.add_row(g.where, f"{g.allocations:,}", f"{g.bytes:,}")
+            groups = f"{plural(len(rep.sites), 'site')}"
         when = "live at the end" if ended else "live now"
-        title = (f"{when} by call site: {plural(rep.allocations, 'block', sep=True)}, "
-                 f"{mb(rep.bytes)} in {plural(len(rep.sites), 'site')}")
+        title = (f"{when} by {'function' if self.by_function else 'call site'}: "
+                 f"{plural(rep.allocations, 'block', sep=True)}, {mb(rep.bytes)} in {groups}")
         if rep.uncertain_allocations:  # blocks allocated before lost frees: not leaks
             note = Text(f"set aside: {plural(rep.uncertain_allocations, 'block', sep=True)}, "
                         f"{mb(rep.uncertain_bytes)} allocated before lost frees (uncertain)",
@@ -472,6 +491,8 @@ def run_dashboard(source: Any, interval: float = 0.5, console: Console | None = 
                 on_quit()
         elif ch in "lL":
             dash.toggle_leaks()
+        elif ch in "fF":
+            dash.toggle_functions()
 
     keys = _Keys(key).start() if console.is_terminal else None
     try:

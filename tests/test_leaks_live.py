@@ -66,13 +66,20 @@ def test_leaks_by_module_and_call_site(arch, targets, tmp_path, live_procs):
     assert f"[WARN] [TID:{target.pid}] Live at end in {exe.name}: 148 allocations, 42900 bytes " \
         "from 3 call sites" in log
     assert f"Live at end in {plugin.name}: 23 allocations, 7659 bytes from 1 call site" in log
-    # the top call sites too, as module+offset inside the functions that leaked
+    # the top call sites too, named module!function+0xoff (issue 11: the agent's ELF symbols),
+    # the offset within the function agreeing with nm's
     for func, syms, name, line in [
             ("leak_b", exe_syms, exe.name, "37 allocations, 37000 bytes (size 1000, libc)"),
             ("leak_a", exe_syms, exe.name, "100 allocations, 4800 bytes (size 48, libc)"),
             ("plugin_leak", plug_syms, plugin.name, "23 allocations, 7659 bytes (size 333, libc)")]:
         m = re.search(rf"\[WARN\] \[TID:{target.pid}\] Live at end from {re.escape(name)}"
-                      rf"\+0x([0-9a-f]+): {re.escape(line)}", log)
+                      rf"!{func}\+0x([0-9a-f]+): {re.escape(line)}", log)
         assert m, (func, line)
         lo, size = syms[func]
-        assert lo <= int(m.group(1), 16) < lo + size
+        assert 0 < int(m.group(1), 16) < size
+    for g in rep.sites:  # the CSV's function column: the same names and offsets
+        for func, syms, name in [("leak_a", exe_syms, exe.name), ("leak_b", exe_syms, exe.name),
+                                 ("plugin_leak", plug_syms, plugin.name)]:
+            lo, size = syms[func]
+            if g.module == name and lo <= g.offset < lo + size:
+                assert g.function == f"{func}+0x{g.offset - lo:x}"

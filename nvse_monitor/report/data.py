@@ -17,6 +17,7 @@ import numpy as np
 from .. import leaks as leaks_mod
 from ..engine import LARGEST
 from ..outputs import LogLine, Snapshot
+from ..sitename import site_label
 from ..stream import Batch
 from ..writers import FilePaths
 
@@ -187,7 +188,17 @@ def _largest(doc: dict[str, Any]) -> list[Largest] | None:
     if not isinstance(got, list):
         return None
     return [Largest(int(x["time_us"]) / 1e6, int(x["bytes"]), int(x["duration_us"]),
-                    int(x["thread"]), str(x["heap"]), str(x["caller"])) for x in got]
+                    int(x["thread"]), str(x["heap"]), caller_label(x)) for x in got]
+
+
+def caller_label(x: dict[str, Any]) -> str:
+    """A largest-allocations entry's call site: module!function+0xoff where the JSON names the
+    function (issue 11), else its `caller` (module+0xoff)."""
+    caller, func = str(x["caller"]), x.get("function")
+    if not func:
+        return caller
+    module = caller.rsplit("+0x", 1)[0] if "+0x" in caller else ""
+    return site_label(module, None, str(func))
 
 
 def from_recording(path: Path, prefix: str = "MemoryPoolNVSE") -> ReportData:

@@ -270,14 +270,16 @@ def _uncertain_section(data: ReportData) -> list[str]:
             f" at or before {rep.uncertain_until_us / 1e6:.6f} s")
     why = f" ({_e(rep.uncertain_reason)})" if rep.uncertain_reason else ""
     rows = [[_e(g.module), _e("" if g.offset is None else f"0x{g.offset:x}"),
-             f"{g.allocations:,}", f"{g.bytes:,}", _e(f"{g.min_size}..{g.max_size}"),
-             _e("+".join(g.heaps))] for g in rep.uncertain_sites[:20]]
+             _e(g.function or ""), f"{g.allocations:,}", f"{g.bytes:,}",
+             _e(f"{g.min_size}..{g.max_size}"), _e("+".join(g.heaps))]
+            for g in rep.uncertain_sites[:20]]
     out = [f"<h2>Uncertain: {plural(rep.uncertain_allocations, 'block', sep=True)}, "
            f"{plural(rep.uncertain_bytes, 'byte', sep=True)} set aside, not leaks</h2>",
            f'<p class="note">Still live at the end but allocated{_e(when)}, when free records '
            f"were lost{why}: one of the lost frees may have freed them. They are not counted "
            "as leaks; blocks allocated later are.</p>",
-           _table(["module", "offset", "blocks", "bytes", "sizes", "heaps"], rows, {2, 3})]
+           _table(["module", "offset", "function", "blocks", "bytes", "sizes", "heaps"], rows,
+                  {3, 4})]
     if len(rep.uncertain_sites) > 20:
         out.append(f'<p class="note">{len(rep.uncertain_sites) - 20} more call sites in the '
                    "leaks CSV (uncertain-site rows)</p>")
@@ -301,13 +303,14 @@ def render(data: ReportData) -> str:
     body.append(modules_chart(data))
     if data.leaks is not None and data.leaks.sites:
         rows = [[_e(g.module), _e("" if g.offset is None else f"0x{g.offset:x}"),
-                 f"{g.allocations:,}", f"{g.bytes:,}", _e(f"{g.min_size}..{g.max_size}"),
-                 _e("+".join(g.heaps))] for g in data.leaks.sites[:50]]
+                 _e(g.function or ""), f"{g.allocations:,}", f"{g.bytes:,}",
+                 _e(f"{g.min_size}..{g.max_size}"), _e("+".join(g.heaps))]
+                for g in data.leaks.sites[:50]]
         body.append(f"<h2>Leaks: {plural(data.leaks.allocations, 'block', sep=True)}, "
                     f"{plural(data.leaks.bytes, 'byte', sep=True)} live at end, top call "
                     "sites</h2>")
-        body.append(_table(["module", "offset", "blocks", "bytes", "sizes", "heaps"], rows,
-                           {2, 3}))
+        body.append(_table(["module", "offset", "function", "blocks", "bytes", "sizes",
+                            "heaps"], rows, {3, 4}))
         if len(data.leaks.sites) > 50:
             body.append(f'<p class="note">{len(data.leaks.sites) - 50} more call sites in the '
                         "leaks CSV</p>")
