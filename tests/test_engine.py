@@ -395,7 +395,7 @@ def test_size_classes_and_largest_allocations_match_a_reference_at_every_snapsho
     where = {0x10010: "0x10010", 0x401234: "FalloutNV.exe+0x1234", 0x10000020: "plugin.dll+0x20"}
     allocs = [{"bytes": int(x["size"]), "time_us": int(x["ts_us"]), "duration_us": int(x["dur_us"]),
                "thread": int(x["tid"]), "heap": "libc" if x["hook"] == 0 else "game",
-               "caller": where[int(x["caller"])]} for x in a[ok]]
+               "caller": where[int(x["caller"])], "function": None} for x in a[ok]]
 
     def reference(k: int) -> list[dict[str, int]]:
         by: dict[int, int] = {}
