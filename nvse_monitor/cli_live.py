@@ -71,6 +71,11 @@ def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="32-bit targets: sample the address space about "
                      "once a second (<prefix>_addrspace.csv) and warn when its largest free "
                      "block falls under this many MiB; 0 = do not sample."),
+        click.option("--symbols-every", type=click.FloatRange(min=0), default=2.0,
+                     show_default=True, metavar="SECONDS",
+                     help="Ask the agent for the function names of the call sites shown "
+                     "(leaks, largest allocations) this often, and once at stop; 0 = never "
+                     "(call sites stay module+offset). docs/symbols.md."),
         click.option("--force", is_flag=True,
                      help="Use --profile even if it names other executables or another "
                      "executable version."),
@@ -98,6 +103,7 @@ def _run(kind: str, target: Any, spawn: dict[str, Any] | None = None, **kw: Any)
         top=kw["top"],
         on_full=kw["on_full"],
         max_wait_ms=kw["max_wait_ms"],
+        symbols_interval_s=kw["symbols_every"],
     )
     opts.addrspace_warn_bytes = int(kw["addrspace_warn_mb"] * 2**20)
     if kw.get("ring_size"):

@@ -73,9 +73,12 @@ def report_cmd(source: Path, output: Path, prefix: str) -> None:
 @click.option("--interval", type=click.FloatRange(0.1, 10), default=0.5, show_default=True,
               help="Seconds between refreshes.")
 @click.option("--once", is_flag=True, help="Print one frame and exit.")
-def top_cmd(directory: Path, prefix: str, interval: float, once: bool) -> None:
+@click.option("--functions", is_flag=True, help="Start with the top functions: live blocks and "
+              "bytes by the function of their call site (key f).")
+def top_cmd(directory: Path, prefix: str, interval: float, once: bool, functions: bool) -> None:
     """Live dashboard of the session writing DIRECTORY (default ./nvse-monitor-out): status,
-    rates, memory with a sparkline, modules, drops, last warnings. Keys: l leak report, q quit.
+    rates, memory with a sparkline, modules, drops, last warnings. Keys: l leak report (by call
+    site), f top functions, q quit.
 
     --once: one frame on stdout; exit 0, or 3 when DIRECTORY has no stats JSON yet, 2 when
     it does not exist."""
@@ -90,6 +93,8 @@ def top_cmd(directory: Path, prefix: str, interval: float, once: bool) -> None:
         if not directory.is_dir():  # live, top waits for a session to make it; once cannot
             raise UserError(f"{directory}: no such directory")
         dash = Dashboard(src)
+        if functions:
+            dash.toggle_functions()
         dash.poll()
         con = Console()  # a pipe: 80 columns (or $COLUMNS), which the frame fits
         con.print(dash.render(con.width, con.height if con.is_terminal else None))
@@ -97,5 +102,5 @@ def top_cmd(directory: Path, prefix: str, interval: float, once: bool) -> None:
             sys.exit(3)
         return
     with contextlib.suppress(KeyboardInterrupt):
-        run_dashboard(src, interval=interval)
+        run_dashboard(src, interval=interval, functions=functions)
     sys.exit(0)

@@ -478,10 +478,14 @@ class _Keys:
 
 def run_dashboard(source: Any, interval: float = 0.5, console: Console | None = None,
                   stop: threading.Event | None = None,
-                  on_quit: Callable[[], None] | None = None) -> Dashboard:
-    """Refresh the dashboard every `interval` s until `stop` is set or q is pressed."""
+                  on_quit: Callable[[], None] | None = None,
+                  functions: bool = False) -> Dashboard:
+    """Refresh the dashboard every `interval` s until `stop` is set or q is pressed
+    (`functions`: start with the top functions)."""
     console = console or Console()
     dash = Dashboard(source)
+    if functions:
+        dash.toggle_functions()
     stop = stop or threading.Event()
 
     def key(ch: str) -> None:
