@@ -1305,7 +1305,8 @@ function symTable(mod) {
   const rows = [];
   const add = (name, address, size) => {
     if (!name || address.compare(lo) < 0 || address.compare(hi) >= 0) return;
-    rows.push([Number(address.sub(lo)), size > 0 ? size : 0, name]);
+    // size 0 or 1: no extent known (dbghelp gives PE exports size 0; Wine's dbghelp gives 1)
+    rows.push([Number(address.sub(lo)), size > 1 ? size : 0, name]);
   };
   try {
     for (const s of mod.enumerateSymbols()) {
