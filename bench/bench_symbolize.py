@@ -3,6 +3,15 @@ host's Symbolizer, as a live session asks it (chunks of 4,000 addresses).
 
     python bench/bench_symbolize.py [--functions 10000] [--rounds 5] [--arch x64|ia32]
 
+Under Wine (the Windows lane's Python, `source "$(bash tests/windows/setup.sh)"` first): build
+the 32-bit PE on Linux, then run the bench in the Windows Python against it:
+
+    python bench/bench_symbolize.py --build-pe /tmp/pe           # mingw: /tmp/pe/many.exe
+    wine "$NVSE_WIN_PYTHON" bench/bench_symbolize.py --pe-exe Z:/tmp/pe/many.exe
+
+The PE is stripped and exports its functions (as a mingw plugin DLL: names from exports, through
+dbghelp). pefile gives the export RVAs.
+
 Target: a generated C program with --functions named functions (-O1 -g, not stripped), one
 address inside each (function start + 1) asked. Each round loads a fresh agent script, so the
 first pass is cold (it builds the module's symbol table from its ELF symbols); a second pass
@@ -38,6 +47,59 @@ def generate(n: int, path: Path) -> None:
     lines.append("int main(void) { for (unsigned i = 0; i < sizeof table / sizeof *table; i++)"
                  " table[i](1); printf(\"ready\\n\"); fflush(stdout); getchar(); return 0; }")
     path.write_text("\n".join(lines) + "\n")
+
+
+def generate_pe(n: int, out_dir: Path) -> Path:
+    """The same program as a stripped 32-bit PE (mingw) exporting its n functions."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = out_dir / "many.c"
+    lines = ["#include <stdio.h>", "volatile int sink;"]
+    for i in range(n):
+        lines.append(f"__declspec(dllexport) __attribute__((noinline)) void f{i}(int x) "
+                     f"{{ sink += x * {i + 3}; }}")
+    lines.append("void (*const table[])(int) = {" + ", ".join(f"f{i}" for i in range(n)) + "};")
+    lines.append("int main(void) { for (unsigned i = 0; i < sizeof table / sizeof *table; i++)"
+                 " table[i](1); printf(\"ready\\n\"); fflush(stdout); getchar(); return 0; }")
+    src.write_text("\n".join(lines) + "\n")
+    exe = out_dir / "many.exe"
+    subprocess.run(["i686-w64-mingw32-gcc", "-O1", "-s", str(src), "-o", str(exe)], check=True)
+    return exe
+
+
+def pe_run(exe: str, rounds: int) -> None:
+    """Under Wine: attach to the PE, name one address in each exported function."""
+    import pefile
+
+    pe = pefile.PE(exe)
+    rvas = [int(e.address) for e in pe.DIRECTORY_ENTRY_EXPORT.symbols]
+    proc = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith(b"ready")
+        session = frida.attach(proc.pid)
+        cold, warm = [], []
+        named = 0
+        for _ in range(rounds):
+            script = session.create_script(
+                agent_source() + "\nrpc.exports.mainBase = () => Process.mainModule.base"
+                ".toString();\n")
+            script.load()
+            base = int(script.exports_sync.main_base(), 16)
+            addrs = sorted(base + r + 1 for r in rvas)
+            dt, named = timed_pass(script, addrs)
+            cold.append(dt)
+            warm.append(timed_pass(script, addrs)[0])
+            script.unload()
+        session.detach()
+    finally:
+        proc.kill()
+        proc.wait()
+    n = len(rvas)
+    print(f"CPU: {cpu_model()}; 32-bit PE under Wine (exports, dbghelp); {n} addresses, "
+          f"{rounds} rounds (medians)")
+    for label, xs in (("cold (symbol table built)", cold), ("warm", warm)):
+        m = statistics.median(xs) * 1e3
+        print(f"  {label}: {m:.1f} ms in total, {m / n * 1000:.2f} ms per 1,000 "
+              f"({named} of {n} named)")
 
 
 def nm_functions(exe: Path) -> dict[str, int]:
@@ -84,7 +146,16 @@ def main() -> None:
     ap.add_argument("--functions", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--arch", choices=("x64", "ia32"), default="x64")
+    ap.add_argument("--build-pe", type=Path, metavar="DIR",
+                    help="Build the 32-bit PE (mingw) into DIR and exit.")
+    ap.add_argument("--pe-exe", metavar="PATH", help="Under Wine: bench against this PE.")
     args = ap.parse_args()
+    if args.build_pe is not None:
+        print(generate_pe(args.functions, args.build_pe))
+        return
+    if args.pe_exe is not None:
+        pe_run(args.pe_exe, args.rounds)
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-sym-"))
     src, exe = work / "many.c", work / "many"
     generate(args.functions, src)
