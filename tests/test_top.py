@@ -289,15 +289,21 @@ def test_attach_top_leak_report_on_demand_in_tmux(targets, tmp_path, live_procs)
         time.sleep(1.0)  # the last drain reaches the engine
         t.keys("l")
         s = t.wait_for("live now by call site")
-        # blocks live now, by call site (module+offset): leak_b's malloc(1000) x 37 and the
-        # plugin's malloc(333) x 23 (the panel refreshes every 5 s while shown)
+        # blocks live now, by call site (module!function+offset: the symbolizer named them
+        # within ~2 s): leak_b's malloc(1000) x 37 and the plugin's malloc(333) x 23 (the panel
+        # refreshes every 5 s while shown)
         deadline = time.monotonic() + 15
-        want = [rf"{exe.name}\+0x[0-9a-f]+\s+37\s+37,000", rf"{plugin.name}\+0x[0-9a-f]+\s+23\s+"
-                "7,659"]
+        want = [rf"{exe.name}!leak_b\+0x[0-9a-f]+\s+37\s+37,000",
+                rf"{plugin.name}!plugin_leak\+0x[0-9a-f]+\s+23\s+7,659"]
         while not all(re.search(w, s) for w in want) and time.monotonic() < deadline:
             time.sleep(0.3)
             s = t.screen()
         assert all(re.search(w, s) for w in want), s
+        # f: the top functions (issue 11), leak_b's two call sites summed: 48 blocks, 38,100 bytes
+        t.keys("f")
+        s = t.wait_for("live now by function", 15)
+        assert re.search(rf"{exe.name}!leak_b\s+48\s+38,100", s), s
+        assert re.search(rf"{exe.name}!leak_a\s+100\s+4,800", s), s
         t.keys("q")
         t.wait_for("session ended", 30)
         from nvse_monitor import leaks
@@ -330,8 +336,9 @@ def test_top_dir_leak_report_from_a_live_session_in_tmux(targets, tmp_path, live
         assert not (out / "MemoryPoolNVSE_leaks.csv").exists()  # nothing asked for yet
         t.keys("l")
         s = t.wait_for("live now by call site", 15)
-        want = [rf"{exe.name}\+0x[0-9a-f]+\s+37\s+37,000",
-                rf"{plugin.name}\+0x[0-9a-f]+\s+23\s+7,659"]
+        # named once the session's symbolizer has seen them (every 2 s), else module+offset
+        want = [rf"{exe.name}(!leak_b)?\+0x[0-9a-f]+\s+37\s+37,000",
+                rf"{plugin.name}(!plugin_leak)?\+0x[0-9a-f]+\s+23\s+7,659"]
         assert all(re.search(w, s) for w in want), s
         assert "ACTIVE" in s  # the session is still running
         t.keys("q")
