@@ -197,3 +197,24 @@ def test_function_text_and_by_function():
     assert leaks.by_function(g) == [leaks.FunctionGroup("m!f", 3, 520, 2),
                                     leaks.FunctionGroup("m+0x90", 4, 40, 1),
                                     leaks.FunctionGroup("n!f", 1, 1, 1)]
+
+
+@pytest.mark.frida
+def test_names_resolved_before_the_target_exits(targets, tmp_path, live_procs):
+    """The target may exit at any moment: the periodic pass (every 2 s) names the sites of live
+    blocks while it runs, so the leak report made after it exited has them."""
+    exe = targets.build("leaky_target", "x64")
+    target = live_procs.start([exe])
+    out = tmp_path / "out"
+    mon = live_procs.attach(target, "--out", out)
+    target.go()
+    assert target.done() == {"ok": True}
+    time.sleep(4.5)  # two periodic passes
+    target.finish()  # exits on its own: no stop(), no final pass
+    assert mon.wait() == 0, mon.stderr
+    assert "session ended: target-exited" in mon.stderr.lower() or \
+        "target-exited" in (out / f"{PREFIX}_rpmalloc.log").read_text()
+    rep = leaks.read_csv(out / f"{PREFIX}_leaks.csv")
+    funcs = {g.function.split("+")[0] for g in rep.sites
+             if g.module == exe.name and g.function}
+    assert set(LEAKERS) <= funcs, rep.sites
