@@ -1282,38 +1282,73 @@ rpc.exports = { where, init, flush, stop, snapshot, dispose, cloakThread, foreig
 // ---- Function names for call sites (issue 11; docs/symbols.md) -------------------------------
 // symbolize(['0x...', ...]) -> [[module | null, function | null, offset | null], ...], one entry
 // per address, in order. Called by the host in bulk, off the hot path, a bounded chunk at a time.
-// Per module, a table of its function symbols sorted by address (Module.enumerateSymbols: ELF
-// .symtab/.dynsym on Linux; on Windows dbghelp's SymEnumSymbols: exports, and a PDB's functions
-// when dbghelp found it) is built once. A symbol with a size names only the addresses inside it
-// (exact); one without a size (a PE export) names the addresses up to the next symbol (dbghelp's
-// own rule: the nearest preceding symbol). Where the module has no table at all, DebugSymbol
-// .fromAddress is asked; its `0x...` placeholders mean no name.
+// Per module, a table of its function symbols sorted by address is built once:
+// - Linux: Module.enumerateSymbols (ELF .symtab/.dynsym, with sizes);
+// - Windows: the PE's exports (Module.enumerateExports: Frida reads the export directory in
+//   memory, no dbghelp), and dbghelp's SymEnumSymbols (a PDB's functions, with sizes) only for
+//   a module with a .pdb next to it: dbghelp maps symbol data into the target's address space
+//   (~136 MiB of a 32-bit game's under Wine when every module's symbols were loaded), so it is
+//   never touched otherwise, and is told to load symbols per module on demand
+//   (SYMOPT_DEFERRED_LOADS) before Frida first initialises it.
+// A symbol with a size names only the addresses inside it (exact); one without a size (a PE
+// export) names the addresses up to the next symbol (dbghelp's own rule: the nearest preceding
+// one). Where a Linux module has no table at all, DebugSymbol.fromAddress is asked; its `0x...`
+// placeholders mean no name.
 const SYM_MAX_PER_CALL = 20000;   // the host chunks larger requests
 const SYM_MAX_MODULE_SYMBOLS = 2000000;
-const symTables = new Map();      // module base + path -> {starts: [], ends: [], names: []}
-const symLoaded = new Set();      // Windows: modules handed to dbghelp (DebugSymbol.load)
+const symTables = new Map();      // module base + path -> {starts: [], sizes: [], names: []}
 let symModules = null;            // ModuleMap of the target's modules, refreshed per call
+let symDbghelpReady = false;      // Windows: dbghelp loaded and set to deferred loads
+
+function fileExists(path) {
+  try {
+    const f = new File(path, 'rb');
+    f.close();
+    return true;
+  } catch (e) {
+    return false;
+  }
+}
+
+// Windows: load dbghelp.dll ourselves (Frida uses the process's copy when there is one) and
+// turn on deferred loads before Frida's SymInitialize(invade = TRUE) would load every module.
+function prepareDbghelp() {
+  if (symDbghelpReady) return;
+  symDbghelpReady = true;
+  try {
+    const m = Module.load('dbghelp.dll');
+    const get = new NativeFunction(m.getExportByName('SymGetOptions'), 'uint32', [], 'stdcall');
+    const set = new NativeFunction(m.getExportByName('SymSetOptions'), 'uint32', ['uint32'],
+      'stdcall');
+    set(get() | 0x4 | 0x2);  // SYMOPT_DEFERRED_LOADS | SYMOPT_UNDNAME
+  } catch (e) { /* Frida falls back to its own copy, with its defaults */ }
+}
 
 function symTable(mod) {
   const key = mod.base.toString() + '|' + mod.path;
   let t = symTables.get(key);
   if (t !== undefined) return t;
-  if (Process.platform === 'windows' && !symLoaded.has(key)) {
-    symLoaded.add(key);
-    try { DebugSymbol.load(mod.path); } catch (e) { /* dbghelp may know it already */ }
-  }
+  const windows = Process.platform === 'windows';
   const lo = mod.base, hi = mod.base.add(mod.size);
   const rows = [];
   const add = (name, address, size) => {
-    if (!name || address.compare(lo) < 0 || address.compare(hi) >= 0) return;
+    if (!name || rows.length >= SYM_MAX_MODULE_SYMBOLS) return;
+    if (address.compare(lo) < 0 || address.compare(hi) >= 0) return;
     // size 0 or 1: no extent known (dbghelp gives PE exports size 0; Wine's dbghelp gives 1)
     rows.push([Number(address.sub(lo)), size > 1 ? size : 0, name]);
   };
-  try {
-    for (const s of mod.enumerateSymbols()) {
-      if (s.type === 'function' && rows.length < SYM_MAX_MODULE_SYMBOLS) add(s.name, s.address, s.size || 0);
+  const pdb = windows && fileExists(mod.path.replace(/\.[^.\\/]*$/, '') + '.pdb');
+  if (!windows || pdb) {
+    if (pdb) {
+      prepareDbghelp();
+      try { DebugSymbol.load(mod.path); } catch (e) { /* dbghelp may know it already */ }
     }
-  } catch (e) { /* not supported for this module */ }
+    try {
+      for (const s of mod.enumerateSymbols()) {
+        if (s.type === 'function') add(s.name, s.address, s.size || 0);
+      }
+    } catch (e) { /* not supported for this module */ }
+  }
   if (rows.length === 0) {
     try {
       for (const x of mod.enumerateExports()) if (x.type === 'function') add(x.name, x.address, 0);
@@ -1321,7 +1356,8 @@ function symTable(mod) {
   }
   // sized symbols first at equal starts (aliases: the sized one names the code)
   rows.sort((a, b) => a[0] - b[0] || b[1] - a[1]);
-  t = { starts: rows.map(r => r[0]), sizes: rows.map(r => r[1]), names: rows.map(r => r[2]) };
+  t = { starts: rows.map(r => r[0]), sizes: rows.map(r => r[1]), names: rows.map(r => r[2]),
+        debugSymbol: !windows };
   symTables.set(key, t);
   return t;
 }
@@ -1359,7 +1395,7 @@ function symbolize(addresses) {
     const t = symTable(mod);
     const off = Number(p.sub(mod.base));
     let hit = t.starts.length ? symLookup(t, off) : null;
-    if (hit === null && t.starts.length === 0) {
+    if (hit === null && t.starts.length === 0 && t.debugSymbol) {
       try {
         const d = DebugSymbol.fromAddress(p);
         if (d.name && !/^0x[0-9a-f]+$/i.test(d.name)) hit = [d.name, null];
