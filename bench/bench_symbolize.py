@@ -9,8 +9,8 @@ the 32-bit PE on Linux, then run the bench in the Windows Python against it:
     python bench/bench_symbolize.py --build-pe /tmp/pe           # mingw: /tmp/pe/many.exe
     wine "$NVSE_WIN_PYTHON" bench/bench_symbolize.py --pe-exe Z:/tmp/pe/many.exe
 
-The PE is stripped and exports its functions (as a mingw plugin DLL: names from exports, through
-dbghelp). pefile gives the export RVAs.
+The PE is stripped and exports its functions (as a mingw plugin DLL: names from its exports,
+which Frida reads from memory). pefile gives the export RVAs.
 
 Target: a generated C program with --functions named functions (-O1 -g, not stripped), one
 address inside each (function start + 1) asked. Each round loads a fresh agent script, so the
@@ -94,7 +94,7 @@ def pe_run(exe: str, rounds: int) -> None:
         proc.kill()
         proc.wait()
     n = len(rvas)
-    print(f"CPU: {cpu_model()}; 32-bit PE under Wine (exports, dbghelp); {n} addresses, "
+    print(f"CPU: {cpu_model()}; 32-bit PE under Wine (exports); {n} addresses, "
           f"{rounds} rounds (medians)")
     for label, xs in (("cold (symbol table built)", cold), ("warm", warm)):
         m = statistics.median(xs) * 1e3
