@@ -1317,9 +1317,9 @@ function prepareDbghelp() {
   symDbghelpReady = true;
   try {
     const m = Module.load('dbghelp.dll');
-    const get = new NativeFunction(m.getExportByName('SymGetOptions'), 'uint32', [], 'stdcall');
-    const set = new NativeFunction(m.getExportByName('SymSetOptions'), 'uint32', ['uint32'],
-      'stdcall');
+    const abi = Process.pointerSize === 4 ? 'stdcall' : 'default';  // WINAPI
+    const get = new NativeFunction(m.getExportByName('SymGetOptions'), 'uint32', [], abi);
+    const set = new NativeFunction(m.getExportByName('SymSetOptions'), 'uint32', ['uint32'], abi);
     set(get() | 0x4 | 0x2);  // SYMOPT_DEFERRED_LOADS | SYMOPT_UNDNAME
   } catch (e) { /* Frida falls back to its own copy, with its defaults */ }
 }
