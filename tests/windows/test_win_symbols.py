@@ -26,6 +26,22 @@ def _export(dll: Path, name: str) -> int:
 
 
 def test_plugin_export_named_in_the_leak_report(pe: PeInstall, tmp_path: Path) -> None:
+    _check_named(pe, tmp_path)
+
+
+def test_with_a_pdb_file_next_to_the_plugin(pe: PeInstall, tmp_path: Path) -> None:
+    """A `.pdb` next to the DLL sends the agent through dbghelp (loaded by the agent, deferred
+    loads set first). This one is not a real PDB (no MSVC here): dbghelp falls back to the
+    exports, and the names must be the same."""
+    pdb = pe.plugins_dir / "fnvplugin_msvcrt.pdb"
+    pdb.write_bytes(b"Microsoft C/C++ MSF 7.00\r\n\x1aDS\0\0\0")
+    try:
+        _check_named(pe, tmp_path)
+    finally:
+        pdb.unlink()
+
+
+def _check_named(pe: PeInstall, tmp_path: Path) -> None:
     mon, _truth, game_rc = _attach(pe, tmp_path, "FalloutNV.exe")
     assert game_rc == 0
     out = tmp_path / "out"
