@@ -19,6 +19,7 @@ from ..engine import LARGEST
 from ..outputs import LogLine, Snapshot
 from ..stream import Batch
 from ..writers import FilePaths
+from . import flame as flame_mod
 
 RUN_RECORDS = 1 << 12  # engine pass granularity: a sample of the series at least this often
 # ... and at least every 1/SAMPLES_PER_SPAN of the time so far (never finer than MIN_SAMPLE_US):
@@ -29,6 +30,7 @@ MAX_PARTS = 2000  # a drained batch is cut into at most this many samples
 RATE_BUCKETS = 200  # the rate chart: about this many time buckets over the session
 MAX_POINTS = 4000  # per plotted series (downsampled beyond, keeping the peak)
 MAX_MESSAGES = 300
+LEAK_ROWS = 50  # leak call sites in the report's table
 
 STATUS_RE = re.compile(r"Status: (\w+) -> (\w+) \((.*)\)$")
 PERF_RE = re.compile(r"Large allocation: (\d+) bytes took (\d+) microseconds \((.*), (.*)\)$")
@@ -90,6 +92,7 @@ class ReportData:
     messages_omitted: int = 0
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    flame: flame_mod.FlameData | None = None  # sampled stacks (a recording that sampled them)
 
 
 def bucket_width(span_s: float, buckets: int = RATE_BUCKETS) -> float:
@@ -276,6 +279,8 @@ def from_recording(path: Path, prefix: str = "MemoryPoolNVSE") -> ReportData:
         if pending:
             flush()
         report_leaks = leaks_mod.from_engine(eng)
+        flame = flame_mod.gather(eng, eng.live_allocations() if eng.samples is not None else None,
+                                 report_leaks.sites[:LEAK_ROWS])
         report_leaks.log_to(eng, leaks_mod.leaks_path(".", prefix).name)
         outs = eng.finish()
         take(outs)
@@ -303,6 +308,9 @@ def from_recording(path: Path, prefix: str = "MemoryPoolNVSE") -> ReportData:
         at = next(i for i, x in enumerate(samples) if x[0] >= data.peak_t)
         data.module_peak, data.module_peak_t = mod_rows[at], samples[at][0]
     data.leaks = report_leaks
+    if flame is not None:
+        flame.peak_t = data.peak_t
+    data.flame = flame
     data.hist = _size_hist(doc)
     data.largest = _largest(doc) or []
     return data
@@ -421,6 +429,9 @@ def from_directory(directory: Path, prefix: str) -> ReportData:
         data.notes.append("no leaks CSV yet (written when the session ends)")
     except (OSError, ValueError, KeyError) as e:
         data.notes.append(f"leaks CSV unreadable ({e})")
+    if (doc.get("monitor") or {}).get("sampling"):
+        data.notes.append("sampled stacks (flame graph, leak sites' callers): only in a report "
+                          "from a recording of the session (--record), not from its files")
     data.hist = _size_hist(doc)
     if data.hist is None:
         data.notes.append(f"{paths.json.name} has no monitor.allocation_sizes (written by an "
