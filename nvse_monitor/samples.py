@@ -35,6 +35,7 @@ _STACK = int(Kind.STACK)
 _FRAME_FIELDS = ("ptr", "old_ptr", "size", "caller")  # a chunk's frames, in order
 _HASH = np.uint64(0x9E3779B97F4A7C15)
 _MIN_BITS = 16
+_WINDOW = 32  # records after a stack's last chunk checked at once for its thread's next one
 _LOAD = 16  # filter slots per sampled live block at least: ~1/16 false hits per event at most
 
 
@@ -77,12 +78,13 @@ class _Filter:
     def slots(self, p: np.ndarray) -> np.ndarray:
         return ((p * _HASH) >> self.shift).view(np.int64)
 
-    def add(self, ptrs: list[int]) -> None:
-        if ptrs:
-            np.add.at(self.counts, self.slots(np.array(ptrs, np.uint64)), 1)
+    def add(self, ptrs: np.ndarray) -> None:
+        if len(ptrs):
+            np.add.at(self.counts, self.slots(ptrs), 1)
 
-    def remove(self, ptr: int) -> None:
-        self.counts[int(self.slots(np.array([ptr], np.uint64))[0])] -= 1
+    def remove(self, ptrs: np.ndarray) -> None:
+        if len(ptrs):
+            np.subtract.at(self.counts, self.slots(ptrs), 1)
 
     def hits(self, p: np.ndarray) -> np.ndarray:
         """Indices of `p` that may be in the set (all that are, a few that are not)."""
@@ -98,47 +100,44 @@ class SampledStacks:
         self.sample_bytes = int(sample_bytes)
         self.modmap = modmap
         self.stacks: list[Stack] = []
-        self._ids: dict[tuple[int, ...], int] = {}  # filtered frames -> id
-        self._raw: dict[bytes, int] = {}  # raw 16-frame row -> id
-        # thread -> (chunk index expected next, frame count, frames so far) of a stack whose
-        # call record has not come yet
-        self._pending: dict[int, tuple[int, int, list[int]]] = {}
+        self._ids: dict[tuple[int, ...], int] = {}  # frames in known modules -> id
+        self._raw: dict[tuple[int, ...], int] = {}  # frames as sent -> id
+        # chunks of a stack whose call record has not come yet (a batch ended between them):
+        # thread -> their rows (tid, hook, flags, 4 frames), in order
+        self._pending: dict[int, np.ndarray] = {}
         # sampled blocks live now: ptr -> (stack id, size, est. bytes, est. allocations, caller)
         self.live: dict[int, tuple[int, int, float, float, int]] = {}
         self._filter = _Filter()
-        n = 64
-        self._live_b = np.zeros(n)
-        self._live_n = np.zeros(n)
-        self._live_k = np.zeros(n, np.int64)
-        self._alloc_b = np.zeros(n)
-        self._alloc_n = np.zeros(n)
-        self._alloc_k = np.zeros(n, np.int64)
-        self._peak: StackFigures | None = None
+        # per stack id (Python lists: a few updates per sample beat numpy scalars)
+        self._live_b: list[float] = []
+        self._live_n: list[float] = []
+        self._live_k: list[int] = []
+        self._alloc_b: list[float] = []
+        self._alloc_n: list[float] = []
+        self._alloc_k: list[int] = []
+        self._peak: tuple[list[float], list[float], list[int]] | None = None
         self.sampled_allocations = 0  # sampled calls that allocated
         self.stackless = 0  # of which the stack was lost (dropped chunks): their call site only
         self.discarded_stacks = 0  # chunk runs whose call record never came (dropped)
 
     # -- results --
+    @staticmethod
+    def _figures(b: list[float], n: list[float], k: list[int], size: int) -> StackFigures:
+        pad = size - len(b)
+        return StackFigures(np.array(b + [0.0] * pad), np.array(n + [0.0] * pad),
+                            np.array(k + [0] * pad, np.int64))
+
     def live_now(self) -> StackFigures:
-        n = len(self.stacks)
-        return StackFigures(self._live_b[:n].copy(), self._live_n[:n].copy(),
-                            self._live_k[:n].copy())
+        return self._figures(self._live_b, self._live_n, self._live_k, len(self.stacks))
 
     def at_peak(self) -> StackFigures:
-        """At the first moment the session's live bytes reached their peak (empty before any
-        peak with samples)."""
-        n = len(self.stacks)
-        p = self._peak
-        if p is None:
-            return StackFigures(np.zeros(n), np.zeros(n), np.zeros(n, np.int64))
-        pad = n - len(p.bytes)
-        return StackFigures(np.pad(p.bytes, (0, pad)), np.pad(p.allocations, (0, pad)),
-                            np.pad(p.sampled, (0, pad)))
+        """At the first moment the session's live bytes reached their peak (zeros before any
+        peak)."""
+        p = self._peak or ([], [], [])
+        return self._figures(*p, len(self.stacks))
 
     def allocated(self) -> StackFigures:
-        n = len(self.stacks)
-        return StackFigures(self._alloc_b[:n].copy(), self._alloc_n[:n].copy(),
-                            self._alloc_k[:n].copy())
+        return self._figures(self._alloc_b, self._alloc_n, self._alloc_k, len(self.stacks))
 
     def frame_addresses(self) -> list[int]:
         """Every distinct frame address of the stacks (for symbol look-ups), sorted."""
@@ -151,75 +150,85 @@ class SampledStacks:
         1 alloc, 2 failure) and record indices (None: one event per record), None when it has no
         events; `peak_at`: the event index where the session's live bytes reached a new peak in
         this batch (None: no new peak)."""
-        kind = r["kind"]
-        new = self._sampled_calls(r, kind)  # (record index, stack id) per sampled allocation
+        ri, sid = self._sampled_calls(r)  # record index, stack id per sampled allocation
         if ev_ptr is None:
             return
         # sampled allocations -> their events (the alloc part of a realloc is its last event)
-        if new:
-            ri = np.array([x[0] for x in new], np.int64)
+        if len(ri):
             ei = ri if ev_rec is None else np.searchsorted(ev_rec, ri, side="right") - 1
-            ok = (ei >= 0) & (ev_etype[np.maximum(ei, 0)] == 1)
-            ok &= ev_ptr[np.maximum(ei, 0)] != 0
+            e0 = np.maximum(ei, 0)
+            ok = (ei >= 0) & (ev_etype[e0] == 1) & (ev_ptr[e0] != 0)
             if ev_rec is not None:
-                ok &= ev_rec[np.maximum(ei, 0)] == ri
-            sid = [x[1] for x in new]
-            adds = {int(e): s for e, s, k in zip(ei.tolist(), sid, ok.tolist(), strict=True) if k}
+                ok &= ev_rec[e0] == ri
+            ei, ri, sid = ei[ok], ri[ok], sid[ok]
         else:
-            adds = {}
-        if not self.live and not adds:
+            ei = ri
+        if not self.live and not len(ri):
             if peak_at is not None:
                 self._snap_peak()
             return
-        if adds:
-            self._filter.add([int(ev_ptr[e]) for e in adds])
-        # events that may end a sampled block: frees, and allocations over a live one
-        cand = self._filter.hits(ev_ptr)
-        ptrs = ev_ptr[cand].tolist()
-        batch_new = {int(ev_ptr[e]) for e in adds}
         live = self.live
-        todo = sorted({int(i) for i, p in zip(cand.tolist(), ptrs, strict=True)
-                       if p in live or p in batch_new} | set(adds))
-        if adds:
-            size = r["size"]
-            sizes = {e: int(size[e if ev_rec is None else int(ev_rec[e])]) for e in adds}
-            caller = r["caller"]
-            callers = {e: int(caller[e if ev_rec is None else int(ev_rec[e])]) for e in adds}
+        add_p = ev_ptr[ei]
+        self._filter.add(add_p)
+        # Events on a pointer that is (or becomes) a sampled block in this batch: the filter's
+        # hits, checked exactly. Grouped by pointer, an event ends a sampled block when the
+        # pointer's previous event was a sampled allocation, or, first in the batch, when the
+        # pointer was a sampled block before it.
+        cand = self._filter.hits(ev_ptr)
+        cp = ev_ptr[cand]
+        pre = np.fromiter(live, np.uint64, len(live))
+        keys = np.union1d(pre, add_p)
+        hit = np.isin(cp, keys)
+        cand, cp = cand[hit], cp[hit]
+        o = np.argsort(cp, kind="stable")
+        sp, se = cp[o], cand[o]
+        first = np.ones(len(sp), bool)
+        np.not_equal(sp[1:], sp[:-1], out=first[1:])
+        mark = np.zeros(len(ev_ptr), bool)
+        mark[ei] = True
+        is_add = mark[se]
+        ends = np.zeros(len(sp), bool)
+        ends[1:] = is_add[:-1]
+        ends &= ~first
+        ends |= first & np.isin(sp, pre)
+        rel = ends | is_add
+        todo = np.sort(se[rel])
+        ends_at = set(se[ends].tolist())
+        wb, wn = weights(r["size"][ri], self.sample_bytes)
+        caller = r["caller"][ri]
+        adds = dict(zip(ei.tolist(), zip(sid.tolist(), r["size"][ri].tolist(), wb.tolist(),
+                                         wn.tolist(), caller.tolist(), strict=True), strict=True))
         peaked = peak_at is None
-        for e in todo:
+        lb, ln, lk = self._live_b, self._live_n, self._live_k
+        gone = []
+        for e in todo.tolist():
             if not peaked and e > peak_at:
                 self._snap_peak()
                 peaked = True
             p = int(ev_ptr[e])
-            old = live.pop(p, None)
-            if old is not None:  # a free, or an allocation over a live block (REPLACE)
-                self._filter.remove(p)
-                self._live_b[old[0]] -= old[2]
-                self._live_n[old[0]] -= old[3]
-                self._live_k[old[0]] -= 1
-            s = adds.get(e)
-            if s is not None:
-                self._add(p, s, sizes[e], callers[e])
+            if e in ends_at:  # a free, or an allocation over a live block (REPLACE)
+                s, _, b, n, _ = live.pop(p)
+                gone.append(p)
+                lb[s] -= b
+                ln[s] -= n
+                lk[s] -= 1
+            a = adds.get(e)
+            if a is not None:
+                s, _, b, n, _ = live[p] = a
+                lb[s] += b
+                ln[s] += n
+                lk[s] += 1
+                self._alloc_b[s] += b
+                self._alloc_n[s] += n
+                self._alloc_k[s] += 1
+        self.sampled_allocations += len(adds)
         if not peaked:
             self._snap_peak()
+        self._filter.remove(np.array(gone, np.uint64))
         self._grow_filter()
 
-    def _add(self, p: int, s: int, size: int, caller: int) -> None:
-        wb, wn = weights(size, self.sample_bytes)
-        wb, wn = float(wb), float(wn)
-        self.live[p] = (s, size, wb, wn, caller)
-        self._live_b[s] += wb
-        self._live_n[s] += wn
-        self._live_k[s] += 1
-        self._alloc_b[s] += wb
-        self._alloc_n[s] += wn
-        self._alloc_k[s] += 1
-        self.sampled_allocations += 1
-
     def _snap_peak(self) -> None:
-        n = len(self.stacks)
-        self._peak = StackFigures(self._live_b[:n].copy(), self._live_n[:n].copy(),
-                                  self._live_k[:n].copy())
+        self._peak = (list(self._live_b), list(self._live_n), list(self._live_k))
 
     def _grow_filter(self) -> None:
         f = self._filter
@@ -227,123 +236,145 @@ class SampledStacks:
             return
         bits = max(_MIN_BITS, (len(self.live) * _LOAD * 2 - 1).bit_length())
         self._filter = _Filter(bits)
-        self._filter.add(list(self.live))
+        self._filter.add(np.fromiter(self.live, np.uint64, len(self.live)))
 
     # -- chunks -> stacks --
-    def _sampled_calls(self, r: np.ndarray, kind: np.ndarray) -> list[tuple[int, int]]:
-        """(record index, stack id) of each sampled call of the batch that allocated, in record
-        order; consumes the STACK chunks."""
-        flags = r["flags"]
+    def _sampled_calls(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Record indices and stack ids of the batch's sampled calls that allocated, in record
+        order; consumes the STACK chunks (those of a call still to come wait in _pending)."""
+        none = (np.empty(0, np.int64), np.empty(0, np.int64))
+        kind = r["kind"]
         st = np.flatnonzero(kind == _STACK)
-        sm = np.flatnonzero(flags & FLAG_SAMPLED)
+        sm = np.flatnonzero(r["flags"] & FLAG_SAMPLED)
         if len(sm) and len(st):
             sm = sm[kind[sm] != _STACK]  # a STACK record's flags are its frame count
         if not len(st) and not len(sm) and not self._pending:
-            return []
+            return none
         tid = r["tid"]
-        out: list[tuple[int, int]] = []
-        # The records that matter, in order: chunks and sampled calls. A chunk run of a thread
-        # ends at its thread's next record; with records of other threads in between, whether
-        # that is a sampled call is checked on the thread's positions in the batch.
-        idx = np.concatenate((st, sm))
-        order = np.argsort(idx, kind="stable")
-        idx = idx[order]
-        is_chunk = order < len(st)
-        tids = tid[idx].tolist()
-        pos_of: dict[int, np.ndarray] = {}  # thread -> its record indices in this batch
+        # Chunk rows: carried ones first (record index -1: before the batch), then the batch's.
+        rows = np.empty((len(st), 7), np.uint64)
+        rows[:, 0], rows[:, 1], rows[:, 2] = tid[st], r["hook"][st], r["flags"][st]
+        for j, f in enumerate(_FRAME_FIELDS):
+            rows[:, 3 + j] = r[f][st]
+        cidx = st.astype(np.int64)
+        if self._pending:
+            carried = np.concatenate(list(self._pending.values()))
+            rows = np.concatenate((carried, rows))
+            cidx = np.concatenate((np.full(len(carried), -1, np.int64), cidx))
+            self._pending = {}
+        # Elements: chunks and sampled calls, by thread then record order (carried first).
+        nc = len(rows)
+        e_idx = np.concatenate((cidx, sm.astype(np.int64)))
+        e_tid = np.concatenate((rows[:, 0], tid[sm].astype(np.uint64)))
+        order = np.lexsort((np.arange(len(e_idx)), e_idx, e_tid))
+        e_idx, e_tid = e_idx[order], e_tid[order]
+        is_chunk = order < nc
+        m = len(order)
+        j = np.arange(m)
+        same = np.zeros(m, bool)
+        np.equal(e_tid[1:], e_tid[:-1], out=same[1:])
+        hook = np.full(m, -1, np.int64)
+        hook[is_chunk] = rows[order[is_chunk], 1].astype(np.int64)
+        # the latest chunk 0 of the thread at or before each element (a stack's start)
+        start = np.maximum.accumulate(np.where(is_chunk & (hook == 0), j, -1))
+        # ... and the latest element that was not a chunk, or the thread's first element: a
+        # stack's chunks are the run from its chunk 0 to the call, all after that
+        brk = np.maximum.accumulate(np.where(~is_chunk | ~same, j, -1))
+        calls = np.flatnonzero(~is_chunk)
+        prev_chunk = np.zeros(len(calls), bool)
+        has_prev = calls > 0
+        pc = np.maximum(calls - 1, 0)
+        prev_chunk[has_prev] = is_chunk[pc[has_prev]] & same[calls[has_prev]]
+        s0 = start[pc]
+        # a call's chunks: from its thread's latest chunk 0, in the run right before it
+        got = prev_chunk & (s0 >= brk[pc])
+        # the thread's record right after its last chunk must be the call (else the chunks'
+        # call was dropped and this call's own chunks were lost)
+        last = e_idx[pc]
+        call_rec = e_idx[calls]
+        gap = np.flatnonzero(got & (call_rec > last + 1))
+        if len(gap):  # other threads' records in between: is one of them this thread's?
+            lo, hi = last[gap] + 1, call_rec[gap]
+            w = np.arange(_WINDOW)
+            at = np.minimum(lo[:, None] + w, hi[:, None] - 1)  # repeats the last one: harmless
+            bad = (tid[at] == tid[hi][:, None]).any(axis=1)
+            for k in np.flatnonzero(hi - lo > _WINDOW).tolist():  # long gaps: the rest
+                bad[k] |= bool((tid[int(lo[k]) + _WINDOW:int(hi[k])] == tid[int(hi[k])]).any())
+            got[gap[bad]] = False
+        # frames of the calls that got chunks: chunk m of a stack fills frames 4m..4m+3 while
+        # the chunks go 0, 1, 2... (a missing one ends the stack: the frames before it stay)
+        used = np.zeros(m, bool)
+        gk = np.flatnonzero(got)
+        frames = np.zeros((len(calls), MAX_STACK_FRAMES), np.uint64)
+        if len(gk):
+            a0, c0 = s0[gk], calls[gk]
+            ok = np.ones(len(gk), bool)
+            for mth in range(MAX_STACK_FRAMES // STACK_FRAMES_PER_RECORD):
+                at = np.minimum(a0 + mth, m - 1)
+                ok &= (a0 + mth < c0) & (hook[at] == mth)
+                used[at[ok]] = True
+                frames[gk[ok], 4 * mth:4 * mth + 4] = rows[order[at[ok]], 3:]
+            nfr = np.minimum(rows[order[a0], 2], MAX_STACK_FRAMES).astype(np.int64)
+            frames[gk] *= np.arange(MAX_STACK_FRAMES) < nfr[:, None]
+            # runs from chunk 0 to the call are spent even where a chunk was missing
+            for mth in range(1, MAX_STACK_FRAMES):
+                more = a0 + mth < c0
+                if not more.any():
+                    break
+                used[(a0 + mth)[more]] = True
+        # which sampled calls allocated (failures and frees by realloc did not)
+        kd, sz, pt = kind[call_rec], r["size"][call_rec], r["ptr"][call_rec]
+        allocd = ((kd == Kind.ALLOC) | ((kd == Kind.REALLOC) & (sz != 0))) & (pt != 0)
+        lost = allocd & ~frames.any(axis=1)  # its chunks were lost: its call site stands
+        frames[lost, 0] = r["caller"][call_rec[lost]]
+        self.stackless += int(lost.sum())
+        out_ri, out_sid = [], []
+        raw = self._raw
+        keep = np.flatnonzero(allocd)
+        keep = keep[np.argsort(call_rec[keep], kind="stable")]  # record order: stack ids do
+        for i, row in zip(call_rec[keep].tolist(), frames[keep].tolist(), strict=True):
+            key = tuple(row)  # not depend on how batches were cut
+            sid = raw.get(key)
+            out_ri.append(i)
+            out_sid.append(sid if sid is not None else self._intern(key))
+        # chunks left: the thread's tail waits for its call, unless its thread went on
+        left = is_chunk & ~used
+        if left.any():
+            tail = np.zeros(m, bool)
+            tail[:-1] = ~same[1:]
+            tail[-1] = True  # each thread's last element
+            for k in np.flatnonzero(tail & left).tolist():
+                a = int(start[k])
+                if a < brk[k]:
+                    continue  # no chunk 0 in the run
+                t, e = int(e_tid[k]), int(e_idx[k])
+                if (tid[e + 1:] == t).any():
+                    continue  # its thread went on without the call: dropped
+                self._pending[t] = rows[order[a:k + 1]]
+                left[a:k + 1] = False
+            # every run of left chunks, or chunk 0 in one, is a discarded stack
+            runs = left & ((hook == 0) | ~np.concatenate(([False], left[:-1] & same[1:])))
+            self.discarded_stacks += int(runs.sum())
+        if not out_ri:
+            return none
+        return np.array(out_ri, np.int64), np.array(out_sid, np.int64)
 
-        def positions(t: int) -> np.ndarray:
-            p = pos_of.get(t)
-            if p is None:
-                p = pos_of[t] = np.flatnonzero(tid == t)
-            return p
-
-        last: dict[int, int] = {}  # thread -> record index of its latest chunk (-1: carried)
-        for t in self._pending:
-            last[t] = -1
-        for i, ch, t in zip(idx.tolist(), is_chunk.tolist(), tids, strict=True):
-            pend = self._pending.get(t)
-            if pend is not None and not self._next_is(positions, t, last[t], i):
-                self.discarded_stacks += 1
-                pend = None
-                del self._pending[t]
-            if ch:
-                self._chunk(r, i, t, pend)
-                last[t] = i
-                continue
-            frames = None
-            if pend is not None:
-                frames = pend[2][:pend[1]]
-                del self._pending[t]
-            k = int(kind[i])
-            if k == Kind.FAILED or (k == Kind.REALLOC and (int(r["size"][i]) == 0
-                                                           or int(r["ptr"][i]) == 0)):
-                continue  # allocated nothing
-            if k not in (Kind.ALLOC, Kind.REALLOC):
-                continue
-            if not frames:  # its chunks were lost: its call site stands for the stack
-                self.stackless += 1
-                frames = [int(r["caller"][i])]
-            out.append((i, self._intern(frames)))
-        # chunks whose thread went on without a sampled call in this batch: discarded now
-        for t in list(self._pending):
-            p = positions(t)
-            if len(p) and int(p[-1]) > last.get(t, -1):
-                self.discarded_stacks += 1
-                del self._pending[t]
-        return out
-
-    @staticmethod
-    def _next_is(positions, t: int, after: int, at: int) -> bool:  # noqa: ANN001
-        """Whether record `at` is thread t's next record after record `after` (-1: from the
-        batch's start)."""
-        if at == after + 1:
-            return True
-        p = positions(t)
-        a = int(np.searchsorted(p, after, side="right"))
-        return a < len(p) and int(p[a]) == at
-
-    def _chunk(self, r: np.ndarray, i: int, t: int,
-               pend: tuple[int, int, list[int]] | None) -> None:
-        rec = r[i]
-        ci, nframes = int(rec["hook"]), min(int(rec["flags"]), MAX_STACK_FRAMES)
-        frames = [int(rec[f]) for f in _FRAME_FIELDS]
-        if ci == 0:
-            if pend is not None:
-                self.discarded_stacks += 1
-            self._pending[t] = (1, nframes, frames)
-        elif pend is not None and pend[0] == ci and ci * STACK_FRAMES_PER_RECORD < pend[1]:
-            self._pending[t] = (ci + 1, pend[1], pend[2] + frames)
-        elif pend is not None:  # a chunk went missing: keep the frames before it
-            self._pending[t] = (-1, len(pend[2]), pend[2])
-        else:  # a run without its first chunk: nothing to attach it to
-            self.discarded_stacks += 1
-
-    def _intern(self, frames: list[int]) -> int:
-        raw = np.zeros(MAX_STACK_FRAMES, np.uint64)
-        frames = [f for f in frames[:MAX_STACK_FRAMES] if f]
-        raw[:len(frames)] = frames
-        key = raw.tobytes()
-        sid = self._raw.get(key)
-        if sid is not None:
-            return sid
-        mods = self.modmap.lookup(raw[:len(frames)]).tolist() if frames else []
-        keep = [(f, m) for f, m in zip(frames, mods, strict=True) if m != UNKNOWN]
+    def _intern(self, raw: tuple[int, ...]) -> int:
+        """The id of a stack as sent (MAX_STACK_FRAMES frames, 0 = none)."""
+        key = tuple(f for f in raw if f)
+        mods = self.modmap.lookup(np.array(key, np.uint64)).tolist() if key else []
+        keep = [(f, m) for f, m in zip(key, mods, strict=True) if m != UNKNOWN]
         fk = tuple(f for f, _ in keep)
         sid = self._ids.get(fk)
         if sid is None:
             sid = self._ids[fk] = len(self.stacks)
             self.stacks.append(Stack(fk, tuple(m for _, m in keep)))
-            if sid >= len(self._live_b):
-                self._grow_arrays()
-        self._raw[key] = sid
+            for a in (self._live_b, self._live_n, self._alloc_b, self._alloc_n):
+                a.append(0.0)
+            self._live_k.append(0)
+            self._alloc_k.append(0)
+        self._raw[raw] = sid
         return sid
-
-    def _grow_arrays(self) -> None:
-        n = 2 * len(self._live_b)
-        for name in ("_live_b", "_live_n", "_live_k", "_alloc_b", "_alloc_n", "_alloc_k"):
-            a = getattr(self, name)
-            setattr(self, name, np.concatenate((a, np.zeros(n - len(a), a.dtype))))
 
 
 __all__ = ["SampledStacks", "Stack", "StackFigures", "weights"]
