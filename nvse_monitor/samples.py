@@ -36,7 +36,7 @@ _FRAME_FIELDS = ("ptr", "old_ptr", "size", "caller")  # a chunk's frames, in ord
 _HASH = np.uint64(0x9E3779B97F4A7C15)
 _MIN_BITS = 16
 _WINDOW = 32  # records after a stack's last chunk checked at once for its thread's next one
-_LOAD = 16  # filter slots per sampled live block at least: ~1/16 false hits per event at most
+_LOAD = 8  # filter slots per sampled live block at least: at most ~1/8 false hits per event
 
 
 def weights(size: np.ndarray | float, sample_bytes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +73,7 @@ class _Filter:
     def __init__(self, bits: int = _MIN_BITS) -> None:
         self.bits = bits
         self.shift = np.uint64(64 - bits)
-        self.counts = np.zeros(1 << bits, np.uint32)
+        self.counts = np.zeros(1 << bits, np.uint16)  # 8 MiB for 250 K sampled blocks
 
     def slots(self, p: np.ndarray) -> np.ndarray:
         return ((p * _HASH) >> self.shift).view(np.int64)
@@ -176,10 +176,12 @@ class SampledStacks:
         # pointer was a sampled block before it.
         cand = self._filter.hits(ev_ptr)
         cp = ev_ptr[cand]
-        pre = np.fromiter(live, np.uint64, len(live))
-        keys = np.union1d(pre, add_p)
-        hit = np.isin(cp, keys)
-        cand, cp = cand[hit], cp[hit]
+        if len(live) > 4 * len(cp):  # many sampled blocks, few hits: ask the dict
+            in_pre = np.fromiter(map(live.__contains__, cp.tolist()), bool, len(cp))
+        else:
+            in_pre = np.isin(cp, np.fromiter(live, np.uint64, len(live)))
+        hit = in_pre | np.isin(cp, add_p) if len(add_p) else in_pre
+        cand, cp, in_pre = cand[hit], cp[hit], in_pre[hit]
         o = np.argsort(cp, kind="stable")
         sp, se = cp[o], cand[o]
         first = np.ones(len(sp), bool)
@@ -190,7 +192,7 @@ class SampledStacks:
         ends = np.zeros(len(sp), bool)
         ends[1:] = is_add[:-1]
         ends &= ~first
-        ends |= first & np.isin(sp, pre)
+        ends |= first & in_pre[o]
         rel = ends | is_add
         todo = np.sort(se[rel])
         ends_at = set(se[ends].tolist())
@@ -234,7 +236,7 @@ class SampledStacks:
         f = self._filter
         if len(self.live) * _LOAD <= len(f.counts):
             return
-        bits = max(_MIN_BITS, (len(self.live) * _LOAD * 2 - 1).bit_length())
+        bits = max(_MIN_BITS, (len(self.live) * _LOAD * 2 - 1).bit_length())  # load <= 1/16
         self._filter = _Filter(bits)
         self._filter.add(np.fromiter(self.live, np.uint64, len(self.live)))
 

@@ -209,6 +209,15 @@ def test_many_sampled_blocks_grow_the_filter_and_stay_exact() -> None:
     want = {p for i, p in enumerate(ptrs.tolist()) if i % 2 == 0 and i % 3 != 0}
     assert set(s.live) == want
     assert s.live_now().sampled[0] == len(want)
+    # a small batch against many sampled blocks (membership asked of the dict)
+    few = sorted(want)[:5]
+    r = Recs()
+    for p in few:
+        r.free(p)
+    r.free(int(ptrs[1]))  # not sampled
+    e.feed(r.batch())
+    assert set(s.live) == want - set(few)
+    assert int(s._filter.counts.sum()) == len(s.live)
 
 
 def test_weights_are_heapprofds() -> None:
