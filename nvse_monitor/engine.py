@@ -709,7 +709,8 @@ class Engine:
                 # the event where live bytes first reached a new peak, if this batch has one
                 peak = (int(np.argmax(bt.cur_b)) if self.state.c.peak_bytes > pre.peak_bytes
                         else None)
-                self.samples.feed(r, ev.ptr, ev.etype, ev.rec, peak)
+                self.samples.feed(r, ev.ptr, ev.etype, ev.rec, peak,
+                                  None if peak is None else int(ev.ts[peak]))
         self.now = max(self.now, ev.last_ts)
 
     # -- tracking: classify each event against the live set --

@@ -116,6 +116,7 @@ class SampledStacks:
         self._alloc_n: list[float] = []
         self._alloc_k: list[int] = []
         self._peak: tuple[list[float], list[float], list[int]] | None = None
+        self.peak_us: int | None = None  # stream time of that peak
         self.sampled_allocations = 0  # sampled calls that allocated
         self.stackless = 0  # of which the stack was lost (dropped chunks): their call site only
         self.discarded_stacks = 0  # chunk runs whose call record never came (dropped)
@@ -145,14 +146,16 @@ class SampledStacks:
 
     # -- feeding --
     def feed(self, r: np.ndarray, ev_ptr: np.ndarray | None, ev_etype: np.ndarray | None,
-             ev_rec: np.ndarray | None, peak_at: int | None) -> None:
+             ev_rec: np.ndarray | None, peak_at: int | None, peak_us: int | None = None) -> None:
         """One batch (or run of batches): its records `r`; its events' pointers, types (0 free,
         1 alloc, 2 failure) and record indices (None: one event per record), None when it has no
         events; `peak_at`: the event index where the session's live bytes reached a new peak in
-        this batch (None: no new peak)."""
+        this batch (None: no new peak), at stream time `peak_us`."""
         ri, sid = self._sampled_calls(r)  # record index, stack id per sampled allocation
         if ev_ptr is None:
             return
+        if peak_at is not None:
+            self.peak_us = peak_us
         # sampled allocations -> their events (the alloc part of a realloc is its last event)
         if len(ri):
             ei = ri if ev_rec is None else np.searchsorted(ev_rec, ri, side="right") - 1

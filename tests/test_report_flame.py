@@ -108,3 +108,41 @@ def test_chromium_draws_the_flame_graph(tmp_path):
     # the view shown first (live at the peak): a drawn slice per kept frame, the menu too
     assert dom.count('class="slice') >= len(fl.views["peak"].ids) - 1
     assert "live at the end" in dom and "allocated" in dom
+
+
+def test_replay_writes_the_stacks_for_a_directory_report(tmp_path):
+    """A replay (as a live session) writes `<prefix>_stacks.json` at its end: `report DIR` shows
+    the same flame graph and leak stacks as the report of the recording."""
+    from nvse_monitor.pipeline import replay
+
+    m, msgs = generate(40_000, seed=9)
+    m, msgs = with_stacks(m, msgs, 8192, seed=4)
+    rec = tmp_path / "s.nvmrec"
+    write_recording(rec, m, msgs)
+    out = tmp_path / "out"
+    replay(rec, out, "P")
+    assert (out / "P_stacks.json").exists()
+    d_dir = build_report(out, tmp_path / "d.html", prefix="P").data
+    d_rec = build_report(rec, tmp_path / "r.html", prefix="P").data
+    assert d_dir.flame is not None and d_rec.flame is not None
+    assert d_dir.flame == d_rec.flame  # every view, every leak site's stacks, the peak's time
+    assert d_rec.flame.site_stacks and d_rec.flame.peak_t is not None
+    assert 'id="chart-flame"' in (tmp_path / "d.html").read_text()
+    # a replay of the same recording: the same file, byte for byte
+    replay(rec, tmp_path / "again", "P")
+    assert (tmp_path / "again" / "P_stacks.json").read_bytes() == \
+        (out / "P_stacks.json").read_bytes()
+
+
+def test_directory_without_stacks_file_says_so(tmp_path):
+    from nvse_monitor.pipeline import replay
+
+    rec = tmp_path / "s.nvmrec"
+    write_recording(rec, meta(N), session())
+    replay(rec, tmp_path / "out", "P")
+    (tmp_path / "out" / "P_stacks.json").unlink()
+    d = build_report(tmp_path / "out", tmp_path / "d.html", prefix="P").data
+    assert d.flame is None and any("P_stacks.json" in n for n in d.notes)
+    write_recording(rec, meta(0), session())
+    replay(rec, tmp_path / "off", "P")
+    assert not (tmp_path / "off" / "P_stacks.json").exists()

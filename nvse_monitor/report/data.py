@@ -308,8 +308,6 @@ def from_recording(path: Path, prefix: str = "MemoryPoolNVSE") -> ReportData:
         at = next(i for i, x in enumerate(samples) if x[0] >= data.peak_t)
         data.module_peak, data.module_peak_t = mod_rows[at], samples[at][0]
     data.leaks = report_leaks
-    if flame is not None:
-        flame.peak_t = data.peak_t
     data.flame = flame
     data.hist = _size_hist(doc)
     data.largest = _largest(doc) or []
@@ -430,8 +428,14 @@ def from_directory(directory: Path, prefix: str) -> ReportData:
     except (OSError, ValueError, KeyError) as e:
         data.notes.append(f"leaks CSV unreadable ({e})")
     if (doc.get("monitor") or {}).get("sampling"):
-        data.notes.append("sampled stacks (flame graph, leak sites' callers): only in a report "
-                          "from a recording of the session (--record), not from its files")
+        sp = flame_mod.stacks_path(directory, prefix)
+        try:
+            data.flame = flame_mod.from_json(json.loads(sp.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            data.notes.append(f"no {sp.name} yet (written when the session ends): no sampled "
+                              "stacks")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            data.notes.append(f"{sp.name} unreadable ({e}): no sampled stacks")
     data.hist = _size_hist(doc)
     if data.hist is None:
         data.notes.append(f"{paths.json.name} has no monitor.allocation_sizes (written by an "

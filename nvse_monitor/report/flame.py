@@ -1,8 +1,8 @@
 """The report's sampled-stack views (issue 11, docs/attribution.md): flame graphs of estimated
 bytes per stack (live at the peak, live at the end, allocated) and the sampled stacks of each
-leak site's live blocks. Gathered from an engine at the end of a replay (Engine.samples), drawn
-as a plotly icicle turned upside down (root at the bottom: a flame graph), in the page's own
-plotly, offline like the rest."""
+leak site's live blocks. Gathered from an engine at a session's end (Engine.samples): by the
+report's own replay of a recording, or by a live session or replay into `<prefix>_stacks.json`
+(to_json / from_json), which a report of the output directory reads. html.py draws them."""
 
 from __future__ import annotations
 
@@ -51,7 +51,52 @@ class FlameData:
     views: dict[str, FlameView]
     # leak call site (module, offset) -> its live sampled blocks' stacks, widest first
     site_stacks: dict[tuple[str, int | None], list[SiteStack]]
-    peak_t: float | None = None
+    peak_t: float | None = None  # seconds: when live bytes first reached their peak
+
+
+FORMAT = 1
+
+
+def stacks_path(out_dir: Any, prefix: str) -> Any:
+    from pathlib import Path
+
+    return Path(out_dir) / f"{prefix}_stacks.json"
+
+
+def to_json(fd: FlameData) -> dict[str, Any]:
+    """`<prefix>_stacks.json` (docs/attribution.md): every figure an estimate but the counts."""
+    return {
+        "format": FORMAT, "estimates": True, "sample_bytes": fd.sample_bytes,
+        "sampled_allocations": fd.sampled_allocations, "stackless_samples": fd.stackless,
+        "discarded_stacks": fd.discarded, "peak_seconds": fd.peak_t,
+        "views": {k: {"title": v.title, "estimated_bytes": v.total, "sampled": v.sampled,
+                      "ids": v.ids, "labels": v.labels, "parents": v.parents,
+                      "estimated_node_bytes": v.values, "node_sampled": v.counts}
+                  for k, v in fd.views.items()},
+        "leak_sites": [{"module": m, "offset": off,
+                        "stacks": [{"frames": st.frames, "sampled_blocks": st.blocks,
+                                    "estimated_bytes": st.est_bytes} for st in sts]}
+                       for (m, off), sts in fd.site_stacks.items()],
+    }
+
+
+def from_json(d: dict[str, Any]) -> FlameData:
+    """Raises ValueError / KeyError / TypeError on a file that is not one."""
+    if d.get("format") != FORMAT:
+        raise ValueError(f"format {d.get('format')!r}, not {FORMAT}")
+    views = {k: FlameView(str(v["title"]), float(v["estimated_bytes"]), int(v["sampled"]),
+                          list(v["ids"]), list(v["labels"]), list(v["parents"]),
+                          [float(x) for x in v["estimated_node_bytes"]],
+                          [int(x) for x in v["node_sampled"]])
+             for k, v in d["views"].items()}
+    sites = {(str(s["module"]), None if s["offset"] is None else int(s["offset"])):
+             [SiteStack(list(st["frames"]), int(st["sampled_blocks"]),
+                        float(st["estimated_bytes"])) for st in s["stacks"]]
+             for s in d["leak_sites"]}
+    peak = d.get("peak_seconds")
+    return FlameData(int(d["sample_bytes"]), int(d["sampled_allocations"]),
+                     int(d["stackless_samples"]), int(d["discarded_stacks"]), views, sites,
+                     None if peak is None else float(peak))
 
 
 def _labeller(engine: Any) -> Any:
@@ -131,7 +176,7 @@ def gather(engine: Any, live: dict[str, np.ndarray] | None = None,
     if live is not None and sp.live and leak_sites:
         site_stacks = _site_stacks(engine, sp, stacks, live, leak_sites)
     return FlameData(sp.sample_bytes, sp.sampled_allocations, sp.stackless, sp.discarded_stacks,
-                     views, site_stacks)
+                     views, site_stacks, None if sp.peak_us is None else sp.peak_us / 1e6)
 
 
 def _site_stacks(engine: Any, sp: Any, stacks: list[list[str]], live: dict[str, np.ndarray],
