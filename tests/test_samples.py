@@ -330,3 +330,21 @@ def test_a_session_end_leaves_pending_chunks_alone() -> None:
     e.feed(SessionEnd(10, "end", True))
     e.finish()
     assert e.samples.sampled_allocations == 0 and e.samples.stacks == []
+
+
+@pytest.mark.parametrize("own_at", [None, 3, 37])
+def test_long_gaps_between_chunks_and_call(own_at) -> None:
+    """Many records of other threads between a stack's chunks and its call (past the window
+    checked at once): attached, unless one of them is the thread's own."""
+    e = Engine(meta())
+    f = frames(5)
+    r = Recs().stack(f)
+    for i in range(40):
+        if i == own_at:
+            r.alloc(0x7000, 8, tid=1)  # the thread went on: its sampled call was dropped
+        r.alloc(0x10000 + 0x100 * i, 8, tid=2)
+    r.alloc(0x6000, 8, sampled=True)
+    e.feed(r.batch())
+    s = e.samples
+    assert stacks_of(e) == ([tuple(f)] if own_at is None else [(APP.base + 0x10,)])
+    assert s.discarded_stacks == (0 if own_at is None else 1)
