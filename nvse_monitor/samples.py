@@ -185,6 +185,10 @@ class SampledStacks:
             in_pre = np.isin(cp, np.fromiter(live, np.uint64, len(live)))
         hit = in_pre | np.isin(cp, add_p) if len(add_p) else in_pre
         cand, cp, in_pre = cand[hit], cp[hit], in_pre[hit]
+        if not len(cand):  # the usual batch: no sampled block ends or starts in it
+            if peak_at is not None:
+                self._snap_peak()
+            return
         o = np.argsort(cp, kind="stable")
         sp, se = cp[o], cand[o]
         first = np.ones(len(sp), bool)
