@@ -5,8 +5,9 @@ off) and with the agent's sampling simulated (synthetic.with_stacks) at several 
 intervals; each variant fed to a fresh Engine in recording-sized runs (feed_many), the median of
 a few alternating runs. Ratios to the unsampled stream are what to trust on a shared machine.
 
-    python bench/bench_samples.py            # 3 M events
-    python bench/bench_samples.py --events 1000000 --runs 3
+    python bench/bench_samples.py            # 3 M events, replay-sized runs of batches
+    python bench/bench_samples.py --live     # batches of 1024 records fed one by one (a live
+                                             # session's shape: per-batch costs show)
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=3_000_000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--rates", default="65536,16384,4096")
+    ap.add_argument("--live", action="store_true")
     a = ap.parse_args()
-    meta, msgs = synthetic.generate(a.events, seed=11, batch_records=4096)
+    meta, msgs = synthetic.generate(a.events, seed=11, batch_records=1024 if a.live else 4096,
+                                    drain_us=1000 if a.live else 20_000)
+    step = 1 if a.live else 64
     msgs = list(msgs)
     variants = {"off": (meta, msgs)}
     for n in (int(x) for x in a.rates.split(",")):
@@ -41,8 +45,8 @@ def main() -> None:
             gc.collect()
             e = Engine(m)
             t = time.perf_counter()
-            for i in range(0, len(ms), 64):  # runs of batches, as replay reads them
-                e.feed_many(ms[i:i + 64])
+            for i in range(0, len(ms), step):  # runs of batches, as replay reads them
+                e.feed_many(ms[i:i + step])
             e.finish()
             times[k].append(time.perf_counter() - t)
             sp = e.samples
@@ -56,7 +60,9 @@ def main() -> None:
         med = statistics.median(ts)
         out[k] = {"median_s": round(med, 3), "ratio_to_off": round(med / base, 3),
                   "events_per_s": round(a.events / med), **info[k]}
-    print(json.dumps({"events": a.events, "runs": a.runs, "variants": out}, indent=1))
+    print(json.dumps({"events": a.events, "runs": a.runs, "live": a.live,
+                      "batches": sum(isinstance(x, Batch) for x in msgs), "variants": out},
+                     indent=1))
 
 
 if __name__ == "__main__":
