@@ -284,7 +284,8 @@ def _stacks_cell(stacks: list[Any]) -> str:
     items = []
     for st in stacks:
         frames = "<br>&larr; ".join(f"<code>{_e(f)}</code>" for f in st.frames) or "?"
-        items.append(f"<li>{st.blocks:,} sampled blocks, ~{_mib(st.est_bytes)}:<br>{frames}</li>")
+        items.append(f"<li>{st.blocks:,} sampled blocks (estimated {_mib(st.est_bytes)}):<br>"
+                     f"{frames}</li>")
     return (f"<details><summary>{plural(len(stacks), 'stack')}</summary><ol>"
             + "".join(items) + "</ol></details>")
 
