@@ -331,16 +331,16 @@ class SampledStacks:
             for mth in range(MAX_STACK_FRAMES // STACK_FRAMES_PER_RECORD):
                 at = np.minimum(a0 + mth, m - 1)
                 ok &= (a0 + mth < c0) & (hook[at] == mth)
-                used[at[ok]] = True
+                if not ok.any():
+                    break
                 frames[gk[ok], 4 * mth:4 * mth + 4] = rows[order[at[ok]], 3:]
             nfr = np.minimum(rows[order[a0], 2], MAX_STACK_FRAMES).astype(np.int64)
             frames[gk] *= np.arange(MAX_STACK_FRAMES) < nfr[:, None]
             # runs from chunk 0 to the call are spent even where a chunk was missing
-            for mth in range(1, MAX_STACK_FRAMES):
-                more = a0 + mth < c0
-                if not more.any():
-                    break
-                used[(a0 + mth)[more]] = True
+            d = np.zeros(m + 1, np.int64)
+            np.add.at(d, a0, 1)
+            np.add.at(d, c0, -1)
+            used |= np.cumsum(d[:-1]) > 0
         # which sampled calls allocated (failures and frees by realloc did not)
         kd, sz, pt = kind[call_rec], r["size"][call_rec], r["ptr"][call_rec]
         allocd = ((kd == Kind.ALLOC) | ((kd == Kind.REALLOC) & (sz != 0))) & (pt != 0)
