@@ -35,6 +35,7 @@ _STACK = int(Kind.STACK)
 _FRAME_FIELDS = ("ptr", "old_ptr", "size", "caller")  # a chunk's frames, in order
 _HASH = np.uint64(0x9E3779B97F4A7C15)
 _MIN_BITS = 16
+_SMALL = 48  # chunks + sampled calls in a batch up to which plain Python is faster than numpy
 _WINDOW = 32  # records after a stack's last chunk checked at once for its thread's next one
 _LOAD = 8  # filter slots per sampled live block at least: at most ~1/8 false hits per event
 
@@ -268,6 +269,8 @@ class SampledStacks:
         sm = np.flatnonzero((kf & (FLAG_SAMPLED << 16)).astype(bool) & ~is_st)
         if not len(st) and not len(sm) and not self._pending:
             return none
+        if len(st) + len(sm) + sum(len(p) for p in self._pending.values()) <= _SMALL:
+            return self._calls_small(r, st, sm)
         kind = r["kind"]
         tid = r["tid"]
         # Chunk rows: carried ones first (record index -1: before the batch), then the batch's.
@@ -377,6 +380,95 @@ class SampledStacks:
         if not out_ri:
             return none
         return np.array(out_ri, np.int64), np.array(out_sid, np.int64)
+
+    def _calls_small(self, r: np.ndarray, st: np.ndarray, sm: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """_sampled_calls for a batch with few chunks and sampled calls (a live batch: a few
+        per millisecond): the same steps on Python lists, which beat numpy's per-call cost
+        there. Same results (tests/test_samples.py compares both on random streams)."""
+        tid = r["tid"]
+        rows = [tuple(x) for p in self._pending.values() for x in p.tolist()]
+        cidx = [-1] * len(rows)
+        self._pending = {}
+        if len(st):
+            cols = [tid[st], r["hook"][st], r["flags"][st], *(r[f][st] for f in _FRAME_FIELDS)]
+            rows += list(zip(*(c.tolist() for c in cols), strict=True))
+            cidx += st.tolist()
+        nc = len(rows)
+        e_idx0 = cidx + sm.tolist()
+        e_tid0 = [x[0] for x in rows] + tid[sm].tolist()
+        order = sorted(range(len(e_idx0)), key=lambda k: (e_tid0[k], e_idx0[k], k))
+        m = len(order)
+        e_idx = [e_idx0[k] for k in order]
+        e_tid = [e_tid0[k] for k in order]
+        is_chunk = [k < nc for k in order]
+        same = [j > 0 and e_tid[j] == e_tid[j - 1] for j in range(m)]
+        hook = [rows[k][1] if k < nc else -1 for k in order]
+        start, brk = [0] * m, [0] * m
+        s_, b_ = -1, -1
+        for j in range(m):
+            if is_chunk[j] and hook[j] == 0:
+                s_ = j
+            if not is_chunk[j] or not same[j]:
+                b_ = j
+            start[j], brk[j] = s_, b_
+        used = [False] * m
+        calls = []  # (record index, frames) of the sampled calls that allocated
+        kind, size, ptr, caller = r["kind"], r["size"], r["ptr"], r["caller"]
+        for j in range(m):
+            if is_chunk[j]:
+                continue
+            i = e_idx[j]
+            pc = max(j - 1, 0)
+            got = j > 0 and is_chunk[pc] and same[j] and start[pc] >= brk[pc]
+            last = e_idx[pc]
+            if got and i > last + 1 and bool((tid[last + 1:i] == tid[i]).any()):
+                got = False
+            frames = [0] * MAX_STACK_FRAMES
+            if got:
+                a0 = start[pc]
+                for mth in range(MAX_STACK_FRAMES // STACK_FRAMES_PER_RECORD):
+                    at = a0 + mth
+                    if at >= j or hook[at] != mth:
+                        break
+                    frames[4 * mth:4 * mth + 4] = rows[order[at]][3:]
+                nfr = min(rows[order[a0]][2], MAX_STACK_FRAMES)
+                frames[nfr:] = [0] * (MAX_STACK_FRAMES - nfr)
+                used[a0:j] = [True] * (j - a0)
+            kd = int(kind[i])
+            if not ((kd == Kind.ALLOC or (kd == Kind.REALLOC and int(size[i]) != 0))
+                    and int(ptr[i]) != 0):
+                continue
+            if not any(frames):
+                frames[0] = int(caller[i])
+                self.stackless += 1
+            calls.append((i, tuple(frames)))
+        left = [c and not u for c, u in zip(is_chunk, used, strict=True)]
+        if any(left):
+            for j in range(m):
+                if not left[j] or (j + 1 < m and same[j + 1]):
+                    continue  # not its thread's last element
+                a = start[j]
+                if a < brk[j]:
+                    continue
+                t, e = e_tid[j], e_idx[j]
+                if bool((tid[e + 1:] == t).any()):
+                    continue
+                self._pending[t] = np.array([rows[order[x]] for x in range(a, j + 1)],
+                                            np.uint64)
+                left[a:j + 1] = [False] * (j + 1 - a)
+            self.discarded_stacks += sum(
+                1 for j in range(m) if left[j] and (hook[j] == 0 or not (
+                    j > 0 and left[j - 1] and same[j])))
+        if not calls:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        calls.sort()
+        raw = self._raw
+        sids = []
+        for _, key in calls:
+            sid = raw.get(key)
+            sids.append(sid if sid is not None else self._intern(key))
+        return np.array([i for i, _ in calls], np.int64), np.array(sids, np.int64)
 
     def _intern(self, raw: tuple[int, ...]) -> int:
         """The id of a stack as sent (MAX_STACK_FRAMES frames, 0 = none)."""

@@ -348,3 +348,57 @@ def test_long_gaps_between_chunks_and_call(own_at) -> None:
     s = e.samples
     assert stacks_of(e) == ([tuple(f)] if own_at is None else [(APP.base + 0x10,)])
     assert s.discarded_stacks == (0 if own_at is None else 1)
+
+
+def _random_stream(seed: int, n_batches: int = 30) -> list[Batch]:
+    """Threads interleaving sampled calls with their chunks, unsampled calls, frees, and losses:
+    chunks or call records dropped, a chunk missing, batches cut anywhere."""
+    rng = np.random.default_rng(seed)
+    r = Recs()
+    out = []
+    live: list[int] = []
+    nxt = 0x100000
+    for _ in range(n_batches):
+        for _ in range(int(rng.integers(1, 40))):
+            t = int(rng.integers(1, 4))
+            x = rng.random()
+            if x < 0.3 and live:
+                r.free(live.pop(int(rng.integers(0, len(live)))), tid=t)
+                continue
+            nxt += 0x40
+            sampled = x < 0.7
+            if sampled:
+                f = frames(int(rng.integers(1, 17)), [APP.base, LIB.base][int(rng.integers(2))])
+                k = -(-len(f) // 4)
+                chunks = [c for c in range(k) if rng.random() > 0.1]  # some chunks lost
+                if rng.random() > 0.1:
+                    r.stack(f, tid=t, chunks=chunks)
+            if rng.random() < 0.1:
+                continue  # the call record dropped
+            r.alloc(nxt, int(rng.integers(1, 5000)), tid=t, sampled=sampled)
+            live.append(nxt)
+        if r.rows:
+            b = r.batch()
+            b.records["ts_us"] = np.arange(len(b.records)) + 1000 * len(out)
+            b.now_us = int(b.records["ts_us"][-1])
+            out.append(b)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_python_and_numpy_paths_agree(seed, monkeypatch) -> None:
+    import nvse_monitor.samples as samples_mod
+
+    batches = _random_stream(seed)
+    got = []
+    for small in (0, 10**9):
+        monkeypatch.setattr(samples_mod, "_SMALL", small)
+        e = Engine(meta(N))
+        for b in batches:
+            e.feed(b)
+        s = e.samples
+        got.append((stacks_of(e), dict(s.live), s.sampled_allocations, s.stackless,
+                    s.discarded_stacks, {t: p.tolist() for t, p in s._pending.items()},
+                    s.allocated().bytes.tolist()))
+    assert got[0] == got[1]
+    assert got[0][2] > 50 and got[0][3] > 0 and got[0][4] > 0  # losses of each kind happened
