@@ -36,6 +36,7 @@ _FRAME_FIELDS = ("ptr", "old_ptr", "size", "caller")  # a chunk's frames, in ord
 _HASH = np.uint64(0x9E3779B97F4A7C15)
 _MIN_BITS = 16
 _SMALL = 48  # chunks + sampled calls in a batch up to which plain Python is faster than numpy
+_SMALL_HITS = 256  # filter hits up to which they are checked one by one in Python
 _WINDOW = 32  # records after a stack's last chunk checked at once for its thread's next one
 _LOAD = 8  # filter slots per sampled live block at least: at most ~1/8 false hits per event
 
@@ -183,50 +184,25 @@ class SampledStacks:
         live = self.live
         add_p = ev_ptr[ei]
         self._filter.add(add_p)
-        # Events on a pointer that is (or becomes) a sampled block in this batch: the filter's
-        # hits, checked exactly. Grouped by pointer, an event ends a sampled block when the
-        # pointer's previous event was a sampled allocation, or, first in the batch, when the
-        # pointer was a sampled block before it.
+        # Events on a pointer that may be (or become) a sampled block in this batch: the
+        # filter's hits. A few (a live batch): all of them, checked one by one below; many:
+        # only those that start or end a sampled block (_relevant: numpy, no loop).
         cand = self._filter.hits(ev_ptr)
-        cp = ev_ptr[cand]
-        if len(live) > 4 * len(cp):  # many sampled blocks, few hits: ask the dict
-            in_pre = np.fromiter(map(live.__contains__, cp.tolist()), bool, len(cp))
-        else:
-            in_pre = np.isin(cp, np.fromiter(live, np.uint64, len(live)))
-        hit = in_pre | np.isin(cp, add_p) if len(add_p) else in_pre
-        cand, cp, in_pre = cand[hit], cp[hit], in_pre[hit]
-        if not len(cand):  # the usual batch: no sampled block ends or starts in it
-            if peak_at is not None:
-                self._snap_peak()
-            return
-        o = np.argsort(cp, kind="stable")
-        sp, se = cp[o], cand[o]
-        first = np.ones(len(sp), bool)
-        np.not_equal(sp[1:], sp[:-1], out=first[1:])
-        mark = np.zeros(len(ev_ptr), bool)
-        mark[ei] = True
-        is_add = mark[se]
-        ends = np.zeros(len(sp), bool)
-        ends[1:] = is_add[:-1]
-        ends &= ~first
-        ends |= first & in_pre[o]
-        rel = ends | is_add
-        todo = np.sort(se[rel])
-        ends_at = set(se[ends].tolist())
+        todo = cand if len(cand) <= _SMALL_HITS else self._relevant(ev_ptr, cand, ei, add_p)
         wb, wn = weights(r["size"][ri], self.sample_bytes)
-        caller = r["caller"][ri]
         adds = dict(zip(ei.tolist(), zip(sid.tolist(), r["size"][ri].tolist(), wb.tolist(),
-                                         wn.tolist(), caller.tolist(), strict=True), strict=True))
+                                         wn.tolist(), r["caller"][ri].tolist(), strict=True),
+                        strict=True))
         peaked = peak_at is None
         lb, ln, lk = self._live_b, self._live_n, self._live_k
         gone = []
-        for e in todo.tolist():
+        for e, p in zip(todo.tolist(), ev_ptr[todo].tolist(), strict=True):
             if not peaked and e > peak_at:
                 self._snap_peak()
                 peaked = True
-            p = int(ev_ptr[e])
-            if e in ends_at:  # a free, or an allocation over a live block (REPLACE)
-                s, _, b, n, _ = live.pop(p)
+            old = live.pop(p, None)
+            if old is not None:  # a free, or an allocation over a live block (REPLACE)
+                s, _, b, n, _ = old
                 gone.append(p)
                 lb[s] -= b
                 ln[s] -= n
@@ -245,6 +221,33 @@ class SampledStacks:
             self._snap_peak()
         self._filter.remove(np.array(gone, np.uint64))
         self._grow_filter()
+
+    def _relevant(self, ev_ptr: np.ndarray, cand: np.ndarray, ei: np.ndarray,
+                  add_p: np.ndarray) -> np.ndarray:
+        """Of the filter's hits (event indices), in event order, those that start or end a
+        sampled block: checked exactly, then grouped by pointer, an event ends one when the
+        pointer's previous event was a sampled allocation or, first in the batch, when the
+        pointer was a sampled block before it."""
+        live = self.live
+        cp = ev_ptr[cand]
+        if len(live) > 4 * len(cp):  # many sampled blocks, fewer hits: ask the dict
+            in_pre = np.fromiter(map(live.__contains__, cp.tolist()), bool, len(cp))
+        else:
+            in_pre = np.isin(cp, np.fromiter(live, np.uint64, len(live)))
+        hit = in_pre | np.isin(cp, add_p) if len(add_p) else in_pre
+        cand, cp, in_pre = cand[hit], cp[hit], in_pre[hit]
+        o = np.argsort(cp, kind="stable")
+        sp, se = cp[o], cand[o]
+        first = np.ones(len(sp), bool)
+        np.not_equal(sp[1:], sp[:-1], out=first[1:])
+        mark = np.zeros(len(ev_ptr), bool)
+        mark[ei] = True
+        is_add = mark[se]
+        ends = np.zeros(len(sp), bool)
+        ends[1:] = is_add[:-1]
+        ends &= ~first
+        ends |= first & in_pre[o]
+        return np.sort(se[ends | is_add])
 
     def _snap_peak(self) -> None:
         self._peak = (list(self._live_b), list(self._live_n), list(self._live_k))

@@ -387,12 +387,14 @@ def _random_stream(seed: int, n_batches: int = 30) -> list[Batch]:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_python_and_numpy_paths_agree(seed, monkeypatch) -> None:
+    """Small batches take plain-Python paths, large ones numpy: the same results."""
     import nvse_monitor.samples as samples_mod
 
     batches = _random_stream(seed)
     got = []
     for small in (0, 10**9):
-        monkeypatch.setattr(samples_mod, "_SMALL", small)
+        monkeypatch.setattr(samples_mod, "_SMALL", small)  # chunks -> stacks
+        monkeypatch.setattr(samples_mod, "_SMALL_HITS", small)  # frees of sampled blocks
         e = Engine(meta(N))
         for b in batches:
             e.feed(b)
