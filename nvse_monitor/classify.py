@@ -25,10 +25,11 @@ FAILURE = 6  # allocation that returned NULL
 
 _ALLOC, _FREE, _REALLOC, _FAILED = (int(k) for k in (Kind.ALLOC, Kind.FREE, Kind.REALLOC,
                                                    Kind.FAILED))
+_STACK = int(Kind.STACK)  # a sampled call's stack chunk: no event, not unknown (samples.py)
 
 
 def _record_tables() -> tuple[np.ndarray, ...]:
-    """Per record code (kind 0-5, ptr = 0 << 3, size = 0 << 4, old_ptr = 0 << 5): number of
+    """Per record code (kind 0-7, ptr = 0 << 3, size = 0 << 4, old_ptr = 0 << 5): number of
     events, type of the first (0 free, 1 alloc, 2 failure), whether that free is of old_ptr,
     whether it is a failure, whether the kind is unknown. Rules in docs/engine.md."""
     # cnt is intp: np.repeat takes intp counts ~6x faster than int8 ones.
@@ -44,7 +45,7 @@ def _record_tables() -> tuple[np.ndarray, ...]:
         etype[c] = 2 if f else (0 if fr else 1)
         free_old[c] = kind == _REALLOC and fr
         fail[c] = f
-        unknown[c] = kind not in (_ALLOC, _FREE, _REALLOC, _FAILED)
+        unknown[c] = kind not in (_ALLOC, _FREE, _REALLOC, _FAILED, _STACK)
     return cnt, etype, free_old, fail, unknown
 
 
@@ -93,7 +94,7 @@ def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> 
         ts = np.maximum(ts, np.uint64(now))
     # A 6-bit code per record (kind, ptr = 0, size = 0, old_ptr = 0) and lookup tables give
     # its events in a few passes.
-    code = np.minimum(r["kind"], 5)
+    code = np.minimum(r["kind"], 7)  # 7: every kind past STACK (unknown)
     code |= (ptr == 0).view(np.uint8) << 3
     code |= (size == 0).view(np.uint8) << 4
     old = r["old_ptr"]  # its bit only matters for reallocs: one bincount for every case

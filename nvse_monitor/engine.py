@@ -44,6 +44,7 @@ from .fnv import notable_module
 from .health import Health
 from .modmap import ModuleMap
 from .outputs import AddressSpaceRow, CsvRow, Output, Snapshot
+from .samples import SampledStacks
 from .stream import (
     AddressSpace,
     AgentCounters,
@@ -198,6 +199,9 @@ class Engine:
         self._out: list[Output] = []
         self.health = Health(meta.pid, self.config.recovery_us, self._out)
         self.modmap = ModuleMap(meta.modules)
+        # Issue 11: sampled stacks and their estimates (docs/attribution.md); None: no sampling
+        self.samples = (SampledStacks(meta.sample_bytes, self.modmap)
+                        if meta.sample_bytes > 0 else None)
         self.heap_names: list[str] = []
         for h in meta.hooks:
             if h.heap not in self.heap_names:
@@ -405,10 +409,12 @@ class Engine:
         """Code addresses the outputs name that have no function name yet (u64, sorted): the
         distinct callers of live blocks (leak report, `top`) and of the largest allocations.
         For the host's symbolizer (capture/symbolizer.py), which asks the agent off this
-        thread; sampled stacks add their frames here."""
+        thread; and the frames of sampled stacks."""
         e = self.table.entries()
-        callers = np.unique(np.concatenate((e.caller.astype(np.uint64),
-                                            self.state.largest["caller"].astype(np.uint64))))
+        parts = [e.caller.astype(np.uint64), self.state.largest["caller"].astype(np.uint64)]
+        if self.samples is not None:  # the flame graph's and the leak sites' stack frames
+            parts.append(np.asarray(self.samples.frame_addresses(), np.uint64))
+        callers = np.unique(np.concatenate(parts))
         callers = callers[callers != 0]
         if self.symbols and len(callers):
             known = np.fromiter(self.symbols, np.uint64, len(self.symbols))
@@ -710,6 +716,8 @@ class Engine:
         # The time each batch but the last reached (its records, even those with no event).
         bounds = [(i, int(ev.rec_ts[i - 1]) if i else 0, b) for i, b in bounds or []]
         if ev.ptr is None:
+            if self.samples is not None:  # chunks only: they wait for their calls
+                self.samples.feed(r, None, None, None, None)
             for _, t, b in bounds:
                 self.now = max(self.now, t)
                 self._batch_end(b)
@@ -722,9 +730,16 @@ class Engine:
             if bounds and ev.rec is not None:  # record index -> index of its first event
                 at = np.searchsorted(ev.rec, [i for i, _, _ in bounds]).tolist()
                 bounds = [(k, t, b) for k, (_, t, b) in zip(at, bounds, strict=True)]
-            self._aggregate(r, _Batch(ev.ts, ev.size, outcome, np.empty(0), np.empty(0),
-                                      np.empty(0), np.empty(0), ev.hook, old_hook, mod, old_mod,
-                                      ev.rec), old_size, bounds)
+            pre = self.state.c
+            bt = _Batch(ev.ts, ev.size, outcome, np.empty(0), np.empty(0), np.empty(0),
+                        np.empty(0), ev.hook, old_hook, mod, old_mod, ev.rec)
+            self._aggregate(r, bt, old_size, bounds)
+            if self.samples is not None:
+                # the event where live bytes first reached a new peak, if this batch has one
+                peak = (int(np.argmax(bt.cur_b)) if self.state.c.peak_bytes > pre.peak_bytes
+                        else None)
+                self.samples.feed(r, ev.ptr, ev.etype, ev.rec, peak,
+                                  None if peak is None else int(ev.ts[peak]))
         self.now = max(self.now, ev.last_ts)
 
     # -- tracking: classify each event against the live set --
@@ -1131,6 +1146,14 @@ class Engine:
         if isinstance(fp, dict):  # live sessions since 0.3 (docs/agent.md, "Footprint")
             mon["agent_footprint"] = {k: fp[k] for k in ("committed_bytes", "reserved_bytes",
                                                          "ring_bytes") if k in fp}
+        sp = self.samples
+        if sp is not None:  # issue 11, only when sampling (docs/attribution.md): counts of the
+            # sampled calls; the per-stack estimates go to the report, not the JSON
+            mon["sampling"] = {"sample_bytes": sp.sample_bytes,
+                               "sampled_allocations": sp.sampled_allocations,
+                               "sampled_live_blocks": len(sp.live), "stacks": len(sp.stacks),
+                               "stackless_samples": sp.stackless,
+                               "discarded_stacks": sp.discarded_stacks}
         if self.interrupted:  # only then: the files of a complete replay stay as they were
             mon["interrupted"] = True
         a = self.addrspace

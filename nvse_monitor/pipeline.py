@@ -206,6 +206,25 @@ class Pipeline:
             return error
         return None
 
+    def _write_stacks(self, report: LeakReport) -> None:
+        """`<prefix>_stacks.json`: the sampled stacks' views (report/flame.py, for `report DIR`)."""
+        import json
+
+        from .report import flame
+        from .report.data import LEAK_ROWS
+        from .writers.fileio import atomic_write_text
+
+        path = flame.stacks_path(self.leaks_path.parent,
+                                 self.leaks_path.name.removesuffix("_leaks.csv"))
+        fd = flame.gather(self.engine, self.engine.live_allocations(), report.sites[:LEAK_ROWS])
+        try:
+            atomic_write_text(path, json.dumps(flame.to_json(fd), indent=1) + "\n")
+        except OSError as e:
+            error = e.strerror or str(e)
+            print(f"nvse-monitor: cannot write {path}: {error}", file=self._err or sys.stderr,
+                  flush=True)
+            self._route(self.engine.note_write_failure(int(self.engine.now), str(path), error))
+
     def _leak_report(self) -> None:
         """At finish, before the engine's SHUTDOWN: `<prefix>_leaks.csv` and the top modules
         and call sites as WARN lines (through the engine, so the JSON counts them)."""
@@ -214,11 +233,16 @@ class Pipeline:
         if self._interrupted:
             with contextlib.suppress(OSError):  # one from an earlier run here would mislead
                 self.leaks_path.unlink()
+            with contextlib.suppress(OSError):  # (and its sampled stacks, issue 11)
+                self.leaks_path.with_name(self.leaks_path.name.replace("_leaks.csv",
+                                                                       "_stacks.json")).unlink()
             self.engine.health.log(int(self.engine.now), "INFO", "No leak report: the replay was "
                                    "interrupted (blocks live at the cut are not leaks)")
             return
         report = self.leak_report = from_engine(self.engine)
         error = self._write_leaks_csv(report)
+        if getattr(self.engine, "samples", None) is not None:  # issue 11: for `report DIR`
+            self._write_stacks(report)
         if error is not None:
             self._route(self.engine.note_write_failure(int(self.engine.now),
                                                        str(self.leaks_path), error))

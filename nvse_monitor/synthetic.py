@@ -653,3 +653,101 @@ def generate_records(n_events: int, *, seed: int, **kwargs) -> tuple[SessionMeta
     parts = [m.records for m in msgs if isinstance(m, Batch) and len(m.records)]
     recs = np.concatenate(parts) if parts else np.zeros(0, dtype=RECORD_DTYPE)
     return meta, recs
+
+
+# -- issue 11: sampled stacks, as the agent would send them (off unless asked for) --
+AGENT_FRAME = 0x7FFE0000  # a frame in no module (the agent's own code): the engine drops it
+
+
+def site_stack(caller: int, modules: Sequence[Module], seed: int = 0) -> list[int]:
+    """A deterministic stack for a call site: frame 0 = the site, then 2..13 callers drawn from a
+    small pool of "functions" per module (so stacks share their outer frames, as real ones do);
+    a quarter of the sites get an agent frame at position 1."""
+    rng = np.random.Generator(np.random.PCG64([seed, caller & 0xFFFFFFFF]))
+    depth = 2 + int(rng.integers(0, 12))
+    frames = [caller]
+    for d in range(depth):
+        m = modules[int(rng.integers(0, len(modules)))] if d < depth - 2 else modules[0]
+        fn = int(rng.integers(0, 6 if d >= depth - 3 else 24))
+        frames.append(m.base + 0x1000 + fn * 0x400 + 0x10 + d % 4)
+    if rng.random() < 0.25:
+        frames.insert(1, AGENT_FRAME)
+    return frames[:16]
+
+
+def with_stacks(meta: SessionMeta, messages: Iterator[StreamMessage], sample_bytes: int,
+                *, seed: int = 0) -> tuple[SessionMeta, Iterator[StreamMessage]]:
+    """The same session with the agent's stack sampling simulated: each thread's allocated
+    bytes run through a Poisson process of mean `sample_bytes`; a call that holds a sample point
+    gets FLAG_SAMPLED and its stack's STACK chunks (site_stack of its caller) just before its
+    record. seq and the published counter count the chunks. Deterministic for a seed."""
+    from .events import FLAG_SAMPLED, STACK_FRAMES_PER_RECORD
+
+    meta = dataclasses.replace(meta, sample_bytes=int(sample_bytes))
+    rng = np.random.Generator(np.random.PCG64([seed, 11]))
+    stacks: dict[int, list[int]] = {}
+    left: dict[int, float] = {}  # thread -> bytes until its next sample point
+
+    def sampled(r: np.ndarray) -> np.ndarray:
+        kind, size = r["kind"], r["size"].astype(np.float64)
+        alloc = (kind == Kind.ALLOC) | ((kind == Kind.REALLOC) & (r["size"] > 0))
+        out = np.zeros(len(r), bool)
+        tid = r["tid"]
+        for t in np.unique(tid[alloc]).tolist():
+            idx = np.flatnonzero(alloc & (tid == t))
+            cum = np.cumsum(size[idx])
+            x = left.get(t)
+            if x is None:
+                x = float(rng.exponential(sample_bytes))
+            pts = []
+            while x <= cum[-1]:
+                pts.append(x)
+                x += float(rng.exponential(sample_bytes))
+            left[t] = x - float(cum[-1])
+            if pts:
+                out[idx[np.unique(np.searchsorted(cum, pts, side="left"))]] = True
+        return out
+
+    def messages_out() -> Iterator[StreamMessage]:
+        extra = 0  # chunks published so far
+        for msg in messages:
+            if not isinstance(msg, Batch) or not len(msg.records):
+                if isinstance(msg, Batch | SessionEnd) and msg.counters is not None and extra:
+                    msg = dataclasses.replace(msg, counters=dataclasses.replace(
+                        msg.counters, published=msg.counters.published + extra))
+                yield msg
+                continue
+            r = msg.records
+            hit = np.flatnonzero(sampled(r))
+            parts, lo = [], 0
+            for i in hit.tolist():
+                parts.append(r[lo:i])
+                call = r[i:i + 1].copy()
+                call["flags"] |= FLAG_SAMPLED
+                caller = int(call["caller"][0])
+                frames = stacks.get(caller)
+                if frames is None:
+                    frames = stacks[caller] = site_stack(caller, meta.modules, seed)
+                n = len(frames)
+                k = -(-n // STACK_FRAMES_PER_RECORD)
+                ch = np.zeros(k, RECORD_DTYPE)
+                padded = frames + [0] * (k * STACK_FRAMES_PER_RECORD - n)
+                fr = np.array(padded, np.uint64).reshape(k, STACK_FRAMES_PER_RECORD)
+                for j, f in enumerate(("ptr", "old_ptr", "size", "caller")):
+                    ch[f] = fr[:, j]
+                ch["kind"], ch["hook"], ch["flags"] = Kind.STACK, np.arange(k), n
+                ch["tid"], ch["ts_us"] = call["tid"][0], call["ts_us"][0]
+                parts += [ch, call]
+                lo = i + 1
+            parts.append(r[lo:])
+            out = np.concatenate(parts) if hit.size else r.copy()
+            added = len(out) - len(r)
+            out["seq"] = ((out["seq"][0].astype(np.int64) + extra if len(out) else 0)
+                          + np.arange(len(out))) & 0xFFFFFFFF
+            extra += added
+            counters = msg.counters
+            if counters is not None and extra:
+                counters = dataclasses.replace(counters, published=counters.published + extra)
+            yield Batch(now_us=msg.now_us, counters=counters, records=out)
+
+    return meta, messages_out()

@@ -20,6 +20,7 @@ from ..outputs import LogLine, Snapshot
 from ..sitename import site_label
 from ..stream import Batch
 from ..writers import FilePaths
+from . import flame as flame_mod
 
 RUN_RECORDS = 1 << 12  # engine pass granularity: a sample of the series at least this often
 # ... and at least every 1/SAMPLES_PER_SPAN of the time so far (never finer than MIN_SAMPLE_US):
@@ -30,6 +31,7 @@ MAX_PARTS = 2000  # a drained batch is cut into at most this many samples
 RATE_BUCKETS = 200  # the rate chart: about this many time buckets over the session
 MAX_POINTS = 4000  # per plotted series (downsampled beyond, keeping the peak)
 MAX_MESSAGES = 300
+LEAK_ROWS = 50  # leak call sites in the report's table
 
 STATUS_RE = re.compile(r"Status: (\w+) -> (\w+) \((.*)\)$")
 PERF_RE = re.compile(r"Large allocation: (\d+) bytes took (\d+) microseconds \((.*), (.*)\)$")
@@ -91,6 +93,7 @@ class ReportData:
     messages_omitted: int = 0
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    flame: flame_mod.FlameData | None = None  # sampled stacks (a recording that sampled them)
 
 
 def bucket_width(span_s: float, buckets: int = RATE_BUCKETS) -> float:
@@ -287,6 +290,8 @@ def from_recording(path: Path, prefix: str = "MemoryPoolNVSE") -> ReportData:
         if pending:
             flush()
         report_leaks = leaks_mod.from_engine(eng)
+        flame = flame_mod.gather(eng, eng.live_allocations() if eng.samples is not None else None,
+                                 report_leaks.sites[:LEAK_ROWS])
         report_leaks.log_to(eng, leaks_mod.leaks_path(".", prefix).name)
         outs = eng.finish()
         take(outs)
@@ -314,6 +319,7 @@ def from_recording(path: Path, prefix: str = "MemoryPoolNVSE") -> ReportData:
         at = next(i for i, x in enumerate(samples) if x[0] >= data.peak_t)
         data.module_peak, data.module_peak_t = mod_rows[at], samples[at][0]
     data.leaks = report_leaks
+    data.flame = flame
     data.hist = _size_hist(doc)
     data.largest = _largest(doc) or []
     return data
@@ -432,6 +438,15 @@ def from_directory(directory: Path, prefix: str) -> ReportData:
         data.notes.append("no leaks CSV yet (written when the session ends)")
     except (OSError, ValueError, KeyError) as e:
         data.notes.append(f"leaks CSV unreadable ({e})")
+    if (doc.get("monitor") or {}).get("sampling"):
+        sp = flame_mod.stacks_path(directory, prefix)
+        try:
+            data.flame = flame_mod.from_json(json.loads(sp.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            data.notes.append(f"no {sp.name} yet (written when the session ends): no sampled "
+                              "stacks")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            data.notes.append(f"{sp.name} unreadable ({e}): no sampled stacks")
     data.hist = _size_hist(doc)
     if data.hist is None:
         data.notes.append(f"{paths.json.name} has no monitor.allocation_sizes (written by an "

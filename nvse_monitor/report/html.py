@@ -15,7 +15,8 @@ from plotly.offline import get_plotlyjs
 
 from .. import __version__
 from ..words import plural
-from .data import ReportData
+from .data import LEAK_ROWS, ReportData
+from .flame import FlameData
 
 MIB = 1 << 20
 STATE_COLORS = {"INITIALIZING": "rgba(128,128,128,0.15)", "DEGRADED": "rgba(255,160,0,0.18)",
@@ -206,6 +207,89 @@ def hist_chart(data: ReportData) -> str:
     return _div(fig, "sizes")
 
 
+def _mib(b: float) -> str:
+    return f"{b / MIB:,.2f} MiB" if b >= MIB / 100 else f"{b:,.0f} bytes"
+
+
+FLAME_COLORS = ["#f4a261", "#e9c46a", "#e76f51", "#f6bd60", "#ee9b00", "#ca6702", "#f28482",
+                "#ffb703", "#d4a373", "#fb8500"]
+
+
+def _flame_color(label: str) -> str:
+    """One warm colour per module (the label up to `!` or `+`): a plugin's frames stand out
+    from the game's. A stable hash: the same page for the same data."""
+    if label == "all sampled stacks":
+        return "#eeeeee"
+    mod = label.split("!", 1)[0].split("+", 1)[0]
+    return FLAME_COLORS[sum(mod.encode()) % len(FLAME_COLORS)]
+
+
+def flame_chart(fl: FlameData) -> str:
+    """The flame graphs (root at the bottom, callers below callees, width = estimated bytes) of
+    the three views, one shown at a time (the menu); click a frame to zoom into it."""
+    fig = go.Figure()
+    keys = [k for k, v in fl.views.items() if v.total > 0]
+    for i, k in enumerate(keys):
+        v = fl.views[k]
+        share = [x / v.total for x in v.values]
+        fig.add_trace(go.Icicle(
+            ids=v.ids, labels=v.labels, parents=v.parents, values=v.values,
+            branchvalues="total", visible=i == 0, name=v.title, sort=False,
+            tiling=dict(orientation="v", flip="y"), root=dict(color="#f3f3f3"),
+            customdata=[[_mib(x), f"{s:.1%}", n] for x, s, n in zip(v.values, share, v.counts,
+                                                                   strict=True)],
+            texttemplate="%{label}", marker=dict(colors=[_flame_color(x) for x in v.labels]),
+            hovertemplate="%{label}<br>estimated %{customdata[0]} (%{customdata[1]}), "
+            "from %{customdata[2]} sampled<extra>" + v.title + "</extra>"))
+    titles = [f"Sampled stacks: estimated bytes {fl.views[k].title} "
+              f"({_mib(fl.views[k].total)} in all, {fl.views[k].sampled:,} sampled)"
+              for k in keys]
+    buttons = [dict(label=fl.views[k].title, method="update",
+                    args=[{"visible": [j == i for j in range(len(keys))]},
+                          {"title": titles[i]}]) for i, k in enumerate(keys)]
+    fig.update_layout(title=titles[0] if titles else "", height=560,
+                      margin=dict(l=10, r=10, t=80, b=10), template="plotly_white",
+                      updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right",
+                                        y=1.12, yanchor="top", showactive=True)])
+    return _div(fig, "flame")
+
+
+def _flame_section(data: ReportData) -> list[str]:
+    fl = data.flame
+    if fl is None:
+        return []
+    out = ["<h2>Sampled stacks (estimates)</h2>",
+           f'<p class="note">Every allocation is counted exactly above; only stacks are '
+           f"sampled: about one allocation per {fl.sample_bytes:,} bytes allocated "
+           f"(--sample-bytes), {fl.sampled_allocations:,} in this session. Each sampled "
+           "allocation of s bytes stands for s / (1 - exp(-s/N)) bytes, as heapprofd and tcmalloc "
+           "estimate: widths are estimates, good to about sqrt(N / bytes) of a frame's bytes "
+           "(docs/attribution.md). Frame 0 (the top of a flame) is the allocating call; callers "
+           "are below it. The peak view is at the first moment live bytes reached their peak"
+           + (f" ({fl.peak_t:.3f} s)" if fl.peak_t is not None else "") + ".</p>"]
+    if fl.stackless or fl.discarded:
+        out.append(f'<p class="note">{fl.stackless:,} sampled allocations lost their stack '
+                   f"(shown by their call site alone); {fl.discarded:,} stacks lost their call "
+                   "(dropped records).</p>")
+    if any(v.total > 0 for v in fl.views.values()):
+        out.append(flame_chart(fl))
+    else:
+        out.append('<p class="note">no sampled allocation</p>')
+    return out
+
+
+def _stacks_cell(stacks: list[Any]) -> str:
+    if not stacks:
+        return ""
+    items = []
+    for st in stacks:
+        frames = "<br>&larr; ".join(f"<code>{_e(f)}</code>" for f in st.frames) or "?"
+        items.append(f"<li>{st.blocks:,} sampled blocks (estimated {_mib(st.est_bytes)}):<br>"
+                     f"{frames}</li>")
+    return (f"<details><summary>{plural(len(stacks), 'stack')}</summary><ol>"
+            + "".join(items) + "</ol></details>")
+
+
 def _table(head: list[str], rows: list[list[Any]], numeric: set[int]) -> str:
     out = ['<table class="t"><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
@@ -302,19 +386,25 @@ def render(data: ReportData) -> str:
         body.append(modules_over_time_chart(data))
     body.append(modules_chart(data))
     if data.leaks is not None and data.leaks.sites:
+        fl = data.flame
+        head = ["module", "offset", "function", "blocks", "bytes", "sizes", "heaps"]
         rows = [[_e(g.module), _e("" if g.offset is None else f"0x{g.offset:x}"),
                  _e(g.function or ""), f"{g.allocations:,}", f"{g.bytes:,}",
                  _e(f"{g.min_size}..{g.max_size}"), _e("+".join(g.heaps))]
-                for g in data.leaks.sites[:50]]
+                for g in data.leaks.sites[:LEAK_ROWS]]
+        if fl is not None:  # the callers: the sampled stacks of the site's live blocks
+            head.append("sampled stacks of its live blocks")
+            for row, g in zip(rows, data.leaks.sites, strict=False):
+                row.append(_stacks_cell(fl.site_stacks.get((g.module, g.offset), [])))
         body.append(f"<h2>Leaks: {plural(data.leaks.allocations, 'block', sep=True)}, "
                     f"{plural(data.leaks.bytes, 'byte', sep=True)} live at end, top call "
                     "sites</h2>")
-        body.append(_table(["module", "offset", "function", "blocks", "bytes", "sizes",
-                            "heaps"], rows, {3, 4}))
-        if len(data.leaks.sites) > 50:
-            body.append(f'<p class="note">{len(data.leaks.sites) - 50} more call sites in the '
-                        "leaks CSV</p>")
+        body.append(_table(head, rows, {3, 4}))
+        if len(data.leaks.sites) > LEAK_ROWS:
+            body.append(f'<p class="note">{len(data.leaks.sites) - LEAK_ROWS} more call sites '
+                        "in the leaks CSV</p>")
     body += _uncertain_section(data)
+    body += _flame_section(data)
     body.append("<h2>Allocation sizes</h2>")
     if data.hist:
         body.append(hist_chart(data))
