@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .events import Kind
-from .tracking import LiveColumns, LiveTable, radix_order_u32
+from .tracking import LiveColumns, LiveTable
 
 # Outcome of one event (after realloc expansion).
 NEW = 1  # allocation, now tracked
@@ -82,10 +82,11 @@ def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> 
     none (rules in docs/engine.md). `now`: the stream time already reached; `floor`: a
     per-record lower bound on time (the times of the batches before a record's batch)."""
     n = len(r)
-    ptr = r["ptr"]
-    size = r["size"]
+    # Contiguous copies of the fields read more than once here and in the engine: each pass
+    # over a 56-byte-strided field streams the whole batch (a copy costs one such pass).
+    ptr = np.ascontiguousarray(r["ptr"])
+    size = np.ascontiguousarray(r["size"])
     ts = r["ts_us"]  # publication order: keep output time monotonic
-    # Contiguous: read several times below (record fields are 56-byte strided).
     ts = np.maximum(ts, floor) if floor is not None else np.ascontiguousarray(ts)
     if not (ts[1:] >= ts[:-1]).all():
         ts = np.maximum.accumulate(ts)
@@ -96,10 +97,13 @@ def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> 
     code = np.minimum(r["kind"], 5)
     code |= (ptr == 0).view(np.uint8) << 3
     code |= (size == 0).view(np.uint8) << 4
-    old = r["old_ptr"]  # its bit only matters for reallocs: one bincount for every case
-    code |= (old == 0).view(np.uint8) << 5
     counts = np.bincount(code, minlength=64)
     any_r = bool(counts[_REALLOC::8].any())
+    old = ptr[:0]
+    if any_r:  # the old_ptr bit only matters for reallocs (the tables ignore it elsewhere)
+        old = r["old_ptr"]
+        code |= (old == 0).view(np.uint8) << 5
+        counts = np.bincount(code, minlength=64)
     unknown = int(counts[T_UNKNOWN].sum())
     last_ts = int(ts[-1])
     # Lookups by .take(): much faster than fancy indexing with a small-int index array.
@@ -126,7 +130,7 @@ def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> 
             evp[fi] = old[rec[fi]]
 
     def g(a: np.ndarray) -> np.ndarray:
-        return a if rec is None else a[rec]
+        return np.ascontiguousarray(a) if rec is None else a[rec]
 
     failed = None
     if counts[T_FAIL].any():  # failures ride along as frees of pointer 0 (never tracked)
@@ -138,18 +142,24 @@ def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> 
 
 HASH = np.uint64(0x9E3779B97F4A7C15)
 _S32 = np.uint64(32)
+_LOW32 = np.uint64(0xFFFFFFFF)
 
 
 def pointer_order(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A stable order that makes events on one pointer contiguous (in time order), and p in
-    that order. Radix-sorts a 32-bit hash of the pointer (fast 16-bit passes); pointers whose
-    hashes collide are put right by an exact sort of just their runs."""
-    h = (p * HASH) >> _S32
-    order = radix_order_u32(h)
+    that order. Sorts a 32-bit hash of the pointer with the event index in the low half of one
+    u64 key (one plain sort: ties by index, so stable; ~2x faster than two 16-bit radix
+    argsorts and the gathers between them); pointers whose hashes collide are put right by an
+    exact sort of just their runs."""
+    n = len(p)  # < 2**32: a batch is far smaller
+    key = (p * HASH) >> _S32 << _S32
+    key |= np.arange(n, dtype=np.uint64)
+    key.sort()
+    order = (key & _LOW32).astype(np.intp)
+    hs = key >> _S32
     sp = p[order]
-    if len(p) < 2:
+    if n < 2:
         return order, sp
-    hs = h[order]
     same_h = hs[1:] == hs[:-1]
     coll = same_h & (sp[1:] != sp[:-1])
     if coll.any():
