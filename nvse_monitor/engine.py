@@ -144,9 +144,10 @@ class _Batch:
 
 
 _REC_VOID = np.dtype((np.void, RECORD_DTYPE.itemsize))
-# The outcome tables as int64: a cumsum that converts int8/bool on the fly is ~3x slower.
-_DCOUNT64 = O_DCOUNT.astype(np.int64)
-_ALLOC64 = O_ALLOC.astype(np.int64)
+# Per outcome: allocation counted + (change of the live count << 32), as int64 (a cumsum that
+# converts int8/bool on the fly is ~3x slower): one running sum gives both (a batch has fewer
+# than 2**31 events).
+_ALLOC_DCOUNT = O_ALLOC.astype(np.int64) + (O_DCOUNT.astype(np.int64) << 32)
 
 
 # Session ends that need words in the log (the others say what they are).
@@ -793,8 +794,10 @@ class Engine:
         bt.delta = bt.plus - bt.minus
         # Running sums relative to the state before the batch (bases added when read).
         bt.cur_b = np.cumsum(bt.delta)
-        bt.cur_c = np.cumsum(_DCOUNT64.take(o))
-        acum = np.cumsum(_ALLOC64.take(o))
+        # allocations (low 32 bits) and live-count change (high, signed) in one running sum
+        both = np.cumsum(_ALLOC_DCOUNT.take(o))
+        acum = both & 0xFFFFFFFF
+        bt.cur_c = (both - acum) >> 32
         bt.counts = np.bincount(o, minlength=7)
         m = len(o)
         a0 = c0.total_allocations
