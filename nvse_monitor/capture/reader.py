@@ -241,29 +241,38 @@ class RingReader:
 
     def _take(self, head: int) -> np.ndarray:
         """Published records from tail on (both segments of a wrap), tail advanced past them."""
-        out: list[np.ndarray] = []
         mask = self.layout.slots - 1
-        while self.tail < head:
-            i0 = self.tail & mask
-            cnt = min(head - self.tail, self.layout.slots - i0)
-            want = (np.arange(self.tail + 1, self.tail + 1 + cnt, dtype=np.uint64)
+        segs: list[tuple[int, int]] = []  # (first slot, count) of each published stretch
+        pos = self.tail
+        stuck = False
+        while pos < head:
+            i0 = pos & mask
+            cnt = min(head - pos, self.layout.slots - i0)
+            want = (np.arange(pos + 1, pos + 1 + cnt, dtype=np.uint64)
                     & np.uint64(self._mask)).astype(self._pub.dtype)
             ok = self._pub[i0:i0 + cnt] == want
             k = cnt if ok.all() else int(np.argmin(ok))
             if k:
-                rows = np.empty((k, 7), np.uint64)
-                np.copyto(rows, self._words[i0:i0 + k])
-                out.append(rows.view(RECORD_DTYPE).reshape(k))
-                self.tail += k
-                self._put(rl.OFF_TAIL, self.tail)
-                struct.pack_into("<I", self._mv, rl.OFF_HOST_STALLED, 0)  # waiting is worth it
-                self._stuck_since = None
+                segs.append((i0, k))
+                pos += k
             if k < cnt:
-                self._skip_stuck()
+                stuck = True
                 break
-        if not out:
-            return np.empty(0, RECORD_DTYPE)
-        return out[0] if len(out) == 1 else np.concatenate(out)
+        # one array for both segments of a wrap (concatenating structured arrays is slow),
+        # filled before tail gives the slots back to the producers
+        rows = np.empty((pos - self.tail, 7), np.uint64)
+        at = 0
+        for i0, k in segs:
+            np.copyto(rows[at:at + k], self._words[i0:i0 + k])
+            at += k
+        if segs:
+            self.tail = pos
+            self._put(rl.OFF_TAIL, self.tail)
+            struct.pack_into("<I", self._mv, rl.OFF_HOST_STALLED, 0)  # waiting is worth it
+            self._stuck_since = None
+        if stuck:
+            self._skip_stuck()
+        return rows.view(RECORD_DTYPE).reshape(len(rows))
 
     def _skip_stuck(self) -> None:
         """The slot at tail is reserved but not published. A realloc holds its slot across
