@@ -3,7 +3,7 @@
 No clock and no I/O: time comes only from the messages. Each Batch is processed with whole-array
 numpy operations (docs/engine.md explains the steps and every counter rule):
 1. records -> events: a realloc becomes free(old) + alloc(new); failures stay in place;
-2. events are grouped by pointer (stable radix sort of a pointer hash) so each event knows the
+2. events are grouped by pointer (stable sort of a pointer hash) so each event knows the
    state of its block from the previous event on the same pointer in the batch, or from the
    live table (classify.py, tracking.py); here the tracking limit is enforced;
 3. per-event deltas are cumulated in time order -> current/peak counts and bytes, CSV samples at
