@@ -78,24 +78,41 @@ class Events:
     rec_ts: np.ndarray | None = None  # per record, clamped: the time reached after each
 
 
+_FIELDS = ("ptr", "size", "ts_us", "caller", "hook", "kind")
+_CHUNK = 8192  # records per slice in _columns: 448 KiB, well inside a core's L2 cache
+
+
+def _columns(r: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+    """Contiguous copies of record fields (read several times here and in the engine: each
+    pass over a 56-byte-strided field streams the whole batch). Copied a cache-sized slice at
+    a time, so that only the first field of a slice comes from memory (~1.5x faster)."""
+    n = len(r)
+    if n <= _CHUNK:
+        return [np.ascontiguousarray(r[f]) for f in names]
+    out = [np.empty(n, r.dtype[f]) for f in names]
+    for i in range(0, n, _CHUNK):
+        s = r[i:i + _CHUNK]
+        for o, f in zip(out, names, strict=True):
+            o[i:i + _CHUNK] = s[f]
+    return out
+
+
 def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> Events:
     """Records -> events: a realloc becomes free(old) then alloc(new); the rest one event or
     none (rules in docs/engine.md). `now`: the stream time already reached; `floor`: a
     per-record lower bound on time (the times of the batches before a record's batch)."""
     n = len(r)
-    # Contiguous copies of the fields read more than once here and in the engine: each pass
-    # over a 56-byte-strided field streams the whole batch (a copy costs one such pass).
-    ptr = np.ascontiguousarray(r["ptr"])
-    size = np.ascontiguousarray(r["size"])
-    ts = r["ts_us"]  # publication order: keep output time monotonic
-    ts = np.maximum(ts, floor) if floor is not None else np.ascontiguousarray(ts)
+    ptr, size, ts, caller, hook, kind = _columns(r, _FIELDS)
+    # publication order: keep output time monotonic
+    if floor is not None:
+        np.maximum(ts, floor, out=ts)
     if not (ts[1:] >= ts[:-1]).all():
         ts = np.maximum.accumulate(ts)
     if ts[0] < now:
         ts = np.maximum(ts, np.uint64(now))
     # A 6-bit code per record (kind, ptr = 0, size = 0, old_ptr = 0) and lookup tables give
     # its events in a few passes.
-    code = np.minimum(r["kind"], 5)
+    code = np.minimum(kind, 5)
     code |= (ptr == 0).view(np.uint8) << 3
     code |= (size == 0).view(np.uint8) << 4
     counts = np.bincount(code, minlength=64)
@@ -115,8 +132,8 @@ def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> 
     else:
         rec = np.repeat(np.arange(n), T_CNT.take(code))
         if not len(rec):
-            return Events(None, etype=np.empty(0, np.int8), ts=ts, size=size, hook=r["hook"],
-                          caller=r["caller"], rec=rec, failed=None, unknown=unknown,
+            return Events(None, etype=np.empty(0, np.int8), ts=ts, size=size, hook=hook,
+                          caller=caller, rec=rec, failed=None, unknown=unknown,
                           last_ts=last_ts, rec_ts=ts)
         second = np.zeros(len(rec), dtype=bool)  # the alloc part of a realloc
         np.equal(rec[1:], rec[:-1], out=second[1:])
@@ -131,13 +148,13 @@ def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> 
             evp[fi] = old[rec[fi]]
 
     def g(a: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(a) if rec is None else a[rec]
+        return a if rec is None else a[rec]
 
     failed = None
     if counts[T_FAIL].any():  # failures ride along as frees of pointer 0 (never tracked)
         failed = etype == 2
         evp = np.where(failed, np.uint64(0), evp)
-    return Events(evp, etype, g(ts), g(size), g(r["hook"]), g(r["caller"]), rec, failed,
+    return Events(evp, etype, g(ts), g(size), g(hook), g(caller), rec, failed,
                   unknown, last_ts, ts)
 
 
