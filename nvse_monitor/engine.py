@@ -669,6 +669,7 @@ class Engine:
         up to JOIN_RECORDS: a bigger one goes alone, without the copy that joining costs
         (a pass over every record); any grouping gives the same log and CSV."""
         if len(run) > 1 and _view_of([b.records for b in run]) is None:
+            start = len(self._out)
             group: list[Batch] = []
             n = 0
             for b in run:
@@ -679,6 +680,12 @@ class Engine:
                     group, n = [], 0
             if group:
                 self._feed_group(group)
+            # One pass over the run would emit only the last of the snapshots taken at the
+            # 10,000-allocation points (the state there does not depend on the grouping)
+            snaps = [i for i in range(start, len(self._out))
+                     if isinstance(self._out[i], Snapshot)]
+            for i in reversed(snaps[:-1]):
+                del self._out[i]
         else:
             self._feed_group(run)
 
