@@ -3,7 +3,7 @@
 No clock and no I/O: time comes only from the messages. Each Batch is processed with whole-array
 numpy operations (docs/engine.md explains the steps and every counter rule):
 1. records -> events: a realloc becomes free(old) + alloc(new); failures stay in place;
-2. events are grouped by pointer (stable radix sort of a pointer hash) so each event knows the
+2. events are grouped by pointer (stable sort of a pointer hash) so each event knows the
    state of its block from the previous event on the same pointer in the batch, or from the
    live table (classify.py, tracking.py); here the tracking limit is enforced;
 3. per-event deltas are cumulated in time order -> current/peak counts and bytes, CSV samples at
@@ -146,6 +146,14 @@ class _Batch:
 
 
 _REC_VOID = np.dtype((np.void, RECORD_DTYPE.itemsize))
+# Live batches in separate arrays are joined into runs of about this many records (small ones
+# cost the engine more per record; bigger runs cost no less per record than this, and the
+# copy that joins them costs a pass over every record).
+JOIN_RECORDS = 1 << 14
+# Per outcome: allocation counted + (change of the live count << 32), as int64 (a cumsum that
+# converts int8/bool on the fly is ~3x slower): one running sum gives both (a batch has fewer
+# than 2**31 events).
+_ALLOC_DCOUNT = O_ALLOC.astype(np.int64) + (O_DCOUNT.astype(np.int64) << 32)
 
 
 # Session ends that need words in the log (the others say what they are).
@@ -169,13 +177,13 @@ class _Throttled:
         return 0
 
 
-def _joined(recs: list[np.ndarray]) -> np.ndarray:
-    """The records of consecutive batches as one array: a view when they lie back to back in
-    one array (a replayed chunk, a run merged by replay's reader), else a copy."""
+def _view_of(recs: list[np.ndarray]) -> np.ndarray | None:
+    """The records of consecutive batches as one view when they lie back to back in one array
+    (a replayed chunk, a run merged by replay's reader), else None."""
     full = [r for r in recs if len(r)]  # an empty slice's address is not where it was cut
-    if len(full) == 1:
-        return full[0]
-    base = full[0].base if full else None  # numpy's base: the array that owns the memory
+    if len(full) <= 1:
+        return full[0] if full else recs[0]
+    base = full[0].base  # numpy's base: the array that owns the memory
     if isinstance(base, np.ndarray) and base.ndim == 1 and base.flags.c_contiguous \
             and base.itemsize == full[0].itemsize:
         pos = start = full[0].__array_interface__["data"][0]
@@ -187,6 +195,15 @@ def _joined(recs: list[np.ndarray]) -> np.ndarray:
         else:
             i = (start - base.__array_interface__["data"][0]) // base.itemsize
             return base[i:i + (pos - start) // base.itemsize].view(full[0].dtype)
+    return None
+
+
+def _joined(recs: list[np.ndarray]) -> np.ndarray:
+    """The records of consecutive batches as one array: a view where _view_of finds one, else
+    a copy."""
+    view = _view_of(recs)
+    if view is not None:
+        return view
     # as opaque items: concatenating structured arrays promotes dtypes field by field
     return np.concatenate([r.view(_REC_VOID) for r in recs]).view(recs[0].dtype)
 
@@ -680,8 +697,33 @@ class Engine:
 
     # -- batches --
     def _feed_batches(self, run: list[Batch]) -> None:
-        """Consecutive batches in one pass; each batch boundary keeps its effects (time,
-        agent counters, drops) at its place in the timeline."""
+        """Consecutive batches; each batch boundary keeps its effects (time, agent counters,
+        drops) at its place in the timeline. Batches in separate arrays (live) are joined only
+        up to JOIN_RECORDS: a bigger one goes alone, without the copy that joining costs
+        (a pass over every record); any grouping gives the same log and CSV."""
+        if len(run) > 1 and _view_of([b.records for b in run]) is None:
+            start = len(self._out)
+            group: list[Batch] = []
+            n = 0
+            for b in run:
+                group.append(b)
+                n += len(b.records)
+                if n >= JOIN_RECORDS:
+                    self._feed_group(group)
+                    group, n = [], 0
+            if group:
+                self._feed_group(group)
+            # One pass over the run would emit only the last of the snapshots taken at the
+            # 10,000-allocation points (the state there does not depend on the grouping)
+            snaps = [i for i in range(start, len(self._out))
+                     if isinstance(self._out[i], Snapshot)]
+            for i in reversed(snaps[:-1]):
+                del self._out[i]
+        else:
+            self._feed_group(run)
+
+    def _feed_group(self, run: list[Batch]) -> None:
+        """Consecutive batches in one pass."""
         first = run[0].records
         t0 = self._advance(int(first["ts_us"][0]) if len(first) else run[0].now_us)
         self.health.activate(t0, "first batch")
@@ -832,8 +874,10 @@ class Engine:
         bt.delta = bt.plus - bt.minus
         # Running sums relative to the state before the batch (bases added when read).
         bt.cur_b = np.cumsum(bt.delta)
-        bt.cur_c = np.cumsum(O_DCOUNT.take(o), dtype=np.int64)
-        acum = np.cumsum(O_ALLOC.take(o), dtype=np.int64)
+        # allocations (low 32 bits) and live-count change (high, signed) in one running sum
+        both = np.cumsum(_ALLOC_DCOUNT.take(o))
+        acum = both & 0xFFFFFFFF
+        bt.cur_c = (both - acum) >> 32
         bt.counts = np.bincount(o, minlength=7)
         m = len(o)
         a0 = c0.total_allocations
@@ -844,8 +888,12 @@ class Engine:
         if first_mult <= a_end:
             pts = np.searchsorted(acum, np.arange(first_mult - a0, a_end - a0 + 1, every),
                                   side="left")
-            fcum = np.cumsum(O_FREE.take(o), dtype=np.int64)
-            runmax_b = np.maximum.accumulate(bt.cur_b)
+            # frees so far = allocations less the live count's change, less overflows
+            fcum = (acum - bt.cur_c if not bt.counts[OVERFLOW]
+                    else np.cumsum(O_FREE.take(o), dtype=np.int64))
+            # the running peak only at the CSV points: the max of each stretch between them
+            runmax_b = iter(np.maximum.accumulate(np.maximum.reduceat(
+                bt.cur_b[:int(pts[-1]) + 1], np.concatenate(([0], pts[:-1] + 1)))).tolist())
             points += [(k, 2, "csv") for k in pts.tolist()]
         big = np.flatnonzero(bt.size > np.uint64(cfg.large_alloc_bytes))
         points += [(k, 1, "perf") for k in big[O_ALLOC[o[big]]].tolist()]
@@ -874,7 +922,7 @@ class Engine:
             if what == "csv":
                 b0 = c0.current_bytes
                 self._csv_row(t, a0 + int(acum[k]), c0.total_frees + int(fcum[k]),
-                              b0 + int(bt.cur_b[k]), max(c0.peak_bytes, b0 + int(runmax_b[k])))
+                              b0 + int(bt.cur_b[k]), max(c0.peak_bytes, b0 + next(runmax_b)))
             elif what == "perf":
                 ri = k if bt.rec is None else int(bt.rec[k])
                 heap = self.heap_names[self._heap_of_hook[int(bt.hook[k])]]
@@ -958,7 +1006,12 @@ class Engine:
         # block's); only a REPLACE across modules splits (+size new, -old size old).
         delta = bt.delta if whole else bt.delta[lo:hi]
         tn = bt.to_new if whole else bt.to_new[lo:hi]
-        dm = np.bincount(mm + (mp - mm) * tn, weights=delta, minlength=k + 1)  # where(tn, mp, mm)
+        em = mm + (mp - mm) * tn  # where(tn, mp, mm)
+        if len(em) and em.min() == em.max():  # usually one module: no weighted bincount
+            dm = np.zeros(k + 1)
+            dm[em[0]] = delta.sum()
+        else:
+            dm = np.bincount(em, weights=delta, minlength=k + 1)
         if n_rep:
             rp = np.flatnonzero(o == REPLACE)
             rp = rp[mp[rp] != mm[rp]]

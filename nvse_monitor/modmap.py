@@ -59,8 +59,8 @@ class ModuleMap:
         if len(callers) < 64:
             return self._slow(callers)
         h = ((callers * _C) >> _SHIFT).astype(np.intp)
-        out = self._cvals[h]
-        miss = np.flatnonzero(self._ckeys[h] != callers)
+        out = self._cvals.take(h)  # take: faster than fancy indexing
+        miss = np.flatnonzero(self._ckeys.take(h) != callers)
         if len(miss):
             cm = callers[miss]
             vals = self._slow(cm)

@@ -57,17 +57,6 @@ class Probe:
                      self.nbuckets)
 
 
-def radix_order_u32(x: np.ndarray) -> np.ndarray:
-    """Stable argsort of values < 2**32 by two 16-bit radix passes (numpy sorts 16-bit keys
-    with a radix sort: much faster than a comparison sort of 64-bit keys)."""
-    if x.dtype == np.uint64 and x.flags.c_contiguous:  # the 16-bit halves without shifts
-        w = x.view(np.uint16).reshape(-1, 4)
-        o = np.argsort(w[:, 0], kind="stable")
-        return o[np.argsort(w[:, 1][o], kind="stable")]
-    o = np.argsort((x & 0xFFFF).astype(np.uint16), kind="stable")
-    return o[np.argsort((x[o] >> 16).astype(np.uint16), kind="stable")]
-
-
 @dataclass
 class LiveColumns:
     """Parallel columns for a set of live blocks (one row per block)."""
