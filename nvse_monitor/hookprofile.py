@@ -33,6 +33,9 @@ ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "posix_memalign": (("out", "size"), ("align",)),
     "aligned_free": (("ptr",), ()),
     "size": (("ptr",), ()),
+    # a function that allocates or frees through hooked ones (FormHeap_Allocate, operator new):
+    # not recorded itself; calls inside it are attributed to its caller (docs/profiles.md)
+    "wrapper": ((), ()),
 }
 
 PROFILE_KEYS = {"name", "description", "platform", "arch", "executable", "pe_version"}
@@ -97,6 +100,10 @@ class Profile:
             "name": self.name, "platform": self.platform,
             "hooks": [h.to_agent_json() for h in self.hooks],
         }
+
+    @property
+    def has_wrappers(self) -> bool:
+        return any(h.role == "wrapper" for h in self.hooks)
 
     def hook_infos(self) -> list[HookInfo]:
         """SessionMeta.hooks: records' `hook` field indexes this list."""
@@ -216,7 +223,7 @@ def _hook(ctx: _Ctx, i: int, raw: Any, arches: tuple[str, ...]) -> HookSpec:
         else:
             offset = _int(ctx, raw["offset"], label, "offset", 0, addr_max)
 
-    args_raw = raw.get("args", None)
+    args_raw = raw.get("args", {} if role == "wrapper" else None)
     if not isinstance(args_raw, dict):
         raise ctx.err("missing or not a table of argument positions", label, "args")
     needed, optional = ROLES[role]
@@ -241,6 +248,8 @@ def _hook(ctx: _Ctx, i: int, raw: Any, arches: tuple[str, ...]) -> HookSpec:
                           label, "args")
     elif abi in CALLEE_POPS:
         raise ctx.err(f"required with ABI {abi} (the callee pops its arguments)", label, "nargs")
+    elif role == "wrapper":
+        raise ctx.err("required for a wrapper (its arguments are passed on)", label, "nargs")
     else:
         nargs = positions[-1] + 1 if positions else 0
 

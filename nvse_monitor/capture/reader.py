@@ -21,7 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from ..events import RECORD_DTYPE, Kind
+from ..events import (
+    FLAG_SAMPLED,
+    FLAG_VIA_WRAPPER,
+    MAX_STACK_FRAMES,
+    RECORD_DTYPE,
+    STACK_FRAMES_PER_RECORD,
+    Kind,
+)
 from ..stream import AgentCounters, Batch, StreamMessage
 from . import ringlayout as rl
 
@@ -34,6 +41,7 @@ EMPTY_BATCH_S = 0.25  # a quiet ring still advances time this often
 CLASSIFY_WAIT_S = 1.0  # records of threads JS has not classified yet wait at most this long
 STUCK_SLOT_S = 2.0  # a reserved slot never published (its thread died mid-call): skipped
 MARK_WAIT_S = 2.0  # a marker's control message must arrive within this
+CALL_FLAGS = FLAG_SAMPLED | FLAG_VIA_WRAPPER
 
 
 class RingReader:
@@ -304,7 +312,14 @@ class RingReader:
 
     def _batch(self, recs: np.ndarray, now: int) -> None:
         kind = recs["kind"]
-        valid = (kind >= Kind.ALLOC) & (kind <= Kind.FAILED) & (recs["hook"] < self.nhooks)
+        call = (kind >= Kind.ALLOC) & (kind <= Kind.FAILED)
+        stack = kind == Kind.STACK
+        # a STACK chunk: hook = chunk index, flags = frames in the whole stack (events.py)
+        frames = recs["flags"]
+        chunk = recs["hook"].astype(np.uint16)
+        valid = (call & (recs["hook"] < self.nhooks)) | (
+            stack & (frames >= 1) & (frames <= MAX_STACK_FRAMES)
+            & (chunk * STACK_FRAMES_PER_RECORD < frames))
         if not valid.all():
             self._c["unknown_records"] += int(len(recs) - np.count_nonzero(valid))
             recs = recs[valid]
@@ -317,7 +332,10 @@ class RingReader:
         if n == 0:
             return
         recs["seq"] = np.arange(self._seq, self._seq + n, dtype=np.uint64)  # wraps to u32
-        recs["flags"] = 0
+        # calls keep only the flags we know (FREE: none); chunks their frame count
+        kind = recs["kind"]
+        recs["flags"] = np.where(kind == Kind.STACK, recs["flags"],
+                                 np.where(kind == Kind.FREE, 0, recs["flags"] & CALL_FLAGS))
         self._seq += n
         counts = np.bincount(kind, minlength=5)
         c = self._c
