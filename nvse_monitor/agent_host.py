@@ -228,6 +228,7 @@ class AgentHandle:
             modules=[_module(m) for m in r.get("modules", [])],
             wall_clock_zero_us=int(r["wall_clock_zero_us"]),
             mode=mode,
+            sample_bytes=int(r.get("sample_bytes", 0)),
             extra={
                 "hook_status": r.get("hooks", []),
                 "ring_bytes": r.get("ring_bytes", 0),

@@ -78,6 +78,7 @@ class SessionOptions:
     ring_slots: int | None = None  # None: agent_host.default_ring_slots(target arch)
     on_full: str = "wait"  # a full ring: producers wait (bounded by max_wait_ms) or drop
     max_wait_ms: int = DEFAULT_MAX_WAIT_MS
+    sample_bytes: int = 0  # mean bytes between sampled stacks (CLI default: agent_host's)
     transport: str = "shm"  # "messages": the agent drains and sends (tests, benchmarks)
     large_alloc_bytes: int = 1 << 20
     drain_interval_ms: int = 10
@@ -503,6 +504,7 @@ class LiveSession:
                 max_wait_ms=self.opts.max_wait_ms,
                 transport=self.opts.transport,
                 max_inflight_records=MAX_INFLIGHT_RECORDS,
+                sample_bytes=self.opts.sample_bytes,
             )
         except ValueError as exc:
             raise SessionError(str(exc)) from None

@@ -127,10 +127,6 @@ AT(00aa5710) size_t THISCALL Scrap_Size (ScrapHeap *self, void *p) {
   return malloc_usable_size (p);
 }
 
-/* FormHeap_Allocate / FormHeap_Free: cdecl wrappers of the game heap (profile role "wrapper") */
-AT(00401000) void *FormHeap_Allocate (size_t size) { return MM_Allocate (&g_heap, size); }
-AT(00401030) void FormHeap_Free (void *p) { MM_Free (&g_heap, p); }
-
 /* the statically linked CRT (cdecl) */
 AT(00ecd1c7) void *crt_malloc (size_t n) { return __libc_malloc (n); }
 AT(00ecd291) void crt_free (void *p) { __libc_free (p); }

@@ -9,8 +9,6 @@
 
 /* FalloutNV.exe 1.4.0.525 addresses (shared/reference/fnv-entry-points.md) */
 #define ADDR_HEAP            0x011F6238u
-#define ADDR_FORMHEAP_ALLOCATE 0x00401000u
-#define ADDR_FORMHEAP_FREE   0x00401030u
 #define ADDR_MM_ALLOCATE     0x00AA3E40u
 #define ADDR_MM_FREE         0x00AA4060u
 #define ADDR_MM_REALLOCATE   0x00AA4150u

@@ -62,7 +62,13 @@ def fake_profile_toml(real: Profile | None = None) -> str:
         "executable = [" + ", ".join(_q(e) for e in real.executable) + "]",
         "",
     ]
-    return "\n".join(out) + "\n" + "\n".join(_hook_toml(h) for h in real.hooks)
+    return "\n".join(out) + "\n" + "\n".join(_hook_toml(h) for h in fake_hooks(real))
+
+
+def fake_hooks(real: Profile) -> list[HookSpec]:
+    """The real profile's hooks the fake game can have: not the wrappers at absolute addresses
+    (FormHeap_Allocate at 0x00401000 is where the linker puts the fake's own .plt)."""
+    return [h for h in real.hooks if not (h.role == "wrapper" and h.address is not None)]
 
 
 if __name__ == "__main__":
