@@ -16,6 +16,8 @@ Targets (each its own process of tests/agent_targets/bench_target.c, -O2):
   wrappers      full, with a profile naming a wrapper (never called here): the cost every
                 hooked call pays to look at the wrapper slot (the fnv profiles have wrappers)
   sample-<N>    full with --sample-bytes N (stacks sampled; off in every variant above)
+--baseline DIR adds "baseline": full with the agent (agent/hotpath.c, agent/agent.js) of another
+checkout, e.g. `git archive <commit> agent | tar -x -C DIR`: today's against a change, one run.
 --mask 4095 gives sizes 16 B..4 KiB (mean ~2 KiB) instead of 16..79 B: more bytes per call,
 so more sampled calls.
 The ring is big enough for a round (no waits, no drops: checked); the host reads meanwhile.
@@ -24,6 +26,7 @@ The ring is big enough for a round (no waits, no drops: checked); the host reads
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import frida  # noqa: E402
 from agent_harness import build  # noqa: E402
 
+from nvse_monitor import agent_host  # noqa: E402
 from nvse_monitor.agent_host import DEFAULT_SAMPLE_BYTES, AgentConfig, load_agent  # noqa: E402
 from nvse_monitor.hookprofile import Profile, load_profile, parse_profile  # noqa: E402
 from nvse_monitor.stream import Batch  # noqa: E402
@@ -88,9 +92,16 @@ class Target:
             self.session = frida.attach(self.proc.pid)
             agent = dict(agent)
             profile = bench_profile(agent.pop("profile", "linux-libc"))
+            source = agent.pop("source", None)
             cfg = AgentConfig(ring_slots=ring_slots, **agent)
-            self.handle = load_agent(self.session, profile, cfg,
-                                     on_message=self._on_message)
+            saved = agent_host.agent_source
+            if source is not None:  # another checkout's agent (same host protocol)
+                agent_host.agent_source = lambda: source
+            try:
+                self.handle = load_agent(self.session, profile, cfg,
+                                         on_message=self._on_message)
+            finally:
+                agent_host.agent_source = saved
 
     def _on_message(self, msg: object) -> None:
         if isinstance(msg, Batch):  # the host consumes: decode and count every record
@@ -141,12 +152,19 @@ def main() -> None:
     ap.add_argument("--arch", default="x64", choices=["x64", "ia32"])
     ap.add_argument("--ring-slots", type=int, default=1 << 19)
     ap.add_argument("--mask", type=int, default=63, help="sizes 16 + (i & mask)")
+    ap.add_argument("--baseline", type=Path, help="checkout whose agent/ is the baseline")
     ap.add_argument("--only", help="comma-separated variants (native is always run)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         exe = build("bench_target.c", Path(tmp), args.arch, opt="-O2")
+        if args.baseline is not None:
+            c = (args.baseline / "agent" / "hotpath.c").read_text()
+            js = (args.baseline / "agent" / "agent.js").read_text()
+            VARIANTS["baseline"] = {"source": f"const HOTPATH_C = {json.dumps(c)};\n{js}"}
         wanted = set(args.only.split(",")) | {"native", "full"} if args.only else set(VARIANTS)
+        if args.only and args.baseline is not None:
+            wanted.add("baseline")
         targets = {name: Target(exe, args.pairs, agent, args.ring_slots, args.mask)
                    for name, agent in VARIANTS.items() if name in wanted}
         times: dict[str, list[float]] = {name: [] for name in targets}
@@ -173,7 +191,7 @@ def main() -> None:
         drop = f"  dropped {info['dropped']} waits {info['stalls']}" if info else ""
         print(f"  {name:12s} {med[name]:6.1f}  ({min(v):.1f}-{max(v):.1f}){extra}{drop}")
     for name in med:
-        if name.startswith("sample-") or name == "wrappers":
+        if name.startswith("sample-") or name in ("wrappers", "baseline"):
             print(f"  {name} - full: {med[name] - med['full']:+.1f} ns per call")
     if "no-tls" not in med:
         return
