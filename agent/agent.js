@@ -380,6 +380,17 @@ function beginInstall(entry, address, mod, why) {
     // replaceFast needs a prologue long enough for a direct jump to the replacement (glibc's
     // memalign is a 14-byte tail-call stub). Interceptor.replace works there, at ~0.8 µs a call:
     // the replacement calls the hooked address itself, which Gum routes to the original.
+    if (entry.spec.role === 'wrapper') {
+      // not for a wrapper: Gum's frames there have no unwind info (a C++ exception through
+      // them ends the program on Linux), and a wrapper records nothing anyway. A tail-call
+      // stub (libstdc++'s operator new[] jumps to operator new) leaves its caller's return
+      // address in place: a hooked wrapper it jumps to still sees the right caller.
+      slot.writePointer(ptr(0));
+      const why = `wrapper not hooked (${address}): too short for the fast hook (${e.message})`;
+      if (entry.spec.required === false) notPresent(entry, why);
+      else fail(entry, why);
+      return null;
+    }
     try {
       slot.writePointer(address);
       Interceptor.replace(address, cm[replName(true, entry.index, k)]);
@@ -943,6 +954,62 @@ function findTlsSlot(platform, k) {
   }
 }
 
+/* ------------------------------------------------------------------ unwind info
+ * A C++ exception thrown below one of our replacements (operator new's bad_alloc under a wrapper
+ * hook) must unwind through the replacement's frame. On Windows x86 it does (SEH walks its
+ * registration chain, not the frames). On Linux the DWARF unwinder needs unwind info for every
+ * frame and TinyCC emits none: without it the program ends in std::terminate (seen with
+ * libstdc++'s operator new hooked). So on Linux we register one FDE for the CModule's code with
+ * libgcc's __register_frame: every TinyCC function keeps a frame pointer (CFA = fp + 2 words,
+ * return address at CFA - 1 word, saved fp at CFA - 2 words) and uses no callee-saved register
+ * besides it, so one rule fits every call site in our code. Returns a note for the init result.
+ */
+let unwind = null;  // {frame, deregister}
+function registerUnwindInfo() {
+  if (Process.platform !== 'linux') return 'not needed (SEH)';
+  let reg = null, dereg = null;
+  for (const m of Process.enumerateModules()) {
+    if (!/^libgcc_s\.so/.test(m.name)) continue;
+    reg = m.findExportByName('__register_frame');
+    dereg = m.findExportByName('__deregister_frame');
+  }
+  if (reg === null) reg = Module.findGlobalExportByName('__register_frame');
+  if (dereg === null) dereg = Module.findGlobalExportByName('__deregister_frame');
+  if (reg === null || dereg === null) return 'no __register_frame (no C++ unwinder loaded)';
+  const ps = Process.pointerSize;
+  const x64 = ps === 8;
+  // CIE: version 1, augmentation "", code align 1, data align -ps, return address register;
+  // CFA = fp + 2 ps; ra at CFA - ps; fp at CFA - 2 ps
+  const cie = [0, 0, 0, 0, 1, 0, 1, x64 ? 0x78 : 0x7c, x64 ? 16 : 8,
+    0x0c, x64 ? 6 : 5, 2 * ps, 0x80 | (x64 ? 16 : 8), 1, 0x80 | (x64 ? 6 : 5), 2];
+  while ((cie.length + 4) % ps !== 0) cie.push(0);  // DW_CFA_nop
+  const fdeBody = 4 + 2 * ps;
+  const total = 4 + cie.length + 4 + fdeBody + 4;
+  const buf = Memory.alloc(total);
+  const start = cm.__start_text, end = cm.__stop_text;
+  buf.writeU32(cie.length);
+  buf.add(4).writeByteArray(cie);
+  const fde = buf.add(4 + cie.length);
+  fde.writeU32(fdeBody);
+  fde.add(4).writeU32(4 + cie.length + 4);  // back from this field to the CIE
+  fde.add(8).writePointer(start);
+  fde.add(8 + ps).writePointer(ptr(end.sub(start).toString()));
+  fde.add(4 + fdeBody).writeU32(0);  // end of the list
+  new NativeFunction(reg, 'void', ['pointer'])(buf);
+  unwind = { frame: buf, deregister: new NativeFunction(dereg, 'pointer', ['pointer']) };
+  return 'registered';
+}
+
+function deregisterUnwindInfo() {
+  if (unwind === null) return;
+  try {
+    unwind.deregister(unwind.frame);
+  } catch (e) {
+    // nothing to do about it while unloading
+  }
+  unwind = null;
+}
+
 /* ------------------------------------------------------------------ sampling */
 
 // NV_EXP_N quantiles of an exponential distribution of mean `mean` bytes (the countdown to the
@@ -1028,6 +1095,8 @@ function init(cfg) {
   new NativeFunction(cm.nv_configure, 'void', ['size_t', 'pointer', 'uint64'])(
       slots, ring, uint64(cfg.large_alloc_bytes));
   new NativeFunction(cm.nv_start, 'void', [])();
+  // exceptions through a wrapper's frame (Linux; before any hook goes in)
+  const unwindNote = opt.wrappers ? registerUnwindInfo() : '';
   const setOff = new NativeFunction(cm.nv_set_tls_off, 'void', ['size_t', 'size_t', 'pointer']);
   const tls = findTlsSlot(platform, 0);
   if (tls !== null) setOff(0, tls.off, tls.seq);
@@ -1129,6 +1198,7 @@ function init(cfg) {
     thread_state: (tls !== null ? `direct TLS slot (thread pointer + 0x${tls.off.toString(16)})`
       : 'gum TLS calls') + (extra.length ? `; wrapper slot and sample countdown: ${extra.join(', ')}` : ''),
     wrappers: opt.wrappers,
+    unwind_info: unwindNote,
     sample_bytes: sampleBytes,
     footprint: ownFootprint(transport.kind === 'shm' ? shared : null,
                             HEADER_BYTES + ringSlots * SLOT_SIZE),
@@ -1267,6 +1337,7 @@ function dispose() {
     e.inst = [];
   }
   if (any) Thread.sleep(IN_FLIGHT_GRACE_S);
+  deregisterUnwindInfo();  // our code goes away with us
   if (!stopped && cm !== null && transport.kind === 'messages') {
     // the target is exiting (or the host unloads us without stop()): send what the ring holds
     stopped = true;

@@ -13,8 +13,9 @@ Targets (each its own process of tests/agent_targets/bench_target.c, -O2):
   gum-tls       same as full with the thread state through gum_tls_key_get/set_value calls
                 (the fallback where the direct TLS slot is not found; the agent before 0.1.1)
   no-tls        same without the per-thread TLS word (no re-entrancy guard: unsafe, bench only)
-  wrappers      full, with a profile naming a wrapper (never called here): the cost every
-                hooked call pays to look at the wrapper slot (the fnv profiles have wrappers)
+  wrappers      full with linux-libc as shipped, whose libstdc++ operator new/delete wrappers
+                (pending in this C target) make every hooked call look at the wrapper slot;
+                every other variant uses linux-libc without its wrappers (the plain hot path)
   sample-<N>    full with --sample-bytes N (stacks sampled; off in every variant above)
 --baseline DIR adds "baseline": full with the agent (agent/hotpath.c, agent/agent.js) of another
 checkout, e.g. `git archive <commit> agent | tar -x -C DIR`: today's against a change, one run.
@@ -26,6 +27,7 @@ The ring is big enough for a round (no waits, no drops: checked); the host reads
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -41,7 +43,7 @@ from agent_harness import build  # noqa: E402
 
 from nvse_monitor import agent_host  # noqa: E402
 from nvse_monitor.agent_host import DEFAULT_SAMPLE_BYTES, AgentConfig, load_agent  # noqa: E402
-from nvse_monitor.hookprofile import Profile, load_profile, parse_profile  # noqa: E402
+from nvse_monitor.hookprofile import Profile, load_profile  # noqa: E402
 from nvse_monitor.stream import Batch  # noqa: E402
 
 VARIANTS: dict[str, dict | None] = {
@@ -58,25 +60,13 @@ VARIANTS: dict[str, dict | None] = {
     f"sample-{DEFAULT_SAMPLE_BYTES >> 10}k": {"sample_bytes": DEFAULT_SAMPLE_BYTES},
     "sample-512k": {"sample_bytes": 512 << 10},
 }
-# linux-libc plus a wrapper the loop never calls (strdup): every hooked call looks at the slot
-WRAPPER_HOOK = """
-[[hook]]
-name = "strdup"
-heap = "libc"
-role = "wrapper"
-module = "libc.so.6"
-export = "strdup"
-nargs = 1
-"""
 
 
 def bench_profile(name: str) -> Profile:
     libc = load_profile("linux-libc")
-    if name != "wrappers":
+    if name == "wrappers":
         return libc
-    text = (Path(__file__).resolve().parents[1] / "nvse_monitor" / "profiles"
-            / "linux-libc.toml").read_text()
-    return parse_profile(text + WRAPPER_HOOK, "bench-wrappers")
+    return dataclasses.replace(libc, hooks=tuple(h for h in libc.hooks if h.role != "wrapper"))
 
 
 class Target:
