@@ -203,4 +203,7 @@ def test_fake_profile_is_generated_from_base(base: Profile) -> None:
     assert len(fake.hooks) == len(want)
     for f, b in zip(fake.hooks, want, strict=True):
         assert f.module == MODULES.get(b.module, b.module)
-        assert _same(dataclasses.replace(f, module=b.module), b)
+        assert _same(dataclasses.replace(f, module=b.module, address=b.address), b)
+        assert f.address == b.address or b.role == "wrapper"
+    assert {h.address for h in fake.hooks if h.name.startswith("FormHeap")} \
+        == {0x00A01000, 0x00A01030}

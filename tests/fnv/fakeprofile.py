@@ -11,6 +11,7 @@ Regenerate: python tests/fnv/fakeprofile.py > tests/profiles/fake-fnv.toml
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -65,10 +66,13 @@ def fake_profile_toml(real: Profile | None = None) -> str:
     return "\n".join(out) + "\n" + "\n".join(_hook_toml(h) for h in fake_hooks(real))
 
 
+# FormHeap_Allocate/Free: the real addresses are where the linker puts the fake's .init/.plt
+ADDRESSES = {0x00401000: 0x00A01000, 0x00401030: 0x00A01030}
+
+
 def fake_hooks(real: Profile) -> list[HookSpec]:
-    """The real profile's hooks the fake game can have: not the wrappers at absolute addresses
-    (FormHeap_Allocate at 0x00401000 is where the linker puts the fake's own .plt)."""
-    return [h for h in real.hooks if not (h.role == "wrapper" and h.address is not None)]
+    """The real profile's hooks, at the fake game's addresses."""
+    return [dataclasses.replace(h, address=ADDRESSES.get(h.address, h.address)) for h in real.hooks]
 
 
 if __name__ == "__main__":
