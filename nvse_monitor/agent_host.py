@@ -348,9 +348,13 @@ def load_agent(session: Any, profile: Profile, config: AgentConfig | None = None
     script.on("message", handle._handle)
     try:
         script.load()
+        where = script.exports_sync.where()
+        # hooks for another architecture are left out (the records and SessionMeta.hooks
+        # index this list)
+        profile = profile.for_arch(str(where["arch"]))
+        handle.profile = profile
         cfg = config.to_json(profile)
         if config.transport == "shm":
-            where = script.exports_sync.where()
             try:
                 handle.ring = SharedRing(Layout(int(where["pointer_size"]), config.ring_slots),
                                          config.on_full, config.max_wait_ms, pid)

@@ -6,6 +6,7 @@ one raises ProfileError with one line naming the file, the hook and the field.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import tomllib
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 PROFILE_KEYS = {"name", "description", "platform", "arch", "executable", "pe_version"}
 HOOK_KEYS = {
     "name", "heap", "role", "module", "export", "offset", "address", "abi", "args", "nargs",
-    "required",
+    "required", "arch",
 }
 
 
@@ -62,6 +63,7 @@ class HookSpec:
     offset: int | None = None
     address: int | None = None
     required: bool = True
+    arch: tuple[str, ...] = ()  # only on these architectures (libstdc++'s mangled size_t); () = all
 
     def where(self) -> str:
         if self.export is not None:
@@ -104,6 +106,12 @@ class Profile:
     @property
     def has_wrappers(self) -> bool:
         return any(h.role == "wrapper" for h in self.hooks)
+
+    def for_arch(self, arch: str) -> Profile:
+        """This profile without the hooks made for other architectures (records index the
+        hooks of the profile the agent was given: use the same one for both)."""
+        keep = tuple(h for h in self.hooks if not h.arch or arch in h.arch)
+        return self if len(keep) == len(self.hooks) else dataclasses.replace(self, hooks=keep)
 
     def hook_infos(self) -> list[HookInfo]:
         """SessionMeta.hooks: records' `hook` field indexes this list."""
@@ -256,9 +264,17 @@ def _hook(ctx: _Ctx, i: int, raw: Any, arches: tuple[str, ...]) -> HookSpec:
     required = raw.get("required", True)
     if not isinstance(required, bool):
         raise ctx.err(f"must be true or false, got {required!r}", label, "required")
+    arch: tuple[str, ...] = ()
+    if "arch" in raw:
+        value = raw["arch"]
+        arch = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list) \
+            else ()
+        if not arch or any(a not in arches for a in arch):
+            raise ctx.err(f"must list architectures of the profile ({', '.join(arches)}), got "
+                          f"{value!r}", label, "arch")
     return HookSpec(name=name, heap=heap, role=role, args=args, nargs=nargs, abi=abi,
                     module=module, export=export, offset=offset, address=address,
-                    required=required)
+                    required=required, arch=arch)
 
 
 def parse_profile(text: str, source: str) -> Profile:

@@ -141,8 +141,8 @@ def test_operator_new_is_a_wrapper_and_exceptions_pass(bin_dir: Path, arch: str)
     with Monitored([str(exe)], "linux-libc") as m:
         syms = Symbols(exe, int(m.ready[1], 16))
         assert m.agent.init_result["unwind_info"] == "registered"
-        news = [e for e in m.hook_events() if e.name == "operator new(size_t)"
-                + ("" if arch == "x64" else " ia32")]
+        size_t = "unsigned long" if arch == "x64" else "unsigned int"
+        news = [e for e in m.hook_events() if e.name == f"operator new({size_t})"]
         assert news and news[-1].ok, news
         m.say("throw")
         assert m.readline() == "caught 1"
