@@ -1188,7 +1188,9 @@ nv_slow_ra (void)
  * with an exponential variate of mean sample_bytes (JS's table of quantiles, picked by random
  * bits). A sampled call emits its stack (up to NV_STACK_MAX return addresses, frame-pointer
  * walk) as STACK chunk records right before its own record, which gets FLAG_SAMPLED.
+ * Compiled only with NV_SAMPLING (--sample-bytes 0: the code is not in the target at all).
  */
+#ifdef NV_SAMPLING
 static gsize
 nv_draw (void)
 {
@@ -1343,5 +1345,6 @@ nv_stack (gpointer ra, gpointer fp0, gsize th, int walk)
   }
   return 1;
 }
+#endif /* NV_SAMPLING */
 
 /* ---------------------------------------------------------------- generated replacements */

@@ -213,3 +213,16 @@ def test_sampled_calls_follow_the_byte_rate(bin_dir: Path, arch: str) -> None:
     want = n * size / (mean + size / 2)
     assert abs(got - want) <= 5 * math.sqrt(want), (got, want)
     assert len(stacks(r)) >= got
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_sampling_and_wrapper_code_references_stay_in_module(bin_dir: Path, arch: str) -> None:
+    """The code compiled in with wrappers and sampling (the random source's 64-bit constants,
+    the stack walk) refers to nothing outside the CModule and our allocations (see
+    test_agent.py::test_code_references_stay_in_module)."""
+    exe = target(bin_dir, arch)
+    with Monitored([str(exe)], wrapper_profile(exe), AgentConfig(sample_bytes=4096)) as m:
+        refs = m.agent.script.exports_sync.foreign_code_refs()
+        run(m, "chain 50 4096")
+    assert refs["instructions"] > 1000
+    assert refs["foreign"] == []
