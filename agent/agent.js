@@ -89,7 +89,7 @@ function cArgList(n) {
 
 // One replacement per (hook, instance): a glob hook may be installed in several modules at once,
 // each instance with its own original pointer nv_orig[slot]; all record the hook's index.
-function genHook(index, h, arch, slow, inst, slot) {
+function genHook(index, h, arch, slow, inst, slot, opt) {
   const nargs = h.nargs;
   const abi = h.abi;
   let attr = '';
@@ -119,8 +119,29 @@ function genHook(index, h, arch, slow, inst, slot) {
     `  volatile gsize * tl;\n  gsize th;\n  gsize r;\n  NV_ENTER (tl, th);\n` +
     `  if (th == 0)\n    return ${call};\n`;
   const tail = `  NV_LEAVE (tl, th);\n  return r;\n}\n`;
+  if (h.role === 'wrapper') {
+    // records nothing; under Interceptor.replace the return address is Gum's: plain call through
+    if (slow) return `${attr}gsize\n${replName(slow, index, inst)} (${params.join(', ')})\n{\n` +
+      `  return ${call};\n}\n`;
+    return head + `  {\n    int mine;\n    NV_WRAP_ENTER (mine);\n    NV_LEAVE (tl, th);\n` +
+      `    r = ${call};\n    if (mine)\n      NV_WRAP_LEAVE ();\n    return r;\n  }\n}\n`;
+  }
   // Under Interceptor.replace the return address on the stack is Gum's; ask the invocation.
-  const ra = slow ? 'nv_slow_ra ()' : '__builtin_return_address (0)';
+  const ownRa = slow ? 'nv_slow_ra ()' : '__builtin_return_address (0)';
+  // With wrappers or sampling (NV_FLAGS) a record carries flags and its caller may be a
+  // wrapper's; without either the code is the plain one, unchanged.
+  const flagged = opt.wrappers || opt.sampling;
+  const ra = flagged ? 'ra' : ownRa;
+  const fl = flagged ? ', fl' : '';
+  const pre = !flagged ? '' : `    gpointer ra = ${ownRa};\n    guint fl = 0;\n` +
+    (opt.wrappers ? '    NV_WRAPPED (ra, fl);\n' : '');
+  const sampling = opt.sampling && h.role !== 'free' && h.role !== 'aligned_free';
+  const decide = sampling ? '    NV_SAMPLE (size, fl);\n' : '';
+  // the stack goes out right before the call's own record (only when there is one)
+  const capture = (cond) => !sampling ? '' :
+    `    if ((fl & NV_FLAG_SAMPLED) != 0 && ${cond}\n` +
+    `        && !nv_stack (${ownRa}, __builtin_frame_address (0), th, ${slow ? 0 : 1}))\n` +
+    `      fl &= ~NV_FLAG_SAMPLED;\n`;
   // calloc, _recalloc: count * size, saturated on overflow (only 64-bit sizes can overflow, and
   // ia32 has no 64-bit division in CModule)
   const countTimesSize = h.args.count === undefined ? '' :
@@ -130,38 +151,41 @@ function genHook(index, h, arch, slow, inst, slot) {
   switch (h.role) {
     case 'alloc':
     case 'aligned_alloc':
-      body = `  {\n    guint64 size = ${arg('size')};\n` +
+      body = `  {\n${pre}    guint64 size = ${arg('size')};\n${decide}` +
         `    guint64 t0 = size > nv_state.large_bytes ? nv_clock () : 0;\n` +
-        `    r = ${call};\n    nv_alloc_done (${index}, r, size, ${ra}, th, t0);\n  }\n`;
+        `    r = ${call};\n${capture('(r != 0 || size != 0)')}` +
+        `    nv_alloc_done (${index}, r, size, ${ra}, th, t0${fl});\n  }\n`;
       break;
     case 'calloc':
-      body = `  {\n${countTimesSize}` +
+      body = `  {\n${pre}${countTimesSize}${decide}` +
         `    guint64 t0 = size > nv_state.large_bytes ? nv_clock () : 0;\n` +
-        `    r = ${call};\n    nv_alloc_done (${index}, r, size, ${ra}, th, t0);\n  }\n`;
+        `    r = ${call};\n${capture('(r != 0 || size != 0)')}` +
+        `    nv_alloc_done (${index}, r, size, ${ra}, th, t0${fl});\n  }\n`;
       break;
     case 'posix_memalign':
-      body = `  {\n    guint64 size = ${arg('size')};\n    gsize out = ${arg('out')};\n` +
+      body = `  {\n${pre}    guint64 size = ${arg('size')};\n    gsize out = ${arg('out')};\n${decide}` +
         `    guint64 t0 = size > nv_state.large_bytes ? nv_clock () : 0;\n` +
-        `    r = ${call};\n` +
+        `    r = ${call};\n${capture('1')}` +
         `    if ((guint32) r == 0 && out != 0)\n` +
-        `      nv_alloc_done (${index}, *(gsize *) out, size, ${ra}, th, t0);\n` +
+        `      nv_alloc_done (${index}, *(gsize *) out, size, ${ra}, th, t0${fl});\n` +
         `    else\n` +
         `      nv_emit (KIND_FAILED, ${index}, 0, 0, size, ${ra}, th,\n` +
-        `          t0 != 0 ? nv_clock () - t0 : 0);\n  }\n`;
+        `          t0 != 0 ? nv_clock () - t0 : 0${fl});\n  }\n`;
       break;
     case 'free':
     case 'aligned_free':
-      body = `  {\n    gsize p = ${arg('ptr')};\n` +
-        `    if (p != 0)\n      nv_emit (KIND_FREE, ${index}, p, 0, 0, ${ra}, th, 0);\n` +
+      body = `  {\n${pre}    gsize p = ${arg('ptr')};\n` +
+        `    if (p != 0)\n      nv_emit (KIND_FREE, ${index}, p, 0, 0, ${ra}, th, 0${flagged ? ', 0' : ''});\n` +
         `    r = ${call};\n  }\n`;
       break;
     case 'realloc':
     case 'recalloc':
-      body = `  {\n    gsize p = ${arg('ptr')};\n` +
+      body = `  {\n${pre}    gsize p = ${arg('ptr')};\n` +
         (h.role === 'realloc' ? `    guint64 size = ${arg('size')};\n` : countTimesSize) +
-        `    gsize pos;\n    guint64 t0;\n    NvSlot * s = nv_realloc_begin (&pos, &t0, size, th);\n` +
+        `    gsize pos;\n    guint64 t0;\n    NvSlot * s;\n${decide}${capture('1')}` +
+        `    s = nv_realloc_begin (&pos, &t0, size, th);\n` +
         `    r = ${call};\n` +
-        `    nv_realloc_end (s, pos, t0, ${index}, r, p, size, ${ra}, th);\n  }\n`;
+        `    nv_realloc_end (s, pos, t0, ${index}, r, p, size, ${ra}, th${fl});\n  }\n`;
       break;
     default:
       throw new Error(`hook ${h.name}: role ${h.role} has no replacement`);
@@ -187,8 +211,11 @@ function planInstances(profile) {
   return slots;
 }
 
-function buildSource(profile, arch, platform, extraDefines) {
+// opt: {wrappers, sampling}: which optional parts of the hot path are compiled in
+function buildSource(profile, arch, platform, extraDefines, opt) {
   const defs = [];
+  if (opt.wrappers) defs.push('#define NV_WRAPPERS 1');
+  if (opt.sampling) defs.push('#define NV_SAMPLING 1');
   for (const d of extraDefines) {
     if (!/^NV_BENCH_[A-Z_]+$/.test(d)) throw new Error(`unknown define ${d}`);
     defs.push(`#define ${d} 1`);
@@ -197,8 +224,8 @@ function buildSource(profile, arch, platform, extraDefines) {
   let src = defs.join('\n') + '\n' + HOTPATH_C + '\n';
   profile.hooks.forEach((h, i) => {
     for (let k = 0; k < h.ninst; k++) {
-      src += genHook(i, h, arch, false, k, h.slot0 + k) + '\n' +
-        genHook(i, h, arch, true, k, h.slot0 + k) + '\n';
+      src += genHook(i, h, arch, false, k, h.slot0 + k, opt) + '\n' +
+        genHook(i, h, arch, true, k, h.slot0 + k, opt) + '\n';
     }
   });
   return src;
@@ -353,6 +380,17 @@ function beginInstall(entry, address, mod, why) {
     // replaceFast needs a prologue long enough for a direct jump to the replacement (glibc's
     // memalign is a 14-byte tail-call stub). Interceptor.replace works there, at ~0.8 µs a call:
     // the replacement calls the hooked address itself, which Gum routes to the original.
+    if (entry.spec.role === 'wrapper') {
+      // not for a wrapper: Gum's frames there have no unwind info (a C++ exception through
+      // them ends the program on Linux), and a wrapper records nothing anyway. A tail-call
+      // stub (libstdc++'s operator new[] jumps to operator new) leaves its caller's return
+      // address in place: a hooked wrapper it jumps to still sees the right caller.
+      slot.writePointer(ptr(0));
+      const why = `wrapper not hooked (${address}): too short for the fast hook (${e.message})`;
+      if (entry.spec.required === false) notPresent(entry, why);
+      else fail(entry, why);
+      return null;
+    }
     try {
       slot.writePointer(address);
       Interceptor.replace(address, cm[replName(true, entry.index, k)]);
@@ -872,11 +910,14 @@ function fridaThreadIds() {
 // Offset from the thread pointer to our gum TLS key's value (see NV_ENTER in hotpath.c), found
 // on this thread by setting sentinels through gum and looking for them in the thread block, then
 // checked both ways. Returns {off, seq} or null (the hot path then calls gum).
+// k: 0 the thread word, 1 the wrapper slot, 2 the sampling countdown (hotpath.c nv_key).
 const TLS_SCAN_BYTES = 0x2000;
-function findTlsSlot(platform) {
+function findTlsSlot(platform, k) {
   const tpFn = new NativeFunction(cm.nv_thread_pointer, 'pointer', []);
-  const get = new NativeFunction(cm.nv_tls_get, 'pointer', []);
-  const set = new NativeFunction(cm.nv_tls_set, 'void', ['pointer']);
+  const getK = new NativeFunction(cm.nv_tls_get, 'pointer', ['size_t']);
+  const setK = new NativeFunction(cm.nv_tls_set, 'void', ['size_t', 'pointer']);
+  const get = () => getK(k);
+  const set = (v) => setK(k, v);
   const tp = tpFn();
   const psz = Process.pointerSize;
   const s1 = ptr(psz === 8 ? '0x6e764d6f6e543153' : '0x6e764d31');
@@ -911,6 +952,86 @@ function findTlsSlot(platform) {
   } finally {
     set(saved);
   }
+}
+
+/* ------------------------------------------------------------------ unwind info
+ * A C++ exception thrown below one of our replacements (operator new's bad_alloc under a wrapper
+ * hook) must unwind through the replacement's frame. On Windows x86 it does (SEH walks its
+ * registration chain, not the frames). On Linux the DWARF unwinder needs unwind info for every
+ * frame and TinyCC emits none: without it the program ends in std::terminate (seen with
+ * libstdc++'s operator new hooked). So on Linux we register one FDE for the CModule's code with
+ * libgcc's __register_frame: every TinyCC function keeps a frame pointer (CFA = fp + 2 words,
+ * return address at CFA - 1 word, saved fp at CFA - 2 words) and uses no callee-saved register
+ * besides it, so one rule fits every call site in our code. Returns a note for the init result.
+ */
+let unwind = null;  // {frame, deregister}
+function registerUnwindInfo() {
+  if (Process.platform !== 'linux') return 'not needed (SEH)';
+  let reg = null, dereg = null;
+  for (const m of Process.enumerateModules()) {
+    if (!/^libgcc_s\.so/.test(m.name)) continue;
+    reg = m.findExportByName('__register_frame');
+    dereg = m.findExportByName('__deregister_frame');
+  }
+  if (reg === null) reg = Module.findGlobalExportByName('__register_frame');
+  if (dereg === null) dereg = Module.findGlobalExportByName('__deregister_frame');
+  if (reg === null || dereg === null) return 'no __register_frame (no C++ unwinder loaded)';
+  const ps = Process.pointerSize;
+  const x64 = ps === 8;
+  // CIE: version 1, augmentation "", code align 1, data align -ps, return address register;
+  // CFA = fp + 2 ps; ra at CFA - ps; fp at CFA - 2 ps
+  const cie = [0, 0, 0, 0, 1, 0, 1, x64 ? 0x78 : 0x7c, x64 ? 16 : 8,
+    0x0c, x64 ? 6 : 5, 2 * ps, 0x80 | (x64 ? 16 : 8), 1, 0x80 | (x64 ? 6 : 5), 2];
+  while ((cie.length + 4) % ps !== 0) cie.push(0);  // DW_CFA_nop
+  const fdeBody = 4 + 2 * ps;
+  const total = 4 + cie.length + 4 + fdeBody + 4;
+  const buf = Memory.alloc(total);
+  const start = cm.__start_text, end = cm.__stop_text;
+  buf.writeU32(cie.length);
+  buf.add(4).writeByteArray(cie);
+  const fde = buf.add(4 + cie.length);
+  fde.writeU32(fdeBody);
+  fde.add(4).writeU32(4 + cie.length + 4);  // back from this field to the CIE
+  fde.add(8).writePointer(start);
+  fde.add(8 + ps).writePointer(ptr(end.sub(start).toString()));
+  fde.add(4 + fdeBody).writeU32(0);  // end of the list
+  new NativeFunction(reg, 'void', ['pointer'])(buf);
+  unwind = { frame: buf, deregister: new NativeFunction(dereg, 'pointer', ['pointer']) };
+  return 'registered';
+}
+
+function deregisterUnwindInfo() {
+  if (unwind === null) return;
+  try {
+    unwind.deregister(unwind.frame);
+  } catch (e) {
+    // nothing to do about it while unloading
+  }
+  unwind = null;
+}
+
+/* ------------------------------------------------------------------ sampling */
+
+// NV_EXP_N quantiles of an exponential distribution of mean `mean` bytes (the countdown to the
+// next sampled call), at the midpoints of equal-probability bins, scaled so that their mean is
+// exactly `mean`; each at least 1. The C picks one with random bits (no floating point there).
+const EXP_N = 4096;
+let expTable = null;
+function expQuantiles(mean) {
+  const q = [];
+  let sum = 0;
+  for (let i = 0; i < EXP_N; i++) {
+    const v = -Math.log((i + 0.5) / EXP_N);
+    q.push(v);
+    sum += v;
+  }
+  const scale = mean * EXP_N / sum;
+  const t = Memory.alloc(EXP_N * Process.pointerSize);
+  for (let i = 0; i < EXP_N; i++) {
+    const v = Math.max(1, Math.round(q[i] * scale));
+    t.add(i * Process.pointerSize).writePointer(ptr(v.toString()));
+  }
+  return t;
 }
 
 /* ------------------------------------------------------------------ rpc */
@@ -962,7 +1083,9 @@ function init(cfg) {
   } else {
     for (const f of ['syscall', 'sched_yield', 'usleep']) symbols[f] = Module.getGlobalExportByName(f);
   }
-  const source = buildSource(profile, arch, platform, cfg.defines || []);
+  const sampleBytes = cfg.sample_bytes || 0;
+  const opt = { wrappers: profile.hooks.some(h => h.role === 'wrapper'), sampling: sampleBytes > 0 };
+  const source = buildSource(profile, arch, platform, cfg.defines || [], opt);
   cm = new CModule(source, symbols);
 
   const stateSize = new NativeFunction(cm.nv_state_size, 'size_t', [])();
@@ -972,9 +1095,26 @@ function init(cfg) {
   new NativeFunction(cm.nv_configure, 'void', ['size_t', 'pointer', 'uint64'])(
       slots, ring, uint64(cfg.large_alloc_bytes));
   new NativeFunction(cm.nv_start, 'void', [])();
-  const tls = findTlsSlot(platform);
-  if (tls !== null) {
-    new NativeFunction(cm.nv_set_tls_off, 'void', ['size_t', 'pointer'])(tls.off, tls.seq);
+  // exceptions through a wrapper's frame (Linux; before any hook goes in)
+  const unwindNote = opt.wrappers ? registerUnwindInfo() : '';
+  const setOff = new NativeFunction(cm.nv_set_tls_off, 'void', ['size_t', 'size_t', 'pointer']);
+  const tls = findTlsSlot(platform, 0);
+  if (tls !== null) setOff(0, tls.off, tls.seq);
+  // the wrapper slot and the countdown: the same direct path when found, else gum calls
+  const extra = [];
+  if (opt.wrappers || opt.sampling) {
+    for (const k of [1, 2]) {
+      const t = findTlsSlot(platform, k);
+      if (t !== null) setOff(k, t.off, t.seq);
+      extra.push(t !== null ? 'direct' : 'gum calls');
+    }
+  }
+  if (opt.sampling) {
+    expTable = expQuantiles(sampleBytes);
+    const seed = uint64((Math.floor(Math.random() * 0x100000000)).toString()).shl(32)
+      .or(uint64(Math.floor(Math.random() * 0x100000000).toString()));
+    new NativeFunction(cm.nv_configure_sampling, 'void', ['pointer', 'uint64', 'size_t'])(
+        expTable, seed, Process.id);
   }
   fnDrain = new NativeFunction(cm.nv_drain, 'uint', ['pointer', 'uint']);
   fnFinish = new NativeFunction(cm.nv_finish, 'uint', ['pointer', 'uint']);
@@ -1055,8 +1195,11 @@ function init(cfg) {
     })),
     ring_bytes: ringBytes,
     agent_bytes: STATE_BYTES + HEADER_BYTES + ringBytes + (outBuf !== null ? maxRecs * RECORD_SIZE : 0),
-    thread_state: tls !== null ? `direct TLS slot (thread pointer + 0x${tls.off.toString(16)})`
-      : 'gum TLS calls',
+    thread_state: (tls !== null ? `direct TLS slot (thread pointer + 0x${tls.off.toString(16)})`
+      : 'gum TLS calls') + (extra.length ? `; wrapper slot and sample countdown: ${extra.join(', ')}` : ''),
+    wrappers: opt.wrappers,
+    unwind_info: unwindNote,
+    sample_bytes: sampleBytes,
     footprint: ownFootprint(transport.kind === 'shm' ? shared : null,
                             HEADER_BYTES + ringSlots * SLOT_SIZE),
   };
@@ -1194,6 +1337,7 @@ function dispose() {
     e.inst = [];
   }
   if (any) Thread.sleep(IN_FLIGHT_GRACE_S);
+  deregisterUnwindInfo();  // our code goes away with us
   if (!stopped && cm !== null && transport.kind === 'messages') {
     // the target is exiting (or the host unloads us without stop()): send what the ring holds
     stopped = true;

@@ -1,8 +1,10 @@
 /*
  * nvse-monitor hot path, compiled in the target by Frida's CModule (TinyCC).
  *
- * agent.js prepends a few #defines (NV_WINDOWS, NV_BENCH_*) and appends one replacement function
- * per profile hook (generated for its role and ABI). Everything writable lives in `nv_state` /
+ * agent.js prepends a few #defines (NV_WINDOWS, NV_BENCH_*; NV_WRAPPERS when the profile names
+ * wrapper functions, NV_SAMPLING when stacks are sampled: without them the hot path is exactly
+ * the plain one) and appends one replacement function per profile hook (generated for its role
+ * and ABI). Everything writable lives in `nv_state` /
  * `nv_orig` (Memory.alloc'd by JS: CModule data is read-only) and in `nv_shared`, the header of
  * the ring's mapping, which the host maps too (docs/agent.md "Shared-memory transport").
  *
@@ -39,6 +41,23 @@
 #define KIND_FREE 2
 #define KIND_REALLOC 3
 #define KIND_FAILED 4
+#define KIND_STACK 6         /* one chunk of a sampled call's stack (events.py) */
+#define NV_FLAG_SAMPLED 0x0001
+#define NV_FLAG_VIA_WRAPPER 0x0002
+#define NV_STACK_PER_RECORD 4
+#define NV_STACK_MAX 16
+#define NV_EXP_N 4096        /* entries of the exponential table JS fills (nv_exp) */
+
+#if defined (NV_WRAPPERS) || defined (NV_SAMPLING)
+# define NV_FLAGS 1          /* records carry flags; threads have the extra TLS slots */
+# define NV_FL_PARAM , guint flags
+# define NV_FL_ARG(f) , (f)
+# define NV_FL_VAL flags
+#else
+# define NV_FL_PARAM
+# define NV_FL_ARG(f)
+# define NV_FL_VAL 0
+#endif
 
 #define NV_BARRIER() asm volatile ("" : : : "memory")
 
@@ -177,6 +196,22 @@ typedef struct
   gsize watch_hi[2][NV_WATCH_MAX];
   gpointer watch_cb;     /* JS NativeCallback: checks the hooks for foreign patches */
   volatile gsize watch_paused[NV_WATCH_PAUSED];  /* OS thread ids, 0 = free */
+  /* two more TLS keys, created only with NV_WRAPPERS / NV_SAMPLING, with the same direct path
+   * as the first (offset from the thread pointer, glibc sequence number; 0 = gum calls):
+   * [1] wrapper slot: address of the outermost live wrapper's return address (0 = none);
+   * [2] sampling countdown: bytes left before the next sampled call (0 = not armed yet) */
+  GumTlsKey tls_key_w;
+  GumTlsKey tls_key_s;
+  gsize tls_off_w;
+  gsize tls_seq_w;
+  gsize tls_off_s;
+  gsize tls_seq_s;
+  /* sampling: exponential variates of mean sample_bytes (bytes, >= 1; JS fills NV_EXP_N) and
+   * the random source: splitmix64 over a counter advanced only on the sampling path */
+  gsize * exp_table;
+  volatile gsize rng_ctr;
+  guint64 rng_seed;
+  gsize pid;             /* Linux: the stack walk reads through process_vm_readv on ourselves */
 } NvState;
 
 extern NvState nv_state;
@@ -260,6 +295,12 @@ nv_thread_slow (void)
   if (slot == NV_INIT_TIDS)
     return 0;
   gum_tls_key_set_value (nv_state.tls_key, GSIZE_TO_POINTER (v));
+#ifdef NV_FLAGS
+  /* glibc: setting them stores the keys' sequence numbers in this thread's block, so the
+     direct path finds them fresh from now on (and glibc clears them at thread exit) */
+  gum_tls_key_set_value (nv_state.tls_key_w, NULL);
+  gum_tls_key_set_value (nv_state.tls_key_s, NULL);
+#endif
   nv_state.init_tids[slot] = 0;
   if (v & 1)
     return 0;
@@ -324,10 +365,38 @@ nv_leave (gsize v)
    it through pthread_getspecific (which checks the sequence number): so do we, through gum.
    Windows clears every thread's slot in TlsFree. */
 #ifdef NV_WINDOWS
-# define NV_TLS_FRESH(tl) 1
+# define NV_TLS_FRESH_SEQ(tl, seq) 1
 #else
-# define NV_TLS_FRESH(tl) ((tl)[-1] == nv_state.tls_seq)
+# define NV_TLS_FRESH_SEQ(tl, seq) ((tl)[-1] == (seq))
 #endif
+#define NV_TLS_FRESH(tl) NV_TLS_FRESH_SEQ (tl, nv_state.tls_seq)
+
+/* The extra slots ([1] wrapper, [2] countdown): p_ = their word's address in this thread's
+   block, or NULL (read and write through gum then). */
+#define NV_SLOT(p_, off_, seq_) \
+  do \
+  { \
+    gsize o2_ = (off_); \
+    p_ = NULL; \
+    if (o2_ != 0) \
+    { \
+      gsize tp2_; \
+      NV_READ_TP (tp2_); \
+      p_ = (volatile gsize *) (tp2_ + o2_); \
+      if (!NV_TLS_FRESH_SEQ (p_, (seq_))) \
+        p_ = NULL; \
+    } \
+  } while (0)
+#define NV_SLOT_GET(p_, key_) \
+  ((p_) != NULL ? *(p_) : GPOINTER_TO_SIZE (gum_tls_key_get_value (key_)))
+#define NV_SLOT_SET(p_, key_, v_) \
+  do \
+  { \
+    if ((p_) != NULL) \
+      *(p_) = (v_); \
+    else \
+      gum_tls_key_set_value ((key_), GSIZE_TO_POINTER (v_)); \
+  } while (0)
 
 #if defined (NV_BENCH_PASSTHROUGH)
 # define NV_ENTER(tl, th) do { tl = NULL; th = 0; } while (0)
@@ -502,7 +571,7 @@ nv_reserve (gsize * pos_out, gsize th)
 
 /* Every field but the timestamp (the consumer sets it from the ring position). A macro: TinyCC
    does not inline, and nv_emit is on every hooked call. */
-#define NV_FILL(r_, pos_, kind_, hook_, ptr_, old_ptr_, size_, caller_, th_, dur_) \
+#define NV_FILL(r_, pos_, kind_, hook_, ptr_, old_ptr_, size_, caller_, th_, dur_, flags_) \
   do \
   { \
     (r_)->ptr = (ptr_); \
@@ -513,7 +582,7 @@ nv_reserve (gsize * pos_out, gsize th)
     (r_)->dur = (guint32) (dur_); \
     (r_)->kind = (guint8) (kind_); \
     (r_)->hook = (guint8) (hook_); \
-    (r_)->flags = 0; \
+    (r_)->flags = (guint16) (flags_); \
     (r_)->seq = (guint32) (pos_); \
   } while (0)
 
@@ -531,7 +600,7 @@ nv_publish (NvSlot * s, gsize pos)
    (reserve, fill, publish in one frame); only a full ring calls out (nv_reserve). */
 static void
 nv_emit (guint kind, guint hook, gsize ptr, gsize old_ptr, guint64 size, gpointer caller,
-    gsize th, guint64 dur)
+    gsize th, guint64 dur NV_FL_PARAM)
 {
   /* through a pointer: TinyCC would address an extern in an asm "m" operand RIP-relative */
   volatile gsize * headp = &nv_shared.head;
@@ -570,22 +639,23 @@ nv_emit (guint kind, guint hook, gsize ptr, gsize old_ptr, guint64 size, gpointe
     r->ts = ((guint64) hi << 32) | lo;
   }
 #endif
-  NV_FILL (r, h, kind, hook, ptr, old_ptr, size, caller, th, dur);
+  NV_FILL (r, h, kind, hook, ptr, old_ptr, size, caller, th, dur, NV_FL_VAL);
   NV_BARRIER ();
   s->pub = h + 1;
 }
 
 /* Outcome of an allocating call (alloc, calloc, aligned): ALLOC, or FAILED for NULL. */
 static inline void
-nv_alloc_done (guint hook, gsize result, guint64 size, gpointer caller, gsize th, guint64 t0)
+nv_alloc_done (guint hook, gsize result, guint64 size, gpointer caller, gsize th, guint64 t0
+    NV_FL_PARAM)
 {
   guint64 dur = 0;
   if (t0 != 0)
     dur = nv_clock () - t0;
   if (result != 0)
-    nv_emit (KIND_ALLOC, hook, result, 0, size, caller, th, dur);
+    nv_emit (KIND_ALLOC, hook, result, 0, size, caller, th, dur NV_FL_ARG (flags));
   else if (size != 0)
-    nv_emit (KIND_FAILED, hook, 0, 0, size, caller, th, dur);
+    nv_emit (KIND_FAILED, hook, 0, 0, size, caller, th, dur NV_FL_ARG (flags));
   /* NULL for 0 bytes is a legal answer, neither a block nor a failure: not recorded */
 }
 
@@ -593,7 +663,7 @@ nv_alloc_done (guint hook, gsize result, guint64 size, gpointer caller, gsize th
 static inline void
 nv_free_before (guint hook, gsize ptr, gpointer caller, gsize th)
 {
-  nv_emit (KIND_FREE, hook, ptr, 0, 0, caller, th, 0);
+  nv_emit (KIND_FREE, hook, ptr, 0, 0, caller, th, 0 NV_FL_ARG (0));
 }
 
 /* A REALLOC holds its slot across the call: reserved before (the old block may be released),
@@ -609,7 +679,7 @@ nv_realloc_begin (gsize * pos, guint64 * t0, guint64 size, gsize th)
 
 static inline void
 nv_realloc_end (NvSlot * s, gsize pos, guint64 t0, guint hook, gsize result, gsize old_ptr,
-    guint64 size, gpointer caller, gsize th)
+    guint64 size, gpointer caller, gsize th NV_FL_PARAM)
 {
   guint kind = KIND_REALLOC;
   guint64 dur = 0;
@@ -623,7 +693,7 @@ nv_realloc_end (NvSlot * s, gsize pos, guint64 t0, guint hook, gsize result, gsi
   if (t0 != 0)
     dur = nv_clock () - t0;
   NV_FILL (&s->rec, pos, kind, hook, result, old_ptr,
-      kind == KIND_REALLOC && result == 0 ? 0 : size, caller, th, dur);
+      kind == KIND_REALLOC && result == 0 ? 0 : size, caller, th, dur, NV_FL_VAL);
   nv_publish (s, pos);
 }
 
@@ -677,6 +747,10 @@ void
 nv_start (void)
 {
   nv_state.tls_key = gum_tls_key_new ();
+#ifdef NV_FLAGS
+  nv_state.tls_key_w = gum_tls_key_new ();
+  nv_state.tls_key_s = gum_tls_key_new ();
+#endif
   nv_state.mono0 = g_get_monotonic_time ();
   nv_state.wall0 = g_get_real_time ();
 }
@@ -713,7 +787,7 @@ nv_mark (gsize n)
   NvSlot * s = nv_reserve (&h, 0);
   if (s == NULL)
     return 0;
-  NV_FILL (&s->rec, h, NV_KIND_MARK, 0, n, 0, 0, NULL, 0, 0);
+  NV_FILL (&s->rec, h, NV_KIND_MARK, 0, n, 0, 0, NULL, 0, 0, 0);
   nv_publish (s, h);
   return 1;
 }
@@ -727,23 +801,52 @@ nv_thread_pointer (void)
   return tp;
 }
 
+/* Key k: 0 the thread word, 1 the wrapper slot, 2 the sampling countdown. */
+static GumTlsKey
+nv_key (gsize k)
+{
+  return k == 0 ? nv_state.tls_key : k == 1 ? nv_state.tls_key_w : nv_state.tls_key_s;
+}
+
 gsize
-nv_tls_get (void)
+nv_tls_get (gsize k)
 {
-  return GPOINTER_TO_SIZE (gum_tls_key_get_value (nv_state.tls_key));
+  return GPOINTER_TO_SIZE (gum_tls_key_get_value (nv_key (k)));
 }
 
 void
-nv_tls_set (gsize v)
+nv_tls_set (gsize k, gsize v)
 {
-  gum_tls_key_set_value (nv_state.tls_key, GSIZE_TO_POINTER (v));
+  gum_tls_key_set_value (nv_key (k), GSIZE_TO_POINTER (v));
 }
 
 void
-nv_set_tls_off (gsize off, gsize seq)
+nv_set_tls_off (gsize k, gsize off, gsize seq)
 {
-  nv_state.tls_seq = seq;
-  nv_state.tls_off = off;
+  if (k == 0)
+  {
+    nv_state.tls_seq = seq;
+    nv_state.tls_off = off;
+  }
+  else if (k == 1)
+  {
+    nv_state.tls_seq_w = seq;
+    nv_state.tls_off_w = off;
+  }
+  else
+  {
+    nv_state.tls_seq_s = seq;
+    nv_state.tls_off_s = off;
+  }
+}
+
+/* Sampling (before nv_start's hooks go in): the exponential table, a seed, our pid. */
+void
+nv_configure_sampling (gsize * table, guint64 seed, gsize pid)
+{
+  nv_state.exp_table = table;
+  nv_state.rng_seed = seed;
+  nv_state.pid = pid;
 }
 
 /* The calling thread (Frida's JS thread) is never recorded. */
@@ -867,6 +970,7 @@ nv_finish (NvRecord * out, guint n)
         if (r->ptr != 0)
           nv_state.c_bytes += r->size;
         break;
+      case KIND_STACK: break;  /* attribution only: no call */
       default: nv_state.c_failures++; break;
     }
     k++;
@@ -1024,5 +1128,223 @@ nv_slow_ra (void)
   GumInvocationContext * ic = gum_interceptor_get_current_invocation ();
   return ic != NULL ? gum_invocation_context_get_return_address (ic) : NULL;
 }
+
+/* ---------------------------------------------------------------- wrappers
+ * A wrapper hook (role "wrapper": FormHeap_Allocate, operator new) records nothing. On entry it
+ * stores in the thread's wrapper slot the address of the stack word holding its own return
+ * address, unless an outer wrapper's frame is still live there (outermost wins); it calls
+ * through NOT marked "inside" (the hooked heap call inside must be recorded), then clears the
+ * slot again. An inner hook whose frame lies below the stored address (deeper: the wrapper's
+ * frame is live) takes the word there as its caller and flags the record VIA_WRAPPER. A slot
+ * left behind by a wrapper that never returned normally (exception, longjmp) is stale: its
+ * address is at or below the frame of whoever looks next from a shallower depth, which clears
+ * or replaces it. Left: a stale address ABOVE a later hook's frame (the wrapper was left by a
+ * longjmp to a frame below the wrapper's caller and the thread then went deeper again without
+ * passing a wrapper) still looks live: that call's caller is then whatever word sits there.
+ * TinyCC keeps a frame pointer in every function: [fp] = saved fp, [fp + ptr] = return address.
+ */
+#define NV_WRAPPED(ra_, fl_) \
+  do \
+  { \
+    volatile gsize * wp_; \
+    gsize w_; \
+    NV_SLOT (wp_, nv_state.tls_off_w, nv_state.tls_seq_w); \
+    w_ = NV_SLOT_GET (wp_, nv_state.tls_key_w); \
+    if (w_ != 0) \
+    { \
+      if (w_ > GPOINTER_TO_SIZE (__builtin_frame_address (0))) \
+      { \
+        ra_ = *(gpointer *) w_; \
+        fl_ |= NV_FLAG_VIA_WRAPPER; \
+      } \
+      else \
+        NV_SLOT_SET (wp_, nv_state.tls_key_w, 0); \
+    } \
+  } while (0)
+
+/* In a wrapper's replacement: 1 when this wrapper took the slot (clear it after the call). */
+#define NV_WRAP_ENTER(mine_) \
+  do \
+  { \
+    volatile gsize * wp_; \
+    gsize w_, me_ = GPOINTER_TO_SIZE (__builtin_frame_address (0)) + sizeof (gpointer); \
+    NV_SLOT (wp_, nv_state.tls_off_w, nv_state.tls_seq_w); \
+    w_ = NV_SLOT_GET (wp_, nv_state.tls_key_w); \
+    mine_ = w_ == 0 || w_ <= me_;  /* empty, or stale (a frame at or below ours is dead) */ \
+    if (mine_) \
+      NV_SLOT_SET (wp_, nv_state.tls_key_w, me_); \
+  } while (0)
+#define NV_WRAP_LEAVE() \
+  do \
+  { \
+    volatile gsize * wp_; \
+    NV_SLOT (wp_, nv_state.tls_off_w, nv_state.tls_seq_w); \
+    NV_SLOT_SET (wp_, nv_state.tls_key_w, 0); \
+  } while (0)
+
+/* ---------------------------------------------------------------- sampled stacks
+ * Poisson sampling by bytes (tcmalloc, heapprofd): each thread counts down the bytes its
+ * allocating calls ask for; the call that reaches zero is sampled and the countdown re-armed
+ * with an exponential variate of mean sample_bytes (JS's table of quantiles, picked by random
+ * bits). A sampled call emits its stack (up to NV_STACK_MAX return addresses, frame-pointer
+ * walk) as STACK chunk records right before its own record, which gets FLAG_SAMPLED.
+ * Compiled only with NV_SAMPLING (--sample-bytes 0: the code is not in the target at all).
+ */
+#ifdef NV_SAMPLING
+static gsize
+nv_draw (void)
+{
+  guint64 z = nv_state.rng_seed + (guint64) nv_fetch_add (&nv_state.rng_ctr, 1)
+      * 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  z ^= z >> 31;
+  return nv_state.exp_table[(gsize) (z >> 40) & (NV_EXP_N - 1)];
+}
+
+/* size >= countdown v: arm a fresh thread's countdown, or sample this call and re-arm.
+   Returns 1 when the call is sampled. */
+static int
+nv_sample_slow (guint64 size, gsize v, volatile gsize * sp)
+{
+  if (v == 0)
+  {
+    v = nv_draw ();
+    if (size < (guint64) v)
+    {
+      NV_SLOT_SET (sp, nv_state.tls_key_s, v - (gsize) size);
+      return 0;
+    }
+  }
+  v = nv_draw ();
+  NV_SLOT_SET (sp, nv_state.tls_key_s, v);
+  return 1;
+}
+
+#define NV_SAMPLE(size_, fl_) \
+  do \
+  { \
+    volatile gsize * sp_; \
+    gsize v_; \
+    NV_SLOT (sp_, nv_state.tls_off_s, nv_state.tls_seq_s); \
+    v_ = NV_SLOT_GET (sp_, nv_state.tls_key_s); \
+    if ((guint64) (size_) < (guint64) v_) \
+      NV_SLOT_SET (sp_, nv_state.tls_key_s, v_ - (gsize) (size_)); \
+    else if (nv_sample_slow ((size_), v_, sp_)) \
+      fl_ |= NV_FLAG_SAMPLED; \
+  } while (0)
+
+#define NV_PAGE 4096
+#define NV_WALK_BUF 64  /* words read per look at the stack (Linux) */
+
+/*
+ * Reads the frame record (saved frame pointer, return address) at fp into w[0..1] without ever
+ * touching an unmapped address. Windows: fp must lie inside this thread's stack, [StackLimit,
+ * StackBase) from the TEB. Linux: the words come from process_vm_readv on ourselves (a bad
+ * address is an error return, never a fault); one call reads NV_WALK_BUF words into `buf`,
+ * split at the page boundary (a partial read stops at the first page that fails), and later
+ * frames inside what was read cost nothing. Returns 0 to stop the walk.
+ */
+#ifdef NV_WINDOWS
+static int
+nv_frame_read (gsize fp, gsize * w, gsize * buf, gsize * lo, gsize * hi)
+{
+  gsize tp;
+  (void) buf; (void) lo; (void) hi;
+  NV_READ_TP (tp);
+  if (fp < ((gsize *) tp)[2] || fp + 2 * sizeof (gsize) > ((gsize *) tp)[1])
+    return 0;
+  w[0] = ((gsize *) fp)[0];
+  w[1] = ((gsize *) fp)[1];
+  return 1;
+}
+#else
+# if NV_PTR64
+#  define NV_SYS_PROCESS_VM_READV 310
+# else
+#  define NV_SYS_PROCESS_VM_READV 347
+# endif
+typedef struct
+{
+  gsize base;
+  gsize len;
+} NvIovec;
+
+static int
+nv_frame_read (gsize fp, gsize * w, gsize * buf, gsize * lo, gsize * hi)
+{
+  if (fp < *lo || fp + 2 * sizeof (gsize) > *hi)
+  {
+    NvIovec local, remote[2];
+    gsize want = NV_WALK_BUF * sizeof (gsize);
+    gsize first = NV_PAGE - (fp & (NV_PAGE - 1));
+    long got;
+    if (fp + want < fp)
+      return 0;
+    local.base = GPOINTER_TO_SIZE (buf);
+    local.len = want;
+    remote[0].base = fp;
+    remote[0].len = first < want ? first : want;
+    remote[1].base = fp + remote[0].len;
+    remote[1].len = want - remote[0].len;
+    got = syscall (NV_SYS_PROCESS_VM_READV, nv_state.pid, &local, 1, remote,
+        remote[1].len != 0 ? 2 : 1, 0);
+    if (got < (long) (2 * sizeof (gsize)))
+      return 0;
+    *lo = fp;
+    *hi = fp + (gsize) got;
+  }
+  w[0] = buf[(fp - *lo) / sizeof (gsize)];
+  w[1] = buf[(fp - *lo) / sizeof (gsize) + 1];
+  return 1;
+}
+#endif
+
+/*
+ * The stack of a sampled call: frame 0 = ra (the hooked call's own return address), then the
+ * return addresses of the frame-pointer chain from the replacement's frame fp0 (its saved frame
+ * pointer is the hooked function's caller's), stopping at a non-increasing or misaligned frame
+ * pointer, a null return address, an unreadable frame, or NV_STACK_MAX frames. `walk` 0: frame 0
+ * only (a replacement under Interceptor.replace sits below Gum's frames). Published as STACK
+ * chunks through nv_reserve (the waiting policy applies). Returns 0 when a chunk was dropped
+ * (the ring stayed full): the call's record is then not flagged as sampled (the engine discards
+ * chunks without their call); dropped chunks are not counted, they carry no call.
+ */
+static int
+nv_stack (gpointer ra, gpointer fp0, gsize th, int walk)
+{
+  gsize fr[NV_STACK_MAX];
+  gsize buf[NV_WALK_BUF];
+  gsize lo = 1, hi = 0;
+  guint n = 0, c;
+  gsize fp, prev;
+  fr[n++] = GPOINTER_TO_SIZE (ra);
+  prev = GPOINTER_TO_SIZE (fp0);
+  fp = walk ? *(gsize *) fp0 : 0;  /* our own frame: readable */
+  while (walk && n != NV_STACK_MAX)
+  {
+    gsize w[2];
+    if (fp <= prev || (fp & (sizeof (gsize) - 1)) != 0)
+      break;
+    if (!nv_frame_read (fp, w, buf, &lo, &hi) || w[1] == 0)
+      break;
+    fr[n++] = w[1];
+    prev = fp;
+    fp = w[0];
+  }
+  for (c = 0; c * NV_STACK_PER_RECORD < n; c++)
+  {
+    gsize pos;
+    NvSlot * s = nv_reserve (&pos, th);
+    guint i = c * NV_STACK_PER_RECORD;
+    if (s == NULL)
+      return 0;
+    NV_FILL (&s->rec, pos, KIND_STACK, c, fr[i], i + 1 < n ? fr[i + 1] : 0,
+        i + 2 < n ? fr[i + 2] : 0, GSIZE_TO_POINTER (i + 3 < n ? fr[i + 3] : 0), th, 0, n);
+    nv_publish (s, pos);
+  }
+  return 1;
+}
+#endif /* NV_SAMPLING */
 
 /* ---------------------------------------------------------------- generated replacements */

@@ -53,6 +53,10 @@ ON_FULL = ("wait", "drop")
 # machine deschedules for a second; a host that stops its heartbeat altogether is noticed after
 # 3 s (hotpath.c NV_HOST_STALL_US); a host that dies unloads the agent, which lets waiters go.
 DEFAULT_MAX_WAIT_MS = 5000
+# --sample-bytes: mean bytes between sampled stacks (docs/agent.md "Sampled stacks": measured
+# cost and why this rate); 0 = no sampling code in the target at all.
+DEFAULT_SAMPLE_BYTES = 256 << 10
+MAX_SAMPLE_BYTES = 1 << 28  # the countdown is a pointer-sized word (ia32: 32 bits)
 # Records handed on but not yet fed to the engine, at most (live sessions: ~56 MiB).
 MAX_INFLIGHT_RECORDS = 1 << 20
 
@@ -81,6 +85,9 @@ class AgentConfig:
     # and sends batches (also the fallback when no mapping can be made)
     transport: str = "shm"
     max_inflight_records: int | None = None  # flow control (the consumer calls ack())
+    # mean bytes between sampled allocating calls (their stacks are recorded); 0 = off. The
+    # live CLI's default is DEFAULT_SAMPLE_BYTES; here 0, so library users opt in.
+    sample_bytes: int = 0
 
     def __post_init__(self) -> None:
         s = self.ring_slots
@@ -94,6 +101,9 @@ class AgentConfig:
             raise ValueError(f"--max-wait-ms {self.max_wait_ms} must be between 0 and 60000")
         if self.transport not in ("shm", "messages"):
             raise ValueError(f"transport {self.transport!r} must be 'shm' or 'messages'")
+        if not 0 <= self.sample_bytes <= MAX_SAMPLE_BYTES:
+            raise ValueError(f"--sample-bytes {self.sample_bytes} must be between 0 (off) and "
+                             f"{MAX_SAMPLE_BYTES}")
         if self.drain_interval_ms < 1:
             raise ValueError(f"drain_interval_ms {self.drain_interval_ms} must be >= 1")
 
@@ -108,6 +118,7 @@ class AgentConfig:
             "max_wait_ms": self.max_wait_ms,
             "ignore_tids": list(self.ignore_tids),
             "defines": list(self.defines),
+            "sample_bytes": self.sample_bytes,
         }
 
 
@@ -217,6 +228,7 @@ class AgentHandle:
             modules=[_module(m) for m in r.get("modules", [])],
             wall_clock_zero_us=int(r["wall_clock_zero_us"]),
             mode=mode,
+            sample_bytes=int(r.get("sample_bytes", 0)),
             extra={
                 "hook_status": r.get("hooks", []),
                 "ring_bytes": r.get("ring_bytes", 0),
@@ -336,9 +348,13 @@ def load_agent(session: Any, profile: Profile, config: AgentConfig | None = None
     script.on("message", handle._handle)
     try:
         script.load()
+        where = script.exports_sync.where()
+        # hooks for another architecture are left out (the records and SessionMeta.hooks
+        # index this list)
+        profile = profile.for_arch(str(where["arch"]))
+        handle.profile = profile
         cfg = config.to_json(profile)
         if config.transport == "shm":
-            where = script.exports_sync.where()
             try:
                 handle.ring = SharedRing(Layout(int(where["pointer_size"]), config.ring_slots),
                                          config.on_full, config.max_wait_ms, pid)

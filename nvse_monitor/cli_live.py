@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .agent_host import DEFAULT_MAX_WAIT_MS
+from .agent_host import DEFAULT_MAX_WAIT_MS, DEFAULT_SAMPLE_BYTES, MAX_SAMPLE_BYTES
 from .cli import UserError, main
 from .cli_offline import file_limit_options, limits_from
 from .cli_views import metrics_options
@@ -67,6 +67,11 @@ def _session_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      default=DEFAULT_MAX_WAIT_MS, show_default=True,
                      help="--on-full wait: the longest one call waits for a free slot before "
                      "its event is dropped (counted)."),
+        click.option("--sample-bytes", type=click.IntRange(min=0, max=MAX_SAMPLE_BYTES),
+                     default=DEFAULT_SAMPLE_BYTES, show_default=True,
+                     help="Record the stack of about one allocating call per this many bytes "
+                     "allocated (Poisson sampling, like heapprofd; exact counts are not "
+                     "sampled); 0 = off (no sampling code in the target)."),
         click.option("--addrspace-warn-mb", type=click.FloatRange(min=0), default=256,
                      show_default=True, help="32-bit targets: sample the address space about "
                      "once a second (<prefix>_addrspace.csv) and warn when its largest free "
@@ -104,6 +109,7 @@ def _run(kind: str, target: Any, spawn: dict[str, Any] | None = None, **kw: Any)
         on_full=kw["on_full"],
         max_wait_ms=kw["max_wait_ms"],
         symbols_interval_s=kw["symbols_every"],
+        sample_bytes=kw["sample_bytes"],
     )
     opts.addrspace_warn_bytes = int(kw["addrspace_warn_mb"] * 2**20)
     if kw.get("ring_size"):

@@ -6,6 +6,7 @@ one raises ProfileError with one line naming the file, the hook and the field.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import tomllib
 from dataclasses import dataclass
@@ -33,12 +34,15 @@ ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "posix_memalign": (("out", "size"), ("align",)),
     "aligned_free": (("ptr",), ()),
     "size": (("ptr",), ()),
+    # a function that allocates or frees through hooked ones (FormHeap_Allocate, operator new):
+    # not recorded itself; calls inside it are attributed to its caller (docs/profiles.md)
+    "wrapper": ((), ()),
 }
 
 PROFILE_KEYS = {"name", "description", "platform", "arch", "executable", "pe_version"}
 HOOK_KEYS = {
     "name", "heap", "role", "module", "export", "offset", "address", "abi", "args", "nargs",
-    "required",
+    "required", "arch",
 }
 
 
@@ -59,6 +63,7 @@ class HookSpec:
     offset: int | None = None
     address: int | None = None
     required: bool = True
+    arch: tuple[str, ...] = ()  # only on these architectures (libstdc++'s mangled size_t); () = all
 
     def where(self) -> str:
         if self.export is not None:
@@ -97,6 +102,16 @@ class Profile:
             "name": self.name, "platform": self.platform,
             "hooks": [h.to_agent_json() for h in self.hooks],
         }
+
+    @property
+    def has_wrappers(self) -> bool:
+        return any(h.role == "wrapper" for h in self.hooks)
+
+    def for_arch(self, arch: str) -> Profile:
+        """This profile without the hooks made for other architectures (records index the
+        hooks of the profile the agent was given: use the same one for both)."""
+        keep = tuple(h for h in self.hooks if not h.arch or arch in h.arch)
+        return self if len(keep) == len(self.hooks) else dataclasses.replace(self, hooks=keep)
 
     def hook_infos(self) -> list[HookInfo]:
         """SessionMeta.hooks: records' `hook` field indexes this list."""
@@ -216,7 +231,7 @@ def _hook(ctx: _Ctx, i: int, raw: Any, arches: tuple[str, ...]) -> HookSpec:
         else:
             offset = _int(ctx, raw["offset"], label, "offset", 0, addr_max)
 
-    args_raw = raw.get("args", None)
+    args_raw = raw.get("args", {} if role == "wrapper" else None)
     if not isinstance(args_raw, dict):
         raise ctx.err("missing or not a table of argument positions", label, "args")
     needed, optional = ROLES[role]
@@ -241,15 +256,25 @@ def _hook(ctx: _Ctx, i: int, raw: Any, arches: tuple[str, ...]) -> HookSpec:
                           label, "args")
     elif abi in CALLEE_POPS:
         raise ctx.err(f"required with ABI {abi} (the callee pops its arguments)", label, "nargs")
+    elif role == "wrapper":
+        raise ctx.err("required for a wrapper (its arguments are passed on)", label, "nargs")
     else:
         nargs = positions[-1] + 1 if positions else 0
 
     required = raw.get("required", True)
     if not isinstance(required, bool):
         raise ctx.err(f"must be true or false, got {required!r}", label, "required")
+    arch: tuple[str, ...] = ()
+    if "arch" in raw:
+        value = raw["arch"]
+        arch = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list) \
+            else ()
+        if not arch or any(a not in arches for a in arch):
+            raise ctx.err(f"must list architectures of the profile ({', '.join(arches)}), got "
+                          f"{value!r}", label, "arch")
     return HookSpec(name=name, heap=heap, role=role, args=args, nargs=nargs, abi=abi,
                     module=module, export=export, offset=offset, address=address,
-                    required=required)
+                    required=required, arch=arch)
 
 
 def parse_profile(text: str, source: str) -> Profile:

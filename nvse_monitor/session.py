@@ -80,6 +80,7 @@ class SessionOptions:
     ring_slots: int | None = None  # None: agent_host.default_ring_slots(target arch)
     on_full: str = "wait"  # a full ring: producers wait (bounded by max_wait_ms) or drop
     max_wait_ms: int = DEFAULT_MAX_WAIT_MS
+    sample_bytes: int = 0  # mean bytes between sampled stacks (CLI default: agent_host's)
     transport: str = "shm"  # "messages": the agent drains and sends (tests, benchmarks)
     large_alloc_bytes: int = 1 << 20
     drain_interval_ms: int = 10
@@ -510,6 +511,7 @@ class LiveSession:
                 max_wait_ms=self.opts.max_wait_ms,
                 transport=self.opts.transport,
                 max_inflight_records=MAX_INFLIGHT_RECORDS,
+                sample_bytes=self.opts.sample_bytes,
             )
         except ValueError as exc:
             raise SessionError(str(exc)) from None
@@ -577,15 +579,22 @@ class LiveSession:
             assert self.device is not None
             self.device.resume(self.pid)
             self._release_parents()  # --follow-child: now the launcher may go on
-        hooks_ok = sum(1 for h in init_result.get("hooks", []) if h.get("ok"))
-        absent = sum(1 for h in init_result.get("hooks", []) if not h.get("ok")
+        # wrappers (issue 11) record nothing: counted apart, installed or waiting for a module
+        is_wrapper = [h.role == "wrapper" for h in self.agent.profile.hooks]
+        all_hooks = init_result.get("hooks", [])
+        hooks = [h for h in all_hooks if not is_wrapper[int(h.get("index", 0))]]
+        wrappers = [h for h in all_hooks if is_wrapper[int(h.get("index", 0))]]
+        hooks_ok = sum(1 for h in hooks if h.get("ok"))
+        absent = sum(1 for h in all_hooks if not h.get("ok")
                      and str(h.get("detail", "")).startswith(NOT_PRESENT))
+        wrap_note = (f", {sum(1 for h in wrappers if h.get('ok'))}/{len(wrappers)} wrappers"
+                     if wrappers else "")
         agent_bytes = init_result.get("agent_bytes") or init_result.get("ring_bytes") or 0
         agent_mib = int(agent_bytes) / 2**20
         self.err.write(
             f"nvse-monitor: monitoring {self.meta.target} (PID {self.pid}, {self.meta.arch}, "
             f"{self.meta.platform}) with profile {self.meta.profile}: {hooks_ok}/"
-            f"{len(init_result.get('hooks', []))} hooks"
+            f"{len(hooks)} hooks{wrap_note}"
             f"{f' ({absent} optional not present)' if absent else ''}, "
             f"agent memory {agent_mib:.1f} MiB; "
             f"files in {self.out_dir}{'; Ctrl-C to stop' if self.mode == 'attach' else ''}\n"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the tests use (Debian), when missing and when we are root:
 #   gcc-multilib        gcc -m32, for the 32-bit (ia32) targets
+#   g++-multilib        g++ (-m32): the C++ target of the operator new wrapper test
 #   gcc-mingw-w64-i686  i686-w64-mingw32-gcc/-windres, for a real linker's PE file
 #   chromium            headless rendering of the HTML report (~330 MB)
 #   tmux                a real terminal for the `top` dashboard
@@ -15,6 +16,8 @@ missing() {
   local out=()
   echo 'int main(void){return 0;}' | gcc -m32 -x c - -o /tmp/nvse-m32-probe.$$ 2>/dev/null \
     || out+=(gcc-multilib)
+  echo 'int main(){return 0;}' | g++ -m32 -x c++ - -o /tmp/nvse-m32-probe.$$ 2>/dev/null \
+    || out+=(g++-multilib)
   rm -f /tmp/nvse-m32-probe.$$
   command -v i686-w64-mingw32-gcc >/dev/null || out+=(gcc-mingw-w64-i686)
   command -v chromium >/dev/null || command -v chromium-browser >/dev/null || out+=(chromium)

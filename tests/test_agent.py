@@ -481,7 +481,8 @@ def test_spawned_process_recorded_from_first_call(bin_dir):
     session = device.attach(pid)
     handle = load_agent(session, load_profile("linux-libc"), on_message=msgs.append)
     try:
-        assert all(h["ok"] for h in handle.init_result["hooks"])
+        # every libc hook (the optional libstdc++ wrappers wait for a C++ library)
+        assert all(h["ok"] for h in handle.init_result["hooks"] if h["index"] < 9)
         device.resume(pid)
         deadline = time.monotonic() + 10
         while b"ready" not in b"".join(out) and time.monotonic() < deadline:

@@ -26,7 +26,7 @@ from fnv.build import FakeInstall, GroundTruth, build_fake_install, parse_truth
 
 from nvse_monitor import fnv
 from nvse_monitor.agent_host import AgentConfig, load_agent
-from nvse_monitor.events import Kind
+from nvse_monitor.events import FLAG_VIA_WRAPPER, Kind
 from nvse_monitor.hookprofile import Profile, load_profile
 from nvse_monitor.pipeline import Pipeline
 from nvse_monitor.stream import Batch, HookEvent, ModuleEvent, SessionMeta
@@ -211,6 +211,34 @@ def test_attribution_by_caller_module(stats: Stats, run: Run) -> None:
         if heap in ("game", "crt"):
             assert stats.live.get((mod, heap), 0) == want, (mod, heap)
     assert run.gt.live[("libfnvplugin_a.so", "game")] > 0
+
+
+def test_formheap_wrapper_attributes_to_the_plugin(run: Run, profile: Profile) -> None:
+    """Plugin A allocates 400 and 401 bytes through the game's FormHeap_Allocate (a wrapper
+    hook; it calls MemoryManager::Allocate inside FalloutNV.exe) and frees the second through
+    FormHeap_Free: the records carry the plugin's call sites, flagged VIA_WRAPPER."""
+    r = run.records
+    mods = {m.name: m for m in run.meta.modules}
+    for m in run.messages:
+        if isinstance(m, ModuleEvent) and m.action == "add":
+            mods[m.module.name] = m.module
+    plugin = mods["libfnvplugin_a.so"]
+    mm = [h.name for h in profile.hooks].index("MemoryManager::Allocate")
+    allocs = r[(r["kind"] == Kind.ALLOC) & (r["hook"] == mm)]
+    in_plugin = (allocs["caller"] >= plugin.base) & (allocs["caller"] < plugin.base + plugin.size)
+    flagged = (allocs["flags"] & FLAG_VIA_WRAPPER) != 0
+    via = allocs[flagged]
+    assert sorted(via["size"].tolist()) == [400, 401]  # exactly the calls through FormHeap
+    assert in_plugin[flagged].all()
+    # the plugin's direct MemoryManager calls (300..303) and the game's keep their callers
+    assert sorted(allocs[in_plugin & ~flagged]["size"].tolist()) == [300, 301, 302, 303]
+    # its FormHeap_Free: the first FREE of that block after it (the address is reused later)
+    w2 = via[via["size"] == 401][0]
+    at = int(np.flatnonzero((r["kind"] == Kind.ALLOC) & (r["ptr"] == w2["ptr"])
+                            & (r["seq"] == w2["seq"]))[0])
+    later = r[at + 1:]
+    free = later[(later["kind"] == Kind.FREE) & (later["ptr"] == w2["ptr"])][0]
+    assert plugin.base <= int(free["caller"]) < plugin.base + plugin.size
 
 
 def test_plugin_crt_attribution(stats: Stats, run: Run) -> None:

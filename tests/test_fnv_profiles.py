@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from fnv.fakeprofile import MODULES, fake_profile_toml
+from fnv.fakeprofile import MODULES, fake_hooks, fake_profile_toml
 
 from nvse_monitor.hookprofile import HookSpec, Profile, list_profiles, load_profile, select_profile
 
@@ -50,7 +50,9 @@ def _addr_hooks(p: Profile) -> dict[int, HookSpec]:
 def test_game_heap_is_thiscall_with_exact_argument_counts(base: Profile) -> None:
     want = {"alloc": 1, "free": 1, "realloc": 2, "size": 1, "aligned_alloc": 2}
     for h in base.hooks:
-        if h.heap in ("game", "scrap"):
+        if h.role == "wrapper":  # FormHeap_*, Ni_*, operator new/delete: cdecl
+            assert h.abi == "cdecl", h.name
+        elif h.heap in ("game", "scrap"):
             assert h.abi == "thiscall", h.name
             assert h.nargs == want[h.role], h.name  # the callee pops exactly these
         elif h.heap in ("crt", "dll-crt"):
@@ -58,10 +60,13 @@ def test_game_heap_is_thiscall_with_exact_argument_counts(base: Profile) -> None
 
 
 def test_one_level_of_the_game_heap(base: Profile) -> None:
-    """FormHeap_Allocate/Free wrap MemoryManager: hooking both would count twice."""
-    assert not {0x00401000, 0x00401030} & set(_addr_hooks(base))
-    geck = load_profile("geck-1.4.0.518")
-    assert not {0x00401000, 0x00401180} & set(_addr_hooks(geck))
+    """FormHeap_Allocate/Free wrap MemoryManager: recording both would count twice, so they
+    are wrappers (attribution only, issue 11)."""
+    by_addr = _addr_hooks(base)
+    assert {by_addr[a].role for a in (0x00401000, 0x00401030, 0x00AA13E0, 0x00AA1460)} \
+        == {"wrapper"}
+    geck = _addr_hooks(load_profile("geck-1.4.0.518"))
+    assert {geck[a].role for a in (0x00401000, 0x00401180)} == {"wrapper"}
     assert {0x00AA3E40, 0x00AA4060, 0x00AA4150, 0x00AA4200} <= set(_addr_hooks(base))
 
 
@@ -155,7 +160,9 @@ def test_every_reference_entry_point_is_in_the_profile(name: str, exe: str, coun
 @pytest.mark.parametrize("name", [FNV, "geck-1.4.0.518"])
 def test_plugin_crt_hooks(name: str) -> None:
     p = load_profile(name)
-    dll = [h for h in p.hooks if h.heap == "dll-crt"]
+    dll = [h for h in p.hooks if h.heap == "dll-crt" and h.role != "wrapper"]
+    ops = {h.export for h in p.hooks if h.heap == "dll-crt" and h.role == "wrapper"}
+    assert ops == {"??2@YAPAXI@Z", "??3@YAXPAX@Z", "??_U@YAPAXI@Z", "??_V@YAXPAX@Z"}
     assert {h.module for h in dll} == {"ucrtbase.dll", "msvcr*.dll"}
     for mod in ("ucrtbase.dll", "msvcr*.dll"):
         assert {h.export for h in dll if h.module == mod} == DLL_EXPORTS
@@ -192,7 +199,11 @@ def test_fake_profile_is_generated_from_base(base: Profile) -> None:
         "regenerate: python tests/fnv/fakeprofile.py > tests/profiles/fake-fnv.toml"
     fake = load_profile(path)
     assert fake.platform == "linux" and fake.pe_version is None
-    assert len(fake.hooks) == len(base.hooks)
-    for f, b in zip(fake.hooks, base.hooks, strict=True):
+    want = fake_hooks(base)
+    assert len(fake.hooks) == len(want)
+    for f, b in zip(fake.hooks, want, strict=True):
         assert f.module == MODULES.get(b.module, b.module)
-        assert _same(dataclasses.replace(f, module=b.module), b)
+        assert _same(dataclasses.replace(f, module=b.module, address=b.address), b)
+        assert f.address == b.address or b.role == "wrapper"
+    assert {h.address for h in fake.hooks if h.name.startswith("FormHeap")} \
+        == {0x00A01000, 0x00A01030}

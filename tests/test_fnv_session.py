@@ -141,7 +141,7 @@ def _per_hook(rec: Path, profile: Profile) -> tuple[Any, dict[str, tuple[int, in
                 continue
             for kind, hook, size in zip(msg.records["kind"].tolist(), msg.records["hook"].tolist(),
                                         msg.records["size"].tolist(), strict=True):
-                if kind == Kind.FAILED:
+                if kind in (Kind.FAILED, Kind.STACK):  # STACK: a sampled call's frames
                     continue
                 c, b = got.get(names[hook], (0, 0))
                 got[names[hook]] = (c + 1, b + size)

@@ -103,7 +103,7 @@ def spawn_run(install: FakeInstall, profile_path: Path, out: Path, plugin_args: 
             recs = msg.records
             for kind, hook, size in zip(recs["kind"].tolist(), recs["hook"].tolist(),
                                         recs["size"].tolist(), strict=True):
-                if kind != Kind.FAILED:
+                if kind not in (Kind.FAILED, Kind.STACK):  # STACK: a sampled call's frames
                     c, b = got.get(names[hook], (0, 0))
                     got[names[hook]] = (c + 1, b + size)
     doc = json.loads(next(out.glob("*_stats.json")).read_text())

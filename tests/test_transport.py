@@ -130,7 +130,9 @@ def test_drop_policy_drops_and_counts(targets, tmp_path, live_procs):
     exe = targets.build("workload", "x64")
     target = live_procs.start([exe, "--wait", *BURST[:4], "--rounds", "10"])
     out = tmp_path / "out"
-    mon = live_procs.attach(target, "--out", out, "--ring-size", "1K", "--on-full", "drop")
+    # --sample-bytes 0: published + dropped counts calls only without sampled stacks' records
+    mon = live_procs.attach(target, "--out", out, "--ring-size", "1K", "--on-full", "drop",
+                            "--sample-bytes", "0")
     with cpu_hogs():
         target.go()
         target.done(timeout=300)

@@ -21,7 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from ..events import RECORD_DTYPE, Kind
+from ..events import (
+    FLAG_SAMPLED,
+    FLAG_VIA_WRAPPER,
+    MAX_STACK_FRAMES,
+    RECORD_DTYPE,
+    STACK_FRAMES_PER_RECORD,
+    Kind,
+)
 from ..stream import AgentCounters, Batch, StreamMessage
 from . import ringlayout as rl
 
@@ -37,6 +44,11 @@ MARK_WAIT_S = 2.0  # a marker's control message must arrive within this
 # kind (byte 48) and hook (byte 49) of a record as one little-endian u16: its half-word index
 _KH_WORD = RECORD_DTYPE.fields["kind"][1] // 2
 assert RECORD_DTYPE.fields["hook"][1] == RECORD_DTYPE.fields["kind"][1] + 1
+CALL_FLAGS = FLAG_SAMPLED | FLAG_VIA_WRAPPER
+# the flags a record keeps, by kind: calls the ones we know, FREE none, STACK its frame count
+_KEEP_FLAGS = np.zeros(256, np.uint16)
+_KEEP_FLAGS[[Kind.ALLOC, Kind.REALLOC, Kind.FAILED]] = CALL_FLAGS
+_KEEP_FLAGS[Kind.STACK] = 0xFFFF
 
 
 class RingReader:
@@ -58,7 +70,9 @@ class RingReader:
         # lookup per record instead of three comparisons of 56-byte-strided fields
         kinds = np.arange(256)
         ok_kind = (kinds >= Kind.ALLOC) & (kinds <= Kind.FAILED)
-        self._valid = (ok_kind[None, :] & (kinds[:, None] < nhooks)).reshape(-1)
+        valid = ok_kind[None, :] & (kinds[:, None] < nhooks)  # [hook, kind]
+        valid[:MAX_STACK_FRAMES // STACK_FRAMES_PER_RECORD, Kind.STACK] = True  # chunk index
+        self._valid = valid.reshape(-1)
         # the records as rows of 7 u64 words: a strided copy of these is a plain loop, where
         # numpy copies a structured field element by element (~17x slower)
         self._words = np.frombuffer(buf, dtype=np.uint64, count=layout.slots * 8,
@@ -326,6 +340,12 @@ class RingReader:
         """Valid records of the target's threads on to the consumer (kh: kind | hook << 8 of
         each record), renumbered and counted."""
         valid = self._valid.take(kh)
+        stack = kh.view(np.uint8)[::2] == Kind.STACK
+        if stack.any():  # a STACK chunk: hook = chunk index, flags = frames in the whole stack
+            frames = recs["flags"][stack]
+            chunk = recs["hook"][stack].astype(np.uint16)
+            valid[stack] &= (frames >= 1) & (frames <= MAX_STACK_FRAMES) \
+                & (chunk * STACK_FRAMES_PER_RECORD < frames)
         n_ok = int(np.count_nonzero(valid))
         if n_ok < len(recs):
             self._c["unknown_records"] += len(recs) - n_ok
@@ -338,9 +358,9 @@ class RingReader:
         if n == 0:
             return
         recs["seq"] = np.arange(self._seq, self._seq + n, dtype=np.uint64)  # wraps to u32
-        recs["flags"] = 0
         self._seq += n
         kind = kh.view(np.uint8)[::2]  # little-endian: the low byte
+        recs["flags"] &= _KEEP_FLAGS.take(kind)
         counts = np.bincount(kind, minlength=5)
         c = self._c
         c["allocs"] += int(counts[Kind.ALLOC])

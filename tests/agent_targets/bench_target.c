@@ -16,6 +16,8 @@ static double now_ns(void) {
 
 int main(int argc, char **argv) {
   long n = argc > 1 ? atol(argv[1]) : 1000000;
+  /* sizes 16 + (i & mask): 63 (default) = 16..79 bytes, 4095 = 16 B..4 KiB (mean ~2 KiB) */
+  long mask = argc > 2 ? atol(argv[2]) : 63;
   void *(*volatile m)(size_t) = malloc;  /* through a pointer: gcc may not elide the pairs */
   void (*volatile f)(void *) = free;
   char buf[64];
@@ -29,7 +31,7 @@ int main(int argc, char **argv) {
     if (r != 1) break;
     double t0 = now_ns();
     for (long i = 0; i < n; i++) {
-      void *p = m(16 + (i & 63));
+      void *p = m(16 + (i & mask));
       f(p);
     }
     double t1 = now_ns();

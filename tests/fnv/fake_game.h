@@ -9,6 +9,10 @@
 
 /* FalloutNV.exe 1.4.0.525 addresses (shared/reference/fnv-entry-points.md) */
 #define ADDR_HEAP            0x011F6238u
+/* FormHeap_Allocate/Free really live at 0x00401000/0x00401030, where the linker puts the fake's
+ * own .init/.plt: the fake has them here instead (tests/fnv/fakeprofile.py maps the addresses) */
+#define ADDR_FORMHEAP_ALLOCATE 0x00A01000u
+#define ADDR_FORMHEAP_FREE   0x00A01030u
 #define ADDR_MM_ALLOCATE     0x00AA3E40u
 #define ADDR_MM_FREE         0x00AA4060u
 #define ADDR_MM_REALLOCATE   0x00AA4150u

@@ -32,6 +32,8 @@
 
 typedef void *(THISCALL *mm_alloc_t) (void *self, size_t size);
 typedef void (THISCALL *mm_free_t) (void *self, void *p);
+typedef void *(*formheap_alloc_t) (size_t size);
+typedef void (*formheap_free_t) (void *p);
 
 static void hook (count_fn count, const char *tag, const char *fn, unsigned long long bytes) {
   char name[64];
@@ -229,6 +231,18 @@ EXPORT unsigned long long plugin_run (const char *crt_path, const char *tag, cou
         live += 300 + (unsigned long long) i; /* 300 + 301 + 302: fake_game.c knows */
       }
     }
+    /* through the game's FormHeap_Allocate wrapper: the block is the plugin's (issue 11),
+       not FalloutNV.exe's, where the wrapper's own call to MemoryManager::Allocate is */
+    formheap_alloc_t fh_alloc = (formheap_alloc_t) (size_t) ADDR_FORMHEAP_ALLOCATE;
+    formheap_free_t fh_free = (formheap_free_t) (size_t) ADDR_FORMHEAP_FREE;
+    void *w = fh_alloc (400);
+    count ("MemoryManager::Allocate", 400);
+    void *w2 = fh_alloc (401);
+    count ("MemoryManager::Allocate", 401);
+    if (w == NULL || w2 == NULL) abort ();
+    fh_free (w2);
+    count ("MemoryManager::Free", 0);
+    live += 400; /* fake_game.c knows */
   }
   return live;
 }

@@ -11,6 +11,7 @@ Regenerate: python tests/fnv/fakeprofile.py > tests/profiles/fake-fnv.toml
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -62,7 +63,16 @@ def fake_profile_toml(real: Profile | None = None) -> str:
         "executable = [" + ", ".join(_q(e) for e in real.executable) + "]",
         "",
     ]
-    return "\n".join(out) + "\n" + "\n".join(_hook_toml(h) for h in real.hooks)
+    return "\n".join(out) + "\n" + "\n".join(_hook_toml(h) for h in fake_hooks(real))
+
+
+# FormHeap_Allocate/Free: the real addresses are where the linker puts the fake's .init/.plt
+ADDRESSES = {0x00401000: 0x00A01000, 0x00401030: 0x00A01030}
+
+
+def fake_hooks(real: Profile) -> list[HookSpec]:
+    """The real profile's hooks, at the fake game's addresses."""
+    return [dataclasses.replace(h, address=ADDRESSES.get(h.address, h.address)) for h in real.hooks]
 
 
 if __name__ == "__main__":

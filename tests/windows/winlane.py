@@ -220,7 +220,8 @@ def wait_truth(path: Path, timeout: float = WAIT_S) -> Truth:
 
 
 def recorded(rec: Path) -> dict[tuple[str, str], tuple[int, int]]:
-    """(calling module, hook) -> (records, bytes) in a recording (FAILED records left out)."""
+    """(calling module, hook) -> (records, bytes) in a recording (FAILED records and sampled
+    stacks' STACK records left out)."""
     got: dict[tuple[str, str], tuple[int, int]] = {}
     with Recording(rec) as r:
         meta = r.meta
@@ -232,7 +233,8 @@ def recorded(rec: Path) -> dict[tuple[str, str], tuple[int, int]]:
                 continue
             if not isinstance(msg, Batch) or not len(msg.records):
                 continue
-            recs = msg.records[msg.records["kind"] != Kind.FAILED]
+            recs = msg.records[(msg.records["kind"] != Kind.FAILED)
+                               & (msg.records["kind"] != Kind.STACK)]
             mods = mm.lookup(recs["caller"].astype(np.uint64))
             for mod, hook, size in zip(mods.tolist(), recs["hook"].tolist(),
                                        recs["size"].tolist(), strict=True):

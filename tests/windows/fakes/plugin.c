@@ -4,9 +4,10 @@
  *   -DVIA_UCRT      the same and _aligned_malloc/_aligned_free/_recalloc from ucrtbase.dll, bound
  *                   with GetProcAddress like a DLL import (hooks ucrtbase!*)
  *   -DVIA_FORMHEAP  FormHeap_Allocate/FormHeap_Free, the game's cdecl wrappers (recorded under
- *                   MemoryManager::Allocate/Free and attributed to the game: the return address
- *                   is in the wrapper), and MemoryManager::Allocate called by address (thiscall,
- *                   attributed to the plugin) like JIP's ThisCall(0xAA3E40, 0x11F6238, size)
+ *                   MemoryManager::Allocate/Free; the profiles hook the wrappers as role
+ *                   "wrapper", so the calls are attributed to the plugin, the wrapper's caller),
+ *                   and MemoryManager::Allocate called by address (thiscall, attributed to the
+ *                   plugin) like JIP's ThisCall(0xAA3E40, 0x11F6238, size)
  * Exports NVSEPlugin_Query/NVSEPlugin_Load like a real plugin and plugin_run for the fake game.
  * Linked -nostdlib with DllMain as entry: no CRT start-up allocation outside the ground truth.
  * Each plugin leaves some blocks allocated (its live bytes at the end).
@@ -105,9 +106,9 @@ typedef void *(THISCALL *mm_alloc_fn) (void *, size_t);
 __declspec(dllexport) int plugin_run (truth_fn truth) {
   const char *me = PLUGIN_NAME;
 #ifdef FAKE_GECK
-  const char *game = "GECK.exe", *free_name = "MemoryManager::Deallocate";
+  const char *free_name = "MemoryManager::Deallocate";
 #else
-  const char *game = "FalloutNV.exe", *free_name = "MemoryManager::Free";
+  const char *free_name = "MemoryManager::Free";
 #endif
   formheap_alloc_fn fh_alloc = (formheap_alloc_fn) ADDR_FORMHEAP_ALLOC;
   formheap_free_fn fh_free = (formheap_free_fn) ADDR_FORMHEAP_FREE;
@@ -115,18 +116,18 @@ __declspec(dllexport) int plugin_run (truth_fn truth) {
   for (unsigned i = 0; i < N; i++) {
     unsigned sz = 32 + (i * 7u) % 300u;
     char *p = fh_alloc (sz);
-    truth (game, "MemoryManager::Allocate", sz, game, (int) sz);
+    truth (me, "MemoryManager::Allocate", sz, me, (int) sz);  /* through the wrapper */
     if (p == NULL) return 2;
     if (i % 4 != 0) {
       fh_free (p);
-      truth (game, free_name, 0, game, -(int) sz);
+      truth (me, free_name, 0, me, -(int) sz);
     }
     char *q = mm_alloc ((void *) ADDR_HEAP, sz + 1);
     truth (me, "MemoryManager::Allocate", sz + 1, me, (int) (sz + 1));
     if (q == NULL) return 3;
     if (i % 3 != 0) {
       fh_free (q);  /* allocated by the plugin, freed through the game's wrapper */
-      truth (game, free_name, 0, me, -(int) (sz + 1));
+      truth (me, free_name, 0, me, -(int) (sz + 1));
     }
   }
   return 0;
