@@ -690,6 +690,12 @@ nv_realloc_end (NvSlot * s, gsize pos, guint64 t0, guint hook, gsize result, gsi
     nv_drop (kind, NV_DROPPED_BYTES (kind, result, size));
     return;
   }
+  /* The reader gave up on this slot (unpublished for its STUCK_SLOT_S: this thread was
+     descheduled that long) and counted it lost: filling it now could overwrite a newer record
+     once the ring wraps, so leave it. A thread stopped for as long between this check and the
+     publish is the one case left (docs/agent.md Known problems). */
+  if ((gssize) (nv_shared.tail - pos) > 0)
+    return;
   if (t0 != 0)
     dur = nv_clock () - t0;
   NV_FILL (&s->rec, pos, kind, hook, result, old_ptr,
