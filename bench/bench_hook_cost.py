@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import frida  # noqa: E402
 from agent_harness import build  # noqa: E402
+from benchutil import cpu_model
 
 from nvse_monitor import agent_host  # noqa: E402
 from nvse_monitor.agent_host import DEFAULT_SAMPLE_BYTES, AgentConfig, load_agent  # noqa: E402
@@ -125,14 +126,6 @@ class Target:
         return info
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU unknown"
 
 
 def main() -> None:

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchutil import cpu_model
+
 REPO = Path(__file__).resolve().parent.parent
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -188,14 +190,6 @@ def main() -> int:
     return 0
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ process. Figures: medians over the rounds, ms in total and per 1,000 addresses.
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import frida
 import numpy as np
+from benchutil import cpu_model
 
 from nvse_monitor.agent_host import agent_source
 from nvse_monitor.capture.symbolizer import Symbolizer, agent_resolver
@@ -131,14 +131,6 @@ def timed_pass(script: object, addrs: list[int]) -> tuple[float, int]:
     return dt, sum(len(m.names) for m in got)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def main() -> None:
