@@ -879,8 +879,8 @@ function tick() {
 
 /* ------------------------------------------------------------------ Frida's own threads */
 
-// Frida's threads (JS loop, GLib main loop, D-Bus...) are cloaked: Process.enumerateThreads()
-// leaves them out. On Linux every thread is in /proc/self/task, so the difference is Frida's.
+// Frida's threads (JS loop, GLib main loop, D-Bus...) are cloaked. On Linux every thread is in
+// /proc/self/task: the cloaked ones there are Frida's.
 // Their allocations must not be recorded (they are the monitor's, not the target's).
 function fridaThreadIds() {
   if (Process.platform !== 'linux') return [];
@@ -900,9 +900,10 @@ function fridaThreadIds() {
   } finally {
     closedir(dir);
   }
-  const visible = new Set(Process.enumerateThreads().map(t => t.id));
-  visible.add(Process.id);  // a spawned, still suspended main thread is not listed either
-  return all.filter(tid => !visible.has(tid));
+  // Cloak.hasThread, not Process.enumerateThreads(): on Linux that one reads every thread's
+  // registers through a ptrace helper process, which deadlocked init now and then (the helper
+  // stopped a thread holding a lock the JS thread then waited for).
+  return all.filter(tid => tid !== Process.id && Cloak.hasThread(tid));
 }
 
 /* ------------------------------------------------------------------ thread state */
