@@ -268,6 +268,11 @@ def leaks_path(out_dir: Path | str, prefix: str) -> Path:
     return Path(out_dir) / f"{prefix}_leaks.csv"
 
 
+def stacks_path(out_dir: Path | str, prefix: str) -> Path:
+    """The sampled stacks' views written beside the leak report (report/flame.py, issue 11)."""
+    return Path(out_dir) / f"{prefix}_stacks.json"
+
+
 def request_path(out_dir: Path | str, prefix: str) -> Path:
     """`top DIR` creates this file to ask the session writing DIR for the leaks CSV now; the
     session writes `<prefix>_leaks.csv`, then removes it."""

@@ -21,7 +21,7 @@ from typing import Any, Protocol, TextIO
 
 import numpy as np
 
-from .leaks import LeakReport, from_engine, leaks_path, request_path
+from .leaks import LeakReport, from_engine, leaks_path, request_path, stacks_path
 from .outputs import Output, Snapshot
 from .stream import Batch, SessionMeta, StreamMessage
 from .words import plural
@@ -73,6 +73,7 @@ class Pipeline:
         self.on_snapshot = on_snapshot
         self.last_snapshot: Snapshot | None = None
         self.leaks_path = leaks_path(out_dir, prefix)
+        self.stacks_path = stacks_path(out_dir, prefix)  # issue 11: sampled stacks
         self.leaks_request = request_path(out_dir, prefix)
         self.leak_report: LeakReport | None = None  # set by finish()
         self._err = err
@@ -214,8 +215,7 @@ class Pipeline:
         from .report.data import LEAK_ROWS
         from .writers.fileio import atomic_write_text
 
-        path = flame.stacks_path(self.leaks_path.parent,
-                                 self.leaks_path.name.removesuffix("_leaks.csv"))
+        path = self.stacks_path
         fd = flame.gather(self.engine, self.engine.live_allocations(), report.sites[:LEAK_ROWS])
         try:
             atomic_write_text(path, json.dumps(flame.to_json(fd), indent=1) + "\n")
@@ -234,8 +234,7 @@ class Pipeline:
             with contextlib.suppress(OSError):  # one from an earlier run here would mislead
                 self.leaks_path.unlink()
             with contextlib.suppress(OSError):  # (and its sampled stacks, issue 11)
-                self.leaks_path.with_name(self.leaks_path.name.replace("_leaks.csv",
-                                                                       "_stacks.json")).unlink()
+                self.stacks_path.unlink()
             self.engine.health.log(int(self.engine.now), "INFO", "No leak report: the replay was "
                                    "interrupted (blocks live at the cut are not leaks)")
             return

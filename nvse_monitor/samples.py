@@ -118,6 +118,7 @@ class SampledStacks:
         self.sample_bytes = int(sample_bytes)
         self.modmap = modmap
         self.stacks: list[Stack] = []
+        self._frames: set[int] = set()  # every frame of self.stacks (for symbol look-ups)
         self._ids: dict[tuple[int, ...], int] = {}  # frames in known modules -> id
         self._raw: dict[tuple[int, ...], int] = {}  # frames as sent -> id
         # chunks of a stack whose call record has not come yet (a batch ended between them):
@@ -160,7 +161,7 @@ class SampledStacks:
 
     def frame_addresses(self) -> list[int]:
         """Every distinct frame address of the stacks (for symbol look-ups), sorted."""
-        return sorted({a for s in self.stacks for a in s.frames})
+        return sorted(self._frames)
 
     # -- feeding --
     def feed(self, r: np.ndarray, ev_ptr: np.ndarray | None, ev_etype: np.ndarray | None,
@@ -490,6 +491,7 @@ class SampledStacks:
         if sid is None:
             sid = self._ids[fk] = len(self.stacks)
             self.stacks.append(Stack(fk, tuple(m for _, m in keep)))
+            self._frames.update(fk)
             for a in (self._live_b, self._live_n, self._alloc_b, self._alloc_n):
                 a.append(0.0)
             self._live_k.append(0)

@@ -439,7 +439,7 @@ def from_directory(directory: Path, prefix: str) -> ReportData:
     except (OSError, ValueError, KeyError) as e:
         data.notes.append(f"leaks CSV unreadable ({e})")
     if (doc.get("monitor") or {}).get("sampling"):
-        sp = flame_mod.stacks_path(directory, prefix)
+        sp = leaks_mod.stacks_path(directory, prefix)
         try:
             data.flame = flame_mod.from_json(json.loads(sp.read_text(encoding="utf-8")))
         except FileNotFoundError:

@@ -57,12 +57,6 @@ class FlameData:
 FORMAT = 1
 
 
-def stacks_path(out_dir: Any, prefix: str) -> Any:
-    from pathlib import Path
-
-    return Path(out_dir) / f"{prefix}_stacks.json"
-
-
 def to_json(fd: FlameData) -> dict[str, Any]:
     """`<prefix>_stacks.json` (docs/attribution.md): every figure an estimate but the counts."""
     return {
