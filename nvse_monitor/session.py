@@ -62,6 +62,10 @@ STREAM_TYPES = (Batch, ModuleEvent, HookEvent, AgentError, SessionEnd, AddressSp
                 SymbolNames)
 STOP_TIMEOUT_S = 15.0  # agent stop() + detach; then we detach without the final drain
 CHILD_TIMEOUT_S = 30.0  # --follow-child: the spawned program must start its child by then
+# --follow-child: how long a released launcher may take to end by itself before we detach from
+# it. nvse_loader.exe ends about a second after it resumes the game; a detach racing its exit
+# left it hung in ExitProcess (Wine, 1 launch in 6), holding the console.
+LAUNCHER_GRACE_S = 8.0
 
 
 class SessionError(Exception):
@@ -191,7 +195,8 @@ class LiveSession:
         self._pending_detach: _Detached | None = None
         self._duration_deadline: float | None = None
         self.out_dir: Path | None = opts.out_dir  # decided in _start when None
-        self._parents: list[Any] = []  # --follow-child: sessions on the launcher (and forks)
+        # --follow-child: sessions on the launcher (and forks), each with its "it ended" event
+        self._parents: list[tuple[Any, threading.Event]] = []
         self._spawned: list[int] = []  # every PID we started or held, killed on a failed start
         self._launcher_pid = 0
         self._release_thread: threading.Thread | None = None
@@ -351,21 +356,29 @@ class LiveSession:
         assert self.device is not None
         try:
             parent = self.device.attach(pid)
-            parent.on("detached", lambda reason, _crash: self.q.put(_ParentGone(pid, reason)))
+            gone = threading.Event()
+
+            def on_detached(reason: str, _crash: Any) -> None:
+                gone.set()
+                self.q.put(_ParentGone(pid, reason))
+
+            parent.on("detached", on_detached)
             parent.enable_child_gating()
         except (frida.ProcessNotFoundError, frida.PermissionDeniedError, frida.NotSupportedError,
                 frida.ProcessNotRespondingError, frida.TransportError, frida.TimedOutError,
                 frida.InvalidArgumentError, frida.InvalidOperationError) as exc:
             raise TargetError(frida_error_message(exc, what)) from None
-        self._parents.append(parent)
+        self._parents.append((parent, gone))
 
     def _release_parents(self) -> None:
         """Let the launcher go: child gating ends (later children run unmonitored), then we
-        detach from it. On its own thread: the first call waits until the launcher's agent
-        answers. On Linux the launcher's Frida agent is still recovering from the fork (in the
-        launcher's fork(), which has not returned yet) for a while after the child execs;
-        detaching in the middle of that left the launcher blocked in fork() for good, about 1
-        follow in 60. Asking it to end gating first waits that out."""
+        detach from it unless it ends by itself within LAUNCHER_GRACE_S. On its own thread: the
+        first call waits until the launcher's agent answers. On Linux the launcher's Frida agent
+        is still recovering from the fork (in the launcher's fork(), which has not returned yet)
+        for a while after the child execs; detaching in the middle of that left the launcher
+        blocked in fork() for good, about 1 follow in 60. Asking it to end gating first waits
+        that out. A launcher that ends at once (nvse_loader.exe) ends with our agent in it, as
+        any monitored program does: a detach racing its ExitProcess hung it under Wine."""
         parents, self._parents = self._parents, []
         if self.opts.follow_child and self.device is not None:
             with contextlib.suppress(Exception):
@@ -374,9 +387,13 @@ class LiveSession:
             return
 
         def release() -> None:
-            for parent in parents:
+            for parent, _ in parents:
                 with contextlib.suppress(Exception):
                     parent.disable_child_gating()
+            deadline = time.monotonic() + LAUNCHER_GRACE_S
+            for parent, gone in parents:
+                if gone.wait(max(deadline - time.monotonic(), 0.0)):
+                    continue  # it ended by itself
                 with contextlib.suppress(Exception):
                     parent.detach()
 
@@ -384,7 +401,7 @@ class LiveSession:
                                                 daemon=True)
         self._release_thread.start()
 
-    def _join_release(self, timeout_s: float = 10.0) -> None:
+    def _join_release(self, timeout_s: float = LAUNCHER_GRACE_S + 10.0) -> None:
         t = self._release_thread
         if t is not None:
             t.join(timeout_s)
