@@ -83,6 +83,26 @@ class Stderr:
             return True
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process so far (/proc/PID/stat)."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_rusage(proc: subprocess.Popen, timeout: float) -> os.struct_rusage:
+    """Wait for `proc` (at most `timeout` s, then kill it) and return its resource usage."""
+    end = time.monotonic() + timeout
+    while True:
+        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return ru
+        if time.monotonic() > end:
+            proc.kill()
+            end = float("inf")
+        time.sleep(0.01)
+
+
 def one_run(exe: Path, rate: float, seconds: float, ring: str | None, tmp: Path,
             threads: int = 1) -> dict:
     target = subprocess.Popen(
@@ -125,8 +145,9 @@ def one_run(exe: Path, rate: float, seconds: float, ring: str | None, tmp: Path,
         stop.set()
         sampler.join()
         done = json.loads(line.split("DONE", 1)[1])
+        target_cpu = cpu_s(target.pid)
         mon.send_signal(signal.SIGINT)
-        mon.wait(timeout=120)
+        ru = wait_rusage(mon, 120)
         lag = time.monotonic() - t_done
         js = json.loads((out / "MemoryPoolNVSE_stats.json").read_text())
         recorded = js["memory_stats"]["total_allocations"] + js["memory_stats"]["total_frees"]
@@ -143,6 +164,10 @@ def one_run(exe: Path, rate: float, seconds: float, ring: str | None, tmp: Path,
             "rss_attach_mb": (rss_attached - rss0) / 1024,
             "rss_peak_mb": (peak_rss - rss0) / 1024,
             "rc": mon.returncode,
+            # CPU seconds over the whole run: where the 2 cores went (host: the monitor process,
+            # start-up included; target: its producers, hooks and waits)
+            "host_cpu_s": ru.ru_utime + ru.ru_stime,
+            "target_cpu_s": target_cpu,
             "stderr": "\n".join(err.lines[-3:]),
         }
     finally:
@@ -178,15 +203,16 @@ def main() -> int:
         print(f"target {exe.name}, {a.threads} thread(s), {a.seconds:.1f} s per run, {a.runs} runs "
               f"per rate, ring {a.ring_size or 'default'}, {os.cpu_count()} CPUs")
         print(f"{'rate':>10} {'achieved':>10} {'e2e':>10} {'events':>11} {'dropped':>9} "
-              f"{'stalls':>7} {'lag s':>6} {'agent MiB':>9} {'RSS+ MB':>8} {'peak+ MB':>8}  "
-              "sustained")
+              f"{'stalls':>7} {'lag s':>6} {'agent MiB':>9} {'RSS+ MB':>8} {'peak+ MB':>8} "
+              f"{'host CPU':>8} {'tgt CPU':>7}  sustained")
         for rate in rates:
             runs = [one_run(exe, rate, a.seconds, a.ring_size, tmp, a.threads)
                     for _ in range(a.runs)]
             all_runs += runs
             med = {k: statistics.median(r[k] for r in runs)
                    for k in ("achieved", "e2e", "events", "dropped", "stalls", "lag_s",
-                             "agent_mib", "rss_attach_mb", "rss_peak_mb")}
+                             "agent_mib", "rss_attach_mb", "rss_peak_mb", "host_cpu_s",
+                             "target_cpu_s")}
             ok_runs = [
                 r["dropped"] == 0 and r["rc"] == 0
                 and (rate == 0 or (r["lag_s"] <= a.max_lag and r["achieved"] >= 0.97 * rate))
@@ -200,7 +226,8 @@ def main() -> int:
             print(f"{label:>10} {med['achieved'] / 1e6:>8.2f} M {med['e2e'] / 1e6:>8.2f} M "
                   f"{med['events']:>11,.0f} {med['dropped']:>9,.0f} {med['stalls']:>7,.0f} "
                   f"{med['lag_s']:>6.2f} {med['agent_mib']:>9.1f} "
-                  f"{med['rss_attach_mb']:>8.1f} {med['rss_peak_mb']:>8.1f}  "
+                  f"{med['rss_attach_mb']:>8.1f} {med['rss_peak_mb']:>8.1f} "
+                  f"{med['host_cpu_s']:>7.2f}s {med['target_cpu_s']:>6.2f}s  "
                   f"{'yes' if sustained else 'no'}"
                   f" ({sum(ok_runs)}/{len(runs)})")
             if sustained:
