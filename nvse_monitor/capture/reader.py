@@ -66,6 +66,10 @@ class RingReader:
         self._slots = np.frombuffer(buf, dtype=layout.slot_dtype(), count=layout.slots,
                                     offset=rl.HEADER_BYTES)
         self._pub = self._slots["pub"]
+        # slot i of a stretch from position pos is published when pub - (pos + 1) == i, in the
+        # target's word width (wrapping like the agent's positions): one subtraction and one
+        # comparison against this, instead of building the expected words each look
+        self._iota = np.arange(layout.slots, dtype=self._pub.dtype)
         # valid records by (kind | hook << 8), the low half-word of a record's last word: one
         # lookup per record instead of three comparisons of 56-byte-strided fields
         kinds = np.arange(256)
@@ -262,9 +266,8 @@ class RingReader:
         while pos < head:
             i0 = pos & mask
             cnt = min(head - pos, self.layout.slots - i0)
-            want = (np.arange(pos + 1, pos + 1 + cnt, dtype=np.uint64)
-                    & np.uint64(self._mask)).astype(self._pub.dtype)
-            ok = self._pub[i0:i0 + cnt] == want
+            ok = np.subtract(self._pub[i0:i0 + cnt], self._pub.dtype.type((pos + 1) & self._mask))
+            ok = np.equal(ok, self._iota[:cnt])
             k = cnt if ok.all() else int(np.argmin(ok))
             if k:
                 segs.append((i0, k))
@@ -370,7 +373,7 @@ class RingReader:
         grew = kind == Kind.ALLOC
         if counts[Kind.REALLOC]:
             grew |= (kind == Kind.REALLOC) & (recs["ptr"] != 0)
-        c["bytes_allocated"] += int(np.sum(recs["size"], where=grew, dtype=np.uint64))
+        c["bytes_allocated"] += int(recs["size"][grew].sum(dtype=np.uint64))
         c["published"] += n
         self._send(recs, now)
 
