@@ -44,6 +44,7 @@
 #define KIND_STACK 6         /* one chunk of a sampled call's stack (events.py) */
 #define NV_FLAG_SAMPLED 0x0001
 #define NV_FLAG_VIA_WRAPPER 0x0002
+#define NV_FLAG_REALLOC_HALF 0x0004  /* a FREE: the free half of a realloc that moved */
 #define NV_STACK_PER_RECORD 4
 #define NV_STACK_MAX 16
 #define NV_EXP_N 4096        /* entries of the exponential table JS fills (nv_exp) */
@@ -668,7 +669,12 @@ nv_free_before (guint hook, gsize ptr, gpointer caller, gsize th)
 
 /* A REALLOC holds its slot across the call: reserved before (the old block may be released),
    filled and published after (the new block is known); a drop is counted then, with its
-   outcome. */
+   outcome. A realloc that moved its block is published as two records: its slot becomes the
+   FREE of the old block (NV_FLAG_REALLOC_HALF: not a free call), and a REALLOC of the new block
+   with old_ptr 0 is reserved after the call. Another thread may free the new block's address
+   during the call and the allocator hand it to this realloc: that FREE was reserved before the
+   call returned, so it must come before the new block's record, never after (the one-record
+   form put it after: a replaced live block, then the new block freed, docs/agent.md). */
 static inline NvSlot *
 nv_realloc_begin (gsize * pos, guint64 * t0, guint64 size, gsize th)
 {
@@ -698,6 +704,13 @@ nv_realloc_end (NvSlot * s, gsize pos, guint64 t0, guint hook, gsize result, gsi
     return;
   if (t0 != 0)
     dur = nv_clock () - t0;
+  if (kind == KIND_REALLOC && result != 0 && result != old_ptr)
+  {
+    NV_FILL (&s->rec, pos, KIND_FREE, hook, old_ptr, 0, 0, caller, th, 0, NV_FLAG_REALLOC_HALF);
+    nv_publish (s, pos);
+    nv_emit (KIND_REALLOC, hook, result, 0, size, caller, th, dur NV_FL_ARG (flags));
+    return;
+  }
   NV_FILL (&s->rec, pos, kind, hook, result, old_ptr,
       kind == KIND_REALLOC && result == 0 ? 0 : size, caller, th, dur, NV_FL_VAL);
   nv_publish (s, pos);
@@ -970,7 +983,10 @@ nv_finish (NvRecord * out, guint n)
     switch (r->kind)
     {
       case KIND_ALLOC: nv_state.c_allocs++; nv_state.c_bytes += r->size; break;
-      case KIND_FREE: nv_state.c_frees++; break;
+      case KIND_FREE:  /* the free half of a moved realloc is no free call */
+        if ((r->flags & NV_FLAG_REALLOC_HALF) == 0)
+          nv_state.c_frees++;
+        break;
       case KIND_REALLOC:
         nv_state.c_reallocs++;
         if (r->ptr != 0)

@@ -26,14 +26,19 @@ class Kind(IntEnum):
 FLAG_SAMPLED = 0x0001  # this call was sampled: its STACK chunks came just before (same tid)
 FLAG_VIA_WRAPPER = 0x0002  # `caller` is the outermost profile wrapper's caller, not the hooked
 #                            function's own return address
+# the flag of FREE records: the free half of a realloc that moved its block (old_ptr -> ptr
+# became FREE old_ptr, published in the realloc's own slot, then REALLOC ptr with old_ptr 0 after
+# the call; docs/agent.md "Ordering guarantees"). Not a free call; ptr 0 for realloc(NULL, n).
+FLAG_REALLOC_HALF = 0x0004
 
 # A STACK record carries up to STACK_FRAMES_PER_RECORD return addresses in ptr, old_ptr, size,
 # caller (in that order; 0 = no frame); hook = chunk index (0, 1, ...); flags = the number of
 # frames in the whole stack (every chunk); tid = the sampled call's thread. A sampled call's
-# thread publishes its chunks (in order) before the call's own record, which has FLAG_SAMPLED:
-# the engine attaches the chunks seen since that thread's previous record to it, and discards
-# chunks followed by a record without FLAG_SAMPLED (dropped call record). Frame 0 is the hooked
-# call's own return address; frames go outwards, at most MAX_STACK_FRAMES.
+# thread publishes its chunks (in order) before the call's own record, which has FLAG_SAMPLED
+# (a moved realloc publishes its FREE half between them): the engine attaches the thread's
+# latest stack to it, and discards chunks that a new stack of the thread follows first (their
+# call record was dropped). Frame 0 is the hooked call's own return address; frames go outwards,
+# at most MAX_STACK_FRAMES.
 STACK_FRAMES_PER_RECORD = 4
 MAX_STACK_FRAMES = 16
 
@@ -49,7 +54,7 @@ RECORD_DTYPE = np.dtype(
         ("dur_us", "<u4"),  # call duration, only for size >= large threshold, else 0
         ("kind", "u1"),  # Kind
         ("hook", "u1"),  # index into SessionMeta.hooks
-        ("flags", "<u2"),  # FLAG_* (0 on FREE records)
+        ("flags", "<u2"),  # FLAG_* (FREE records: FLAG_REALLOC_HALF or 0)
         ("seq", "<u4"),  # agent's ring position (wraps): gaps/dups show transport faults
     ]
 )

@@ -7,10 +7,11 @@ stands for 1/p allocations and s/p bytes (the Horvitz-Thompson weights heapprofd
 use). Those are *estimates*: only the stacks are sampled; the engine's counts stay exact.
 
 Per batch (the engine's records and events), all vectorised but for the sampled calls:
-1. STACK chunks are matched to the same thread's next record (chunks of a thread come just
-   before its sampled call's record): kept when that record has FLAG_SAMPLED, discarded when a
-   record without it comes first (its call record was dropped). A thread's chunks left at the
-   end of a batch wait for the next one.
+1. STACK chunks are matched to the same thread's next record with FLAG_SAMPLED (chunks of a
+   thread come just before its sampled call's record; a moved realloc's FREE half may come
+   between); chunks that a new stack of the thread (its chunk 0) follows first are discarded
+   (their call record was dropped). A thread's chunks left at the end of a batch wait for the
+   next one.
 2. Stacks are interned (raw frames -> id); frames in no known module (the agent's own code)
    are dropped, order kept (frame 0 = innermost).
 3. Sampled blocks live now: ptr -> stack, size, weights. Whether an event's pointer is a sampled

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from nvse_monitor.agent_host import AgentConfig, AgentHandle, load_agent
-from nvse_monitor.events import RECORD_DTYPE
+from nvse_monitor.events import FLAG_REALLOC_HALF, RECORD_DTYPE, Kind
 from nvse_monitor.hookprofile import Profile, load_profile
 from nvse_monitor.stream import AgentCounters, Batch, HookEvent, ModuleEvent
 
@@ -169,11 +169,27 @@ def counters_delta(a: AgentCounters, b: AgentCounters) -> dict[str, int]:
 
 
 def tally(records: np.ndarray) -> dict[str, int]:
-    """What the agent's counters should say about these records."""
+    """What the agent's counters should say about these records (a moved realloc's FREE half
+    is no free call)."""
     k = records["kind"]
     grown = ((k == 1) | ((k == 3) & (records["ptr"] != 0)))
+    half = (k == 2) & ((records["flags"] & FLAG_REALLOC_HALF) != 0)
     return {
-        "allocs": int((k == 1).sum()), "frees": int((k == 2).sum()),
+        "allocs": int((k == 1).sum()), "frees": int((k == 2).sum() - half.sum()),
         "reallocs": int((k == 3).sum()), "failures": int((k == 4).sum()),
         "bytes_allocated": int(records["size"][grown].sum()),
     }
+
+
+def as_records(calls: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int, int]]:
+    """The records a list of calls (kind, ptr, old_ptr, size) gives, with flags and the index
+    of the call each comes from: a realloc that moved its block (ptr not 0, not old_ptr) is its
+    FREE half (FLAG_REALLOC_HALF, in the realloc's slot) then a REALLOC with old_ptr 0."""
+    out = []
+    for i, (k, p, o, sz) in enumerate(calls):
+        if k == Kind.REALLOC and p != 0 and p != o:
+            out.append((Kind.FREE, o, 0, 0, FLAG_REALLOC_HALF, i))
+            out.append((Kind.REALLOC, p, 0, sz, 0, i))
+        else:
+            out.append((k, p, o, sz, 0, i))
+    return out

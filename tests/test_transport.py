@@ -144,8 +144,10 @@ def test_drop_policy_drops_and_counts(targets, tmp_path, live_procs):
     agent = js["monitor"]["agent_counters"]
     assert agent["dropped"] > 0 and agent["stalls"] == 0
     assert js["monitor"]["dropped_events"] == agent["dropped"]
-    assert agent["published"] + agent["dropped"] == (
-        agent["allocs"] + agent["frees"] + agent["reallocs"] + agent["failures"])
+    # every call is published or dropped; a realloc that moved its block publishes one record
+    # more (its FREE half), which the call counts leave out
+    calls = agent["allocs"] + agent["frees"] + agent["reallocs"] + agent["failures"]
+    assert calls <= agent["published"] + agent["dropped"] <= calls + agent["reallocs"]
     log = read_outputs(out)["log"].read_text()
     assert "Full-ring policy: drop" in log and "Dropped" in log
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..events import (
+    FLAG_REALLOC_HALF,
     FLAG_SAMPLED,
     FLAG_VIA_WRAPPER,
     MAX_STACK_FRAMES,
@@ -45,9 +46,11 @@ MARK_WAIT_S = 2.0  # a marker's control message must arrive within this
 _KH_WORD = RECORD_DTYPE.fields["kind"][1] // 2
 assert RECORD_DTYPE.fields["hook"][1] == RECORD_DTYPE.fields["kind"][1] + 1
 CALL_FLAGS = FLAG_SAMPLED | FLAG_VIA_WRAPPER
-# the flags a record keeps, by kind: calls the ones we know, FREE none, STACK its frame count
+# the flags a record keeps, by kind: calls the ones we know, FREE whether it is a realloc's
+# free half, STACK its frame count
 _KEEP_FLAGS = np.zeros(256, np.uint16)
 _KEEP_FLAGS[[Kind.ALLOC, Kind.REALLOC, Kind.FAILED]] = CALL_FLAGS
+_KEEP_FLAGS[Kind.FREE] = FLAG_REALLOC_HALF
 _KEEP_FLAGS[Kind.STACK] = 0xFFFF
 
 
@@ -367,7 +370,10 @@ class RingReader:
         counts = np.bincount(kind, minlength=5)
         c = self._c
         c["allocs"] += int(counts[Kind.ALLOC])
-        c["frees"] += int(counts[Kind.FREE])
+        frees = int(counts[Kind.FREE])
+        if frees:  # the free half of a moved realloc is no free call (its REALLOC counts)
+            frees -= int(np.count_nonzero(recs["flags"][kind == Kind.FREE] & FLAG_REALLOC_HALF))
+        c["frees"] += frees
         c["reallocs"] += int(counts[Kind.REALLOC])
         c["failures"] += int(counts[Kind.FAILED])
         grew = kind == Kind.ALLOC

@@ -36,22 +36,15 @@ def stats(out: Path) -> dict[str, Any]:
 
 
 def assert_final(mon: dict[str, Any], truth: Truth, profile: Any = None) -> None:
-    """The JSON's live bytes per heap and per module are the fakes' own.
-
-    One known exception, found by this lane (docs/agent.md, "Ordering guarantees"): a realloc's
-    record is reserved before the call, so when another thread frees and reuses the address the
-    realloc moves to during the call, the records come out of order and the engine counts a
-    replaced live block and an untracked free. Wine's slow HeapReAlloc widens that window (about
-    one attach session in five here). A mismatch that the monitor itself flags that way is an
-    expected failure (xfail, never a pass); any other mismatch fails."""
+    """The JSON's live bytes per heap and per module are the fakes' own. (This lane found the
+    realloc ordering race, one attach session in five under Wine, where HeapReAlloc is slow: a
+    realloc moving its block to an address another thread freed during the call. A moved
+    realloc is now two records, docs/agent.md "Ordering guarantees"; it was an xfail here.)"""
     heaps = {h: v["current_bytes"] for h, v in mon["heaps"].items()}
     want = truth.live_by_heap(profile) if profile else truth.live_by_heap()
     got_heaps = {h: heaps.get(h, 0) for h in want}
     mods = mon["modules_live_bytes"]
     got_mods = {m: mods.get(m, 0) for m in truth.live_by_module()}
-    if (got_heaps != want or got_mods != truth.live_by_module()) and mon["replaced_live"] > 0:
-        pytest.xfail(f"realloc ordering race (replaced_live {mon['replaced_live']}, untracked "
-                     f"frees {mon['untracked_frees']}): heaps {got_heaps} != {want}")
     assert got_heaps == want
     assert got_mods == truth.live_by_module()
     # (untracked frees may come from Wine's own DLLs freeing what they allocated before the hooks)
