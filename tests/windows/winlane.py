@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nvse_monitor.events import Kind
+from nvse_monitor.events import FLAG_REALLOC_HALF, Kind
 from nvse_monitor.hookprofile import load_profile
 from nvse_monitor.modmap import UNKNOWN, ModuleMap
 from nvse_monitor.recording import Recording
@@ -220,8 +220,8 @@ def wait_truth(path: Path, timeout: float = WAIT_S) -> Truth:
 
 
 def recorded(rec: Path) -> dict[tuple[str, str], tuple[int, int]]:
-    """(calling module, hook) -> (records, bytes) in a recording (FAILED records and sampled
-    stacks' STACK records left out)."""
+    """(calling module, hook) -> (calls, bytes) in a recording (FAILED records, sampled
+    stacks' STACK records and moved reallocs' FREE halves left out: one record per call)."""
     got: dict[tuple[str, str], tuple[int, int]] = {}
     with Recording(rec) as r:
         meta = r.meta
@@ -233,8 +233,9 @@ def recorded(rec: Path) -> dict[tuple[str, str], tuple[int, int]]:
                 continue
             if not isinstance(msg, Batch) or not len(msg.records):
                 continue
-            recs = msg.records[(msg.records["kind"] != Kind.FAILED)
-                               & (msg.records["kind"] != Kind.STACK)]
+            k = msg.records["kind"]
+            half = (k == Kind.FREE) & ((msg.records["flags"] & FLAG_REALLOC_HALF) != 0)
+            recs = msg.records[(k != Kind.FAILED) & (k != Kind.STACK) & ~half]
             mods = mm.lookup(recs["caller"].astype(np.uint64))
             for mod, hook, size in zip(mods.tolist(), recs["hook"].tolist(),
                                        recs["size"].tolist(), strict=True):
