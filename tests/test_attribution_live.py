@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import _ARCH_FLAGS, REPO, TARGETS_DIR
 
-from nvse_monitor import leaks
+from nvse_monitor.engine import leaks
 
 pytestmark = pytest.mark.frida
 

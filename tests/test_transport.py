@@ -30,7 +30,7 @@ from test_live import (
     read_recording,
 )
 
-from nvse_monitor.stream import Batch
+from nvse_monitor.stream.messages import Batch
 
 pytestmark = pytest.mark.frida
 
@@ -156,9 +156,9 @@ BLOCKED_HOST = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     import frida
-    from nvse_monitor.agent_host import AgentConfig, load_agent
+    from nvse_monitor.capture.agent_host import AgentConfig, load_agent
     from nvse_monitor.capture.ringlayout import OFF_STALLS
-    from nvse_monitor.hookprofile import load_profile
+    from nvse_monitor.capture.hookprofile import load_profile
     pid, how = int(sys.argv[1]), sys.argv[2]
     session = frida.attach(pid)
     h = load_agent(session, load_profile("linux-libc"),
