@@ -6,6 +6,10 @@ RecordingWriter) in arrival order, keeps the live status line and watches for st
 Blocking RPCs into the agent (init, stop) run on a short-lived worker thread so the consumer
 keeps draining the queue meanwhile: Frida delivers an RPC's reply on the same thread as the
 batches sent before it, so a full queue with a blocked consumer would deadlock.
+
+LiveSession is here (start and finish); its parts: consumer.py (the run loop and stopping),
+children.py (--follow-child), ending.py (how the session ended), banner.py (the start lines),
+options.py (SessionOptions, SessionResult, SessionError), queue_items.py (the queue's notices).
 """
 
 from __future__ import annotations
@@ -15,42 +19,32 @@ import dataclasses
 import os
 import queue
 import shutil
-import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 from typing import Any, TextIO
 
 import frida
 
 from .. import __version__
-from ..engine.engine import NOT_PRESENT
-from ..outputs.files import DEFAULT_PREFIX, FileLimits, OutputDirError, check_prefix, make_out_dir
+from ..outputs.files import OutputDirError, check_prefix, make_out_dir
 from ..outputs.pipeline import Pipeline
-from ..stream.messages import (
-    AddressSpace,
-    AgentCounters,
-    AgentError,
-    Batch,
-    HookEvent,
-    ModuleEvent,
-    SessionEnd,
-    SessionMeta,
-    StreamMessage,
-    SymbolNames,
-)
+from ..stream.messages import AgentCounters, SessionMeta, StreamMessage
 from ..views.live_status import StatusLine
 from . import addrspace, fnv
-from .agent_host import DEFAULT_MAX_WAIT_MS, MAX_INFLIGHT_RECORDS, default_ring_slots
+from .agent_host import MAX_INFLIGHT_RECORDS, default_ring_slots
+from .banner import agent_footprint, fnv_banner, monitoring_line
+from .children import ChildFollowing
+from .consumer import Consumer
+from .ending import SessionEnding
+from .options import SessionError, SessionOptions, SessionResult
+from .queue_items import _AddrSpaceError, _Detached
 from .targets import (
     EXIT_WATCH_JS,
     ExitNotice,
     ExitStatus,
     TargetError,
-    describe_wait_status,
     exe_path,
     frida_error_message,
     probe,
@@ -58,110 +52,10 @@ from .targets import (
     unlisted_reason,
 )
 
-STREAM_TYPES = (Batch, ModuleEvent, HookEvent, AgentError, SessionEnd, AddressSpace,
-                SymbolNames)
-STOP_TIMEOUT_S = 15.0  # agent stop() + detach; then we detach without the final drain
-CHILD_TIMEOUT_S = 30.0  # --follow-child: the spawned program must start its child by then
-# --follow-child: how long a released launcher may take to end by itself before we detach from
-# it. nvse_loader.exe ends about a second after it resumes the game; a detach racing its exit
-# left it hung in ExitProcess (Wine, 1 launch in 6), holding the console.
-LAUNCHER_GRACE_S = 8.0
+__all__ = ["LiveSession", "SessionError", "SessionOptions", "SessionResult"]
 
 
-class SessionError(Exception):
-    """The session could not start or run (one line, printed by the CLI)."""
-
-
-@dataclass
-class SessionOptions:
-    profile: str | None = None  # name or path; None = hookprofile.select_profile
-    # None: the game's Data/NVSE/Plugins when the target is FalloutNV.exe, else DEFAULT_OUT_DIR
-    # under the working directory (fnv.default_out_dir, decided once the target is known)
-    out_dir: Path | None = None
-    prefix: str = DEFAULT_PREFIX
-    record: Path | None = None
-    duration: float | None = None  # seconds, then stop like Ctrl-C
-    ring_slots: int | None = None  # None: agent_host.default_ring_slots(target arch)
-    on_full: str = "wait"  # a full ring: producers wait (bounded by max_wait_ms) or drop
-    max_wait_ms: int = DEFAULT_MAX_WAIT_MS
-    sample_bytes: int = 0  # mean bytes between sampled stacks (CLI default: agent_host's)
-    transport: str = "shm"  # "messages": the agent drains and sends (tests, benchmarks)
-    large_alloc_bytes: int = 1 << 20
-    drain_interval_ms: int = 10
-    # Agent batch size: measured on 2 cores under load, 64 KiB batches sustain 5 M events/s
-    # where 1 MiB batches stall the drain (bench/bench_e2e.py, docs/sessions.md).
-    max_batch_bytes: int = 64 << 10
-    merge_records: int = 1 << 17  # feed queued batches in runs of up to this many records
-    force: bool = False  # use --profile even if it names other executables / another version
-    # spawn: start the program in this directory / with these extra environment variables
-    # (None: ours; FalloutNV.exe and nvse_loader.exe get fnv.spawn_env's Steam variables).
-    spawn_cwd: Path | None = None
-    spawn_env: dict[str, str] | None = None
-    # spawn: monitor the child the program starts (nvse_loader's way) instead of the program:
-    # the first child that execs (Linux) / is created (Windows), or the one named child_name.
-    # A spawned nvse_loader.exe is followed to its FalloutNV.exe without asking.
-    follow_child: bool = False
-    child_name: str | None = None
-    # Address-space headroom (addrspace.py): sampled about once a second in ia32 targets; the
-    # engine warns and degrades when the largest free block falls under this many bytes
-    # (EngineConfig.addrspace_warn_bytes); 0 = do not sample.
-    addrspace_warn_bytes: int = addrspace.DEFAULT_WARN_BYTES
-    addrspace_interval_ms: int = addrspace.DEFAULT_INTERVAL_MS
-    status_line: bool | None = None  # None: when stderr is a terminal
-    queue_max: int = 8192  # messages (a batch is <= max_batch_bytes: 512 MiB at most)
-    engine_config: Any = None
-    # Views (docs/views.md): /metrics on metrics_address:metrics_port, the `top` dashboard.
-    metrics_port: int | None = None
-    metrics_address: str = "127.0.0.1"
-    top: bool = False
-    limits: FileLimits | None = None  # log/CSV size caps (None: writers' defaults)
-    # Function names of the call sites shown (issue 11, capture/symbolizer.py): asked of the
-    # agent every symbols_interval_s seconds and once at stop; 0 = never.
-    symbols_interval_s: float = 2.0
-
-
-@dataclass
-class SessionResult:
-    exit_code: int
-    end: SessionEnd
-    meta: SessionMeta
-    out_paths: Any = None  # outputs.files.FilePaths
-    messages: int = 0
-    records: int = 0
-    final_counters: AgentCounters | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _Detached:
-    reason: str
-    crash: Any
-
-
-@dataclass(frozen=True)
-class _ChildAdded:
-    child: Any  # frida Child
-
-
-@dataclass(frozen=True)
-class _ParentGone:
-    pid: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class _AddrSpaceError:
-    message: str
-
-
-@dataclass(frozen=True)
-class _WorkerDone:
-    name: str
-    result: Any = None
-    error: BaseException | None = None
-
-
-class LiveSession:
+class LiveSession(Consumer, ChildFollowing, SessionEnding):
     """One monitoring session; `run_attach(spec)` or `run_spawn(argv)` drives it to the end."""
 
     def __init__(self, opts: SessionOptions, err: TextIO | None = None) -> None:
@@ -219,9 +113,6 @@ class LiveSession:
         if self._spawn_exe is not None:  # one readlink: an exec'd program may not live long
             self._exe_at_detach = exe_path(self.pid)
         self.q.put(_Detached(str(reason), crash))
-
-    def _on_child_added(self, child: Any) -> None:
-        self.q.put(_ChildAdded(child))
 
     def _on_exit_watch(self, message: dict[str, Any], _data: Any) -> None:
         p = message.get("payload") if message.get("type") == "send" else None
@@ -289,122 +180,6 @@ class LiveSession:
             self._kill_spawned()
             raise
         return self._run()
-
-    def _plan_spawn(self, argv: list[str]) -> None:
-        """FNV defaults for a spawned FalloutNV.exe or nvse_loader.exe (docs/fnv.md): the Steam
-        variables, the game directory as working directory, and for the loader: follow it to
-        the FalloutNV.exe it starts."""
-        name = PureWindowsPath(argv[0]).name.lower()
-        if name not in (fnv.GAME_EXE.lower(), fnv.LOADER_EXE.lower()):
-            return
-        try:
-            plan = fnv.plan_launch(argv[0], argv[1:])
-        except ValueError as exc:
-            if name == fnv.LOADER_EXE.lower():
-                raise SessionError(str(exc)) from None
-            return  # not a file here: Frida names the problem when it tries to start it
-        if self.opts.spawn_env is None:
-            self.opts.spawn_env = plan.env
-        if self.opts.spawn_cwd is None:
-            self.opts.spawn_cwd = plan.cwd
-        if plan.gate_children and not self.opts.follow_child:
-            self.opts.follow_child = True
-            self.opts.child_name = self.opts.child_name or plan.child_name
-
-    def _follow_child(self, launcher: int, program: str) -> None:
-        """Child gating: attach to the launcher, let it run until it starts the child we monitor
-        (held suspended by Frida), attach to that child; _start resumes it once the hooks are in
-        and then lets the launcher go. On Linux the child is a fork that then execs: the fork is
-        followed (gated too) to its exec."""
-        assert self.device is not None
-        want = self.opts.child_name
-        what = want or "a child process"
-        self._gate(launcher, f"attach to the spawned {program!r}")
-        self.device.resume(launcher)
-        deadline = time.monotonic() + CHILD_TIMEOUT_S
-        seen = 0
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                item = self.q.get(timeout=max(left, 0.01))
-            except queue.Empty:
-                raise TargetError(f"{program!r} did not start {what} within "
-                                  f"{CHILD_TIMEOUT_S:.0f} s") from None
-            if isinstance(item, _ParentGone):
-                if item.pid == launcher and seen == 0:
-                    raise TargetError(f"{program!r} ended ({item.reason}) without starting "
-                                      f"{what}")
-                continue
-            if not isinstance(item, _ChildAdded):
-                continue
-            child = item.child
-            seen += 1
-            self._spawned.append(child.pid)
-            name = PureWindowsPath(child.path or "").name
-            if child.origin == "fork":  # the exec comes next, gated by this fork
-                self._gate(child.pid, f"follow the fork {child.pid} of {program!r}")
-                self.device.resume(child.pid)
-            elif want is None or name.lower() == want.lower():
-                self.pid = child.pid
-                self.session = self._attach(child.pid, f"attach to {name} (PID {child.pid}), "
-                                            f"started by {program!r}")
-                return
-            else:  # another child of the launcher: not ours to hold
-                self.device.resume(child.pid)
-
-    def _gate(self, pid: int, what: str) -> None:
-        assert self.device is not None
-        try:
-            parent = self.device.attach(pid)
-            gone = threading.Event()
-
-            def on_detached(reason: str, _crash: Any) -> None:
-                gone.set()
-                self.q.put(_ParentGone(pid, reason))
-
-            parent.on("detached", on_detached)
-            parent.enable_child_gating()
-        except (frida.ProcessNotFoundError, frida.PermissionDeniedError, frida.NotSupportedError,
-                frida.ProcessNotRespondingError, frida.TransportError, frida.TimedOutError,
-                frida.InvalidArgumentError, frida.InvalidOperationError) as exc:
-            raise TargetError(frida_error_message(exc, what)) from None
-        self._parents.append((parent, gone))
-
-    def _release_parents(self) -> None:
-        """Let the launcher go: child gating ends (later children run unmonitored), then we
-        detach from it unless it ends by itself within LAUNCHER_GRACE_S. On its own thread: the
-        first call waits until the launcher's agent answers. On Linux the launcher's Frida agent
-        is still recovering from the fork (in the launcher's fork(), which has not returned yet)
-        for a while after the child execs; detaching in the middle of that left the launcher
-        blocked in fork() for good, about 1 follow in 60. Asking it to end gating first waits
-        that out. A launcher that ends at once (nvse_loader.exe) ends with our agent in it, as
-        any monitored program does: a detach racing its ExitProcess hung it under Wine."""
-        parents, self._parents = self._parents, []
-        if self.opts.follow_child and self.device is not None:
-            with contextlib.suppress(Exception):
-                self.device.off("child-added", self._on_child_added)
-        if not parents:
-            return
-
-        def release() -> None:
-            for parent, _ in parents:
-                with contextlib.suppress(Exception):
-                    parent.disable_child_gating()
-            deadline = time.monotonic() + LAUNCHER_GRACE_S
-            for parent, gone in parents:
-                if gone.wait(max(deadline - time.monotonic(), 0.0)):
-                    continue  # it ended by itself
-                with contextlib.suppress(Exception):
-                    parent.detach()
-
-        self._release_thread = threading.Thread(target=release, name="nvse-monitor-release",
-                                                daemon=True)
-        self._release_thread.start()
-
-    def _join_release(self, timeout_s: float = LAUNCHER_GRACE_S + 10.0) -> None:
-        t = self._release_thread
-        if t is not None:
-            t.join(timeout_s)
 
     # ---- the session ----------------------------------------------------------------------------
     def _preflight(self) -> None:
@@ -548,8 +323,8 @@ class LiveSession:
         )
         self.meta.utc_offset_s = _utc_offset_s()
         self.meta.monitor_version = __version__
-        banner = _fnv_banner(self.meta, info.path)
-        footprint = _footprint(init_result)
+        banner = fnv_banner(self.meta, info.path)
+        footprint = agent_footprint(init_result)
         if footprint is not None:
             self.meta.extra["agent_footprint"] = footprint[0]
             banner = [*banner, footprint[1]]
@@ -596,26 +371,9 @@ class LiveSession:
             assert self.device is not None
             self.device.resume(self.pid)
             self._release_parents()  # --follow-child: now the launcher may go on
-        # wrappers (issue 11) record nothing: counted apart, installed or waiting for a module
-        is_wrapper = [h.role == "wrapper" for h in self.agent.profile.hooks]
-        all_hooks = init_result.get("hooks", [])
-        hooks = [h for h in all_hooks if not is_wrapper[int(h.get("index", 0))]]
-        wrappers = [h for h in all_hooks if is_wrapper[int(h.get("index", 0))]]
-        hooks_ok = sum(1 for h in hooks if h.get("ok"))
-        absent = sum(1 for h in all_hooks if not h.get("ok")
-                     and str(h.get("detail", "")).startswith(NOT_PRESENT))
-        wrap_note = (f", {sum(1 for h in wrappers if h.get('ok'))}/{len(wrappers)} wrappers"
-                     if wrappers else "")
-        agent_bytes = init_result.get("agent_bytes") or init_result.get("ring_bytes") or 0
-        agent_mib = int(agent_bytes) / 2**20
-        self.err.write(
-            f"nvse-monitor: monitoring {self.meta.target} (PID {self.pid}, {self.meta.arch}, "
-            f"{self.meta.platform}) with profile {self.meta.profile}: {hooks_ok}/"
-            f"{len(hooks)} hooks{wrap_note}"
-            f"{f' ({absent} optional not present)' if absent else ''}, "
-            f"agent memory {agent_mib:.1f} MiB; "
-            f"files in {self.out_dir}{'; Ctrl-C to stop' if self.mode == 'attach' else ''}\n"
-        )
+        line = monitoring_line(self.meta, self.pid, self.agent.profile.hooks, init_result,
+                               self.out_dir, attach=self.mode == "attach")
+        self.err.write(f"nvse-monitor: {line}\n")
         for line in banner:
             self.err.write(f"nvse-monitor: {line}\n")
         self.err.flush()
@@ -673,249 +431,7 @@ class LiveSession:
             self._notes.append(note)
             self.err.write(f"nvse-monitor: warning: {note}\n")
 
-    def _call_in_worker(self, name: str, fn: Callable[[], Any], sink: list[Any]) -> Any:
-        """Run a blocking agent call on a worker thread while queued items go to `sink`."""
-        box: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                box["result"] = fn()
-            except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
-                box["error"] = exc
-            self.q.put(_WorkerDone(name))
-
-        threading.Thread(target=work, name=f"nvse-monitor-{name}", daemon=True).start()
-        while True:
-            item = self.q.get()
-            if isinstance(item, _WorkerDone) and item.name == name:
-                break
-            if isinstance(item, _Detached):
-                sink.append(item)
-                continue
-            sink.append(item)
-        if "error" in box:
-            exc = box["error"]
-            if any(isinstance(i, _Detached) for i in sink):
-                raise TargetError(f"the target went away while the agent was loading ({exc})")
-            if isinstance(exc, (TargetError, SessionError)):
-                raise exc
-            if isinstance(exc, frida.core.RPCException | frida.InvalidOperationError):
-                raise SessionError(f"the agent failed to start in PID {self.pid}: {exc}") from None
-            raise exc
-        return box["result"]
-
-    # ---- consumer loop --------------------------------------------------------------------------
-    def _consume(self) -> _Detached:
-        if self._pending_detach is not None:
-            return self._pending_detach
-        last_status = last_leaks = 0.0
-        while True:
-            try:
-                item = self.q.get(timeout=0.1)
-            except queue.Empty:
-                item = None
-            while item is not None:
-                if isinstance(item, Batch):
-                    item = self._feed_batches(item)  # may hand back the next non-batch item
-                    continue
-                detached = self._handle(item)
-                if detached is not None:
-                    return detached
-                item = None
-            now = time.monotonic()
-            deadline = self._duration_deadline
-            if self._stop_reason is None and deadline is not None and now >= deadline:
-                self._stop_reason = "duration"
-            if self._stop_reason is not None and not self._stop_started:
-                self._begin_stop()
-            if self._stop_started and now > self._stop_deadline:
-                self._notes.append("agent stop() timed out: detached without the final drain")
-                self._stop_deadline = float("inf")
-                threading.Thread(target=self._detach_quietly, daemon=True).start()
-            if self.status is not None and now - last_status >= 0.5:
-                last_status = now
-                self.status.update(self.pipeline, self._last_counters, self._records, now)
-            if self.pipeline is not None and now - last_leaks >= 0.5:
-                last_leaks = now  # `top DIR` in another process may ask for the leaks now
-                self.pipeline.answer_leak_request()
-
-    def _handle(self, item: Any) -> _Detached | None:
-        if isinstance(item, STREAM_TYPES):
-            self._feed(item)
-        elif isinstance(item, ExitNotice):
-            # abort() and crashes outrank "exit": on abort() Frida runs the watcher's dispose
-            # (which says "exit") before its exception handler reports the SIGABRT
-            first = self._exit_notice
-            if first is None or (first.how == "exit" and item.how != "exit"):
-                self._exit_notice = item
-        elif isinstance(item, _WorkerDone):
-            if item.name == "stop":
-                self._stop_fed.set()  # what the stop drained is fed: the last names may come
-            if item.name == "stop" and item.error is None and item.result is not None:
-                self._final_counters = _counters(item.result)
-            elif item.error is not None:
-                self._notes.append(f"agent {item.name}() failed: {item.error}")
-        elif isinstance(item, _Detached):
-            return item
-        elif isinstance(item, _AddrSpaceError):
-            self._notes.append(f"address-space sampling stopped: {item.message}")
-        elif isinstance(item, _ChildAdded) and self.device is not None:
-            with contextlib.suppress(Exception):  # a later child of a launcher: not monitored
-                self.device.resume(item.child.pid)
-        return None
-
-    def _feed_batches(self, first: Batch) -> Any:
-        """Feed `first` and the batches queued right behind it in one engine pass
-        (Pipeline.feed_many: each batch keeps its own time and counters, the files are the same
-        as feeding them one by one, minus superseded intermediate snapshots); returns the first
-        queued item that is not a batch, or None. The recording gets every agent batch as is."""
-        batches = [first]
-        n = len(first.records)
-        nxt = None
-        while n < self.opts.merge_records:
-            try:
-                item = self.q.get_nowait()
-            except queue.Empty:
-                break
-            if not isinstance(item, Batch):
-                nxt = item
-                break
-            batches.append(item)
-            n += len(item.records)
-        for b in batches:
-            self._account(b)
-        assert self.pipeline is not None
-        self.pipeline.feed_many(batches)
-        return nxt
-
-    def _feed(self, msg: StreamMessage) -> None:
-        assert self.pipeline is not None
-        self._account(msg)
-        self.pipeline.feed(msg)
-
-    def _account(self, msg: StreamMessage) -> None:
-        """Counts, time and the recording for one message about to be fed."""
-        self._messages += 1
-        if isinstance(msg, Batch):
-            self._records += len(msg.records)
-            if self.agent is not None:
-                self.agent.ack(len(msg.records))  # flow control: the reader may hand on more
-            self._last_counters = msg.counters
-            self._last_ts = max(self._last_ts, msg.now_us)
-        else:
-            self._last_ts = max(self._last_ts, int(getattr(msg, "ts_us", 0)))
-            if isinstance(msg, AgentError):
-                self._agent_errors += 1
-        if self.recorder is not None:
-            try:
-                self.recorder.write(msg)
-            except OSError as exc:  # disk full...: keep monitoring, the recording ends here
-                self._notes.append(f"recording stopped: {self.opts.record}: {exc.strerror or exc}")
-                with contextlib.suppress(OSError):
-                    self.recorder.close()
-                self.recorder = None
-
-    # ---- stopping -------------------------------------------------------------------------------
-    def _begin_stop(self) -> None:
-        self._stop_started = True
-        self._stop_deadline = time.monotonic() + STOP_TIMEOUT_S
-        if self.status is not None:
-            self.status.note(f"stopping ({self._stop_reason}): removing hooks, final drain...")
-
-        def work() -> None:
-            result, error = None, None
-            try:
-                result = self.agent.stop()  # reverts hooks, drains everything, final counters
-            except Exception as exc:  # noqa: BLE001 - the target may be gone already
-                error = exc
-            self.q.put(_WorkerDone("stop", result, error))
-            if self.symbolizer is not None:
-                # The last names while the agent is still loaded (the hooks are off): for the
-                # blocks the final drain brought too, once the consumer has fed them.
-                self._stop_fed.wait(5.0)
-                if error is None:
-                    self.symbolizer.final_pass()
-                else:
-                    self.symbolizer.stop()
-            self._detach_quietly()
-
-        threading.Thread(target=work, name="nvse-monitor-stop", daemon=True).start()
-
-    def _detach_quietly(self) -> None:
-        if self.symbolizer is not None:
-            self.symbolizer.stop()
-        if self._addrspace_watch is not None:
-            self._addrspace_watch.unload()
-        with contextlib.suppress(Exception):
-            self.agent.unload()
-        with contextlib.suppress(Exception):
-            if self._exit_script is not None:
-                self._exit_script.unload()
-        with contextlib.suppress(Exception):
-            assert self.session is not None
-            self.session.detach()
-
-    def _end_message(self, detached: _Detached) -> SessionEnd:
-        counters = self._final_counters or self._last_counters
-        crash = _crash_summary(detached.crash)
-        if detached.reason == "application-requested" and self._stop_reason is not None:
-            return SessionEnd(self._last_ts, self._stop_reason, True, "", counters)
-        notice = self._exit_notice
-        new = self._exe_at_detach
-        if detached.reason == "process-terminated" and new and new != self._spawn_exe:
-            # Not an end: the program exec'd and the agent went with the old image (Frida
-            # reports it as process-terminated).
-            self._notes.append(
-                f"the program replaced itself with {new} (exec): the hooks were in the program "
-                f"it replaced, so {new} runs on (PID {self.pid}) unmonitored; to monitor it, "
-                f"start it directly (nvse-monitor spawn -- {new} ARGS...) or attach to it "
-                f"while it runs (nvse-monitor attach {self.pid})")
-            return SessionEnd(self._last_ts, "target-exec", True, "", counters)
-        if detached.reason == "process-terminated" and self.mode == "spawn":
-            # Our own child: its wait status says exactly how it ended.
-            status = self._wait_status()
-            if status is not None:
-                self._notes.append(f"the program {describe_wait_status(status)}")
-            if status is not None and os.WIFEXITED(status):
-                return SessionEnd(self._last_ts, "target-exited", True, "", counters)
-            if status is not None and os.WIFSIGNALED(status):
-                sig = _signal_name(os.WTERMSIG(status))
-                what = f"crashed: {notice.what}; " if notice and notice.how == "crash" else ""
-                return SessionEnd(self._last_ts, detached.reason, False,
-                                  crash or f"{what}killed by {sig}", counters)
-        if detached.reason == "process-terminated" and notice is not None and notice.how == "exit":
-            return SessionEnd(self._last_ts, "target-exited", True, "", counters)
-        if notice is not None and notice.how == "abort":
-            crash = crash or f"the target called abort() (thread {notice.tid})"
-        elif notice is not None and notice.how == "crash":
-            crash = crash or f"crashed: {notice.what} (thread {notice.tid})"
-        elif detached.reason == "process-terminated" and not crash:
-            crash = "no exit() call seen: killed by a signal or crashed"
-        return SessionEnd(self._last_ts, detached.reason, False, crash, counters)
-
-    def _wait_status(self) -> int | None:
-        """The spawned program's wait status: from its pidfd (exact, also when Frida reaped
-        it first), else our own waitpid()."""
-        status = self._exit_status.status() if self._exit_status is not None else None
-        return status if status is not None else self._reap_spawned()
-
-    def _reap_spawned(self, timeout_s: float = 2.0) -> int | None:
-        """The wait status of the spawned program (Frida's spawn makes it our child), or None
-        when it is not ours to reap (another platform, or already reaped)."""
-        if os.name != "posix" or not self.pid:
-            return None
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except OSError:  # ECHILD: not our child, or Frida reaped it first
-                return None
-            if pid == self.pid:
-                return status
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.01)
-
+    # ---- the end ------------------------------------------------------------------------------
     def _finish(self, detached: _Detached) -> SessionResult:
         assert self.pipeline is not None and self.meta is not None
         if self.symbolizer is not None:
@@ -932,9 +448,7 @@ class LiveSession:
                 break
         end = self._end_message(detached)
         self._join_release()
-        if self._launcher_pid and os.name == "posix":  # --follow-child: reap the launcher
-            with contextlib.suppress(OSError):
-                os.waitpid(self._launcher_pid, os.WNOHANG)
+        self._reap_launcher()
         self._feed(end)
         if self.recorder is not None:
             try:
@@ -967,38 +481,6 @@ class LiveSession:
         if self.mode == "spawn":
             self._kill_spawned()
 
-    def _kill_spawned(self) -> None:
-        if self.device is None:
-            return
-        for pid in dict.fromkeys([self.pid, *reversed(self._spawned)]):
-            if pid:
-                with contextlib.suppress(Exception):
-                    self.device.kill(pid)
-
-    # ---- signals --------------------------------------------------------------------------------
-    def _install_signals(self) -> None:
-        self._old_handlers: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def handler(signum: int, _frame: Any) -> None:
-            if self._stop_reason is None:
-                self._stop_reason = "interrupted"
-                self._notes.append(f"stopped by {signal.Signals(signum).name}")
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old_handlers[sig] = signal.signal(sig, handler)
-
-    def _restore_signals(self) -> None:
-        for sig, old in getattr(self, "_old_handlers", {}).items():
-            signal.signal(sig, old)
-
-    def request_stop(self, reason: str = "interrupted") -> None:
-        """Ask a running session to stop (thread-safe; used by tests and embedders)."""
-        if self._stop_reason is None:
-            self._stop_reason = reason
-
-
 def _local_device() -> frida.core.Device:
     try:
         return frida.get_local_device()
@@ -1019,67 +501,9 @@ def _pid_exists(spec: str) -> bool:
     return True
 
 
-def _counters(d: Any) -> AgentCounters | None:
-    if isinstance(d, AgentCounters):
-        return d
-    if isinstance(d, dict):
-        known = AgentCounters.__dataclass_fields__
-        return AgentCounters(**{k: int(v) for k, v in d.items() if k in known})
-    return None
-
-
-def _crash_summary(crash: Any) -> str:
-    if crash is None:
-        return ""
-    summary = getattr(crash, "summary", None) or str(crash)
-    return " ".join(str(summary).split())[:500]
-
-
-def _signal_name(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
-
-
 def _utc_offset_s() -> int:
     """The host's local-time offset now (the log shows local time, like the original plugin)."""
     off = time.localtime().tm_gmtoff
     return int(off or 0)
 
 
-def _footprint(init_result: dict[str, Any]) -> tuple[dict[str, int], str] | None:
-    """The agent's own share of the target's memory (measured in the target at the end of init:
-    the regions Frida cloaks) for the metadata and a banner line; None when not measured."""
-    fp = init_result.get("footprint")
-    if not isinstance(fp, dict) or "committed" not in fp:
-        return None
-    d = {"committed_bytes": int(fp["committed"]), "reserved_bytes": int(fp.get("reserved", 0)),
-         "ring_bytes": int(init_result.get("ring_bytes") or 0)}
-    mib = 1 << 20
-    line = (f"Monitor footprint in the target: {d['committed_bytes'] / mib:.1f} MiB committed, "
-            f"{d['reserved_bytes'] / mib:.1f} MiB reserved (Frida agent, ring "
-            f"{d['ring_bytes'] / mib:.1f} MiB, hooks)")
-    return d, line
-
-
-def _fnv_banner(meta: SessionMeta, exe_path: str) -> list[str]:
-    """The FNV banner lines (game and NVSE versions, plugins, heap replacers) for the game or
-    the editor; [] for other targets."""
-    name = PureWindowsPath(meta.target).name
-    if name.lower() not in (fnv.GAME_EXE.lower(), fnv.EDITOR_EXE.lower()):
-        return []
-    from .pe import PeError, is_pe, read_pe_version
-
-    def version(path: str) -> str | None:
-        if not path or not is_pe(path):
-            return None
-        try:
-            return read_pe_version(path).file_version
-        except PeError:
-            return None
-
-    nvse = next((m for m in meta.modules if m.name.lower() in fnv.NVSE_MODULES), None)
-    nvse_path = next((m.path for m in meta.modules if m.name.lower() == fnv.NVSE_MODULES[0]),
-                     nvse.path if nvse is not None else "")
-    return fnv.banner(meta.modules, name, version(exe_path), version(nvse_path)).lines()
