@@ -41,7 +41,7 @@
 #define KIND_FREE 2
 #define KIND_REALLOC 3
 #define KIND_FAILED 4
-#define KIND_STACK 6         /* one chunk of a sampled call's stack (events.py) */
+#define KIND_STACK 6         /* one chunk of a sampled call's stack (stream/events.py) */
 #define NV_FLAG_SAMPLED 0x0001
 #define NV_FLAG_VIA_WRAPPER 0x0002
 #define NV_FLAG_REALLOC_HALF 0x0004  /* a FREE: the free half of a realloc that moved */

@@ -18,8 +18,8 @@ import time
 
 import frida
 
-from nvse_monitor.agent_host import AgentConfig, default_ring_slots, load_agent
-from nvse_monitor.hookprofile import Profile, load_profile
+from nvse_monitor.capture.agent_host import AgentConfig, default_ring_slots, load_agent
+from nvse_monitor.capture.hookprofile import Profile, load_profile
 
 WALK = """
 const vq = new NativeFunction(Process.getModuleByName('kernel32.dll').getExportByName(

@@ -4,7 +4,7 @@
 
 Measures, in one run (throughputs are medians of --repeat runs):
   - the committed fixtures (fixtures/*.nvmrec): bytes per event;
-  - a synthetic stream of --events events (nvse_monitor.synthetic): bytes per event, encode
+  - a synthetic stream of --events events (nvse_monitor.stream.synthetic): bytes per event, encode
     (RecordingWriter) and decode (iterating open_recording) events/s;
   - a real allocation trace: a Python workload run with PYTHONMALLOC=malloc under a small
     LD_PRELOAD shim (compiled here with gcc) that writes one 56-byte record per
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nvse_monitor.events import RECORD_DTYPE
-from nvse_monitor.recording import RecordingWriter, open_recording
-from nvse_monitor.stream import AgentCounters, Batch, SessionEnd, StreamMessage
-from nvse_monitor.synthetic import generate, synthetic_meta
+from nvse_monitor.stream.events import RECORD_DTYPE
+from nvse_monitor.stream.messages import AgentCounters, Batch, SessionEnd, StreamMessage
+from nvse_monitor.stream.recording import RecordingWriter, open_recording
+from nvse_monitor.stream.synthetic import generate, synthetic_meta
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -42,10 +42,10 @@ import frida  # noqa: E402
 from agent_harness import build  # noqa: E402
 from benchutil import cpu_model
 
-from nvse_monitor import agent_host  # noqa: E402
-from nvse_monitor.agent_host import DEFAULT_SAMPLE_BYTES, AgentConfig, load_agent  # noqa: E402
-from nvse_monitor.hookprofile import Profile, load_profile  # noqa: E402
-from nvse_monitor.stream import Batch  # noqa: E402
+from nvse_monitor.capture import agent_host  # noqa: E402
+from nvse_monitor.capture.agent_host import DEFAULT_SAMPLE_BYTES, AgentConfig, load_agent  # noqa: E402
+from nvse_monitor.capture.hookprofile import Profile, load_profile  # noqa: E402
+from nvse_monitor.stream.messages import Batch  # noqa: E402
 
 VARIANTS: dict[str, dict | None] = {
     "native": None,

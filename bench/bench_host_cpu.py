@@ -77,9 +77,9 @@ def measure(recording: Path, runs: int) -> dict[str, float]:
 
     from nvse_monitor.capture import ringlayout as rl
     from nvse_monitor.capture.reader import RingReader
-    from nvse_monitor.pipeline import Pipeline
-    from nvse_monitor.recording import open_recording
-    from nvse_monitor.stream import Batch
+    from nvse_monitor.outputs.pipeline import Pipeline
+    from nvse_monitor.stream.messages import Batch
+    from nvse_monitor.stream.recording import open_recording
 
     rec = open_recording(recording)
     msgs = list(rec)

@@ -1,9 +1,9 @@
 """Replay-ingest benchmark of the stats engine (issue 2 targets: >= 5 M events/s on one core,
 <= 64 host bytes per live tracked allocation; aim 10 M/s and 32 B).
 
-Generates a synthetic stream (nvse_monitor.synthetic: game/scrap/CRT heaps, reallocs, untracked
-frees, failures) of >= 20 M events with >= 1 M live allocations, feeds it to the engine in
-recording-sized chunks, and reports the median of a few runs, plus in the same run:
+Generates a synthetic stream (nvse_monitor.stream.synthetic: game/scrap/CRT heaps, reallocs,
+untracked frees, failures) of >= 20 M events with >= 1 M live allocations, feeds it to the engine
+in recording-sized chunks, and reports the median of a few runs, plus in the same run:
 - a naive per-event Python dict loop on a subset (the ratio is what matters across machines);
 - small live-sized batches (per-batch overhead);
 - live-set memory: table bytes / live blocks, and the RSS growth of the first run.
@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nvse_monitor import synthetic
 from nvse_monitor.engine import Engine, EngineConfig
-from nvse_monitor.stream import AgentCounters, Batch
+from nvse_monitor.stream import synthetic
+from nvse_monitor.stream.messages import AgentCounters, Batch
 
 
 def _status_kb(*fields: str) -> int:
@@ -204,7 +204,7 @@ def memory_in_fresh_process(meta, recs: np.ndarray, chunk: int) -> None:
 
 
 def memory_child(d: str, chunk: int) -> None:
-    from nvse_monitor.stream import SessionMeta
+    from nvse_monitor.stream.messages import SessionMeta
 
     recs = np.load(os.path.join(d, "recs.npy"), mmap_mode="r")
     with open(os.path.join(d, "meta.json")) as f:

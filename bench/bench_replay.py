@@ -51,7 +51,7 @@ def _run_monitor(pkg_root: Path, args: list[str], **kw) -> subprocess.CompletedP
 
 def recording(cache: Path, regen: bool) -> tuple[Path, int]:
     """The cached live recording and its number of events (made first if needed)."""
-    from nvse_monitor.recording import FORMAT_VERSION
+    from nvse_monitor.stream.recording import FORMAT_VERSION
 
     key = hashlib.sha256(WORKLOAD.read_bytes() + json.dumps(
         [WORKLOAD_ARGS, FORMAT_VERSION]).encode()).hexdigest()[:12]

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import numpy as np  # noqa: E402
 from agent_harness import TARGETS, Monitored  # noqa: E402
 
-from nvse_monitor.agent_host import AgentConfig  # noqa: E402
-from nvse_monitor.events import FLAG_SAMPLED, Kind  # noqa: E402
+from nvse_monitor.capture.agent_host import AgentConfig  # noqa: E402
+from nvse_monitor.stream.events import FLAG_SAMPLED, Kind  # noqa: E402
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Engine ingest with sampled stacks (issue 11, samples.py) vs without, in one run.
 
-One synthetic stream (nvse_monitor.synthetic), replayed as it is (no STACK records, sampling
+One synthetic stream (nvse_monitor.stream.synthetic), replayed as it is (no STACK records, sampling
 off) and with the agent's sampling simulated (synthetic.with_stacks) at several mean
 intervals; each variant fed to a fresh Engine in recording-sized runs (feed_many), the median of
 a few alternating runs. Ratios to the unsampled stream are what to trust on a shared machine.
@@ -18,9 +18,9 @@ import json
 import statistics
 import time
 
-from nvse_monitor import synthetic
 from nvse_monitor.engine import Engine
-from nvse_monitor.stream import Batch
+from nvse_monitor.stream import synthetic
+from nvse_monitor.stream.messages import Batch
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ import frida
 import numpy as np
 from benchutil import cpu_model
 
-from nvse_monitor.agent_host import agent_source
+from nvse_monitor.capture.agent_host import agent_source
 from nvse_monitor.capture.symbolizer import Symbolizer, agent_resolver
 
 

@@ -21,11 +21,12 @@ import urllib.request
 
 from rich.console import Console
 
-from nvse_monitor import leaks, synthetic
-from nvse_monitor.metrics import MetricsServer
-from nvse_monitor.pipeline import Pipeline
-from nvse_monitor.stream import Batch
-from nvse_monitor.top import PipelineSource, run_dashboard
+from nvse_monitor.engine import leaks
+from nvse_monitor.outputs.pipeline import Pipeline
+from nvse_monitor.stream import synthetic
+from nvse_monitor.stream.messages import Batch
+from nvse_monitor.views.metrics import MetricsServer
+from nvse_monitor.views.top import PipelineSource, run_dashboard
 
 
 def run(meta, msgs, views: bool) -> tuple[float, Pipeline, int]:

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from nvse_monitor.agent_host import AgentConfig, AgentHandle, load_agent
-from nvse_monitor.events import FLAG_REALLOC_HALF, RECORD_DTYPE, Kind
-from nvse_monitor.hookprofile import Profile, load_profile
-from nvse_monitor.stream import AgentCounters, Batch, HookEvent, ModuleEvent
+from nvse_monitor.capture.agent_host import AgentConfig, AgentHandle, load_agent
+from nvse_monitor.capture.hookprofile import Profile, load_profile
+from nvse_monitor.stream.events import FLAG_REALLOC_HALF, RECORD_DTYPE, Kind
+from nvse_monitor.stream.messages import AgentCounters, Batch, HookEvent, ModuleEvent
 
 TARGETS = Path(__file__).parent / "agent_targets"
 

@@ -240,6 +240,18 @@ def unmonitored_truth(exe: Path, work: list[str]) -> dict:
     return json.loads(out.split("DONE", 1)[1])
 
 
+def wait_frida_gone(pid: int, timeout: float = 30.0) -> None:
+    """Until Frida's agent library has left the target. Threads that exit while Frida is still
+    unloading it can crash the target in Frida's own code (docs/agent.md "Known problems";
+    seen with both transports, not ours to fix): the workers exit only after that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/maps") as f:
+            if "frida-agent" not in f.read():
+                return
+        time.sleep(0.05)
+
+
 def read_outputs(out_dir: Path, prefix: str = "MemoryPoolNVSE") -> dict[str, Path]:
     names = {
         "log": f"{prefix}_rpmalloc.log",

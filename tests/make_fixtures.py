@@ -1,6 +1,6 @@
 """Regenerates the committed synthetic fixtures (deterministic): python tests/make_fixtures.py
 
-The fixtures are SYNTHETIC (nvse_monitor.synthetic; meta mode "synthetic", target
+The fixtures are SYNTHETIC (nvse_monitor.stream.synthetic; meta mode "synthetic", target
 "synthetic-workload"), not recordings of a real game.
 """
 
@@ -10,9 +10,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from nvse_monitor.recording import write_recording
-from nvse_monitor.stream import HookEvent, Module, ModuleEvent, SessionMeta, StreamMessage
-from nvse_monitor.synthetic import generate
+from nvse_monitor.stream.messages import HookEvent, Module, ModuleEvent, SessionMeta, StreamMessage
+from nvse_monitor.stream.recording import write_recording
+from nvse_monitor.stream.synthetic import generate
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 RPMALLOC = Module(

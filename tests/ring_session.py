@@ -7,9 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from nvse_monitor.events import RECORD_DTYPE, Kind
-from nvse_monitor.recording import write_recording
-from nvse_monitor.stream import AgentCounters, Batch, HookInfo, Module, SessionEnd, SessionMeta
+from nvse_monitor.stream.events import RECORD_DTYPE, Kind
+from nvse_monitor.stream.messages import (
+    AgentCounters,
+    Batch,
+    HookInfo,
+    Module,
+    SessionEnd,
+    SessionMeta,
+)
+from nvse_monitor.stream.recording import write_recording
 
 EXE = Module("Game.exe", 0x400000, 0x100000)
 STALLS, STALL_US, STALL_MAX_US = 250, 1_500_000, 50_000

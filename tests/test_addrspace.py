@@ -12,14 +12,19 @@ from pathlib import Path
 import pytest
 from test_engine import A, F, batch, meta, recs
 
-from nvse_monitor import addrspace
+from nvse_monitor.capture import addrspace
 from nvse_monitor.engine import Engine, EngineConfig
-from nvse_monitor.outputs import AddressSpaceRow, LogLine, Snapshot, Status
-from nvse_monitor.pipeline import replay
-from nvse_monitor.recording import RecordingError, info, read_recording, write_recording
-from nvse_monitor.stream import AddressSpace, SessionEnd, control_from_json, control_to_json
-from nvse_monitor.writers import FilePaths, OutputFiles
-from nvse_monitor.writers.addrspace import HEADER
+from nvse_monitor.outputs.addrspace import HEADER
+from nvse_monitor.outputs.files import FilePaths, OutputFiles
+from nvse_monitor.outputs.pipeline import replay
+from nvse_monitor.outputs.rows import AddressSpaceRow, LogLine, Snapshot, Status
+from nvse_monitor.stream.messages import (
+    AddressSpace,
+    SessionEnd,
+    control_from_json,
+    control_to_json,
+)
+from nvse_monitor.stream.recording import RecordingError, info, read_recording, write_recording
 
 MIB = 1 << 20
 GIB = 1 << 30

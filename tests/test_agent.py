@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from agent_harness import Monitored, as_records, build, counters_delta, m32_problem, tally
 
-from nvse_monitor.agent_host import AgentConfig
-from nvse_monitor.events import Kind
-from nvse_monitor.hookprofile import load_profile, parse_profile
+from nvse_monitor.capture.agent_host import AgentConfig
+from nvse_monitor.capture.hookprofile import load_profile, parse_profile
+from nvse_monitor.stream.events import Kind
 
 pytestmark = pytest.mark.frida
 
@@ -426,8 +426,8 @@ def libc_malloc_address(mon: Monitored) -> int:
 HOST_SCRIPT = """
 import sys, time, frida
 sys.path.insert(0, {tests!r})
-from nvse_monitor.agent_host import load_agent
-from nvse_monitor.hookprofile import load_profile
+from nvse_monitor.capture.agent_host import load_agent
+from nvse_monitor.capture.hookprofile import load_profile
 s = frida.attach({pid})
 h = load_agent(s, load_profile("linux-libc"), on_message=lambda m: None)
 print("loaded", flush=True)
@@ -474,7 +474,7 @@ def test_host_death_unloads_agent(bin_dir):
 def test_spawned_process_recorded_from_first_call(bin_dir):
     import frida
 
-    from nvse_monitor.agent_host import load_agent
+    from nvse_monitor.capture.agent_host import load_agent
 
     path = build("sequence.c", bin_dir, "x64")
     device = frida.get_local_device()

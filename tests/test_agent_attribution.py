@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from agent_harness import TARGETS, Monitored, m32_problem
 
-from nvse_monitor.agent_host import AgentConfig
-from nvse_monitor.events import FLAG_SAMPLED, FLAG_VIA_WRAPPER, Kind
-from nvse_monitor.hookprofile import Profile, parse_profile
+from nvse_monitor.capture.agent_host import AgentConfig
+from nvse_monitor.capture.hookprofile import Profile, parse_profile
+from nvse_monitor.stream.events import FLAG_SAMPLED, FLAG_VIA_WRAPPER, Kind
 
 pytestmark = pytest.mark.frida
 
@@ -159,7 +159,7 @@ def test_operator_new_is_a_wrapper_and_exceptions_pass(bin_dir: Path, arch: str)
 
 def stacks(r: np.ndarray) -> list[tuple[np.void, list[int]]]:
     """(sampled record, its frames): each FLAG_SAMPLED call with the STACK chunks its thread
-    published just before it (contract in nvse_monitor/events.py)."""
+    published just before it (contract in nvse_monitor/stream/events.py)."""
     out = []
     pending: dict[int, list[np.void]] = {}
     for x in r:

@@ -13,9 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import _ARCH_FLAGS, REPO, TARGETS_DIR
+from conftest import _ARCH_FLAGS, REPO, TARGETS_DIR, wait_frida_gone
 
-from nvse_monitor import leaks
+from nvse_monitor.engine import leaks
 
 pytestmark = pytest.mark.frida
 
@@ -66,6 +66,7 @@ def test_leaks_named_through_a_wrapper_and_stacks_show_callers(arch, targets, tm
     assert target.done() == {"ok": True}
     mon.signal(signal.SIGINT)  # the target is alive: the final naming pass runs before unload
     assert mon.wait() == 0, mon.stderr
+    wait_frida_gone(target.pid)  # the target ends only after Frida's unload (docs/agent.md)
     target.finish()
 
     rep = leaks.read_csv(out / "MemoryPoolNVSE_leaks.csv")

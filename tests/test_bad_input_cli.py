@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from test_fuzz_recording import base, body_case, frame_case, raw_case
 
 from nvse_monitor.cli import main
-from nvse_monitor.writers import FilePaths
+from nvse_monitor.outputs.files import FilePaths
 
 N_CLI_CASES = int(os.environ.get("NVSE_FUZZ_CLI_CASES", "300"))
 

@@ -59,7 +59,7 @@ def test_replay_line_uses_one_separator():
     """`DIR\\PREFIX_*` on Windows, not `\\tmp\\x\\rw/MemoryPoolNVSE_*` (issue 12)."""
     from pathlib import PurePosixPath, PureWindowsPath
 
-    from nvse_monitor.cli_offline import files_pattern
+    from nvse_monitor.cli.offline import files_pattern
 
     assert files_pattern(PureWindowsPath(r"\tmp\x\rw"), "MemoryPoolNVSE") == \
         r"\tmp\x\rw\MemoryPoolNVSE_*"

@@ -14,12 +14,12 @@ from test_writers import ZERO_US, make_snapshot
 
 from nvse_monitor import __version__
 from nvse_monitor.cli import main
-from nvse_monitor.outputs import Status
-from nvse_monitor.pipeline import Pacer, replay
-from nvse_monitor.recording import write_recording
-from nvse_monitor.synthetic import generate
-from nvse_monitor.writers import FilePaths
-from nvse_monitor.writers import status as status_writer
+from nvse_monitor.outputs import status as status_writer
+from nvse_monitor.outputs.files import FilePaths
+from nvse_monitor.outputs.pipeline import Pacer, replay
+from nvse_monitor.outputs.rows import Status
+from nvse_monitor.stream.recording import write_recording
+from nvse_monitor.stream.synthetic import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 

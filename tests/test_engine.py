@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from nvse_monitor.engine import Engine, EngineConfig
-from nvse_monitor.events import RECORD_DTYPE
-from nvse_monitor.outputs import CsvRow, LogLine, Snapshot
-from nvse_monitor.stream import AgentCounters, Batch, HookInfo, Module, SessionMeta
+from nvse_monitor.outputs.rows import CsvRow, LogLine, Snapshot
+from nvse_monitor.stream.events import RECORD_DTYPE
+from nvse_monitor.stream.messages import AgentCounters, Batch, HookInfo, Module, SessionMeta
 
 A, F, R, X = 1, 2, 3, 4
 HOOKS = [HookInfo("malloc", "libc", "alloc"), HookInfo("free", "libc", "free"),
@@ -241,7 +241,7 @@ def test_per_heap_and_per_module_live_bytes() -> None:
 
 
 def test_module_loaded_later_gets_attribution() -> None:
-    from nvse_monitor.stream import ModuleEvent
+    from nvse_monitor.stream.messages import ModuleEvent
 
     e = Engine(meta())
     e.start()
@@ -316,7 +316,7 @@ def test_pointers_with_colliding_grouping_hashes_match_reference() -> None:
 def test_feed_many_on_a_bundled_recording_matches_feed(name) -> None:
     from pathlib import Path
 
-    from nvse_monitor.recording import read_recording
+    from nvse_monitor.stream.recording import read_recording
 
     path = Path(__file__).parent.parent / "fixtures" / f"{name}.nvmrec"
     meta_, msgs = read_recording(path)
@@ -347,7 +347,7 @@ def assert_feed_many_matches_feed(meta_, msgs, run: int | None = None):
 
 def test_banner_lines_and_plugins_are_logged_as_info():
     from nvse_monitor.engine import Engine
-    from nvse_monitor.stream import Module, ModuleEvent, SessionMeta
+    from nvse_monitor.stream.messages import Module, ModuleEvent, SessionMeta
 
     meta = SessionMeta(target="FalloutNV.exe", pid=7, arch="ia32", platform="windows",
                        profile="fnv-1.4.0.525",
@@ -511,7 +511,7 @@ def test_older_recording_any_drop_makes_fates_uncertain() -> None:
 
 
 def test_drop_seen_only_at_session_end_covers_every_block() -> None:
-    from nvse_monitor.stream import SessionEnd
+    from nvse_monitor.stream.messages import SessionEnd
 
     e = Engine(meta(extra=dict(RING)))
     e.start()
@@ -536,7 +536,7 @@ def test_invalid_ring_records_warn_degrade_and_make_fates_uncertain() -> None:
 def test_feed_many_matches_feed_with_ring_counters(tmp_path) -> None:
     import ring_session
 
-    from nvse_monitor.recording import read_recording
+    from nvse_monitor.stream.recording import read_recording
 
     meta_, msgs = read_recording(ring_session.write(tmp_path / "ring.nvmrec"))
     lines, e1, e2 = assert_feed_many_matches_feed(meta_, msgs)

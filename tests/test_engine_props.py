@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nvse_monitor.engine import Engine, EngineConfig
-from nvse_monitor.events import RECORD_DTYPE
-from nvse_monitor.outputs import CsvRow, LogLine, Snapshot
-from nvse_monitor.stream import AgentCounters, Batch, HookInfo, Module, SessionMeta
+from nvse_monitor.outputs.rows import CsvRow, LogLine, Snapshot
+from nvse_monitor.stream.events import RECORD_DTYPE
+from nvse_monitor.stream.messages import AgentCounters, Batch, HookInfo, Module, SessionMeta
 
 HOOKS = [HookInfo("malloc", "a", "alloc"), HookInfo("free", "a", "free"),
          HookInfo("game_alloc", "b", "alloc")]
@@ -244,7 +244,7 @@ def test_batch_split_does_not_change_outputs(recs, cuts1, cuts2, cap) -> None:
 def test_feed_many_gives_the_same_lines_and_rows(recs, cuts, extra, groups, cap) -> None:
     """Replay can feed runs of batches at once: same log lines and CSV rows as one by one,
     with batch times after their records, drops, and control messages between batches."""
-    from nvse_monitor.stream import ModuleEvent
+    from nvse_monitor.stream.messages import ModuleEvent
 
     a = build(recs)
     bounds = [0, *sorted({c % (len(a) + 1) for c in cuts}), len(a)]

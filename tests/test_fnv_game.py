@@ -24,12 +24,12 @@ import pytest
 from agent_harness import Monitored, m32_problem
 from fnv.build import FakeInstall, GroundTruth, build_fake_install, parse_truth
 
-from nvse_monitor import fnv
-from nvse_monitor.agent_host import AgentConfig, load_agent
-from nvse_monitor.events import FLAG_VIA_WRAPPER, Kind
-from nvse_monitor.hookprofile import Profile, load_profile
-from nvse_monitor.pipeline import Pipeline
-from nvse_monitor.stream import Batch, HookEvent, ModuleEvent, SessionMeta
+from nvse_monitor.capture import fnv
+from nvse_monitor.capture.agent_host import AgentConfig, load_agent
+from nvse_monitor.capture.hookprofile import Profile, load_profile
+from nvse_monitor.outputs.pipeline import Pipeline
+from nvse_monitor.stream.events import FLAG_VIA_WRAPPER, Kind
+from nvse_monitor.stream.messages import Batch, HookEvent, ModuleEvent, SessionMeta
 
 pytestmark = [pytest.mark.frida, pytest.mark.m32]
 

@@ -1,5 +1,6 @@
-"""PE version reading and the profile version check (nvse_monitor/pe.py), on PE images the tests
-write byte by byte (tests/fnv/pebuild.py) and, when mingw is installed, on one it builds."""
+"""PE version reading and the profile version check (nvse_monitor/capture/pe.py), on PE images
+the tests write byte by byte (tests/fnv/pebuild.py) and, when mingw is installed, on one it
+builds."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from pathlib import Path
 import pytest
 from fnv.pebuild import build_pe, version_rc
 
-from nvse_monitor.cli_live import _large_address_aware
-from nvse_monitor.fnv import plan_launch
-from nvse_monitor.hookprofile import load_profile
-from nvse_monitor.pe import PeError, check_profile_version, is_pe, read_pe_version
+from nvse_monitor.capture.fnv import plan_launch
+from nvse_monitor.capture.hookprofile import load_profile
+from nvse_monitor.capture.pe import PeError, check_profile_version, is_pe, read_pe_version
+from nvse_monitor.cli.live import _large_address_aware
 
 FNV = load_profile("fnv-1.4.0.525")
 

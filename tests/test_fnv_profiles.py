@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 from fnv.fakeprofile import MODULES, fake_hooks, fake_profile_toml
 
-from nvse_monitor.hookprofile import HookSpec, Profile, list_profiles, load_profile, select_profile
+from nvse_monitor.capture.hookprofile import (
+    HookSpec,
+    Profile,
+    list_profiles,
+    load_profile,
+    select_profile,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 # The project's FNV reference (addresses, ABIs, sources), kept in the repo so CI checks against

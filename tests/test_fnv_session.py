@@ -26,10 +26,10 @@ import pytest
 from agent_harness import m32_problem
 from fnv.build import FakeInstall, GroundTruth, build_fake_install, parse_truth
 
-from nvse_monitor.events import Kind
-from nvse_monitor.hookprofile import Profile, load_profile
-from nvse_monitor.recording import Recording
-from nvse_monitor.stream import Batch
+from nvse_monitor.capture.hookprofile import Profile, load_profile
+from nvse_monitor.stream.events import Kind
+from nvse_monitor.stream.messages import Batch
+from nvse_monitor.stream.recording import Recording
 
 pytestmark = [pytest.mark.frida, pytest.mark.m32]
 

@@ -1,6 +1,7 @@
 """FNV decisions inside live sessions that need no target: the spawn plan for nvse_loader.exe /
 FalloutNV.exe, the PE version check, the banner lines, the 4GB-patch probe of `launch`
-(nvse_monitor/session.py, nvse_monitor/cli_live.py; docs/fnv.md)."""
+(nvse_monitor/capture/: session.py, children.py, banner.py; nvse_monitor/cli/live.py;
+docs/fnv.md)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import pytest
 from fnv.pebuild import build_pe
 from test_fnv_unit import make_game
 
-from nvse_monitor import addrspace, fnv
-from nvse_monitor.cli_live import _large_address_aware
-from nvse_monitor.hookprofile import load_profile
-from nvse_monitor.session import LiveSession, SessionError, SessionOptions, _fnv_banner
-from nvse_monitor.stream import Module, SessionMeta
+from nvse_monitor.capture import addrspace, fnv
+from nvse_monitor.capture.banner import fnv_banner
+from nvse_monitor.capture.hookprofile import load_profile
+from nvse_monitor.capture.session import LiveSession, SessionError, SessionOptions
+from nvse_monitor.cli.live import _large_address_aware
+from nvse_monitor.stream.messages import Module, SessionMeta
 
 FNV = load_profile("fnv-1.4.0.525")
 
@@ -120,13 +122,13 @@ def test_banner_reads_game_and_nvse_versions(tmp_path: Path) -> None:
     mods = [Module("FalloutNV.exe", 0x400000, 0x1000, str(root / "FalloutNV.exe")),
             Module("nvse_1_4.dll", 0x10000000, 0x1000, str(root / "nvse_1_4.dll")),
             Module("jip_nvse.dll", 0x20000000, 0x1000, str(plug))]
-    lines = _fnv_banner(_meta("FalloutNV.exe", mods), str(root / "FalloutNV.exe"))
+    lines = fnv_banner(_meta("FalloutNV.exe", mods), str(root / "FalloutNV.exe"))
     assert lines == ["Game: FalloutNV.exe 1.4.0.525", "NVSE: nvse_1_4.dll 6.3.7.0",
                      "Plugins loaded: 1: jip_nvse.dll"]
 
 
 def test_no_banner_for_other_targets() -> None:
-    assert _fnv_banner(_meta("game", []), "/usr/bin/game") == []
+    assert fnv_banner(_meta("game", []), "/usr/bin/game") == []
 
 
 # ---------------------------------------------------------------- launch: 4GB patch
@@ -159,7 +161,7 @@ def test_launch_command_spawns_per_plan(tmp_path: Path, monkeypatch: pytest.Monk
     gating in the game directory, or (4GB patched) the game itself; Steam variables set."""
     from click.testing import CliRunner
 
-    from nvse_monitor import cli_live
+    from nvse_monitor.cli import live as cli_live
     from nvse_monitor.cli import main
 
     root = make_game(tmp_path / "g")

@@ -1,5 +1,5 @@
-"""nvse_monitor.fnv: game-directory detection, output directory, spawn environment, launch plan
-and banner, on directories laid out like a game install (no Windows needed)."""
+"""nvse_monitor.capture.fnv: game-directory detection, output directory, spawn environment,
+launch plan and banner, on directories laid out like a game install (no Windows needed)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nvse_monitor import fnv
-from nvse_monitor.stream import Module
+from nvse_monitor.capture import fnv
+from nvse_monitor.stream.messages import Module
 
 
 def make_game(root: Path, loader: bool = True, plugins: bool = True, editor: bool = False,
@@ -96,7 +96,7 @@ def test_out_dir_falls_back_to_cwd(tmp_path: Path, case: str) -> None:
 
 
 def test_fallback_matches_pipeline_default() -> None:
-    from nvse_monitor.pipeline import DEFAULT_OUT_DIR
+    from nvse_monitor.outputs.pipeline import DEFAULT_OUT_DIR
 
     assert fnv.FALLBACK_OUT_DIR == DEFAULT_OUT_DIR
 

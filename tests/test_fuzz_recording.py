@@ -31,8 +31,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from nvse_monitor.codec import CHUNK_HEADER
-from nvse_monitor.recording import (
+from nvse_monitor.stream.codec import CHUNK_HEADER
+from nvse_monitor.stream.messages import AgentError, Batch, HookEvent, Module, ModuleEvent
+from nvse_monitor.stream.recording import (
     FILE_HEADER,
     FRAME_CHUNK,
     FRAME_HEADER,
@@ -40,8 +41,7 @@ from nvse_monitor.recording import (
     open_recording,
     write_recording,
 )
-from nvse_monitor.stream import AgentError, Batch, HookEvent, Module, ModuleEvent
-from nvse_monitor.synthetic import generate
+from nvse_monitor.stream.synthetic import generate
 
 N_CASES = int(os.environ.get("NVSE_FUZZ_CASES", "2000"))
 CASE_TIMEOUT_S = 10

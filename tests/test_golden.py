@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from nvse_monitor.pipeline import replay
-from nvse_monitor.writers import FilePaths
+from nvse_monitor.outputs.files import FilePaths
+from nvse_monitor.outputs.pipeline import replay
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES_DIR = ROOT / "fixtures"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from test_engine import A, F, X, batch, logs, meta, recs, run
 
-from nvse_monitor.engine import NOT_PRESENT, Engine, EngineConfig
-from nvse_monitor.outputs import Snapshot, Status
-from nvse_monitor.stream import AgentError, HookEvent, SessionEnd
+from nvse_monitor.engine.engine import NOT_PRESENT, Engine, EngineConfig
+from nvse_monitor.outputs.rows import Snapshot, Status
+from nvse_monitor.stream.messages import AgentError, HookEvent, SessionEnd
 
 S = 1_000_000  # µs per second
 
@@ -217,8 +217,8 @@ def test_free_of_unknown_pointer_does_not_degrade() -> None:
 def test_pending_hooks_are_neither_installed_nor_failed():
     # A hook whose module is not loaded yet (a plugin's CRT) must not count as failed.
     from nvse_monitor.engine import Engine
-    from nvse_monitor.outputs import Status
-    from nvse_monitor.stream import HookEvent, HookInfo, SessionMeta
+    from nvse_monitor.outputs.rows import Status
+    from nvse_monitor.stream.messages import HookEvent, HookInfo, SessionMeta
 
     meta = SessionMeta(target="t", pid=1, arch="x64", platform="linux", profile="p",
                        hooks=[HookInfo("malloc", "libc", "alloc"),
@@ -236,8 +236,8 @@ def test_pending_hooks_are_neither_installed_nor_failed():
 
 def test_only_pending_hooks_is_not_all_failed():
     from nvse_monitor.engine import Engine
-    from nvse_monitor.outputs import Status
-    from nvse_monitor.stream import HookEvent, HookInfo, SessionMeta
+    from nvse_monitor.outputs.rows import Status
+    from nvse_monitor.stream.messages import HookEvent, HookInfo, SessionMeta
 
     meta = SessionMeta(target="t", pid=1, arch="x64", platform="linux", profile="p",
                        hooks=[HookInfo("plugin_malloc", "plugin", "alloc")])

@@ -3,7 +3,7 @@ harmless, not Frida's "please file a bug"."""
 
 from __future__ import annotations
 
-from nvse_monitor.engine import plain_hook_detail
+from nvse_monitor.engine.engine import plain_hook_detail
 
 AGENT = ("0x7f50943bb610 libc.so.6!aligned_alloc (slow path: Interceptor.replace, replaceFast "
          "said: unable to intercept function at 0x7f50943bb610; please file a bug)")

@@ -10,11 +10,17 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from nvse_monitor import leaks
-from nvse_monitor.engine import Engine
-from nvse_monitor.events import RECORD_DTYPE, Kind
-from nvse_monitor.pipeline import Pipeline
-from nvse_monitor.stream import AgentCounters, Batch, HookInfo, Module, ModuleEvent, SessionMeta
+from nvse_monitor.engine import Engine, leaks
+from nvse_monitor.outputs.pipeline import Pipeline
+from nvse_monitor.stream.events import RECORD_DTYPE, Kind
+from nvse_monitor.stream.messages import (
+    AgentCounters,
+    Batch,
+    HookInfo,
+    Module,
+    ModuleEvent,
+    SessionMeta,
+)
 
 HOOKS = [HookInfo("malloc", "libc", "alloc"), HookInfo("free", "libc", "free"),
          HookInfo("GameHeap::Allocate", "game", "alloc")]

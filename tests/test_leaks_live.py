@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nvse_monitor import leaks
+from nvse_monitor.engine import leaks
 
 pytestmark = pytest.mark.frida
 

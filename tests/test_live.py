@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import REPO, LiveProcs, Monitor, read_outputs, unmonitored_truth
 
-from nvse_monitor.events import Kind
+from nvse_monitor.stream.events import Kind
 
 pytestmark = pytest.mark.frida
 
@@ -171,14 +171,14 @@ def per_thread_from_records(records: np.ndarray) -> dict[int, dict[str, int]]:
 
 
 def read_recording(path: Path) -> tuple[object, list]:
-    from nvse_monitor.recording import open_recording
+    from nvse_monitor.stream.recording import open_recording
 
     with open_recording(path) as rec:
         return rec.meta, list(rec)
 
 
 def test_eight_threads_exact(targets, tmp_path, live_procs):
-    from nvse_monitor.stream import Batch
+    from nvse_monitor.stream.messages import Batch
 
     extra = ["--threads", "8", "--iters", "4000", "--rounds", "2"]
     # ~160k events in a burst: a ring that holds them all, so a drain delayed by a loaded
@@ -361,8 +361,8 @@ def test_duration_stops_the_session(targets, tmp_path, live_procs):
 
 
 def replay_into(rec: Path, out: Path) -> None:
-    from nvse_monitor.pipeline import Pipeline
-    from nvse_monitor.recording import open_recording
+    from nvse_monitor.outputs.pipeline import Pipeline
+    from nvse_monitor.stream.recording import open_recording
 
     with open_recording(rec) as r:
         pipe = Pipeline(r.meta, out)
@@ -404,8 +404,8 @@ def test_replay_cli_on_live_recording(attached_run, tmp_path):
 def test_committed_live_fixture_replays_to_its_truth(name, tmp_path):
     """The committed real recordings (tests/make_live_fixtures.py) replay to the ground truth
     their target printed when they were recorded. Offline: no Frida needed."""
-    from nvse_monitor.pipeline import Pipeline
-    from nvse_monitor.recording import open_recording
+    from nvse_monitor.outputs.pipeline import Pipeline
+    from nvse_monitor.stream.recording import open_recording
 
     fixtures = REPO / "fixtures"
     truth = json.loads((fixtures / f"{name}.truth.json").read_text())

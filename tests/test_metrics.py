@@ -22,9 +22,9 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
-from nvse_monitor.metrics import MetricsServer
-from nvse_monitor.pipeline import Pipeline
-from nvse_monitor.recording import read_recording
+from nvse_monitor.outputs.pipeline import Pipeline
+from nvse_monitor.stream.recording import read_recording
+from nvse_monitor.views.metrics import MetricsServer
 
 FIXTURE = REPO / "fixtures" / "synthetic-mixed.nvmrec"
 

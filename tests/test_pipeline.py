@@ -11,10 +11,10 @@ import threading
 import pytest
 from test_writers import make_meta, make_snapshot
 
-from nvse_monitor.outputs import CsvRow, LogLine, Status
-from nvse_monitor.pipeline import Pipeline
-from nvse_monitor.stream import AgentError
-from nvse_monitor.writers import OutputDirError
+from nvse_monitor.outputs.files import OutputDirError
+from nvse_monitor.outputs.pipeline import Pipeline
+from nvse_monitor.outputs.rows import CsvRow, LogLine, Status
+from nvse_monitor.stream.messages import AgentError
 
 
 class ScriptedEngine:
@@ -152,9 +152,9 @@ def test_feed_from_a_thread_while_finishing(tmp_path):
 def test_direct_feed_equals_replay_of_its_recording(tmp_path):
     """What a live session writes (messages fed as they come) is what replaying its recording
     writes, byte for byte."""
-    from nvse_monitor.pipeline import replay
-    from nvse_monitor.recording import write_recording
-    from nvse_monitor.synthetic import generate
+    from nvse_monitor.outputs.pipeline import replay
+    from nvse_monitor.stream.recording import write_recording
+    from nvse_monitor.stream.synthetic import generate
 
     meta, msgs = generate(40_000, seed=11, rate_eps=20_000)
     msgs = list(msgs)
@@ -170,7 +170,7 @@ def test_direct_feed_equals_replay_of_its_recording(tmp_path):
 
 
 def test_real_engine_hears_about_write_failures(tmp_path):
-    from nvse_monitor.synthetic import generate
+    from nvse_monitor.stream.synthetic import generate
 
     meta, msgs = generate(60_000, seed=5, rate_eps=20_000, failure_rate=0)
     msgs = list(msgs)

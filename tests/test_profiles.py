@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nvse_monitor.hookprofile import (
+from nvse_monitor.capture.hookprofile import (
     ProfileError,
     list_profiles,
     load_profile,
@@ -78,7 +78,7 @@ def test_every_bundled_profile_is_valid():
 
 
 def test_select_prefers_profile_naming_the_executable(monkeypatch):
-    import nvse_monitor.hookprofile as hp
+    import nvse_monitor.capture.hookprofile as hp
 
     generic = parse(HEADER.replace('executable = ["FalloutNV.exe"]', "executable = []") + HOOK)
     fnv = parse(HEADER + HOOK)

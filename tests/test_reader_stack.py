@@ -7,7 +7,7 @@ import numpy as np
 from test_ring_reader import Ring
 
 from nvse_monitor.capture import ringlayout as rl
-from nvse_monitor.events import FLAG_SAMPLED, FLAG_VIA_WRAPPER, RECORD_DTYPE, Kind
+from nvse_monitor.stream.events import FLAG_SAMPLED, FLAG_VIA_WRAPPER, RECORD_DTYPE, Kind
 
 
 def publish(ring: Ring, kind: int, hook: int = 0, flags: int = 0, ptr: int = 0x1000,

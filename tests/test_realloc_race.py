@@ -15,9 +15,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import _ARCH_FLAGS, TARGETS_DIR, read_outputs
+from conftest import _ARCH_FLAGS, TARGETS_DIR, read_outputs, wait_frida_gone
 
-from nvse_monitor import leaks
+from nvse_monitor.engine import leaks
 
 pytestmark = pytest.mark.frida
 
@@ -56,6 +56,7 @@ def test_realloc_into_an_address_freed_during_the_call(arch, targets, tmp_path, 
     assert truth["ok"], truth  # the program did move each realloc into the freed address
     mon.signal(signal.SIGINT)
     assert mon.wait() == 0, mon.stderr
+    wait_frida_gone(target.pid)  # the target ends only after Frida's unload (docs/agent.md)
     target.finish()
 
     js = json.loads(read_outputs(out)["json"].read_text())

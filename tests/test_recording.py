@@ -13,9 +13,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nvse_monitor.codec import CHUNK_HEADER, MAX_CHUNK_RECORDS, BatchRow, decode_chunk
-from nvse_monitor.events import RECORD_DTYPE, Kind
-from nvse_monitor.recording import (
+from nvse_monitor.stream.codec import CHUNK_HEADER, MAX_CHUNK_RECORDS, BatchRow, decode_chunk
+from nvse_monitor.stream.events import RECORD_DTYPE, Kind
+from nvse_monitor.stream.messages import (
+    AgentCounters,
+    AgentError,
+    Batch,
+    HookEvent,
+    Module,
+    ModuleEvent,
+    SessionEnd,
+    StreamMessage,
+)
+from nvse_monitor.stream.recording import (
     FILE_HEADER,
     FRAME_CHUNK,
     FRAME_CONTROL,
@@ -32,17 +42,7 @@ from nvse_monitor.recording import (
     read_recording,
     write_recording,
 )
-from nvse_monitor.stream import (
-    AgentCounters,
-    AgentError,
-    Batch,
-    HookEvent,
-    Module,
-    ModuleEvent,
-    SessionEnd,
-    StreamMessage,
-)
-from nvse_monitor.synthetic import generate
+from nvse_monitor.stream.synthetic import generate
 
 TESTS = Path(__file__).resolve().parent
 FIXTURES = TESTS.parent / "fixtures"
@@ -435,7 +435,7 @@ def test_data_after_the_trailer(tmp_path, recorded, session):
 
 
 def test_decode_chunk_rejects_counts_that_do_not_add_up():
-    from nvse_monitor.codec import encode_chunk
+    from nvse_monitor.stream.codec import encode_chunk
 
     recs = np.zeros(3, RECORD_DTYPE)
     payload = encode_chunk([BatchRow(0, AgentCounters(), 3)], recs)
@@ -514,7 +514,7 @@ def test_version_1_recordings_are_read_with_ring_counters_zero():
 
 
 def test_trailer_counters_of_any_version_are_accepted():
-    from nvse_monitor.stream import control_from_json
+    from nvse_monitor.stream.messages import control_from_json
 
     old = {"type": "end", "ts_us": 5, "reason": "x", "expected": True, "crash": "",
            "counters": {"allocs": 1, "frees": 0, "reallocs": 0, "failures": 0,

@@ -24,14 +24,14 @@ import pytest
 from conftest import REPO, Monitor, read_outputs, tmpfs, unmonitored_truth
 from test_live import EXACT_KEYS, assert_shutdown
 
-from nvse_monitor.events import Kind
+from nvse_monitor.stream.events import Kind
 
 pytestmark = pytest.mark.frida
 
 
 def recorded_records(rec: Path) -> tuple[np.ndarray, list]:
-    from nvse_monitor.recording import open_recording
-    from nvse_monitor.stream import Batch
+    from nvse_monitor.stream.messages import Batch
+    from nvse_monitor.stream.recording import open_recording
 
     with open_recording(rec) as r:
         msgs = list(r)

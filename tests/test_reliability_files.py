@@ -16,12 +16,12 @@ from click.testing import CliRunner
 from conftest import REPO
 
 from nvse_monitor.cli import main
-from nvse_monitor.pipeline import replay
-from nvse_monitor.recording import open_recording, write_recording
-from nvse_monitor.synthetic import generate
-from nvse_monitor.writers import FileLimits, FilePaths, OutputDirError
-from nvse_monitor.writers.csv import HEADER
-from nvse_monitor.writers.fileio import AppendFile
+from nvse_monitor.outputs.csv import HEADER
+from nvse_monitor.outputs.fileio import AppendFile
+from nvse_monitor.outputs.files import FileLimits, FilePaths, OutputDirError
+from nvse_monitor.outputs.pipeline import replay
+from nvse_monitor.stream.recording import open_recording, write_recording
+from nvse_monitor.stream.synthetic import generate
 
 MIXED = REPO / "fixtures" / "synthetic-mixed.nvmrec"
 
@@ -144,8 +144,8 @@ print(json.dumps({"reads": reads, "missing": missing, "bad": bad, "stamps": len(
 
 WRITER = r"""
 import sys
-from nvse_monitor.pipeline import Pipeline
-from nvse_monitor.recording import open_recording
+from nvse_monitor.outputs.pipeline import Pipeline
+from nvse_monitor.stream.recording import open_recording
 n = 0
 with open_recording(sys.argv[1]) as rec:
     pipe = Pipeline(rec.meta, sys.argv[2])

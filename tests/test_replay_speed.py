@@ -11,14 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nvse_monitor import codec
-from nvse_monitor.codec import ChunkError, decode_chunk
-from nvse_monitor.engine import Engine, _joined
-from nvse_monitor.events import RECORD_DTYPE
-from nvse_monitor.pipeline import REPLAY_RUN_RECORDS, _merged, _Prefetch
-from nvse_monitor.recording import FRAME_CHUNK, RecordingError, open_recording, write_recording
-from nvse_monitor.stream import AgentCounters, Batch, SessionEnd
-from nvse_monitor.synthetic import generate
+from nvse_monitor.engine.engine import Engine, _joined
+from nvse_monitor.outputs.pipeline import REPLAY_RUN_RECORDS, _merged, _Prefetch
+from nvse_monitor.stream import codec
+from nvse_monitor.stream.codec import ChunkError, decode_chunk
+from nvse_monitor.stream.events import RECORD_DTYPE
+from nvse_monitor.stream.messages import AgentCounters, Batch, SessionEnd
+from nvse_monitor.stream.recording import (
+    FRAME_CHUNK,
+    RecordingError,
+    open_recording,
+    write_recording,
+)
+from nvse_monitor.stream.synthetic import generate
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -195,7 +200,7 @@ def test_prefetch_stops_its_thread_when_the_consumer_leaves(big_recording, ahead
 
 
 def test_replay_files_do_not_depend_on_reading_ahead(big_recording, tmp_path):
-    from nvse_monitor.pipeline import replay
+    from nvse_monitor.outputs.pipeline import replay
 
     res = replay(big_recording, tmp_path / "a", read_ahead=True)
     ref = replay(big_recording, tmp_path / "b", read_ahead=False)
@@ -207,7 +212,7 @@ def test_replay_files_do_not_depend_on_reading_ahead(big_recording, tmp_path):
 
 
 def test_snapshot_files_at_most_once_per_interval_and_always_at_the_end(tmp_path):
-    from nvse_monitor.pipeline import Pipeline
+    from nvse_monitor.outputs.pipeline import Pipeline
 
     meta, msgs = generate(60_000, seed=9)
     msgs = list(msgs)

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from nvse_monitor.events import Kind
-from nvse_monitor.pipeline import replay
-from nvse_monitor.report import build_report
-from nvse_monitor.report import data as report_data
-from nvse_monitor.report import html as report_html
+from nvse_monitor.outputs.pipeline import replay
+from nvse_monitor.stream.events import Kind
+from nvse_monitor.views.report import build_report
+from nvse_monitor.views.report import data as report_data
+from nvse_monitor.views.report import html as report_html
 
 FIXTURE = REPO / "fixtures" / "synthetic-mixed.nvmrec"
 
@@ -113,8 +113,8 @@ def test_recording_report_figures_match_the_replay(from_recording, replayed):
 
 
 def records():
-    from nvse_monitor.recording import read_recording
-    from nvse_monitor.stream import Batch
+    from nvse_monitor.stream.messages import Batch
+    from nvse_monitor.stream.recording import read_recording
 
     _meta, msgs = read_recording(FIXTURE)
     return np.concatenate([m.records for m in msgs if isinstance(m, Batch)])
@@ -297,7 +297,7 @@ def test_console_error_detection_works(tmp_path):
     Chromium's stderr."""
     if CHROMIUM is None:
         pytest.skip("chromium is not installed")
-    from nvse_monitor.report import html as report_html
+    from nvse_monitor.views.report import html as report_html
 
     tpl = (Path(report_html.__file__).parent / "template.html").read_text()
     page = tpl.replace("$body", "<script>undefinedFunction();</script>").replace(

@@ -12,11 +12,11 @@ import pytest
 from conftest import REPO
 from test_engine import HOOKS, batch, recs
 
-from nvse_monitor.events import Kind
-from nvse_monitor.recording import read_recording, write_recording
-from nvse_monitor.report import build_report
-from nvse_monitor.report.data import bucket_width
-from nvse_monitor.stream import AgentCounters, Batch, Module, SessionEnd, SessionMeta
+from nvse_monitor.stream.events import Kind
+from nvse_monitor.stream.messages import AgentCounters, Batch, Module, SessionEnd, SessionMeta
+from nvse_monitor.stream.recording import read_recording, write_recording
+from nvse_monitor.views.report import build_report
+from nvse_monitor.views.report.data import bucket_width
 
 FIXTURE = REPO / "fixtures" / "synthetic-mixed.nvmrec"
 MIB = 1 << 20
@@ -59,7 +59,7 @@ def test_recording_rates_are_the_records_per_bucket(tmp_path):
 
 
 def report_si(x: float) -> str:
-    from nvse_monitor.report.html import si
+    from nvse_monitor.views.report.html import si
 
     return si(x)
 

@@ -10,12 +10,12 @@ from test_report import CHROMIUM, chart_dom, chromium
 from test_samples import APP, LIB, Recs, frames, meta
 
 from nvse_monitor.engine import Engine
-from nvse_monitor.recording import write_recording
-from nvse_monitor.report import build_report
-from nvse_monitor.report import flame as flame_mod
-from nvse_monitor.samples import weights
-from nvse_monitor.stream import AgentCounters, SessionEnd
-from nvse_monitor.synthetic import generate, with_stacks
+from nvse_monitor.engine.samples import weights
+from nvse_monitor.stream.messages import AgentCounters, SessionEnd
+from nvse_monitor.stream.recording import write_recording
+from nvse_monitor.stream.synthetic import generate, with_stacks
+from nvse_monitor.views.report import build_report
+from nvse_monitor.views.report import flame as flame_mod
 
 N = 65536
 LEAKER = APP.base + 0x1b  # the leaking call's return address
@@ -113,7 +113,7 @@ def test_chromium_draws_the_flame_graph(tmp_path):
 def test_replay_writes_the_stacks_for_a_directory_report(tmp_path):
     """A replay (as a live session) writes `<prefix>_stacks.json` at its end: `report DIR` shows
     the same flame graph and leak stacks as the report of the recording."""
-    from nvse_monitor.pipeline import replay
+    from nvse_monitor.outputs.pipeline import replay
 
     m, msgs = generate(40_000, seed=9)
     m, msgs = with_stacks(m, msgs, 8192, seed=4)
@@ -135,7 +135,7 @@ def test_replay_writes_the_stacks_for_a_directory_report(tmp_path):
 
 
 def test_directory_without_stacks_file_says_so(tmp_path):
-    from nvse_monitor.pipeline import replay
+    from nvse_monitor.outputs.pipeline import replay
 
     rec = tmp_path / "s.nvmrec"
     write_recording(rec, meta(N), session())

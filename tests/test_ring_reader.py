@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from nvse_monitor.capture import ringlayout as rl
 from nvse_monitor.capture.reader import RingReader
-from nvse_monitor.events import RECORD_DTYPE, Kind
-from nvse_monitor.stream import Batch
+from nvse_monitor.stream.events import RECORD_DTYPE, Kind
+from nvse_monitor.stream.messages import Batch
 
 NHOOKS = 4
 

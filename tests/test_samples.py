@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from nvse_monitor.engine import Engine
-from nvse_monitor.events import FLAG_SAMPLED, RECORD_DTYPE, STACK_FRAMES_PER_RECORD, Kind
-from nvse_monitor.outputs import Snapshot
-from nvse_monitor.samples import weights
-from nvse_monitor.stream import Batch, HookInfo, Module, SessionEnd, SessionMeta
-from nvse_monitor.synthetic import AGENT_FRAME, generate, with_stacks
+from nvse_monitor.engine.samples import weights
+from nvse_monitor.outputs.rows import Snapshot
+from nvse_monitor.stream.events import FLAG_SAMPLED, RECORD_DTYPE, STACK_FRAMES_PER_RECORD, Kind
+from nvse_monitor.stream.messages import Batch, HookInfo, Module, SessionEnd, SessionMeta
+from nvse_monitor.stream.synthetic import AGENT_FRAME, generate, with_stacks
 
 APP = Module("app", 0x400000, 0x100000)
 LIB = Module("libx.so", 0x7000000, 0x100000)
@@ -388,7 +388,7 @@ def _random_stream(seed: int, n_batches: int = 30) -> list[Batch]:
 @pytest.mark.parametrize("seed", range(6))
 def test_python_and_numpy_paths_agree(seed, monkeypatch) -> None:
     """Small batches take plain-Python paths, large ones numpy: the same results."""
-    import nvse_monitor.samples as samples_mod
+    import nvse_monitor.engine.samples as samples_mod
 
     batches = _random_stream(seed)
     got = []

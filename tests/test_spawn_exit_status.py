@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from nvse_monitor.targets import ExitStatus, describe_wait_status
+from nvse_monitor.capture.targets import ExitStatus, describe_wait_status
 
 pytestmark = pytest.mark.frida
 

@@ -21,13 +21,13 @@ import pytest
 from conftest import REPO, Target
 from test_leaks_live import symbols
 
-from nvse_monitor import leaks
-from nvse_monitor.agent_host import agent_source
+from nvse_monitor.capture.agent_host import agent_source
 from nvse_monitor.capture.symbolizer import Symbolizer, agent_resolver, function_text
-from nvse_monitor.events import RECORD_DTYPE, Kind
-from nvse_monitor.pipeline import Pipeline, replay
-from nvse_monitor.recording import read_recording, write_recording
-from nvse_monitor.stream import (
+from nvse_monitor.engine import leaks
+from nvse_monitor.outputs.files import FilePaths
+from nvse_monitor.outputs.pipeline import Pipeline, replay
+from nvse_monitor.stream.events import RECORD_DTYPE, Kind
+from nvse_monitor.stream.messages import (
     AgentCounters,
     Batch,
     HookInfo,
@@ -36,7 +36,7 @@ from nvse_monitor.stream import (
     SessionMeta,
     SymbolNames,
 )
-from nvse_monitor.writers import FilePaths
+from nvse_monitor.stream.recording import read_recording, write_recording
 
 PREFIX = "MemoryPoolNVSE"
 LEAKERS = {"leak_one": (40, 24), "leak_two": (9, 700), "leak_big": (1, 3 << 20),

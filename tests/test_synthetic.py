@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nvse_monitor.events import RECORD_DTYPE, Kind
-from nvse_monitor.stream import (
+from nvse_monitor.stream.events import RECORD_DTYPE, Kind
+from nvse_monitor.stream.messages import (
     AgentCounters,
     AgentError,
     Batch,
@@ -15,7 +15,7 @@ from nvse_monitor.stream import (
     ModuleEvent,
     SessionEnd,
 )
-from nvse_monitor.synthetic import LARGE_BYTES, generate, generate_records
+from nvse_monitor.stream.synthetic import LARGE_BYTES, generate, generate_records
 
 
 def replay_live_set(recs: np.ndarray) -> dict:

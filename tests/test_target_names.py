@@ -14,7 +14,7 @@ import frida
 import pytest
 from conftest import REPO
 
-from nvse_monitor.targets import PF_KTHREAD, TargetError, resolve_target
+from nvse_monitor.capture.targets import PF_KTHREAD, TargetError, resolve_target
 
 pytestmark = pytest.mark.frida
 

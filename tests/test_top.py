@@ -16,8 +16,8 @@ import pytest
 from conftest import REPO, Target
 from rich.console import Console
 
-from nvse_monitor.pipeline import replay
-from nvse_monitor.top import SPARK, Dashboard, DirSource, sparkline
+from nvse_monitor.outputs.pipeline import replay
+from nvse_monitor.views.top import SPARK, Dashboard, DirSource, sparkline
 
 FIXTURE = REPO / "fixtures" / "synthetic-mixed.nvmrec"
 
@@ -75,10 +75,10 @@ def test_frame_from_a_finished_directory(replayed):
 def test_pipeline_source_gives_the_json_files_document(tmp_path):
     """attach/spawn --top reads the engine between feeds: the same document the JSON file
     would hold, built without encoding and parsing it."""
-    from nvse_monitor.pipeline import Pipeline
-    from nvse_monitor.recording import read_recording
-    from nvse_monitor.top import PipelineSource
-    from nvse_monitor.writers.json import render
+    from nvse_monitor.outputs.json import render
+    from nvse_monitor.outputs.pipeline import Pipeline
+    from nvse_monitor.stream.recording import read_recording
+    from nvse_monitor.views.top import PipelineSource
 
     meta, msgs = read_recording(FIXTURE)
     pipe = Pipeline(meta, tmp_path)
@@ -306,7 +306,7 @@ def test_attach_top_leak_report_on_demand_in_tmux(targets, tmp_path, live_procs)
         assert re.search(rf"{exe.name}!leak_a\s+100\s+4,800", s), s
         t.keys("q")
         t.wait_for("session ended", 30)
-        from nvse_monitor import leaks
+        from nvse_monitor.engine import leaks
 
         rep = leaks.read_csv(out / "MemoryPoolNVSE_leaks.csv")
         sites = {(g.allocations, g.bytes) for g in rep.sites}
@@ -454,7 +454,7 @@ def test_once_without_a_session(tmp_path, where, code, says):
 
 
 def test_fit_gives_rows_up_longest_first():
-    from nvse_monitor.top import fit
+    from nvse_monitor.views.top import fit
 
     assert fit([6, 6], 100) == [6, 6]
     assert fit([6, 6], 8) == [4, 4]

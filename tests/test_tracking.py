@@ -8,8 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import nvse_monitor.tracking as tr
-from nvse_monitor.tracking import MAX_LOAD, MIN_SLOTS, WAYS, LiveTable, columns
+import nvse_monitor.engine.tracking as tr
+from nvse_monitor.engine.tracking import MAX_LOAD, MIN_SLOTS, WAYS, LiveTable, columns
 
 
 def cols_for(keys: np.ndarray, salt: int = 0):
@@ -171,7 +171,7 @@ def test_random_ops_match_dict(ops) -> None:
 def _colliding(n: int) -> np.ndarray:
     """Pointers in pairs whose 32-bit grouping hashes are equal (p*C and p*C + 1 share the
     high half when the low half does not carry)."""
-    from nvse_monitor.classify import HASH
+    from nvse_monitor.engine.classify import HASH
 
     c = int(HASH)
     inv = pow(c, -1, 1 << 64)
@@ -185,7 +185,7 @@ def _colliding(n: int) -> np.ndarray:
 
 
 def test_pointer_order_groups_colliding_hashes_exactly() -> None:
-    from nvse_monitor.classify import HASH, pointer_order
+    from nvse_monitor.engine.classify import HASH, pointer_order
 
     pairs = _colliding(50)
     h = (pairs * HASH) >> np.uint64(32)
@@ -203,7 +203,7 @@ def test_pointer_order_groups_colliding_hashes_exactly() -> None:
 
 
 def test_fingerprint_collisions_fall_back_to_whole_keys(monkeypatch) -> None:
-    import nvse_monitor.tracking as tr
+    import nvse_monitor.engine.tracking as tr
 
     # Every key gets the same fingerprint: each probe must confirm against the real keys.
     monkeypatch.setattr(tr, "_fingerprint", lambda k: np.ones(len(k), dtype=np.uint16))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, Monitor, read_outputs
+from conftest import REPO, Monitor, read_outputs, wait_frida_gone
 from test_live import (
     ARCH_PARAMS,
     EXACT_KEYS,
@@ -30,7 +30,7 @@ from test_live import (
     read_recording,
 )
 
-from nvse_monitor.stream import Batch
+from nvse_monitor.stream.messages import Batch
 
 pytestmark = pytest.mark.frida
 
@@ -158,9 +158,9 @@ BLOCKED_HOST = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     import frida
-    from nvse_monitor.agent_host import AgentConfig, load_agent
+    from nvse_monitor.capture.agent_host import AgentConfig, load_agent
     from nvse_monitor.capture.ringlayout import OFF_STALLS
-    from nvse_monitor.hookprofile import load_profile
+    from nvse_monitor.capture.hookprofile import load_profile
     pid, how = int(sys.argv[1]), sys.argv[2]
     session = frida.attach(pid)
     h = load_agent(session, load_profile("linux-libc"),
@@ -208,18 +208,6 @@ def test_host_gone_while_producers_wait(how, targets, tmp_path, live_procs):
     finally:
         host.kill()
         host.wait()
-
-
-def wait_frida_gone(pid: int, timeout: float = 30.0) -> None:
-    """Until Frida's agent library has left the target. Threads that exit while Frida is still
-    unloading it can crash the target in Frida's own code (docs/agent.md "Known problems";
-    seen with both transports, not ours to fix): the workers exit only after that."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/maps") as f:
-            if "frida-agent" not in f.read():
-                return
-        time.sleep(0.05)
 
 
 # ---- the mapping ---------------------------------------------------------------------------------

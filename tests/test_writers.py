@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 from nvse_monitor import BUILD_DATE, __version__
-from nvse_monitor.outputs import CsvRow, LogLine, Snapshot, Status
-from nvse_monitor.stream import SessionMeta
-from nvse_monitor.writers import FilePaths, OutputDirError, OutputFiles
-from nvse_monitor.writers import json as json_writer
-from nvse_monitor.writers import status as status_writer
-from nvse_monitor.writers.csv import HEADER, CsvWriter
-from nvse_monitor.writers.fileio import AppendFile, atomic_write_text
-from nvse_monitor.writers.log import LogWriter
+from nvse_monitor.outputs import json as json_writer
+from nvse_monitor.outputs import status as status_writer
+from nvse_monitor.outputs.csv import HEADER, CsvWriter
+from nvse_monitor.outputs.fileio import AppendFile, atomic_write_text
+from nvse_monitor.outputs.files import FilePaths, OutputDirError, OutputFiles
+from nvse_monitor.outputs.log import LogWriter
+from nvse_monitor.outputs.rows import CsvRow, LogLine, Snapshot, Status
+from nvse_monitor.stream.messages import SessionMeta
 
 # The spec's example moment: its JSON "timestamp" and the counters it shows.
 SPEC_WALL_US = 1697371092845234

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..events import (
+from ..stream.events import (
     FLAG_REALLOC_HALF,
     FLAG_SAMPLED,
     FLAG_VIA_WRAPPER,
@@ -30,7 +30,7 @@ from ..events import (
     STACK_FRAMES_PER_RECORD,
     Kind,
 )
-from ..stream import AgentCounters, Batch, StreamMessage
+from ..stream.messages import AgentCounters, Batch, StreamMessage
 from . import ringlayout as rl
 
 POLL_BUSY_S = 0.001

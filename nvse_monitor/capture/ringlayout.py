@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..events import RECORD_DTYPE
+from ..stream.events import RECORD_DTYPE
 
 MAGIC = 0x524D564E  # "NVMR"
 VERSION = 1

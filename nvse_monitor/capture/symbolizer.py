@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..stream import SymbolNames
+from ..stream.messages import SymbolNames
 
 DEFAULT_INTERVAL_S = 2.0
 DEFAULT_CHUNK = 4000  # addresses per RPC (the agent refuses more than 20,000)

@@ -1,6 +1,6 @@
 """Build the fake Fallout New Vegas install for the tests (-m32 Linux programs, no pytest here).
 
-Layout of the directory it fills (like a game install, so nvse_monitor.fnv sees a game dir):
+Layout of the directory it fills (like a game install, so nvse_monitor.capture.fnv sees a game dir):
     FalloutNV.exe                 the fake game (tests/fnv/fake_game.c), entry points at FNV's
                                   addresses; image base 0x00400000 like the real one
     nvse_loader.exe               the fake loader (fake_loader.c)

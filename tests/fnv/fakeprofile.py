@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from nvse_monitor.hookprofile import HookSpec, Profile, load_profile  # noqa: E402
+from nvse_monitor.capture.hookprofile import HookSpec, Profile, load_profile  # noqa: E402
 
 SOURCE = "fnv-1.4.0.525"
 MODULES = {

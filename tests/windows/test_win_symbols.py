@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pefile
 
-from nvse_monitor import leaks
-from nvse_monitor.pipeline import replay
+from nvse_monitor.engine import leaks
+from nvse_monitor.outputs.pipeline import replay
 from windows.fakes import PeInstall
 from windows.test_win_sessions import _attach
 

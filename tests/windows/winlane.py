@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from nvse_monitor.events import FLAG_REALLOC_HALF, Kind
-from nvse_monitor.hookprofile import load_profile
-from nvse_monitor.modmap import UNKNOWN, ModuleMap
-from nvse_monitor.recording import Recording
-from nvse_monitor.stream import Batch, ModuleEvent
+from nvse_monitor.capture.hookprofile import load_profile
+from nvse_monitor.engine.modmap import UNKNOWN, ModuleMap
+from nvse_monitor.stream.events import FLAG_REALLOC_HALF, Kind
+from nvse_monitor.stream.messages import Batch, ModuleEvent
+from nvse_monitor.stream.recording import Recording
 
 WAIT_S = 180.0  # generous: the machine is shared, and Wine starts slowly the first time
 FNV = load_profile("fnv-1.4.0.525")
