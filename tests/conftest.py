@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from nvse_monitor.stream.events import FLAG_REALLOC_HALF, Kind
 
 TARGETS_DIR = Path(__file__).parent / "targets"
 ARCHES = ("x64", "ia32")
@@ -250,6 +253,15 @@ def wait_frida_gone(pid: int, timeout: float = 30.0) -> None:
             if "frida-agent" not in f.read():
                 return
         time.sleep(0.05)
+
+
+def calls_of(recs: np.ndarray) -> np.ndarray:
+    """The records that stand for one successful allocator call each, as the fake programs count
+    their calls: not FAILED, not a sampled stack's STACK chunk, not the FREE half of a realloc
+    that moved its block (its REALLOC record is the call)."""
+    k = recs["kind"]
+    half = (k == Kind.FREE) & ((recs["flags"] & FLAG_REALLOC_HALF) != 0)
+    return recs[(k != Kind.FAILED) & (k != Kind.STACK) & ~half]
 
 
 def read_outputs(out_dir: Path, prefix: str = "MemoryPoolNVSE") -> dict[str, Path]:

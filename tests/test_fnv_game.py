@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from agent_harness import Monitored, m32_problem
+from conftest import calls_of
 from fnv.build import FakeInstall, GroundTruth, build_fake_install, parse_truth
 
 from nvse_monitor.capture import fnv
@@ -57,12 +58,10 @@ class Run:
     out_lines: list[list[str]]
 
     def per_hook(self, profile: Profile) -> dict[str, tuple[int, int]]:
-        """hook name -> (records, bytes) as the agent saw them (FAILED records excluded)."""
+        """hook name -> (calls, bytes) as the agent saw them (FAILED records excluded)."""
         names = [h.name for h in profile.hooks]
         out: dict[str, tuple[int, int]] = {}
-        for r in self.records:
-            if r["kind"] == Kind.FAILED:
-                continue
+        for r in calls_of(self.records):
             n = names[r["hook"]]
             c, b = out.get(n, (0, 0))
             out[n] = (c + 1, b + int(r["size"]))

@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 from agent_harness import m32_problem
+from conftest import calls_of
 from fnv.build import FakeInstall, GroundTruth, build_fake_install, parse_truth
 
 from nvse_monitor.capture.hookprofile import Profile, load_profile
-from nvse_monitor.stream.events import Kind
 from nvse_monitor.stream.messages import Batch
 from nvse_monitor.stream.recording import Recording
 
@@ -139,10 +139,8 @@ def _per_hook(rec: Path, profile: Profile) -> tuple[Any, dict[str, tuple[int, in
         for msg in r:
             if not isinstance(msg, Batch):
                 continue
-            for kind, hook, size in zip(msg.records["kind"].tolist(), msg.records["hook"].tolist(),
-                                        msg.records["size"].tolist(), strict=True):
-                if kind in (Kind.FAILED, Kind.STACK):  # STACK: a sampled call's frames
-                    continue
+            recs = calls_of(msg.records)
+            for hook, size in zip(recs["hook"].tolist(), recs["size"].tolist(), strict=True):
                 c, b = got.get(names[hook], (0, 0))
                 got[names[hook]] = (c + 1, b + size)
     return meta, got

@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 from agent_harness import m32_problem
+from conftest import calls_of
 from fnv import fakeprofile
 from fnv.build import FakeInstall, GroundTruth, build_fake_install, parse_truth
 
 from nvse_monitor.capture.hookprofile import Profile, load_profile
-from nvse_monitor.stream.events import Kind
 from nvse_monitor.stream.messages import Batch, HookEvent
 from nvse_monitor.stream.recording import Recording
 
@@ -100,12 +100,10 @@ def spawn_run(install: FakeInstall, profile_path: Path, out: Path, plugin_args: 
                 details.setdefault(msg.name, []).append(msg.detail)
             if not isinstance(msg, Batch):
                 continue
-            recs = msg.records
-            for kind, hook, size in zip(recs["kind"].tolist(), recs["hook"].tolist(),
-                                        recs["size"].tolist(), strict=True):
-                if kind not in (Kind.FAILED, Kind.STACK):  # STACK: a sampled call's frames
-                    c, b = got.get(names[hook], (0, 0))
-                    got[names[hook]] = (c + 1, b + size)
+            recs = calls_of(msg.records)
+            for hook, size in zip(recs["hook"].tolist(), recs["size"].tolist(), strict=True):
+                c, b = got.get(names[hook], (0, 0))
+                got[names[hook]] = (c + 1, b + size)
     doc = json.loads(next(out.glob("*_stats.json")).read_text())
     return Run(p, gt, load_profile(profile_path), got, names, details, doc)
 
