@@ -27,6 +27,7 @@ from agent_harness import m32_problem
 from conftest import calls_of
 from fnv.build import FakeInstall, GroundTruth, build_fake_install, parse_truth
 
+from nvse_monitor.capture.children import LAUNCHER_GRACE_S
 from nvse_monitor.capture.hookprofile import Profile, load_profile
 from nvse_monitor.stream.messages import Batch
 from nvse_monitor.stream.recording import Recording
@@ -233,6 +234,31 @@ def test_launcher_without_child_is_one_line(tmp_path: Path) -> None:
     assert p.returncode == 2, p.stderr
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and "without starting a child process" in err[0]
+
+
+def test_launcher_that_lives_on_neither_holds_the_end_nor_is_harmed(tmp_path: Path) -> None:
+    """A launcher that outlives its child by more than LAUNCHER_GRACE_S (here sh): the session
+    ends with the child, and the monitor leaves the launcher END_GRACE_S later instead of
+    waiting out the grace; the launcher runs on to its own end."""
+    stamp, after = tmp_path / "child-ended", tmp_path / "launcher-ended"
+    linger = LAUNCHER_GRACE_S + 2
+    script = f"/bin/true; date +%s.%N > {stamp}; sleep {linger:g}; echo ok > {after}"
+    # output to a file: the launcher inherits it, and would hold a pipe open to its end
+    with open(tmp_path / "err", "w+") as err:
+        p = subprocess.Popen([sys.executable, "-m", "nvse_monitor", "spawn", "--out",
+                              str(tmp_path / "o"), "--follow-child", "--", "/bin/sh", "-c",
+                              script], stdout=err, stderr=err, stdin=subprocess.DEVNULL)
+        rc = p.wait(timeout=TIMEOUT_S)
+        left = time.time()
+        err.seek(0)
+        text = err.read()
+    assert rc == 0, text
+    assert "session ended: target-exited" in text, text
+    assert left - float(stamp.read_text()) < LAUNCHER_GRACE_S / 2, text
+    deadline = time.monotonic() + linger + 30
+    while not after.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert after.read_text() == "ok\n"  # unharmed by the detach
 
 
 def test_launch_not_a_game_dir(tmp_path: Path) -> None:

@@ -27,6 +27,9 @@ CHILD_TIMEOUT_S = 30.0  # --follow-child: the spawned program must start its chi
 # it. nvse_loader.exe ends about a second after it resumes the game; a detach racing its exit
 # left it hung in ExitProcess (Wine, 1 launch in 6), holding the console.
 LAUNCHER_GRACE_S = 8.0
+# ... cut to this when the session ends first (a short-lived child of a launcher that lives on:
+# the monitor's exit should not wait out the whole grace)
+END_GRACE_S = 1.0
 
 
 class ChildFollowing:
@@ -38,6 +41,7 @@ class ChildFollowing:
     session: frida.core.Session | None
     pid: int
     _parents: list[tuple[Any, threading.Event]]
+    _release_by = 0.0  # monotonic time at which a launcher still running is detached from
     _spawned: list[int]
     _launcher_pid: int
     _release_thread: threading.Thread | None
@@ -142,25 +146,30 @@ class ChildFollowing:
         if not parents:
             return
 
+        self._release_by = time.monotonic() + LAUNCHER_GRACE_S
+
         def release() -> None:
             for parent, _ in parents:
                 with contextlib.suppress(Exception):
                     parent.disable_child_gating()
-            deadline = time.monotonic() + LAUNCHER_GRACE_S
             for parent, gone in parents:
-                if gone.wait(max(deadline - time.monotonic(), 0.0)):
-                    continue  # it ended by itself
-                with contextlib.suppress(Exception):
-                    parent.detach()
+                while not gone.wait(0.05):  # until it ends by itself, or _release_by
+                    if time.monotonic() >= self._release_by:
+                        with contextlib.suppress(Exception):
+                            parent.detach()
+                        break
 
         self._release_thread = threading.Thread(target=release, name="nvse-monitor-release",
                                                 daemon=True)
         self._release_thread.start()
 
-    def _join_release(self, timeout_s: float = LAUNCHER_GRACE_S + 10.0) -> None:
+    def _join_release(self, timeout_s: float = 10.0) -> None:
+        """At the session's end: a launcher still running gets END_GRACE_S more to end by
+        itself, then we detach from it."""
         t = self._release_thread
         if t is not None:
-            t.join(timeout_s)
+            self._release_by = min(self._release_by, time.monotonic() + END_GRACE_S)
+            t.join(END_GRACE_S + timeout_s)
 
     def _kill_spawned(self) -> None:
         if self.device is None:
