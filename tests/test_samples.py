@@ -11,7 +11,13 @@ import pytest
 from nvse_monitor.engine import Engine
 from nvse_monitor.engine.samples import weights
 from nvse_monitor.outputs.rows import Snapshot
-from nvse_monitor.stream.events import FLAG_SAMPLED, RECORD_DTYPE, STACK_FRAMES_PER_RECORD, Kind
+from nvse_monitor.stream.events import (
+    FLAG_REALLOC_HALF,
+    FLAG_SAMPLED,
+    RECORD_DTYPE,
+    STACK_FRAMES_PER_RECORD,
+    Kind,
+)
 from nvse_monitor.stream.messages import Batch, HookInfo, Module, SessionEnd, SessionMeta
 from nvse_monitor.stream.synthetic import AGENT_FRAME, generate, with_stacks
 
@@ -109,6 +115,30 @@ def test_chunks_followed_by_an_unsampled_record_are_discarded() -> None:
     assert s.discarded_stacks == 1 and s.stackless == 1
     assert stacks_of(e) == [(APP.base + 0x10,)]
     assert list(s.live) == [0x2000]
+
+
+@pytest.mark.parametrize("small", [0, 10**9])
+@pytest.mark.parametrize("cut", [False, True])
+def test_a_moved_reallocs_free_half_does_not_cut_its_stack(small, cut, monkeypatch) -> None:
+    """A sampled realloc that moved its block: chunks, then its FREE half (in the realloc's own
+    slot), then the REALLOC (docs/agent.md "Ordering guarantees"). The stack is the realloc's,
+    in one batch or cut between the half and the REALLOC, on both paths."""
+    import nvse_monitor.engine.samples as samples_mod
+
+    monkeypatch.setattr(samples_mod, "_SMALL", small)
+    e = Engine(meta())
+    f = frames(6)
+    r = Recs().alloc(0x1000, 16, tid=1)
+    r.stack(f, tid=1)
+    r.add(Kind.FREE, 1, ptr=0x1000, hook=2, caller=APP.base + 0x30, flags=FLAG_REALLOC_HALF)
+    r.alloc(0x9000, 8, tid=2)
+    if cut:
+        e.feed(r.batch())
+    r.realloc(0, 0x2000, 64, tid=1, sampled=True)
+    e.feed(r.batch())
+    s = e.samples
+    assert stacks_of(e) == [tuple(f)]
+    assert (s.stackless, s.discarded_stacks, list(s.live)) == (0, 0, [0x2000])
 
 
 def test_chunks_wait_across_batches_and_a_new_stack_restarts() -> None:

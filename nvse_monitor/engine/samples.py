@@ -29,10 +29,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..stream.events import FLAG_SAMPLED, MAX_STACK_FRAMES, STACK_FRAMES_PER_RECORD, Kind
+from ..stream.events import (
+    FLAG_REALLOC_HALF,
+    FLAG_SAMPLED,
+    MAX_STACK_FRAMES,
+    STACK_FRAMES_PER_RECORD,
+    Kind,
+)
 from .modmap import UNKNOWN, ModuleMap
 
 _STACK = int(Kind.STACK)
+_HALF = (int(Kind.FREE), FLAG_REALLOC_HALF << 16)  # kind, flag of a realloc's FREE half in kf
 _FRAME_FIELDS = ("ptr", "old_ptr", "size", "caller")  # a chunk's frames, in order
 _HASH = np.uint64(0x9E3779B97F4A7C15)
 _MIN_BITS = 16
@@ -76,6 +83,16 @@ def _kind_flags(r: np.ndarray) -> np.ndarray:
         return r.view("<u8").reshape(-1, 7)[:, 6].astype(np.uint32)
     except ValueError:  # not one contiguous block
         return r["kind"].astype(np.uint32) | (r["flags"].astype(np.uint32) << np.uint32(16))
+
+
+def _next_record_tids(r: np.ndarray, kf: np.ndarray | None = None) -> np.ndarray:
+    """The thread of each record for the test "did the thread go on before its sampled call's
+    record?": a moved realloc's FREE half (FLAG_REALLOC_HALF) comes between that realloc's
+    chunks and its REALLOC record, so it belongs to no thread here."""
+    kf = _kind_flags(r) if kf is None else kf
+    half = ((kf & 0xFF) == _HALF[0]) & ((kf & _HALF[1]) != 0)
+    tid = r["tid"]
+    return np.where(half, np.uint32(0xFFFFFFFF), tid) if half.any() else tid
 
 
 class _Filter:
@@ -327,13 +344,14 @@ class SampledStacks:
         last = e_idx[pc]
         call_rec = e_idx[calls]
         gap = np.flatnonzero(got & (call_rec > last + 1))
+        tnext = _next_record_tids(r, kf)
         if len(gap):  # other threads' records in between: is one of them this thread's?
             lo, hi = last[gap] + 1, call_rec[gap]
             w = np.arange(_WINDOW)
             at = np.minimum(lo[:, None] + w, hi[:, None] - 1)  # repeats the last one: harmless
-            bad = (tid[at] == tid[hi][:, None]).any(axis=1)
+            bad = (tnext[at] == tid[hi][:, None]).any(axis=1)
             for k in np.flatnonzero(hi - lo > _WINDOW).tolist():  # long gaps: the rest
-                bad[k] |= bool((tid[int(lo[k]) + _WINDOW:int(hi[k])] == tid[int(hi[k])]).any())
+                bad[k] |= bool((tnext[int(lo[k]) + _WINDOW:int(hi[k])] == tid[int(hi[k])]).any())
             got[gap[bad]] = False
         # frames of the calls that got chunks: chunk m of a stack fills frames 4m..4m+3 while
         # the chunks go 0, 1, 2... (a missing one ends the stack: the frames before it stay)
@@ -382,7 +400,7 @@ class SampledStacks:
                 if a < brk[k]:
                     continue  # no chunk 0 in the run
                 t, e = int(e_tid[k]), int(e_idx[k])
-                if (tid[e + 1:] == t).any():
+                if (tnext[e + 1:] == t).any():
                     continue  # its thread went on without the call: dropped
                 self._pending[t] = rows[order[a:k + 1]]
                 left[a:k + 1] = False
@@ -399,6 +417,7 @@ class SampledStacks:
         per millisecond): the same steps on Python lists, which beat numpy's per-call cost
         there. Same results (tests/test_samples.py compares both on random streams)."""
         tid = r["tid"]
+        tnext = _next_record_tids(r)
         rows = [tuple(x) for p in self._pending.values() for x in p.tolist()]
         cidx = [-1] * len(rows)
         self._pending = {}
@@ -434,7 +453,7 @@ class SampledStacks:
             pc = max(j - 1, 0)
             got = j > 0 and is_chunk[pc] and same[j] and start[pc] >= brk[pc]
             last = e_idx[pc]
-            if got and i > last + 1 and bool((tid[last + 1:i] == tid[i]).any()):
+            if got and i > last + 1 and bool((tnext[last + 1:i] == tid[i]).any()):
                 got = False
             frames = [0] * MAX_STACK_FRAMES
             if got:
@@ -464,7 +483,7 @@ class SampledStacks:
                 if a < brk[j]:
                     continue
                 t, e = e_tid[j], e_idx[j]
-                if bool((tid[e + 1:] == t).any()):
+                if bool((tnext[e + 1:] == t).any()):
                     continue
                 self._pending[t] = np.array([rows[order[x]] for x in range(a, j + 1)],
                                             np.uint64)
