@@ -17,6 +17,7 @@ counted over the target's run time plus the lag until the files were final (`e2e
     python bench/bench_e2e.py                        # default ladder of rates
     python bench/bench_e2e.py --rates 3e6,5e6 --runs 5 --ring-size 256K
     python bench/bench_e2e.py --rates 0 --threads 8 --runs 3    # lossless rate, 8 producers
+    python bench/bench_e2e.py --rates 0 --threads 8 --runs 5 --anchor   # beside heaptrack
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -182,6 +184,38 @@ def one_run(exe: Path, rate: float, seconds: float, ring: str | None, tmp: Path,
                 target.kill()
 
 
+def heaptrack_run(exe: Path, seconds: float, tmp: Path, threads: int) -> dict:
+    """The same target under heaptrack (the anchor, issue 13): lossless too (its client blocks
+    on a full pipe); e2e = events over the run plus the time until heaptrack has written all."""
+    out = tmp / f"ht-{time.monotonic_ns()}"
+    proc = subprocess.Popen(["heaptrack", "-o", str(out), str(exe), "--seconds", str(seconds),
+                             "--rate", "0", "--threads", str(threads)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        while not (line := proc.stdout.readline()).startswith("READY"):
+            if not line:
+                raise RuntimeError("heaptrack: the target did not start")
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        while not (line := proc.stdout.readline()).startswith("DONE"):
+            if not line:
+                raise RuntimeError("heaptrack: the target ended without DONE")
+        t_done = time.monotonic()
+        done = json.loads(line.split("DONE", 1)[1])
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(timeout=300)
+        lag = time.monotonic() - t_done
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for f in tmp.glob("ht-*"):
+            f.unlink()
+    return {"achieved": done["rate"], "e2e": done["events"] / (done["seconds"] + lag),
+            "lag_s": lag}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", default="2e6,3e6,3.5e6,4e6,5e6",
@@ -194,6 +228,8 @@ def main() -> int:
     ap.add_argument("--max-lag", type=float, default=1.0,
                     help="seconds from the target's end to the monitor's final files")
     ap.add_argument("--json", type=Path, help="also write all runs here")
+    ap.add_argument("--anchor", action="store_true",
+                    help="with --rates 0: heaptrack on the same target, alternating runs")
     a = ap.parse_args()
 
     rates = [float(x) for x in a.rates.split(",")]
@@ -208,8 +244,12 @@ def main() -> int:
               f"{'stalls':>7} {'lag s':>6} {'agent MiB':>9} {'RSS+ MB':>8} {'peak+ MB':>8} "
               f"{'host CPU':>8} {'of it start':>11} {'tgt CPU':>7}  sustained")
         for rate in rates:
-            runs = [one_run(exe, rate, a.seconds, a.ring_size, tmp, a.threads)
-                    for _ in range(a.runs)]
+            anchor = rate == 0 and a.anchor and shutil.which("heaptrack") is not None
+            runs, ht = [], []
+            for _ in range(a.runs):
+                runs.append(one_run(exe, rate, a.seconds, a.ring_size, tmp, a.threads))
+                if anchor:
+                    ht.append(heaptrack_run(exe, a.seconds, tmp, a.threads))
             all_runs += runs
             med = {k: statistics.median(r[k] for r in runs)
                    for k in ("achieved", "e2e", "events", "dropped", "stalls", "lag_s",
@@ -235,6 +275,11 @@ def main() -> int:
                   f" ({sum(ok_runs)}/{len(runs)})")
             if sustained:
                 best = max(best or 0.0, med["e2e"] if rate == 0 else med["achieved"])
+            if ht:
+                h = {k: statistics.median(r[k] for r in ht) for k in ("achieved", "e2e", "lag_s")}
+                print(f"{'heaptrack':>10} {h['achieved'] / 1e6:>8.2f} M {h['e2e'] / 1e6:>8.2f} M "
+                      f"{'':>11} {'0':>9} {'':>7} {h['lag_s']:>6.2f}   (alternating runs; "
+                      f"nvse-monitor e2e = {med['e2e'] / h['e2e']:.2f} x heaptrack's)")
     print(f"highest sustained rate with zero drops: "
           f"{(best or 0) / 1e6:.2f} M events/s (median of {a.runs} runs)")
     if a.json:
