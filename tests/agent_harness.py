@@ -17,7 +17,7 @@ import numpy as np
 
 from nvse_monitor.capture.agent_host import AgentConfig, AgentHandle, load_agent
 from nvse_monitor.capture.hookprofile import Profile, load_profile
-from nvse_monitor.stream.events import FLAG_REALLOC_HALF, RECORD_DTYPE, Kind
+from nvse_monitor.stream.events import FLAG_REALLOC_HALF, RECORD_DTYPE, Kind, realloc_halves
 from nvse_monitor.stream.messages import AgentCounters, Batch, HookEvent, ModuleEvent
 
 TARGETS = Path(__file__).parent / "agent_targets"
@@ -173,7 +173,7 @@ def tally(records: np.ndarray) -> dict[str, int]:
     is no free call)."""
     k = records["kind"]
     grown = ((k == 1) | ((k == 3) & (records["ptr"] != 0)))
-    half = (k == 2) & ((records["flags"] & FLAG_REALLOC_HALF) != 0)
+    half = realloc_halves(records)
     return {
         "allocs": int((k == 1).sum()), "frees": int((k == 2).sum() - half.sum()),
         "reallocs": int((k == 3).sum()), "failures": int((k == 4).sum()),

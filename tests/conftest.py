@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nvse_monitor.stream.events import FLAG_REALLOC_HALF, Kind
+from nvse_monitor.stream.events import Kind, realloc_halves
 
 TARGETS_DIR = Path(__file__).parent / "targets"
 ARCHES = ("x64", "ia32")
@@ -30,7 +30,7 @@ class TargetBuilder:
     """Compiles tests/targets/*.c on demand, once per session and arch."""
 
     build_dir: Path
-    _cache: dict[tuple[str, str, bool], Path]
+    _cache: dict[tuple[str, str, bool, tuple[str, ...]], Path]
     _m32_error: str | None = None
 
     def m32_problem(self) -> str | None:
@@ -47,10 +47,12 @@ class TargetBuilder:
             self._m32_error = "" if r.returncode == 0 else last
         return self._m32_error or None
 
-    def build(self, name: str, arch: str = "x64", shared: bool = False) -> Path:
-        """Path of the compiled target `name` (tests/targets/<name>.c); skips the test if a
-        32-bit toolchain is missing."""
-        key = (name, arch, shared)
+    def build(self, name: str, arch: str = "x64", shared: bool = False,
+              flags: tuple[str, ...] = ()) -> Path:
+        """Path of the compiled target `name` (tests/targets/<name>.c), `flags` added to gcc's
+        (e.g. -rdynamic for functions hooked by export); skips the test if a 32-bit toolchain
+        is missing."""
+        key = (name, arch, shared, flags)
         if key in self._cache:
             return self._cache[key]
         if shutil.which("gcc") is None:
@@ -58,9 +60,10 @@ class TargetBuilder:
         if arch == "ia32" and (why := self.m32_problem()):
             pytest.skip(f"gcc -m32 cannot link here (install gcc-multilib): {why}")
         src = TARGETS_DIR / f"{name}.c"
-        out = self.build_dir / arch / (f"lib{name}.so" if shared else name)
+        sub = arch + "".join(flags).replace("/", "_")  # one build per set of flags
+        out = self.build_dir / sub / (f"lib{name}.so" if shared else name)
         out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = ["gcc", *_ARCH_FLAGS[arch], "-O2", "-g", "-Wall", "-pthread", str(src)]
+        cmd = ["gcc", *_ARCH_FLAGS[arch], "-O2", "-g", "-Wall", "-pthread", *flags, str(src)]
         cmd += ["-o", str(out)]
         if shared:
             cmd[1:1] = ["-shared", "-fPIC"]
@@ -260,8 +263,7 @@ def calls_of(recs: np.ndarray) -> np.ndarray:
     their calls: not FAILED, not a sampled stack's STACK chunk, not the FREE half of a realloc
     that moved its block (its REALLOC record is the call)."""
     k = recs["kind"]
-    half = (k == Kind.FREE) & ((recs["flags"] & FLAG_REALLOC_HALF) != 0)
-    return recs[(k != Kind.FAILED) & (k != Kind.STACK) & ~half]
+    return recs[(k != Kind.FAILED) & (k != Kind.STACK) & ~realloc_halves(recs)]
 
 
 def read_outputs(out_dir: Path, prefix: str = "MemoryPoolNVSE") -> dict[str, Path]:

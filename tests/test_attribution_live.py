@@ -13,23 +13,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import _ARCH_FLAGS, REPO, TARGETS_DIR, wait_frida_gone
+from conftest import REPO, wait_frida_gone
 
 from nvse_monitor.engine import leaks
 
 pytestmark = pytest.mark.frida
 
 LIBC = REPO / "nvse_monitor" / "profiles" / "linux-libc.toml"
-
-
-def build(targets, arch: str, out_dir: Path) -> Path:
-    if arch == "ia32" and (why := targets.m32_problem()):
-        pytest.skip(f"gcc -m32 cannot link here (install gcc-multilib): {why}")
-    out = out_dir / f"leaky_wrapped-{arch}"
-    subprocess.run(["gcc", *_ARCH_FLAGS[arch], "-O1", "-g", "-fno-omit-frame-pointer",
-                    "-rdynamic", str(TARGETS_DIR / "leaky_wrapped.c"), "-o", str(out)],
-                   check=True, capture_output=True)
-    return out
 
 
 def profile(exe: Path, out_dir: Path) -> Path:
@@ -57,7 +47,9 @@ def in_order(frames: list[str], names: list[str]) -> bool:
 @pytest.mark.parametrize("arch", ["x64", pytest.param("ia32", marks=pytest.mark.m32)])
 def test_leaks_named_through_a_wrapper_and_stacks_show_callers(arch, targets, tmp_path,
                                                                live_procs):
-    exe = build(targets, arch, tmp_path)
+    # frame pointers for the stacks; -rdynamic: the wrapper is hooked by export
+    exe = targets.build("leaky_wrapped", arch, flags=("-O1", "-fno-omit-frame-pointer",
+                                                      "-rdynamic"))
     target = live_procs.start([exe])
     out, rec = tmp_path / "out", tmp_path / "s.nvmrec"
     mon = live_procs.attach(target, "--out", out, "--record", rec,

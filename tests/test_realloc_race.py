@@ -11,25 +11,14 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import _ARCH_FLAGS, TARGETS_DIR, read_outputs, wait_frida_gone
+from conftest import read_outputs, wait_frida_gone
 
 from nvse_monitor.engine import leaks
 
 pytestmark = pytest.mark.frida
-
-
-def build(targets, arch: str, out_dir: Path) -> Path:
-    if arch == "ia32" and (why := targets.m32_problem()):
-        pytest.skip(f"gcc -m32 cannot link here (install gcc-multilib): {why}")
-    out = out_dir / f"realloc_race-{arch}"
-    subprocess.run(["gcc", *_ARCH_FLAGS[arch], "-O2", "-g", "-pthread", "-rdynamic",
-                    str(TARGETS_DIR / "realloc_race.c"), "-o", str(out)],
-                   check=True, capture_output=True)
-    return out
 
 
 def profile(exe: Path, arch: str, out_dir: Path) -> Path:
@@ -44,7 +33,7 @@ def profile(exe: Path, arch: str, out_dir: Path) -> Path:
 
 @pytest.mark.parametrize("arch", ["x64", pytest.param("ia32", marks=pytest.mark.m32)])
 def test_realloc_into_an_address_freed_during_the_call(arch, targets, tmp_path, live_procs):
-    exe = build(targets, arch, tmp_path)
+    exe = targets.build("realloc_race", arch, flags=("-rdynamic",))  # hooked by export
     target = live_procs.start([exe])
     out = tmp_path / "out"
     # every call sampled: a sampled realloc's stack must still reach its REALLOC record, with

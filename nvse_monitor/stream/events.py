@@ -61,6 +61,12 @@ RECORD_DTYPE = np.dtype(
 assert RECORD_DTYPE.itemsize == RECORD_SIZE
 
 
+def realloc_halves(records: np.ndarray) -> np.ndarray:
+    """Which records are the FREE half of a moved realloc (FLAG_REALLOC_HALF): records, not
+    calls, so call counts leave them out (the realloc's REALLOC record is the call)."""
+    return (records["kind"] == Kind.FREE) & ((records["flags"] & FLAG_REALLOC_HALF) != 0)
+
+
 def decode_records(buf: bytes | bytearray | memoryview) -> np.ndarray:
     """Records from a raw byte buffer (a live batch's payload). Raises ValueError on a bad size."""
     if len(buf) % RECORD_SIZE:

@@ -30,7 +30,7 @@ import numpy as np
 
 from nvse_monitor.capture.hookprofile import load_profile
 from nvse_monitor.engine.modmap import UNKNOWN, ModuleMap
-from nvse_monitor.stream.events import FLAG_REALLOC_HALF, Kind
+from nvse_monitor.stream.events import Kind, realloc_halves
 from nvse_monitor.stream.messages import Batch, ModuleEvent
 from nvse_monitor.stream.recording import Recording
 
@@ -234,8 +234,8 @@ def recorded(rec: Path) -> dict[tuple[str, str], tuple[int, int]]:
             if not isinstance(msg, Batch) or not len(msg.records):
                 continue
             k = msg.records["kind"]
-            half = (k == Kind.FREE) & ((msg.records["flags"] & FLAG_REALLOC_HALF) != 0)
-            recs = msg.records[(k != Kind.FAILED) & (k != Kind.STACK) & ~half]
+            recs = msg.records[(k != Kind.FAILED) & (k != Kind.STACK)
+                               & ~realloc_halves(msg.records)]
             mods = mm.lookup(recs["caller"].astype(np.uint64))
             for mod, hook, size in zip(mods.tolist(), recs["hook"].tolist(),
                                        recs["size"].tolist(), strict=True):
