@@ -434,3 +434,80 @@ def test_python_and_numpy_paths_agree(seed, monkeypatch) -> None:
                     s.allocated().bytes.tolist()))
     assert got[0] == got[1]
     assert got[0][2] > 50 and got[0][3] > 0 and got[0][4] > 0  # losses of each kind happened
+
+
+def _reuse_stream(seed: int, n_batches: int = 12) -> list[Batch]:
+    """A few pointers reused over and over (a tight loop's allocator), many sampled: allocs,
+    frees, reallocs in place and moving, allocations over live blocks, failures, batches of
+    a few records to thousands."""
+    rng = np.random.default_rng(seed)
+    pool = [0x10000 + 0x40 * i for i in range(int(rng.integers(2, 12)))]
+    r = Recs()
+    out = []
+    live: set[int] = set()
+    for b in range(n_batches):
+        for _ in range(int(rng.choice([3, 40, 3000]))):
+            t = int(rng.integers(1, 3))
+            p = pool[int(rng.integers(len(pool)))]
+            sampled = bool(rng.random() < 0.3)
+            if sampled and rng.random() < 0.9:
+                r.stack(frames(int(rng.integers(1, 9))), tid=t)
+            x = rng.random()
+            if x < 0.4 and live:
+                q = sorted(live)[int(rng.integers(len(live)))]
+                r.free(q, tid=t)
+                live.discard(q)
+            elif x < 0.55 and live:
+                q = sorted(live)[int(rng.integers(len(live)))]
+                new = q if rng.random() < 0.5 else p
+                r.realloc(q, new, int(rng.integers(1, 9000)), tid=t, sampled=sampled)
+                live.discard(q)
+                live.add(new)
+            elif x < 0.58:
+                r.alloc(0, 100, tid=t, sampled=sampled)  # a failure
+            else:  # may land on a live block: a REPLACE
+                r.alloc(p, int(rng.integers(1, 9000)), tid=t, sampled=sampled)
+                live.add(p)
+        bt = r.batch()
+        bt.records["ts_us"] = np.arange(len(bt.records)) + 10_000 * b
+        bt.now_us = int(bt.records["ts_us"][-1])
+        out.append(bt)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_engines_pointer_runs_give_the_filters_results(seed, monkeypatch) -> None:
+    """samples.feed finds the events that start or end a sampled block from the engine's
+    grouping by pointer (runs), else from its hash filter: the same figures either way, on
+    pointers reused many times per batch."""
+    import nvse_monitor.engine.samples as samples_mod
+    from nvse_monitor.engine.samples import SampledStacks
+
+    monkeypatch.setattr(samples_mod, "_RUNS_MIN", 0)  # the runs in batches of any size
+    batches = _reuse_stream(seed)
+    orig = SampledStacks.feed
+    used = []
+
+    def spy(self, *a, runs=None, **k):  # noqa: ANN001, ANN202
+        used.append(runs is not None)
+        return orig(self, *a, runs=runs, **k)
+
+    def without_runs(self, *a, runs=None, **k):  # noqa: ANN001, ANN202
+        return orig(self, *a, **k)
+
+    got = []
+    for feed in (spy, without_runs):
+        monkeypatch.setattr(SampledStacks, "feed", feed)
+        e = Engine(meta(4096))
+        peaks = []
+        for b in batches:
+            e.feed(b)
+            s = e.samples
+            peaks.append((s.at_peak().bytes.tolist(), s.live_now().allocations.tolist()))
+        s = e.samples
+        got.append((stacks_of(e), dict(s.live), s.sampled_allocations, s.stackless,
+                    s.allocated().bytes.tolist(), peaks, s.peak_us))
+    assert got[0] == got[1]
+    assert any(used)  # the engine did hand its runs over
+    assert got[0][2] > 100  # many samples, live across batches:
+    assert sum(1 for _, live_n in got[0][5] if sum(live_n) > 0) >= 2

@@ -77,9 +77,11 @@ class Events:
     unknown: int  # records of unknown kinds
     last_ts: int
     rec_ts: np.ndarray | None = None  # per record, clamped: the time reached after each
+    kind: np.ndarray | None = None  # per record (contiguous copies, for samples.py)
+    flags: np.ndarray | None = None
 
 
-_FIELDS = ("ptr", "size", "ts_us", "caller", "hook", "kind")
+_FIELDS = ("ptr", "size", "ts_us", "caller", "hook", "kind", "flags")
 _CHUNK = 8192  # records per slice in _columns: 448 KiB, well inside a core's L2 cache
 
 
@@ -103,7 +105,7 @@ def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> 
     none (rules in docs/engine.md). `now`: the stream time already reached; `floor`: a
     per-record lower bound on time (the times of the batches before a record's batch)."""
     n = len(r)
-    ptr, size, ts, caller, hook, kind = _columns(r, _FIELDS)
+    ptr, size, ts, caller, hook, kind, flags = _columns(r, _FIELDS)
     # publication order: keep output time monotonic
     if floor is not None:
         np.maximum(ts, floor, out=ts)
@@ -135,13 +137,13 @@ def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> 
         if not len(rec):
             return Events(None, etype=np.empty(0, np.int8), ts=ts, size=size, hook=hook,
                           caller=caller, rec=rec, failed=None, unknown=unknown,
-                          last_ts=last_ts, rec_ts=ts)
+                          last_ts=last_ts, rec_ts=ts, kind=kind, flags=flags)
         second = np.zeros(len(rec), dtype=bool)  # the alloc part of a realloc
         np.equal(rec[1:], rec[:-1], out=second[1:])
-        crec = code[rec]
+        crec = code.take(rec)
         etype = T_ETYPE.take(crec)
         etype[second] = 1
-        evp = ptr[rec]
+        evp = ptr.take(rec)
         if any_r:
             fo = T_FREE_OLD.take(crec)
             fo &= ~second
@@ -149,14 +151,14 @@ def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> 
             evp[fi] = old[rec[fi]]
 
     def g(a: np.ndarray) -> np.ndarray:
-        return a if rec is None else a[rec]
+        return a if rec is None else a.take(rec)  # take: ~1.3x fancy indexing
 
     failed = None
     if counts[T_FAIL].any():  # failures ride along as frees of pointer 0 (never tracked)
         failed = etype == 2
         evp = np.where(failed, np.uint64(0), evp)
     return Events(evp, etype, g(ts), g(size), g(hook), g(caller), rec, failed,
-                  unknown, last_ts, ts)
+                  unknown, last_ts, ts, kind, flags)
 
 
 HASH = np.uint64(0x9E3779B97F4A7C15)
@@ -226,11 +228,23 @@ def pointer_order(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 
+@dataclass(frozen=True)
+class PointerRuns:
+    """The events of a run grouped by pointer: `order` lists event indices pointer by pointer,
+    each pointer's in time order; its runs begin at positions `starts`, on pointers `ptrs`.
+    (samples.py finds the events that start or end a sampled block with it.)"""
+
+    order: np.ndarray
+    starts: np.ndarray
+    ptrs: np.ndarray
+
+
 def classify(table: LiveTable, p, isalloc, size, ts, caller, hook, mod):  # noqa: ANN001, ANN201
     """Outcomes of a run of events assuming no tracking limit, without touching the table.
     Events on one pointer are consecutive after a stable sort by pointer; an event's block
     state is the previous event's (an alloc leaves it live, a free leaves it not) or, for the
-    first event of a pointer, whether the table holds it."""
+    first event of a pointer, whether the table holds it. Also returns the plan for
+    apply_plan and the grouping (PointerRuns)."""
     m = len(p)
     order, sp = pointer_order(p)
     first = np.empty(m, dtype=bool)
@@ -271,7 +285,8 @@ def classify(table: LiveTable, p, isalloc, size, ts, caller, hook, mod):  # noqa
     glast[:-1] = gstart[1:] - 1
     glast[-1] = m - 1
     plan = (up, probe, found, sa[glast], order[glast])
-    return out, osz, ohk, omd, plan
+    return out, osz, ohk, omd, plan, PointerRuns(order, gstart, up)
+
 
 def apply_plan(table: LiveTable, plan, size, ts, caller, hook, mod) -> None:  # noqa: ANN001
     """Make the table match the end of the classified run."""

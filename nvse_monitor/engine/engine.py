@@ -51,6 +51,7 @@ from .classify import (
     O_PLUS,
     OVERFLOW,
     REPLACE,
+    PointerRuns,
     apply_plan,
     classify,
     expand_records,
@@ -213,6 +214,7 @@ class Engine:
         self.meta = meta
         self.config = config or EngineConfig()
         self.table = LiveTable()
+        self._runs: PointerRuns | None = None  # _track's grouping of its batch (samples.py)
         self._out: list[Output] = []
         self.health = Health(meta.pid, self.config.recovery_us, self._out)
         self.modmap = ModuleMap(meta.modules)
@@ -759,7 +761,7 @@ class Engine:
         bounds = [(i, int(ev.rec_ts[i - 1]) if i else 0, b) for i, b in bounds or []]
         if ev.ptr is None:
             if self.samples is not None:  # chunks only: they wait for their calls
-                self.samples.feed(r, None, None, None, None)
+                self.samples.feed(r, None, None, None, None, cols=(ev.kind, ev.flags))
             for _, t, b in bounds:
                 self.now = max(self.now, t)
                 self._batch_end(b)
@@ -781,7 +783,8 @@ class Engine:
                 peak = (int(np.argmax(bt.cur_b)) if self.state.c.peak_bytes > pre.peak_bytes
                         else None)
                 self.samples.feed(r, ev.ptr, ev.etype, ev.rec, peak,
-                                  None if peak is None else int(ev.ts[peak]))
+                                  None if peak is None else int(ev.ts[peak]),
+                                  runs=self._runs, cols=(ev.kind, ev.flags))
         self.now = max(self.now, ev.last_ts)
 
     # -- tracking: classify each event against the live set --
@@ -789,6 +792,7 @@ class Engine:
         """Outcome per event (time order) and the size/hook/module of the block each free or
         replacement ends; updates the live table. Exact per-event semantics, vectorised."""
         ms = len(p)
+        self._runs = None  # the batch's events by pointer, when one classify saw them all
         if not ms:
             return (np.empty(0, np.uint8), np.empty(0, np.uint64), np.empty(0, np.uint8),
                     np.empty(0, np.uint16))
@@ -805,6 +809,7 @@ class Engine:
                 e = int(over.argmax())
         if e == ms:  # the usual case: classify's arrays are the results
             apply_plan(self.table, res[4], *cols)
+            self._runs = res[5]
             return res[:4]
         out = np.empty(ms, np.uint8)
         osz = np.empty(ms, np.uint64)

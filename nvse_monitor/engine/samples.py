@@ -14,9 +14,15 @@ Per batch (the engine's records and events), all vectorised but for the sampled 
    next one.
 2. Stacks are interned (raw frames -> id); frames in no known module (the agent's own code)
    are dropped, order kept (frame 0 = innermost).
-3. Sampled blocks live now: ptr -> stack, size, weights. Whether an event's pointer is a sampled
-   block is first asked of a counting hash filter (one multiply, shift and gather per event),
-   exactly only on its hits: cheap when few blocks are sampled, which is the point of sampling.
+3. Sampled blocks live now: ptr -> stack, size, weights. Only the events that start or end one
+   are visited: the sampled allocations, the next event on each one's pointer, and the first
+   event on each pointer that was a sampled block before the batch. They come from the
+   engine's grouping of the batch's events by pointer (classify.PointerRuns, which tracking
+   sorts anyway), and the last kind from a counting hash filter of the sampled blocks, asked
+   once per distinct pointer and exactly only on its hits. So a pointer that a tight loop
+   reuses thousands of times per batch costs nothing more. Without the grouping (the tracking
+   limit's exact path), and in small batches where it costs more than it saves, the filter is
+   asked once per event.
 4. Per stack: estimated live bytes/allocations now, at the global live-bytes peak (the events
    of the peak's batch applied up to the peak's index), and allocated bytes/allocations
    (cumulative).
@@ -36,6 +42,7 @@ from ..stream.events import (
     STACK_FRAMES_PER_RECORD,
     Kind,
 )
+from .classify import PointerRuns
 from .modmap import UNKNOWN, ModuleMap
 
 _STACK = int(Kind.STACK)
@@ -45,6 +52,7 @@ _HASH = np.uint64(0x9E3779B97F4A7C15)
 _MIN_BITS = 16
 _SMALL = 48  # chunks + sampled calls in a batch up to which plain Python is faster than numpy
 _SMALL_HITS = 256  # filter hits up to which they are checked one by one in Python
+_RUNS_MIN = 4096  # events in a batch from which the engine's pointer runs pay (below: filter)
 _WINDOW = 32  # records after a stack's last chunk checked at once for its thread's next one
 _LOAD = 8  # filter slots per sampled live block at least: at most ~1/8 false hits per event
 
@@ -76,6 +84,11 @@ class StackFigures:
     sampled: np.ndarray  # int64: sampled allocations (or sampled blocks live)
 
 
+# Contiguous copies of the records' kind and flags (the engine's, from expand_records): each
+# strided read of a record field streams the whole batch (56-byte records), these do not.
+Columns = tuple[np.ndarray, np.ndarray]
+
+
 def _kind_flags(r: np.ndarray) -> np.ndarray:
     """kind | hook << 8 | flags << 16 of each record, from one strided read of the 8 bytes
     that hold them (the records are 56-byte strided: each read touches every cache line)."""
@@ -85,12 +98,16 @@ def _kind_flags(r: np.ndarray) -> np.ndarray:
         return r["kind"].astype(np.uint32) | (r["flags"].astype(np.uint32) << np.uint32(16))
 
 
-def _next_record_tids(r: np.ndarray, kf: np.ndarray | None = None) -> np.ndarray:
+def _next_record_tids(r: np.ndarray, cols: Columns | None = None) -> np.ndarray:
     """The thread of each record for the test "did the thread go on before its sampled call's
     record?": a moved realloc's FREE half (FLAG_REALLOC_HALF) comes between that realloc's
     chunks and its REALLOC record, so it belongs to no thread here."""
-    kf = _kind_flags(r) if kf is None else kf
-    half = ((kf & 0xFF) == _HALF[0]) & ((kf & _HALF[1]) != 0)
+    if cols is None:
+        kf = _kind_flags(r)
+        half = ((kf & 0xFF) == _HALF[0]) & ((kf & _HALF[1]) != 0)
+    else:
+        kind, flags = cols
+        half = (kind == _HALF[0]) & ((flags & FLAG_REALLOC_HALF) != 0)
     tid = r["tid"]
     return np.where(half, np.uint32(0xFFFFFFFF), tid) if half.any() else tid
 
@@ -183,12 +200,15 @@ class SampledStacks:
 
     # -- feeding --
     def feed(self, r: np.ndarray, ev_ptr: np.ndarray | None, ev_etype: np.ndarray | None,
-             ev_rec: np.ndarray | None, peak_at: int | None, peak_us: int | None = None) -> None:
+             ev_rec: np.ndarray | None, peak_at: int | None, peak_us: int | None = None,
+             runs: PointerRuns | None = None, cols: Columns | None = None) -> None:
         """One batch (or run of batches): its records `r`; its events' pointers, types (0 free,
         1 alloc, 2 failure) and record indices (None: one event per record), None when it has no
         events; `peak_at`: the event index where the session's live bytes reached a new peak in
-        this batch (None: no new peak), at stream time `peak_us`."""
-        ri, sid = self._sampled_calls(r)  # record index, stack id per sampled allocation
+        this batch (None: no new peak), at stream time `peak_us`. From the engine, to spare
+        passes over the batch: `runs`, its events grouped by pointer (classify.PointerRuns),
+        and `cols`, the records' kind and flags."""
+        ri, sid = self._sampled_calls(r, cols)  # record index, stack id per sampled allocation
         if ev_ptr is None:
             return
         if peak_at is not None:
@@ -210,11 +230,14 @@ class SampledStacks:
         live = self.live
         add_p = ev_ptr[ei]
         self._filter.add(add_p)
-        # Events on a pointer that may be (or become) a sampled block in this batch: the
-        # filter's hits. A few (a live batch): all of them, checked one by one below; many:
-        # only those that start or end a sampled block (_relevant: numpy, no loop).
-        cand = self._filter.hits(ev_ptr)
-        todo = cand if len(cand) <= _SMALL_HITS else self._relevant(ev_ptr, cand, ei, add_p)
+        if runs is not None and len(ev_ptr) >= _RUNS_MIN:
+            todo = self._block_events(ev_ptr, ei, runs)
+        else:
+            # Events on a pointer that may be (or become) a sampled block in this batch: the
+            # filter's hits. A few (a live batch): all of them, checked one by one below; many:
+            # only those that start or end a sampled block (_relevant: numpy, no loop).
+            cand = self._filter.hits(ev_ptr)
+            todo = cand if len(cand) <= _SMALL_HITS else self._relevant(ev_ptr, cand, ei, add_p)
         wb, wn = weights(r["size"][ri], self.sample_bytes)
         adds = dict(zip(ei.tolist(), zip(sid.tolist(), r["size"][ri].tolist(), wb.tolist(),
                                          wn.tolist(), r["caller"][ri].tolist(), strict=True),
@@ -247,6 +270,33 @@ class SampledStacks:
             self._snap_peak()
         self._filter.remove(np.array(gone, np.uint64))
         self._grow_filter()
+
+    def _block_events(self, ev_ptr: np.ndarray, ei: np.ndarray, runs: PointerRuns
+                      ) -> np.ndarray:
+        """In event order, exactly the events that start or end a sampled block, from the
+        events grouped by pointer: the sampled allocations `ei`, the next event on each one's
+        pointer, and the first event on each pointer that was a sampled block before the batch
+        (its free, or an allocation over it). Only pointers and sampled calls are looked at,
+        not every event: a pointer reused thousands of times in a batch costs nothing more."""
+        order, starts = runs.order, runs.starts
+        m = len(order)
+        parts = [ei]
+        if len(ei):
+            pos = np.empty(m + 1, np.intp)
+            pos[order] = np.arange(m)
+            nxt = pos[ei] + 1  # the position after each sampled allocation, in its run...
+            run_start = np.zeros(m + 1, bool)
+            run_start[starts] = True
+            run_start[m] = True
+            nxt = nxt[~run_start[nxt]]  # ...unless the next run (pointer) begins there
+            parts.append(order[nxt])
+        if self.live:
+            h = self._filter.hits(runs.ptrs)
+            if len(h):
+                pre = np.fromiter(map(self.live.__contains__, runs.ptrs[h].tolist()), bool,
+                                  len(h))
+                parts.append(order[starts[h[pre]]])
+        return np.unique(np.concatenate(parts)) if len(parts) > 1 else ei
 
     def _relevant(self, ev_ptr: np.ndarray, cand: np.ndarray, ei: np.ndarray,
                   add_p: np.ndarray) -> np.ndarray:
@@ -287,20 +337,23 @@ class SampledStacks:
         self._filter.add(np.fromiter(self.live, np.uint64, len(self.live)))
 
     # -- chunks -> stacks --
-    def _sampled_calls(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _sampled_calls(self, r: np.ndarray, cols: Columns | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
         """Record indices and stack ids of the batch's sampled calls that allocated, in record
         order; consumes the STACK chunks (those of a call still to come wait in _pending)."""
         none = (np.empty(0, np.int64), np.empty(0, np.int64))
-        kf = _kind_flags(r)
-        is_st = (kf & 0xFF) == _STACK
-        st = np.flatnonzero(is_st)
-        # a STACK record's flags are its frame count, not FLAG_SAMPLED
-        sm = np.flatnonzero((kf & (FLAG_SAMPLED << 16)).astype(bool) & ~is_st)
+        if cols is None:
+            kf = _kind_flags(r)
+            cols = (kf.astype(np.uint8), (kf >> np.uint32(16)).astype(np.uint16))
+        kind, flags = cols
+        st = np.flatnonzero(kind == _STACK)
+        sm = np.flatnonzero(flags & FLAG_SAMPLED)
+        if len(st) and len(sm):  # a STACK record's flags are its frame count, not FLAG_SAMPLED
+            sm = sm[kind[sm] != _STACK]
         if not len(st) and not len(sm) and not self._pending:
             return none
         if len(st) + len(sm) + sum(len(p) for p in self._pending.values()) <= _SMALL:
-            return self._calls_small(r, st, sm)
-        kind = r["kind"]
+            return self._calls_small(r, st, sm, cols)
         tid = r["tid"]
         # Chunk rows: carried ones first (record index -1: before the batch), then the batch's.
         rows = np.empty((len(st), 7), np.uint64)
@@ -344,7 +397,7 @@ class SampledStacks:
         last = e_idx[pc]
         call_rec = e_idx[calls]
         gap = np.flatnonzero(got & (call_rec > last + 1))
-        tnext = _next_record_tids(r, kf)
+        tnext = _next_record_tids(r, cols)
         if len(gap):  # other threads' records in between: is one of them this thread's?
             lo, hi = last[gap] + 1, call_rec[gap]
             w = np.arange(_WINDOW)
@@ -411,13 +464,13 @@ class SampledStacks:
             return none
         return np.array(out_ri, np.int64), np.array(out_sid, np.int64)
 
-    def _calls_small(self, r: np.ndarray, st: np.ndarray, sm: np.ndarray
+    def _calls_small(self, r: np.ndarray, st: np.ndarray, sm: np.ndarray, cols: Columns
                      ) -> tuple[np.ndarray, np.ndarray]:
         """_sampled_calls for a batch with few chunks and sampled calls (a live batch: a few
         per millisecond): the same steps on Python lists, which beat numpy's per-call cost
         there. Same results (tests/test_samples.py compares both on random streams)."""
         tid = r["tid"]
-        tnext = _next_record_tids(r)
+        tnext = _next_record_tids(r, cols)
         rows = [tuple(x) for p in self._pending.values() for x in p.tolist()]
         cidx = [-1] * len(rows)
         self._pending = {}
