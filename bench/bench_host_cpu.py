@@ -35,8 +35,12 @@ CACHE = Path.home() / ".cache" / "nvse-monitor-bench"
 
 
 def hammer_recording(cache: Path, seconds: float = 2.0, threads: int = 8) -> Path:
-    """A live recording of hammer.c (threads x malloc/free pairs as fast as they can)."""
-    path = cache / f"hammer-{threads}t-{seconds:g}s.nvmrec"
+    """A live recording of hammer.c (threads x malloc/free pairs as fast as they can), with
+    the live CLI's default stack sampling (its STACK records and sampled calls are part of
+    what the host handles)."""
+    from nvse_monitor.capture.agent_host import DEFAULT_SAMPLE_BYTES
+
+    path = cache / f"hammer-{threads}t-{seconds:g}s-s{DEFAULT_SAMPLE_BYTES}.nvmrec"
     if path.exists():
         return path
     cache.mkdir(parents=True, exist_ok=True)
@@ -51,7 +55,8 @@ def hammer_recording(cache: Path, seconds: float = 2.0, threads: int = 8) -> Pat
             assert target.stdout.readline().startswith("READY")
             mon = subprocess.Popen([sys.executable, "-m", "nvse_monitor", "attach",
                                     str(target.pid), "--out", str(Path(td) / "out"),
-                                    "--record", str(path) + ".part"],
+                                    "--record", str(path) + ".part",
+                                    "--sample-bytes", str(DEFAULT_SAMPLE_BYTES)],
                                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                    cwd=REPO)
             for line in mon.stderr:
