@@ -18,6 +18,9 @@ counted over the target's run time plus the lag until the files were final (`e2e
     python bench/bench_e2e.py --rates 3e6,5e6 --runs 5 --ring-size 256K
     python bench/bench_e2e.py --rates 0 --threads 8 --runs 3    # lossless rate, 8 producers
     python bench/bench_e2e.py --rates 0 --threads 8 --runs 5 --anchor   # beside heaptrack
+    python bench/bench_e2e.py --rates 2e5,1e6 --threads 2 --seconds 5 --baseline DIR
+        # another checkout's tree (`git worktree add DIR <rev>`) in alternating runs: the host's
+        # CPU per event after start-up, new over old
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ def wait_rusage(proc: subprocess.Popen, timeout: float) -> os.struct_rusage:
 
 
 def one_run(exe: Path, rate: float, seconds: float, ring: str | None, tmp: Path,
-            threads: int = 1) -> dict:
+            threads: int = 1, src: Path = REPO) -> dict:
     target = subprocess.Popen(
         [str(exe), "--seconds", str(seconds), "--rate", str(rate), "--threads", str(threads)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -118,8 +121,9 @@ def one_run(exe: Path, rate: float, seconds: float, ring: str | None, tmp: Path,
         args = [sys.executable, "-m", "nvse_monitor", "attach", str(target.pid), "--out", str(out)]
         if ring:
             args += ["--ring-size", ring]
+        env = dict(os.environ, PYTHONPATH=str(src)) if src != REPO else None
         mon = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                               cwd=REPO)
+                               cwd=src, env=env)
         err = Stderr(mon)
         if not err.wait_for("nvse-monitor: monitoring", 60):
             mon.kill()
@@ -230,6 +234,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write all runs here")
     ap.add_argument("--anchor", action="store_true",
                     help="with --rates 0: heaptrack on the same target, alternating runs")
+    ap.add_argument("--baseline", type=Path,
+                    help="another checkout's source tree, in alternating runs")
     a = ap.parse_args()
 
     rates = [float(x) for x in a.rates.split(",")]
@@ -245,11 +251,14 @@ def main() -> int:
               f"{'host CPU':>8} {'of it start':>11} {'tgt CPU':>7}  sustained")
         for rate in rates:
             anchor = rate == 0 and a.anchor and shutil.which("heaptrack") is not None
-            runs, ht = [], []
+            runs, ht, base = [], [], []
             for _ in range(a.runs):
                 runs.append(one_run(exe, rate, a.seconds, a.ring_size, tmp, a.threads))
                 if anchor:
                     ht.append(heaptrack_run(exe, a.seconds, tmp, a.threads))
+                if a.baseline:
+                    base.append(one_run(exe, rate, a.seconds, a.ring_size, tmp, a.threads,
+                                        src=a.baseline.resolve()))
             all_runs += runs
             med = {k: statistics.median(r[k] for r in runs)
                    for k in ("achieved", "e2e", "events", "dropped", "stalls", "lag_s",
@@ -275,6 +284,17 @@ def main() -> int:
                   f" ({sum(ok_runs)}/{len(runs)})")
             if sustained:
                 best = max(best or 0.0, med["e2e"] if rate == 0 else med["achieved"])
+            if base:
+                def per_event(rs: list[dict]) -> float:  # host CPU ns an event after start-up
+                    return statistics.median((r["host_cpu_s"] - r["host_start_cpu_s"])
+                                             / max(r["recorded"], 1) * 1e9 for r in rs)
+                b = {k: statistics.median(r[k] for r in base)
+                     for k in ("achieved", "e2e", "dropped", "host_cpu_s", "host_start_cpu_s")}
+                new, old = per_event(runs), per_event(base)
+                print(f"{'baseline':>10} {b['achieved'] / 1e6:>8.2f} M {b['e2e'] / 1e6:>8.2f} M "
+                      f"{'':>11} {b['dropped']:>9,.0f}   host CPU {b['host_cpu_s']:.2f}s "
+                      f"(start {b['host_start_cpu_s']:.2f}s); after start-up {new:.0f} vs "
+                      f"{old:.0f} ns an event: {new / old:.2f}x")
             if ht:
                 h = {k: statistics.median(r[k] for r in ht) for k in ("achieved", "e2e", "lag_s")}
                 print(f"{'heaptrack':>10} {h['achieved'] / 1e6:>8.2f} M {h['e2e'] / 1e6:>8.2f} M "

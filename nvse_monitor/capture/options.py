@@ -37,6 +37,10 @@ class SessionOptions:
     # where 1 MiB batches stall the drain (bench/bench_e2e.py, docs/sessions.md).
     max_batch_bytes: int = 64 << 10
     merge_records: int = 1 << 17  # feed queued batches in runs of up to this many records
+    # A run of fewer records than merge_min_records waits up to merge_wait_s for the batches
+    # behind it (consumer.py): at moderate rates the engine's cost is mostly per pass.
+    merge_min_records: int = 1 << 14
+    merge_wait_s: float = 0.02
     force: bool = False  # use --profile even if it names other executables / another version
     # spawn: start the program in this directory / with these extra environment variables
     # (None: ours; FalloutNV.exe and nvse_loader.exe get fnv.spawn_env's Steam variables).
