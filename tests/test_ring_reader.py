@@ -215,3 +215,48 @@ def test_times_come_from_positions_between_looks():
     assert np.all((ts[:10] >= 1000) & (ts[:10] <= 2000))
     assert np.all((ts[10:] >= 9000) & (ts[10:] <= 10000))
     assert np.all(np.diff(ts) >= 0)
+
+
+def test_a_few_records_wait_for_a_later_look_and_keep_their_times(monkeypatch):
+    """A look that finds fewer than PROCESS_MIN_RECORDS new records notes only its time anchor
+    (the take's fixed cost dominated at moderate rates); a later look takes them, at most
+    PROCESS_WAIT_S after the first that saw them, and their times still come from the looks
+    around them. drain() (flush, stop) takes at once."""
+    import time
+    import types
+
+    import nvse_monitor.capture.reader as reader_mod
+
+    clock = [100.0]  # the reader's clock only
+    monkeypatch.setattr(reader_mod, "time", types.SimpleNamespace(
+        monotonic=lambda: clock[0], sleep=time.sleep))
+    ring = Ring(slots=64)
+    r = ring.reader
+    ring.now = 1000
+    assert r._poll() == 0  # empty
+    for i in range(5):
+        ring.publish(ptr=i + 1)
+    ring.now = 2000
+    assert r._poll() == 0 and not ring.records().size  # left for later, anchor noted
+    for i in range(5):
+        ring.publish(ptr=10 + i)
+    ring.now = 3000
+    clock[0] += reader_mod.PROCESS_WAIT_S / 2
+    assert r._poll() == 0 and not ring.records().size
+    ring.now = 4000
+    clock[0] += reader_mod.PROCESS_WAIT_S  # the first of them has waited long enough
+    assert r._poll() == 10
+    recs = ring.records()
+    assert recs["ptr"].tolist() == [1, 2, 3, 4, 5, 10, 11, 12, 13, 14]
+    ts = recs["ts_us"].astype(np.int64)
+    assert np.all((ts[:5] >= 1000) & (ts[:5] <= 2000))  # from the looks around them,
+    assert np.all((ts[5:] >= 2000) & (ts[5:] <= 3000))  # not from the look that took them
+    ring.publish(ptr=99)
+    ring.now = 5000
+    r.drain(0.005)  # a flush does not wait
+    assert ring.records()["ptr"].tolist()[-1] == 99
+    # enough records are taken at the first look that sees them
+    monkeypatch.setattr(reader_mod, "PROCESS_MIN_RECORDS", 8)
+    for i in range(8):
+        ring.publish(ptr=200 + i)
+    assert r._poll() == 8

@@ -227,7 +227,6 @@ def pointer_order(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, sp
 
 
-
 @dataclass(frozen=True)
 class PointerRuns:
     """The events of a run grouped by pointer: `order` lists event indices pointer by pointer,

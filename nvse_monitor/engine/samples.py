@@ -231,7 +231,7 @@ class SampledStacks:
         add_p = ev_ptr[ei]
         self._filter.add(add_p)
         if runs is not None and len(ev_ptr) >= _RUNS_MIN:
-            todo = self._block_events(ev_ptr, ei, runs)
+            todo = self._block_events(ei, runs)
         else:
             # Events on a pointer that may be (or become) a sampled block in this batch: the
             # filter's hits. A few (a live batch): all of them, checked one by one below; many:
@@ -271,8 +271,7 @@ class SampledStacks:
         self._filter.remove(np.array(gone, np.uint64))
         self._grow_filter()
 
-    def _block_events(self, ev_ptr: np.ndarray, ei: np.ndarray, runs: PointerRuns
-                      ) -> np.ndarray:
+    def _block_events(self, ei: np.ndarray, runs: PointerRuns) -> np.ndarray:
         """In event order, exactly the events that start or end a sampled block, from the
         events grouped by pointer: the sampled allocations `ei`, the next event on each one's
         pointer, and the first event on each pointer that was a sampled block before the batch
@@ -282,7 +281,7 @@ class SampledStacks:
         m = len(order)
         parts = [ei]
         if len(ei):
-            pos = np.empty(m + 1, np.intp)
+            pos = np.empty(m, np.intp)
             pos[order] = np.arange(m)
             nxt = pos[ei] + 1  # the position after each sampled allocation, in its run...
             run_start = np.zeros(m + 1, bool)
