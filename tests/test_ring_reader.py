@@ -221,7 +221,8 @@ def test_a_few_records_wait_for_a_later_look_and_keep_their_times(monkeypatch):
     """A look that finds fewer than PROCESS_MIN_RECORDS new records notes only its time anchor
     (the take's fixed cost dominated at moderate rates); a later look takes them, at most
     PROCESS_WAIT_S after the first that saw them, and their times still come from the looks
-    around them. drain() (flush, stop) takes at once."""
+    around them. drain() (flush, stop) takes at once; so does a look that finds 1/8 of a small
+    ring."""
     import time
     import types
 
@@ -230,7 +231,7 @@ def test_a_few_records_wait_for_a_later_look_and_keep_their_times(monkeypatch):
     clock = [100.0]  # the reader's clock only
     monkeypatch.setattr(reader_mod, "time", types.SimpleNamespace(
         monotonic=lambda: clock[0], sleep=time.sleep))
-    ring = Ring(slots=64)
+    ring = Ring(slots=1024)
     r = ring.reader
     ring.now = 1000
     assert r._poll() == 0  # empty
@@ -260,3 +261,10 @@ def test_a_few_records_wait_for_a_later_look_and_keep_their_times(monkeypatch):
     for i in range(8):
         ring.publish(ptr=200 + i)
     assert r._poll() == 8
+    small = Ring(slots=64)  # 1/8 of it is enough, whatever PROCESS_MIN_RECORDS says
+    monkeypatch.setattr(reader_mod, "PROCESS_MIN_RECORDS", 1 << 14)
+    for i in range(7):
+        small.publish(ptr=300 + i)
+    assert small.reader._poll() == 0
+    small.publish(ptr=307)
+    assert small.reader._poll() == 8

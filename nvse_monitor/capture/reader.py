@@ -34,9 +34,10 @@ from ..stream.messages import AgentCounters, Batch, StreamMessage
 from . import ringlayout as rl
 
 POLL_BUSY_S = 0.001
-# A look that finds fewer new records than this only notes the time anchor and leaves them for
-# a later look, at most PROCESS_WAIT_S: at a moderate rate each look's fixed cost (~0.1 ms of
-# numpy calls and a Batch) dominated. Their times still come from the 1 ms anchors.
+# A look that finds fewer new records than this (and than 1/8 of the ring) only notes the time
+# anchor and leaves them for a later look, at most PROCESS_WAIT_S: at a moderate rate each
+# look's fixed cost (~0.1 ms of numpy calls and a Batch) dominated. Their times still come from
+# the 1 ms anchors.
 PROCESS_MIN_RECORDS = 1 << 14
 PROCESS_WAIT_S = 0.01
 # Records per Batch handed on: the engine takes GIL-holding numpy passes over a batch, and the
@@ -258,7 +259,7 @@ class RingReader:
                 pos.append(head)
                 us.append(now)
         pending = head - self.tail
-        if not force_emit and 0 < pending < PROCESS_MIN_RECORDS:
+        if not force_emit and 0 < pending < min(PROCESS_MIN_RECORDS, self.layout.slots // 8):
             t = time.monotonic()
             if self._waiting_since is None:
                 self._waiting_since = t
