@@ -220,6 +220,12 @@ def heaptrack_run(exe: Path, seconds: float, tmp: Path, threads: int) -> dict:
             "lag_s": lag}
 
 
+def host_ns_per_event(runs: list[dict]) -> float:
+    """The monitor's CPU per event after start-up, ns (median of the runs)."""
+    return statistics.median((r["host_cpu_s"] - r["host_start_cpu_s"]) / max(r["recorded"], 1)
+                             * 1e9 for r in runs)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", default="2e6,3e6,3.5e6,4e6,5e6",
@@ -285,12 +291,9 @@ def main() -> int:
             if sustained:
                 best = max(best or 0.0, med["e2e"] if rate == 0 else med["achieved"])
             if base:
-                def per_event(rs: list[dict]) -> float:  # host CPU ns an event after start-up
-                    return statistics.median((r["host_cpu_s"] - r["host_start_cpu_s"])
-                                             / max(r["recorded"], 1) * 1e9 for r in rs)
                 b = {k: statistics.median(r[k] for r in base)
                      for k in ("achieved", "e2e", "dropped", "host_cpu_s", "host_start_cpu_s")}
-                new, old = per_event(runs), per_event(base)
+                new, old = host_ns_per_event(runs), host_ns_per_event(base)
                 print(f"{'baseline':>10} {b['achieved'] / 1e6:>8.2f} M {b['e2e'] / 1e6:>8.2f} M "
                       f"{'':>11} {b['dropped']:>9,.0f}   host CPU {b['host_cpu_s']:.2f}s "
                       f"(start {b['host_start_cpu_s']:.2f}s); after start-up {new:.0f} vs "

@@ -76,7 +76,7 @@ def hammer_recording(cache: Path, seconds: float = 2.0, threads: int = 8) -> Pat
     return path
 
 
-def measure(recording: Path, runs: int) -> dict[str, float]:
+def measure(recording: Path, runs: int, chunk: int = 1 << 16) -> dict[str, float]:
     """CPU ns per record (medians of `runs`) for this process's nvse_monitor."""
     import numpy as np
 
@@ -92,7 +92,6 @@ def measure(recording: Path, runs: int) -> dict[str, float]:
     batches = [m for m in msgs if isinstance(m, Batch)]
     recs = np.concatenate([b.records for b in batches if len(b.records)])
     n = len(recs)
-    chunk = 1 << 16  # the live reader's largest batch
 
     def engine() -> float:
         # separate arrays, as the reader hands them on
@@ -141,11 +140,14 @@ def main() -> int:
     src.add_argument("--recording", type=Path)
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians)")
     ap.add_argument("--runs", type=int, default=3, help="runs per round")
+    ap.add_argument("--chunk", type=int, default=1 << 16,
+                    help="records per batch fed to the engine (default: the live reader's "
+                    "largest); two sizes give the engine's fixed cost per batch")
     ap.add_argument("--compare", type=Path, help="another copy's directory (holds nvse_monitor)")
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # child: one round
     a = ap.parse_args()
     if a.measure:
-        print(json.dumps(measure(a.measure, a.runs)))
+        print(json.dumps(measure(a.measure, a.runs, a.chunk)))
         return 0
     if a.hammer:
         path = hammer_recording(CACHE)
@@ -161,7 +163,8 @@ def main() -> int:
     for i in range(a.rounds):
         for name, root in sides.items():
             out = subprocess.run([sys.executable, __file__, "--measure", str(path), "--runs",
-                                  str(a.runs)], capture_output=True, text=True, check=True,
+                                  str(a.runs), "--chunk", str(a.chunk)],
+                                 capture_output=True, text=True, check=True,
                                  env=dict(os.environ, PYTHONPATH=str(root)), cwd=root)
             res[name].append(json.loads(out.stdout))
             r = res[name][-1]

@@ -51,7 +51,6 @@ from .classify import (
     O_PLUS,
     OVERFLOW,
     REPLACE,
-    PointerRuns,
     apply_plan,
     classify,
     expand_records,
@@ -214,7 +213,6 @@ class Engine:
         self.meta = meta
         self.config = config or EngineConfig()
         self.table = LiveTable()
-        self._runs: PointerRuns | None = None  # _track's grouping of its batch (samples.py)
         self._out: list[Output] = []
         self.health = Health(meta.pid, self.config.recovery_us, self._out)
         self.modmap = ModuleMap(meta.modules)
@@ -767,7 +765,7 @@ class Engine:
                 self._batch_end(b)
         else:
             mod = self.modmap.lookup(ev.caller)
-            outcome, old_size, old_hook, old_mod = self._track(
+            outcome, old_size, old_hook, old_mod, runs = self._track(
                 ev.ptr, ev.etype == 1, ev.size, ev.ts, ev.caller, ev.hook, mod)
             if ev.failed is not None:
                 outcome[ev.failed] = FAILURE
@@ -784,18 +782,19 @@ class Engine:
                         else None)
                 self.samples.feed(r, ev.ptr, ev.etype, ev.rec, peak,
                                   None if peak is None else int(ev.ts[peak]),
-                                  runs=self._runs, cols=(ev.kind, ev.flags))
+                                  cols=(ev.kind, ev.flags), runs=runs)
         self.now = max(self.now, ev.last_ts)
 
     # -- tracking: classify each event against the live set --
     def _track(self, p, isalloc, size, ts, caller, hook, mod):  # noqa: ANN001, ANN202
         """Outcome per event (time order) and the size/hook/module of the block each free or
-        replacement ends; updates the live table. Exact per-event semantics, vectorised."""
+        replacement ends; updates the live table. Exact per-event semantics, vectorised. Also
+        the events grouped by pointer (classify.PointerRuns) when one classify saw them all,
+        else None."""
         ms = len(p)
-        self._runs = None  # the batch's events by pointer, when one classify saw them all
         if not ms:
             return (np.empty(0, np.uint8), np.empty(0, np.uint64), np.empty(0, np.uint8),
-                    np.empty(0, np.uint16))
+                    np.empty(0, np.uint16), None)
         cols = (size, ts, caller, hook, mod)
         cap = self.config.max_tracked
         c0 = self.table.count
@@ -809,8 +808,7 @@ class Engine:
                 e = int(over.argmax())
         if e == ms:  # the usual case: classify's arrays are the results
             apply_plan(self.table, res[4], *cols)
-            self._runs = res[5]
-            return res[:4]
+            return res[:4] + (res[5],)
         out = np.empty(ms, np.uint8)
         osz = np.empty(ms, np.uint64)
         ohk = np.empty(ms, np.uint8)
@@ -832,7 +830,7 @@ class Engine:
             for k in range(i, stop):
                 self._step(k, p, isalloc, cols, out, osz, ohk, omd)
             i = stop
-        return out, osz, ohk, omd
+        return out, osz, ohk, omd, None
 
     def _segment(self, i, j, p, isalloc, cols, out, osz, ohk, omd) -> None:  # noqa: ANN001
         if j <= i:

@@ -46,7 +46,6 @@ from .classify import PointerRuns
 from .modmap import UNKNOWN, ModuleMap
 
 _STACK = int(Kind.STACK)
-_HALF = (int(Kind.FREE), FLAG_REALLOC_HALF << 16)  # kind, flag of a realloc's FREE half in kf
 _FRAME_FIELDS = ("ptr", "old_ptr", "size", "caller")  # a chunk's frames, in order
 _HASH = np.uint64(0x9E3779B97F4A7C15)
 _MIN_BITS = 16
@@ -89,25 +88,12 @@ class StackFigures:
 Columns = tuple[np.ndarray, np.ndarray]
 
 
-def _kind_flags(r: np.ndarray) -> np.ndarray:
-    """kind | hook << 8 | flags << 16 of each record, from one strided read of the 8 bytes
-    that hold them (the records are 56-byte strided: each read touches every cache line)."""
-    try:
-        return r.view("<u8").reshape(-1, 7)[:, 6].astype(np.uint32)
-    except ValueError:  # not one contiguous block
-        return r["kind"].astype(np.uint32) | (r["flags"].astype(np.uint32) << np.uint32(16))
-
-
-def _next_record_tids(r: np.ndarray, cols: Columns | None = None) -> np.ndarray:
+def _next_record_tids(r: np.ndarray, cols: Columns) -> np.ndarray:
     """The thread of each record for the test "did the thread go on before its sampled call's
     record?": a moved realloc's FREE half (FLAG_REALLOC_HALF) comes between that realloc's
     chunks and its REALLOC record, so it belongs to no thread here."""
-    if cols is None:
-        kf = _kind_flags(r)
-        half = ((kf & 0xFF) == _HALF[0]) & ((kf & _HALF[1]) != 0)
-    else:
-        kind, flags = cols
-        half = (kind == _HALF[0]) & ((flags & FLAG_REALLOC_HALF) != 0)
+    kind, flags = cols
+    half = (kind == Kind.FREE) & ((flags & FLAG_REALLOC_HALF) != 0)
     tid = r["tid"]
     return np.where(half, np.uint32(0xFFFFFFFF), tid) if half.any() else tid
 
@@ -200,14 +186,14 @@ class SampledStacks:
 
     # -- feeding --
     def feed(self, r: np.ndarray, ev_ptr: np.ndarray | None, ev_etype: np.ndarray | None,
-             ev_rec: np.ndarray | None, peak_at: int | None, peak_us: int | None = None,
-             runs: PointerRuns | None = None, cols: Columns | None = None) -> None:
+             ev_rec: np.ndarray | None, peak_at: int | None, peak_us: int | None = None, *,
+             cols: Columns, runs: PointerRuns | None = None) -> None:
         """One batch (or run of batches): its records `r`; its events' pointers, types (0 free,
         1 alloc, 2 failure) and record indices (None: one event per record), None when it has no
         events; `peak_at`: the event index where the session's live bytes reached a new peak in
         this batch (None: no new peak), at stream time `peak_us`. From the engine, to spare
-        passes over the batch: `runs`, its events grouped by pointer (classify.PointerRuns),
-        and `cols`, the records' kind and flags."""
+        passes over the batch: `cols`, the records' kind and flags, and `runs`, its events
+        grouped by pointer (classify.PointerRuns; None on the tracking limit's exact path)."""
         ri, sid = self._sampled_calls(r, cols)  # record index, stack id per sampled allocation
         if ev_ptr is None:
             return
@@ -336,14 +322,10 @@ class SampledStacks:
         self._filter.add(np.fromiter(self.live, np.uint64, len(self.live)))
 
     # -- chunks -> stacks --
-    def _sampled_calls(self, r: np.ndarray, cols: Columns | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
+    def _sampled_calls(self, r: np.ndarray, cols: Columns) -> tuple[np.ndarray, np.ndarray]:
         """Record indices and stack ids of the batch's sampled calls that allocated, in record
         order; consumes the STACK chunks (those of a call still to come wait in _pending)."""
         none = (np.empty(0, np.int64), np.empty(0, np.int64))
-        if cols is None:
-            kf = _kind_flags(r)
-            cols = (kf.astype(np.uint8), (kf >> np.uint32(16)).astype(np.uint16))
         kind, flags = cols
         st = np.flatnonzero(kind == _STACK)
         sm = np.flatnonzero(flags & FLAG_SAMPLED)
