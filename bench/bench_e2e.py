@@ -109,7 +109,7 @@ def wait_rusage(proc: subprocess.Popen, timeout: float) -> os.struct_rusage:
 
 
 def one_run(exe: Path, rate: float, seconds: float, ring: str | None, tmp: Path,
-            threads: int = 1, src: Path = REPO) -> dict:
+            threads: int = 1, src: Path = REPO, native: bool = True) -> dict:
     target = subprocess.Popen(
         [str(exe), "--seconds", str(seconds), "--rate", str(rate), "--threads", str(threads)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -121,7 +121,9 @@ def one_run(exe: Path, rate: float, seconds: float, ring: str | None, tmp: Path,
         args = [sys.executable, "-m", "nvse_monitor", "attach", str(target.pid), "--out", str(out)]
         if ring:
             args += ["--ring-size", ring]
-        env = dict(os.environ, PYTHONPATH=str(src)) if src != REPO else None
+        env = dict(os.environ, NVSE_MONITOR_NATIVE="1" if native else "0")
+        if src != REPO:
+            env["PYTHONPATH"] = str(src)
         mon = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                cwd=src, env=env)
         err = Stderr(mon)
@@ -242,6 +244,8 @@ def main() -> int:
                     help="with --rates 0: heaptrack on the same target, alternating runs")
     ap.add_argument("--baseline", type=Path,
                     help="another checkout's source tree, in alternating runs")
+    ap.add_argument("--numpy", action="store_true",
+                    help="the baseline is this tree's numpy paths (NVSE_MONITOR_NATIVE=0)")
     a = ap.parse_args()
 
     rates = [float(x) for x in a.rates.split(",")]
@@ -262,9 +266,10 @@ def main() -> int:
                 runs.append(one_run(exe, rate, a.seconds, a.ring_size, tmp, a.threads))
                 if anchor:
                     ht.append(heaptrack_run(exe, a.seconds, tmp, a.threads))
-                if a.baseline:
+                if a.baseline or a.numpy:
                     base.append(one_run(exe, rate, a.seconds, a.ring_size, tmp, a.threads,
-                                        src=a.baseline.resolve()))
+                                        src=a.baseline.resolve() if a.baseline else REPO,
+                                        native=not a.numpy))
             all_runs += runs
             med = {k: statistics.median(r[k] for r in runs)
                    for k in ("achieved", "e2e", "events", "dropped", "stalls", "lag_s",

@@ -13,6 +13,7 @@ as they can under `nvse-monitor attach --record` (cached like bench_replay's), o
 PATH`; by default bench_replay.py's workload.c recording (reallocs, calloc, aligned allocs).
 
     python bench/bench_host_cpu.py --hammer --rounds 5 --compare DIR
+    python bench/bench_host_cpu.py --hammer --rounds 5 --numpy   (compiled kernels vs numpy)
     (DIR: another copy of the package, e.g. `git archive <rev> nvse_monitor | tar -x -C DIR`)
 """
 
@@ -144,6 +145,8 @@ def main() -> int:
                     help="records per batch fed to the engine (default: the live reader's "
                     "largest); two sizes give the engine's fixed cost per batch")
     ap.add_argument("--compare", type=Path, help="another copy's directory (holds nvse_monitor)")
+    ap.add_argument("--numpy", action="store_true",
+                    help="compare with this copy's numpy paths (NVSE_MONITOR_NATIVE=0) instead")
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # child: one round
     a = ap.parse_args()
     if a.measure:
@@ -158,14 +161,19 @@ def main() -> int:
         from bench_replay import recording
 
         path, _ = recording(CACHE, False)
-    sides = {"current": REPO} | ({"compare": a.compare} if a.compare else {})
+    sides = {"current": (REPO, "1")}
+    if a.compare:
+        sides["compare"] = (a.compare, "1")
+    elif a.numpy:
+        sides["compare"] = (REPO, "0")
     res: dict[str, list[dict]] = {k: [] for k in sides}
     for i in range(a.rounds):
-        for name, root in sides.items():
+        for name, (root, native) in sides.items():
             out = subprocess.run([sys.executable, __file__, "--measure", str(path), "--runs",
                                   str(a.runs), "--chunk", str(a.chunk)],
                                  capture_output=True, text=True, check=True,
-                                 env=dict(os.environ, PYTHONPATH=str(root)), cwd=root)
+                                 env=dict(os.environ, PYTHONPATH=str(root),
+                                          NVSE_MONITOR_NATIVE=native), cwd=root)
             res[name].append(json.loads(out.stdout))
             r = res[name][-1]
             print(f"round {i + 1} {name:8s} engine {r['engine']:6.1f}  reader {r['reader']:5.1f}"
@@ -176,7 +184,7 @@ def main() -> int:
     for k, m in med.items():
         print(f"{k:8s} engine + writers {m['engine']:6.1f}, reader {m['reader']:5.1f}, "
               f"total {m['total']:6.1f} ns CPU per record")
-    if a.compare:
+    if "compare" in med:
         c, b = med["current"], med["compare"]
         print("current/compare: " + ", ".join(f"{f} {c[f] / b[f]:.2f}x"
                                                 for f in ("engine", "reader", "total")))

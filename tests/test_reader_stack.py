@@ -4,7 +4,7 @@ records keep their SAMPLED / VIA_WRAPPER flags, and nothing is counted different
 from __future__ import annotations
 
 import numpy as np
-from test_ring_reader import Ring
+from test_ring_reader import Ring, reader_path  # noqa: F401 (both reader paths)
 
 from nvse_monitor.capture import ringlayout as rl
 from nvse_monitor.stream.events import FLAG_SAMPLED, FLAG_VIA_WRAPPER, RECORD_DTYPE, Kind

@@ -6,25 +6,42 @@ validate."""
 
 from __future__ import annotations
 
+import os
 import struct
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nvse_monitor import native
 from nvse_monitor.capture import ringlayout as rl
 from nvse_monitor.capture.reader import RingReader
 from nvse_monitor.stream.events import RECORD_DTYPE, Kind
 from nvse_monitor.stream.messages import Batch
 
 NHOOKS = 4
+_NATIVE = {"on": True}  # which path the next Ring's reader takes (the reader_path fixture)
+
+
+@pytest.fixture(autouse=True, params=["native", "numpy"])
+def reader_path(request):
+    """Every test here runs on the compiled reader (nvse_monitor/native) and on its numpy twin.
+    An install without the compiled kernels fails the native runs (CI builds them), unless
+    NVSE_MONITOR_NATIVE=0 asks for numpy only."""
+    if request.param != "numpy":
+        if os.environ.get("NVSE_MONITOR_NATIVE") == "0":
+            pytest.skip("NVSE_MONITOR_NATIVE=0")
+        assert native.KERNELS is not None, native.STATUS
+    _NATIVE["on"] = request.param == "native"
+    yield request.param
+    _NATIVE["on"] = True
 
 
 class Ring:
     """A ring in plain memory, with a producer written in Python (the agent's protocol)."""
 
-    def __init__(self, ptr_size: int = 8, slots: int = 64) -> None:
+    def __init__(self, ptr_size: int = 8, slots: int = 64, native: bool | None = None) -> None:
         self.layout = rl.Layout(ptr_size, slots)
         self.buf = bytearray(self.layout.bytes)
         rl.init_header(self.buf, self.layout, "wait", 1000)
@@ -34,17 +51,19 @@ class Ring:
         self.out: list = []
         self.now = 0
         self.reader = RingReader(self.buf, self.layout, NHOOKS, self.out.append,
-                                 lambda: self.now)
+                                 lambda: self.now,
+                                 native=_NATIVE["on"] if native is None else native)
 
     def word(self, off: int, v: int) -> None:
         fmt = self.layout.word
         struct.pack_into(fmt, self.buf, off, v & (self.layout.wrap - 1))
 
     def publish(self, kind: int = Kind.ALLOC, hook: int = 0, ptr: int = 0x1000, size: int = 16,
-                tid: int = 7) -> None:
+                tid: int = 7, flags: int = 0) -> None:
         s = self.slots[self.head % self.layout.slots]
         r = np.zeros(1, RECORD_DTYPE)[0]
         r["kind"], r["hook"], r["ptr"], r["size"], r["tid"] = kind, hook, ptr, size, tid
+        r["flags"] = flags
         s["rec"] = r
         s["pub"] = (self.head + 1) & (self.layout.wrap - 1)
         self.head += 1
@@ -170,7 +189,8 @@ def test_final_counts_slots_never_published():
     assert (c.published, c.dropped, c.dropped_frees) == (1, 2, 2)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(garbage=st.lists(st.tuples(st.integers(0, 4096 + 64 * 64 - 8), st.binary(min_size=1,
                                                                              max_size=64)),
                         max_size=40),
@@ -268,3 +288,52 @@ def test_a_few_records_wait_for_a_later_look_and_keep_their_times(monkeypatch):
     assert small.reader._poll() == 0
     small.publish(ptr=307)
     assert small.reader._poll() == 8
+
+
+_RECORD = st.tuples(
+    st.sampled_from([Kind.ALLOC, Kind.FREE, Kind.REALLOC, Kind.FAILED, Kind.STACK,
+                     rl.KIND_MARK, 0, 7, 200]),
+    st.integers(0, 6),  # hook: NHOOKS and over are unknown (a STACK's chunk index)
+    st.sampled_from([0, 1, 2, 4, 6, 7, 16, 17, 0x8003, 0xFFFF]),  # flags
+    st.sampled_from([0, 0x1000, 0x2000, 2**64 - 16]),  # ptr
+    st.sampled_from([0, 1, 100, 2**63]),  # size
+    st.sampled_from([7, 8, 99]),  # tid (99: a Frida thread)
+    st.booleans())  # a reservation left unpublished before it (a thread mid-call)
+
+
+@pytest.mark.parametrize("reader_path", ["both"], indirect=True)
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=st.lists(_RECORD, max_size=150), ptr_size=st.sampled_from([4, 8]),
+       look_every=st.integers(1, 60))
+def test_compiled_and_numpy_readers_agree(stream, ptr_size, look_every):
+    """The compiled reader hands on the same batches, control messages and counters as the
+    numpy one, record for record, whatever the target wrote (garbage kinds, bad STACK chunks,
+    markers, a late Frida thread, unpublished slots that are skipped at the end)."""
+    rings = [Ring(ptr_size, 256, native=True), Ring(ptr_size, 256, native=False)]
+    for ring in rings:
+        ring.word(rl.OFF_NEW_HEAD, 1)
+        ring.word(rl.OFF_NEW_HEAD + ptr_size, 1)
+        ring.word(rl.OFF_NEW_HEAD + 2 * ptr_size, 1)
+        ring.word(rl.OFF_LATE_TIDS, 99)
+    for i, (kind, hook, flags, ptr, size, tid, hole) in enumerate(stream):
+        for ring in rings:
+            if hole:
+                ring.head += 1
+                ring.word(rl.OFF_HEAD, ring.head)
+            ring.publish(kind, hook, ptr, size, tid, flags)
+            if kind == rl.KIND_MARK:
+                ring.reader.control(ptr, f"mark {ptr}")
+            if i % look_every == 0:
+                ring.now += 1000
+                ring.reader.drain(0.0)
+    for ring in rings:
+        ring.reader._stuck_since = -1e9  # the holes are skipped at once, not after 2 s
+        ring.reader.final(0.0)
+
+    def seen(ring):
+        return [(m.records.tobytes(), m.counters) if isinstance(m, Batch) else m
+                for m in ring.out if not (isinstance(m, Batch) and len(m.records) == 0)]
+
+    assert seen(rings[0]) == seen(rings[1])
+    assert rings[0].reader.counters() == rings[1].reader.counters()

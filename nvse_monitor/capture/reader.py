@@ -13,6 +13,7 @@ in `unknown_records` and skipped; header words are only ever used within bounds.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..native import KERNELS
 from ..stream.events import (
     FLAG_REALLOC_HALF,
     FLAG_SAMPLED,
@@ -66,8 +68,11 @@ class RingReader:
 
     def __init__(self, buf: Any, layout: rl.Layout, nhooks: int,
                  emit: Callable[[StreamMessage], None], agent_now_us: Callable[[], int],
-                 max_inflight_records: int | None = None) -> None:
+                 max_inflight_records: int | None = None, native: bool = True) -> None:
         self.layout = layout
+        # the compiled take and checks (nvse_monitor/native), else the numpy ones below: the
+        # same records, counters and batches either way
+        self._k = KERNELS if native else None
         self.nhooks = nhooks
         self._emit = emit
         self._now = agent_now_us
@@ -86,6 +91,9 @@ class RingReader:
         valid = ok_kind[None, :] & (kinds[:, None] < nhooks)  # [hook, kind]
         valid[:MAX_STACK_FRAMES // STACK_FRAMES_PER_RECORD, Kind.STACK] = True  # chunk index
         self._valid = valid.reshape(-1)
+        self._valid_u8 = self._valid.astype(np.uint8)
+        self._kcounts = np.zeros(7, np.uint64)  # nvsm_records' counts (kernels.c C_*)
+        self._kkept = ctypes.c_uint64()
         # the records as rows of 7 u64 words: a strided copy of these is a plain loop, where
         # numpy copies a structured field element by element (~17x slower)
         self._words = np.frombuffer(buf, dtype=np.uint64, count=layout.slots * 8,
@@ -277,6 +285,8 @@ class RingReader:
 
     def _take(self, head: int) -> np.ndarray:
         """Published records from tail on (both segments of a wrap), tail advanced past them."""
+        if self._k is not None:
+            return self._take_native(head)
         mask = self.layout.slots - 1
         segs: list[tuple[int, int]] = []  # (first slot, count) of each published stretch
         pos = self.tail
@@ -309,6 +319,19 @@ class RingReader:
             self._skip_stuck()
         return rows.view(RECORD_DTYPE).reshape(len(rows))
 
+    def _take_native(self, head: int) -> np.ndarray:
+        rows = np.empty(head - self.tail, RECORD_DTYPE)
+        k = self._k.nvsm_take(self._slots.ctypes.data, self.layout.slots, self.layout.ptr_size,
+                              self._mask, self.tail, head, rows.ctypes.data)
+        if k:
+            self.tail += k
+            self._put(rl.OFF_TAIL, self.tail)
+            struct.pack_into("<I", self._mv, rl.OFF_HOST_STALLED, 0)
+            self._stuck_since = None
+        if self.tail < head:
+            self._skip_stuck()
+        return rows[:k]
+
     def _skip_stuck(self) -> None:
         """The slot at tail is reserved but not published. A realloc holds its slot across
         the call, so wait; a thread that died mid-call never publishes: skip it after a while
@@ -334,6 +357,9 @@ class RingReader:
             np.maximum(ts, np.uint64(self._last_ts), out=ts)
         self._last_ts = int(ts[-1])
         self._prune_anchors()
+        if self._k is not None:
+            self._records_native(recs, now)
+            return
         # kind | hook << 8 of each record, contiguous: read once here instead of strided
         # field by field in every test below (each strided pass streams the whole batch)
         kh = np.ascontiguousarray(recs.view(np.uint16).reshape(len(recs), -1)[:, _KH_WORD])
@@ -350,6 +376,33 @@ class RingReader:
     def _records(self, recs: np.ndarray, kh: np.ndarray, now: int) -> None:
         for i in range(0, len(recs), BATCH_RECORDS):
             self._batch(recs[i:i + BATCH_RECORDS], kh[i:i + BATCH_RECORDS], now)
+
+    def _records_native(self, recs: np.ndarray, now: int) -> None:
+        """_batch over every stretch between markers, compiled: the rows are checked, numbered
+        and counted in place, the kept ones moved to the front of their stretch."""
+        n, start, size = len(recs), 0, RECORD_DTYPE.itemsize
+        base, kc = recs.ctypes.data, self._kcounts
+        while start < n:
+            late = self._late_tids(recs)
+            kc[:] = 0
+            end = min(n, start + BATCH_RECORDS)
+            used = self._k.nvsm_records(
+                base + start * size, end - start, self._valid_u8.ctypes.data,
+                _KEEP_FLAGS.ctypes.data, MAX_STACK_FRAMES, STACK_FRAMES_PER_RECORD,
+                late.ctypes.data, len(late), self._seq & 0xFFFFFFFF, kc.ctypes.data,
+                ctypes.byref(self._kkept))
+            kept = self._kkept.value
+            c = self._c
+            for i, key in enumerate(("allocs", "frees", "reallocs", "failures",
+                                     "bytes_allocated", "published", "unknown_records")):
+                c[key] += int(kc[i])
+            self._seq += kept
+            if kept:
+                self._send(recs[start:start + kept], now)
+            start += used
+            if start < end:  # a marker: its control message goes here, in order
+                self._deliver_mark(int(recs["ptr"][start]))
+                start += 1
 
     def _prune_anchors(self) -> None:
         keep = max(0, int(np.searchsorted(self._anchor_pos, self.tail, side="right")) - 1)

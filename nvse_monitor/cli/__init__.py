@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .. import __version__
+from .. import __version__, native
 
 PROG = "nvse-monitor"
 
@@ -80,7 +80,8 @@ class _Cli(click.Group):
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name=PROG)
+@click.version_option(__version__, prog_name=PROG,
+                      message=f"%(prog)s, version %(version)s\nhost kernels: {native.STATUS}")
 def main() -> None:
     """Monitor the memory allocator of Fallout New Vegas, its NVSE plugins, or any process."""
     _utf8_when_redirected()
