@@ -274,3 +274,19 @@ def read_outputs(out_dir: Path, prefix: str = "MemoryPoolNVSE") -> dict[str, Pat
         "status": f"{prefix}_status.txt",
     }
     return {k: out_dir / v for k, v in names.items()}
+
+
+@pytest.fixture(params=["native", "numpy"])
+def kernels(request, monkeypatch):
+    """Runs a test on the compiled per-record loops and on their numpy twins
+    (nvse_monitor/native). An install without the compiled ones fails the native runs (CI
+    builds them) unless NVSE_MONITOR_NATIVE=0 asks for numpy only."""
+    from nvse_monitor import native
+
+    if request.param == "numpy":
+        monkeypatch.setattr(native, "KERNELS", None)
+    elif native.KERNELS is None:
+        if os.environ.get("NVSE_MONITOR_NATIVE") == "0":
+            pytest.skip("NVSE_MONITOR_NATIVE=0")
+        pytest.fail(f"no compiled kernels: {native.STATUS}")
+    return request.param

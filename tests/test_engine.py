@@ -10,6 +10,8 @@ from nvse_monitor.outputs.rows import CsvRow, LogLine, Snapshot
 from nvse_monitor.stream.events import RECORD_DTYPE
 from nvse_monitor.stream.messages import AgentCounters, Batch, HookInfo, Module, SessionMeta
 
+pytestmark = pytest.mark.usefixtures("kernels")  # compiled and numpy paths
+
 A, F, R, X = 1, 2, 3, 4
 HOOKS = [HookInfo("malloc", "libc", "alloc"), HookInfo("free", "libc", "free"),
          HookInfo("GameHeap::Allocate", "game", "alloc")]

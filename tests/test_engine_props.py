@@ -5,13 +5,16 @@ tracking limits), and independence from how the stream is cut into batches."""
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nvse_monitor.engine import Engine, EngineConfig
 from nvse_monitor.outputs.rows import CsvRow, LogLine, Snapshot
 from nvse_monitor.stream.events import RECORD_DTYPE
 from nvse_monitor.stream.messages import AgentCounters, Batch, HookInfo, Module, SessionMeta
+
+pytestmark = pytest.mark.usefixtures("kernels")  # compiled and numpy paths
 
 HOOKS = [HookInfo("malloc", "a", "alloc"), HookInfo("free", "a", "free"),
          HookInfo("game_alloc", "b", "alloc")]
@@ -182,7 +185,8 @@ def check_invariants(eng: Engine) -> None:
     assert all(v > 0 for v in s.monitor["modules_live_bytes"].values())
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(record, max_size=120), st.lists(st.integers(0, 200), max_size=6),
        st.sampled_from([1, 2, 3, 5, 1000]), st.sampled_from([1, 2, 3, 7]))
 def test_engine_matches_reference(recs, cuts, cap, every) -> None:
@@ -222,7 +226,8 @@ def test_engine_matches_reference(recs, cuts, cap, every) -> None:
     assert la["size"].tolist() == [ref.live[p][0] for p in sorted(ref.live)]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(record, min_size=1, max_size=150), st.lists(st.integers(0, 200), max_size=8),
        st.lists(st.integers(0, 200), max_size=8), st.sampled_from([2, 4, 1000]))
 def test_batch_split_does_not_change_outputs(recs, cuts1, cuts2, cap) -> None:
@@ -237,7 +242,8 @@ def test_batch_split_does_not_change_outputs(recs, cuts1, cuts2, cap) -> None:
     assert o1[-1] == o2[-1]  # final snapshots equal
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(record, min_size=1, max_size=150), st.lists(st.integers(0, 200), max_size=10),
        st.lists(st.integers(0, 3), max_size=12), st.lists(st.integers(0, 12), max_size=4),
        st.sampled_from([2, 1000]))

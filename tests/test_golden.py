@@ -24,6 +24,8 @@ import pytest
 from nvse_monitor.outputs.files import FilePaths
 from nvse_monitor.outputs.pipeline import replay
 
+pytestmark = pytest.mark.usefixtures("kernels")  # compiled and numpy paths
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES_DIR = ROOT / "fixtures"
 EXPECTED_DIR = FIXTURES_DIR / "expected"

@@ -22,6 +22,8 @@ from nvse_monitor.stream.messages import (
     SessionMeta,
 )
 
+pytestmark = pytest.mark.usefixtures("kernels")  # compiled and numpy paths
+
 HOOKS = [HookInfo("malloc", "libc", "alloc"), HookInfo("free", "libc", "free"),
          HookInfo("GameHeap::Allocate", "game", "alloc")]
 EXE = Module("Game.exe", 0x400000, 0x100000)

@@ -16,6 +16,8 @@ from nvse_monitor.outputs.pipeline import Pipeline
 from nvse_monitor.outputs.rows import CsvRow, LogLine, Status
 from nvse_monitor.stream.messages import AgentError
 
+pytestmark = pytest.mark.usefixtures("kernels")  # compiled and numpy paths
+
 
 class ScriptedEngine:
     """Emits a fixed, simple reaction to each call and records what it was told."""

@@ -41,7 +41,8 @@ def reader_path(request):
 class Ring:
     """A ring in plain memory, with a producer written in Python (the agent's protocol)."""
 
-    def __init__(self, ptr_size: int = 8, slots: int = 64, native: bool | None = None) -> None:
+    def __init__(self, ptr_size: int = 8, slots: int = 64,
+                 compiled: bool | None = None) -> None:
         self.layout = rl.Layout(ptr_size, slots)
         self.buf = bytearray(self.layout.bytes)
         rl.init_header(self.buf, self.layout, "wait", 1000)
@@ -52,7 +53,7 @@ class Ring:
         self.now = 0
         self.reader = RingReader(self.buf, self.layout, NHOOKS, self.out.append,
                                  lambda: self.now,
-                                 native=_NATIVE["on"] if native is None else native)
+                                 compiled=_NATIVE["on"] if compiled is None else compiled)
 
     def word(self, off: int, v: int) -> None:
         fmt = self.layout.word
@@ -310,7 +311,7 @@ def test_compiled_and_numpy_readers_agree(stream, ptr_size, look_every):
     """The compiled reader hands on the same batches, control messages and counters as the
     numpy one, record for record, whatever the target wrote (garbage kinds, bad STACK chunks,
     markers, a late Frida thread, unpublished slots that are skipped at the end)."""
-    rings = [Ring(ptr_size, 256, native=True), Ring(ptr_size, 256, native=False)]
+    rings = [Ring(ptr_size, 256, compiled=True), Ring(ptr_size, 256, compiled=False)]
     for ring in rings:
         ring.word(rl.OFF_NEW_HEAD, 1)
         ring.word(rl.OFF_NEW_HEAD + ptr_size, 1)

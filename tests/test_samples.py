@@ -21,6 +21,8 @@ from nvse_monitor.stream.events import (
 from nvse_monitor.stream.messages import Batch, HookInfo, Module, SessionEnd, SessionMeta
 from nvse_monitor.stream.synthetic import AGENT_FRAME, generate, with_stacks
 
+pytestmark = pytest.mark.usefixtures("kernels")  # compiled and numpy paths
+
 APP = Module("app", 0x400000, 0x100000)
 LIB = Module("libx.so", 0x7000000, 0x100000)
 N = 65536
@@ -478,7 +480,8 @@ def _reuse_stream(seed: int, n_batches: int = 12) -> list[Batch]:
 @pytest.mark.parametrize("seed", range(8))
 def test_the_engines_pointer_runs_give_the_filters_results(seed, monkeypatch) -> None:
     """samples.feed finds the events that start or end a sampled block from the engine's
-    grouping by pointer (runs), else from its hash filter: the same figures either way, on
+    grouping by pointer (runs: classify's PointerRuns, or the compiled tracker's PrevLinks
+    under `kernels`' native run), else from its hash filter: the same figures either way, on
     pointers reused many times per batch."""
     import nvse_monitor.engine.samples as samples_mod
     from nvse_monitor.engine.samples import SampledStacks

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..native import KERNELS
+from .. import native
 from ..stream.events import (
     FLAG_REALLOC_HALF,
     FLAG_SAMPLED,
@@ -68,11 +68,11 @@ class RingReader:
 
     def __init__(self, buf: Any, layout: rl.Layout, nhooks: int,
                  emit: Callable[[StreamMessage], None], agent_now_us: Callable[[], int],
-                 max_inflight_records: int | None = None, native: bool = True) -> None:
+                 max_inflight_records: int | None = None, compiled: bool = True) -> None:
         self.layout = layout
         # the compiled take and checks (nvse_monitor/native), else the numpy ones below: the
         # same records, counters and batches either way
-        self._k = KERNELS if native else None
+        self._k = native.KERNELS if compiled else None
         self.nhooks = nhooks
         self._emit = emit
         self._now = agent_now_us

@@ -8,12 +8,14 @@ The engine adds the tracking limit, the running sums and the outputs.
 
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..stream.events import Kind
+from .. import native
+from ..stream.events import RECORD_DTYPE, Kind
 from .tracking import LiveColumns, LiveTable
 
 # Outcome of one event (after realloc expansion).
@@ -105,6 +107,8 @@ def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> 
     none (rules in docs/engine.md). `now`: the stream time already reached; `floor`: a
     per-record lower bound on time (the times of the batches before a record's batch)."""
     n = len(r)
+    if native.KERNELS is not None and n and r.dtype == RECORD_DTYPE and r.flags.c_contiguous:
+        return _expand_native(r, now, floor)
     ptr, size, ts, caller, hook, kind, flags = _columns(r, _FIELDS)
     # publication order: keep output time monotonic
     if floor is not None:
@@ -159,6 +163,42 @@ def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> 
         evp = np.where(failed, np.uint64(0), evp)
     return Events(evp, etype, g(ts), g(size), g(hook), g(caller), rec, failed,
                   unknown, last_ts, ts, kind, flags)
+
+
+_T_NATIVE = (T_CNT.astype(np.int64), T_ETYPE, T_FREE_OLD.view(np.uint8),
+             T_UNKNOWN.view(np.uint8))
+_P = ctypes.c_void_p
+
+
+def _expand_native(r: np.ndarray, now: int, floor: np.ndarray | None) -> Events:
+    """expand_records in one compiled pass (kernels.c nvsm_expand): the same Events."""
+    n = len(r)
+    ptr, size, ts, caller = (np.empty(n, np.uint64) for _ in range(4))
+    hook, kind, flags = np.empty(n, np.uint8), np.empty(n, np.uint8), np.empty(n, np.uint16)
+    rec = np.empty(2 * n, np.int64)  # kernels.c writes int64 (intp on 64-bit Pythons)
+    etype = np.empty(2 * n, np.int8)
+    evp, ev_ts, ev_size, ev_caller = (np.empty(2 * n, np.uint64) for _ in range(4))
+    ev_hook = np.empty(2 * n, np.uint8)
+    failed = np.empty(2 * n, bool)
+    out = np.zeros(4, np.uint64)
+    if floor is not None:
+        floor = np.ascontiguousarray(floor, np.uint64)
+    a = [x.ctypes.data for x in (ptr, size, ts, caller, hook, kind, flags, *_T_NATIVE, rec,
+                                 etype, evp, ev_ts, ev_size, ev_hook, ev_caller, failed, out)]
+    native.KERNELS.nvsm_expand(r.ctypes.data, n, now, None if floor is None else floor.ctypes.data,
+                        *a)
+    unknown, all_one, any_fail, m = (int(x) for x in out)
+    last_ts = int(ts[-1])
+    fail = failed[:m] if any_fail else None
+    if all_one:
+        return Events(evp[:m], etype[:m], ts, size, hook, caller, None, fail, unknown,
+                      last_ts, ts, kind, flags)
+    if not m:
+        return Events(None, etype=np.empty(0, np.int8), ts=ts, size=size, hook=hook,
+                      caller=caller, rec=rec[:0], failed=None, unknown=unknown,
+                      last_ts=last_ts, rec_ts=ts, kind=kind, flags=flags)
+    return Events(evp[:m], etype[:m], ev_ts[:m], ev_size[:m], ev_hook[:m], ev_caller[:m],
+                  rec[:m], fail, unknown, last_ts, ts, kind, flags)
 
 
 HASH = np.uint64(0x9E3779B97F4A7C15)
@@ -236,6 +276,14 @@ class PointerRuns:
     order: np.ndarray
     starts: np.ndarray
     ptrs: np.ndarray
+
+
+@dataclass(frozen=True)
+class PrevLinks:
+    """The same grouping as links (the compiled tracker's, kernels.c nvsm_track): for each
+    event, the previous event on its pointer in the run, -1 for a pointer's first."""
+
+    prev: np.ndarray  # int64
 
 
 def classify(table: LiveTable, p, isalloc, size, ts, caller, hook, mod):  # noqa: ANN001, ANN201

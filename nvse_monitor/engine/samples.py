@@ -42,7 +42,7 @@ from ..stream.events import (
     STACK_FRAMES_PER_RECORD,
     Kind,
 )
-from .classify import PointerRuns
+from .classify import PointerRuns, PrevLinks
 from .modmap import UNKNOWN, ModuleMap
 
 _STACK = int(Kind.STACK)
@@ -187,7 +187,7 @@ class SampledStacks:
     # -- feeding --
     def feed(self, r: np.ndarray, ev_ptr: np.ndarray | None, ev_etype: np.ndarray | None,
              ev_rec: np.ndarray | None, peak_at: int | None, peak_us: int | None = None, *,
-             cols: Columns, runs: PointerRuns | None = None) -> None:
+             cols: Columns, runs: PointerRuns | PrevLinks | None = None) -> None:
         """One batch (or run of batches): its records `r`; its events' pointers, types (0 free,
         1 alloc, 2 failure) and record indices (None: one event per record), None when it has no
         events; `peak_at`: the event index where the session's live bytes reached a new peak in
@@ -216,7 +216,9 @@ class SampledStacks:
         live = self.live
         add_p = ev_ptr[ei]
         self._filter.add(add_p)
-        if runs is not None and len(ev_ptr) >= _RUNS_MIN:
+        if isinstance(runs, PrevLinks):
+            todo = self._block_events_prev(ei, runs.prev, ev_ptr)
+        elif runs is not None and len(ev_ptr) >= _RUNS_MIN:
             todo = self._block_events(ei, runs)
         else:
             # Events on a pointer that may be (or become) a sampled block in this batch: the
@@ -281,6 +283,24 @@ class SampledStacks:
                 pre = np.fromiter(map(self.live.__contains__, runs.ptrs[h].tolist()), bool,
                                   len(h))
                 parts.append(order[starts[h[pre]]])
+        return np.unique(np.concatenate(parts)) if len(parts) > 1 else ei
+
+    def _block_events_prev(self, ei: np.ndarray, prev: np.ndarray,
+                           ev_ptr: np.ndarray) -> np.ndarray:
+        """_block_events from the compiled tracker's links (each event's previous event on its
+        pointer, -1 for the first): the same events."""
+        parts = [ei]
+        if len(ei):
+            mark = np.zeros(len(prev) + 1, bool)  # prev -1 reads the last, False, entry
+            mark[ei] = True
+            parts.append(np.flatnonzero(mark.take(prev)))
+        if self.live:
+            firsts = np.flatnonzero(prev < 0)
+            fp = ev_ptr[firsts]
+            h = self._filter.hits(fp)
+            if len(h):
+                pre = np.fromiter(map(self.live.__contains__, fp[h].tolist()), bool, len(h))
+                parts.append(firsts[h[pre]])
         return np.unique(np.concatenate(parts)) if len(parts) > 1 else ei
 
     def _relevant(self, ev_ptr: np.ndarray, cand: np.ndarray, ei: np.ndarray,

@@ -146,3 +146,183 @@ NVSM_API uint64_t nvsm_records(uint8_t *rows, uint64_t n, const uint8_t *valid,
     *kept = k;
     return i;
 }
+
+/* classify.expand_records, compiled: records -> per-record columns and events, in one pass.
+ * The rules stay in Python: per 6-bit record code (kind 0-7, ptr == 0 << 3, size == 0 << 4,
+ * old_ptr == 0 << 5) the tables give the number of events (t_cnt), the type of the first
+ * (t_etype: 0 free, 1 alloc, 2 failure), whether that free is of old_ptr (t_free_old) and
+ * whether the kind is unknown (t_unknown); a second event is the alloc half of a realloc.
+ * Times: each record's is raised to the running maximum of `now`, floor[i] (if given) and the
+ * times before it. Event arrays have room for 2n. out[0]: unknown records, out[1]: 1 when every
+ * record makes exactly one event, out[2]: 1 when some event is a failure, out[3]: events. */
+#define OFF_OLD 16
+#define OFF_CALLER 32
+NVSM_API void nvsm_expand(const uint8_t *rows, uint64_t n, uint64_t now, const uint64_t *floor,
+                          uint64_t *ptr, uint64_t *size, uint64_t *ts, uint64_t *caller,
+                          uint8_t *hook, uint8_t *kind, uint16_t *flags,
+                          const int64_t *t_cnt, const int8_t *t_etype, const uint8_t *t_free_old,
+                          const uint8_t *t_unknown,
+                          int64_t *rec, int8_t *etype, uint64_t *evp, uint64_t *ev_ts,
+                          uint64_t *ev_size, uint8_t *ev_hook, uint64_t *ev_caller,
+                          uint8_t *failed, uint64_t *out)
+{
+    uint64_t i, m = 0, unknown = 0, t = now;
+    int all_one = 1, any_fail = 0;
+    for (i = 0; i < n; i++) {
+        const uint8_t *r = rows + i * RECORD_SIZE;
+        uint64_t p, z, o, c, tt, cl;
+        uint8_t k = r[OFF_KIND], h = r[OFF_HOOK];
+        uint16_t f;
+        int64_t cnt;
+        memcpy(&p, r + OFF_PTR, 8);
+        memcpy(&z, r + OFF_SIZE, 8);
+        memcpy(&o, r + OFF_OLD, 8);
+        memcpy(&tt, r, 8);
+        memcpy(&cl, r + OFF_CALLER, 8);
+        memcpy(&f, r + OFF_FLAGS, 2);
+        if (floor && floor[i] > tt)
+            tt = floor[i];
+        if (tt > t)
+            t = tt;
+        ptr[i] = p; size[i] = z; ts[i] = t; caller[i] = cl; hook[i] = h; kind[i] = k; flags[i] = f;
+        c = (k < 7 ? k : 7) | (uint64_t)(p == 0) << 3 | (uint64_t)(z == 0) << 4
+            | (uint64_t)(o == 0) << 5;
+        cnt = t_cnt[c];
+        all_one &= cnt == 1;
+        unknown += t_unknown[c];
+        if (cnt >= 1) {
+            int8_t e = t_etype[c];
+            rec[m] = (int64_t)i; etype[m] = e;
+            evp[m] = e == 2 ? 0 : (t_free_old[c] ? o : p);
+            failed[m] = e == 2;
+            any_fail |= e == 2;
+            ev_ts[m] = t; ev_size[m] = z; ev_hook[m] = h; ev_caller[m] = cl;
+            m++;
+        }
+        if (cnt >= 2) {  /* the alloc half of a realloc */
+            rec[m] = (int64_t)i; etype[m] = 1; evp[m] = p; failed[m] = 0;
+            ev_ts[m] = t; ev_size[m] = z; ev_hook[m] = h; ev_caller[m] = cl;
+            m++;
+        }
+    }
+    out[0] = unknown; out[1] = (uint64_t)all_one; out[2] = (uint64_t)any_fail; out[3] = m;
+}
+
+/* The engine's tracking (engine._track, classify + apply_plan), compiled: each event in time
+ * order against the live table, the table updated as it goes. The table is the engine's own
+ * (engine/tracking.py LiveTable: keys, 16-bit fingerprints and packed 27-byte values of
+ * nbuckets buckets of 8 ways; a key lives in one of its two buckets), so the numpy code keeps
+ * working on it: growth and one-step cuckoo moves stay there. This loop stops before an insert
+ * that needs either (the load would pass `load_limit`, or both buckets are full) and returns
+ * that event's index; the engine inserts it and calls again from the next.
+ *
+ * Per event: outcome (out: NEW, REPLACE, OVERFLOW once `cap` blocks are live, FREE_T, FREE_U),
+ * the size/hook/module of the block it ends (0 where none), and prev: the previous event on the
+ * same pointer in this batch, -1 for the first (samples.py finds the sampled blocks' ends with
+ * it). bkeys/blast: the batch's own map pointer -> last event (bmask + 1 entries, a power of
+ * two >= 2 events, zeroed by the caller before the batch's first call). */
+#define WAYS 8
+#define C1 0x9E3779B97F4A7C15ULL
+#define C2 0xC2B2AE3D27D4EB4FULL
+#define C3 0xD6E8FEB86659FD93ULL
+#define VAL_BYTES 27
+enum { O_NEW = 1, O_REPLACE = 2, O_OVERFLOW = 3, O_FREE_T = 4, O_FREE_U = 5 };
+
+static uint64_t bucket(uint64_t k, uint64_t c, uint64_t nb) { return ((k * c) >> 32) * nb >> 32; }
+
+static int64_t find(const uint64_t *keys, uint64_t nb, uint64_t k)
+{
+    uint64_t b = bucket(k, C1, nb) * WAYS, w;
+    for (w = 0; w < WAYS; w++)
+        if (keys[b + w] == k)
+            return (int64_t)(b + w);
+    b = bucket(k, C2, nb) * WAYS;
+    for (w = 0; w < WAYS; w++)
+        if (keys[b + w] == k)
+            return (int64_t)(b + w);
+    return -1;
+}
+
+static void put_val(uint8_t *v, uint64_t size, uint64_t ts, uint64_t caller, uint8_t hook,
+                    uint16_t mod)
+{
+    memcpy(v, &size, 8); memcpy(v + 8, &ts, 8); memcpy(v + 16, &caller, 8);
+    v[24] = hook; memcpy(v + 25, &mod, 2);
+}
+
+NVSM_API uint64_t nvsm_track(uint64_t start, uint64_t m, const uint64_t *p,
+                             const uint8_t *isalloc, const uint64_t *size, const uint64_t *ts,
+                             const uint64_t *caller, const uint8_t *hook, const uint16_t *mod,
+                             uint64_t *keys, uint16_t *fp, uint8_t *vals, uint64_t nb,
+                             uint64_t *count, uint64_t load_limit, uint64_t cap,
+                             uint8_t *out, uint64_t *osz, uint8_t *ohk, uint16_t *omd,
+                             uint64_t *bkeys, int64_t *blast, uint64_t bmask, int64_t *prev)
+{
+    uint64_t e, n_live = *count;
+    for (e = start; e < m; e++) {
+        uint64_t k = p[e];
+        int64_t slot = -1;
+        if (k != 0) {
+            /* the batch's map: previous event on k */
+            uint64_t h = (k * C1) >> 20 & bmask;
+            while (bkeys[h] != 0 && bkeys[h] != k)
+                h = (h + 1) & bmask;
+            prev[e] = bkeys[h] == k ? blast[h] : -1;
+            bkeys[h] = k;
+            blast[h] = (int64_t)e;
+            if (n_live)
+                slot = find(keys, nb, k);
+        } else {
+            prev[e] = -1;
+        }
+        if (slot >= 0) {
+            const uint8_t *v = vals + (uint64_t)slot * VAL_BYTES;
+            memcpy(&osz[e], v, 8); ohk[e] = v[24]; memcpy(&omd[e], v + 25, 2);
+        } else {
+            osz[e] = 0; ohk[e] = 0; omd[e] = 0;
+        }
+        if (isalloc[e]) {
+            if (slot >= 0) {
+                out[e] = O_REPLACE;
+                put_val(vals + (uint64_t)slot * VAL_BYTES, size[e], ts[e], caller[e], hook[e],
+                        mod[e]);
+            } else if (n_live >= cap) {
+                out[e] = O_OVERFLOW;
+            } else {
+                uint64_t b1 = bucket(k, C1, nb) * WAYS, b2 = bucket(k, C2, nb) * WAYS, w;
+                int f1 = 0, f2 = 0, first = -1, last = -1;
+                uint64_t b;
+                if (n_live + 1 > load_limit)
+                    break;  /* the table grows first: the engine's insert */
+                for (w = 0; w < WAYS; w++) {
+                    f1 += keys[b1 + w] == 0;
+                    f2 += keys[b2 + w] == 0;
+                }
+                if (f1 == 0 && f2 == 0)
+                    break;  /* a cuckoo move: the engine's insert */
+                b = f2 > f1 ? b2 : b1;
+                for (w = 0; w < WAYS; w++)
+                    if (keys[b + w] == 0) {
+                        if (first < 0)
+                            first = (int)w;
+                        last = (int)w;
+                    }
+                b += (uint64_t)((k & 16) ? first : last);
+                keys[b] = k;
+                fp[b] = (uint16_t)((k * C3) >> 48) | 1;
+                put_val(vals + b * VAL_BYTES, size[e], ts[e], caller[e], hook[e], mod[e]);
+                n_live++;
+                out[e] = O_NEW;
+            }
+        } else if (slot >= 0) {
+            out[e] = O_FREE_T;
+            keys[slot] = 0;
+            fp[slot] = 0;
+            n_live--;
+        } else {
+            out[e] = O_FREE_U;
+        }
+    }
+    *count = n_live;
+    return e;
+}
