@@ -155,6 +155,7 @@ JOIN_RECORDS = 1 << 14
 # converts int8/bool on the fly is ~3x slower): one running sum gives both (a batch has fewer
 # than 2**31 events).
 _ALLOC_DCOUNT = O_ALLOC.astype(np.int64) + (O_DCOUNT.astype(np.int64) << 32)
+_SUMS_TABLES = (O_PLUS.view(np.uint8), O_ALLOC.view(np.uint8), O_DCOUNT)  # kernels.c nvsm_sums
 
 
 # Session ends that need words in the log (the others say what they are).
@@ -905,18 +906,21 @@ class Engine:
         c0 = self.state.c
         o = bt.outcome
         bt.records = r
-        bt.to_new = O_PLUS.take(o)
-        bt.plus = bt.size.view(np.int64) * bt.to_new  # (np.where is ~2x slower)
         bt.minus = old_size.view(np.int64)  # 0 except where a live block ends
-        bt.delta = bt.plus - bt.minus
-        # Running sums relative to the state before the batch (bases added when read).
-        bt.cur_b = np.cumsum(bt.delta)
-        # allocations (low 32 bits) and live-count change (high, signed) in one running sum
-        both = np.cumsum(_ALLOC_DCOUNT.take(o))
-        acum = both & 0xFFFFFFFF
-        bt.cur_c = (both - acum) >> 32
-        bt.counts = np.bincount(o, minlength=7)
         m = len(o)
+        # Running sums relative to the state before the batch (bases added when read).
+        if native.KERNELS is not None:
+            acum = self._sums_native(bt, old_size)
+        else:
+            bt.to_new = O_PLUS.take(o)
+            bt.plus = bt.size.view(np.int64) * bt.to_new  # (np.where is ~2x slower)
+            bt.delta = bt.plus - bt.minus
+            bt.cur_b = np.cumsum(bt.delta)
+            # allocations (low 32 bits) and live-count change (high, signed) in one running sum
+            both = np.cumsum(_ALLOC_DCOUNT.take(o))
+            acum = both & 0xFFFFFFFF
+            bt.cur_c = (both - acum) >> 32
+            bt.counts = np.bincount(o, minlength=7)
         a0 = c0.total_allocations
         a_end = a0 + int(acum[-1])
         points: list[tuple[int, int, str]] = []
@@ -989,6 +993,20 @@ class Engine:
         else:
             self.state = self._state_span(bt, snap_state, snap_at, m)
         assert self.state.c.current_allocations == self.table.count
+
+    @staticmethod
+    def _sums_native(bt: _Batch, old_size: np.ndarray) -> np.ndarray:
+        """_aggregate's running sums in one compiled pass (kernels.c nvsm_sums); returns the
+        running count of allocations."""
+        m = len(bt.outcome)
+        bt.to_new = np.empty(m, bool)
+        bt.plus, bt.delta, bt.cur_b, bt.cur_c, acum = (np.empty(m, np.int64) for _ in range(5))
+        bt.counts = np.zeros(7, np.int64)
+        a = [np.ascontiguousarray(bt.outcome, np.uint8), np.ascontiguousarray(bt.size, np.uint64),
+             np.ascontiguousarray(old_size, np.uint64), *_SUMS_TABLES, bt.to_new, bt.plus,
+             bt.delta, bt.cur_b, bt.cur_c, acum, bt.counts]
+        native.KERNELS.nvsm_sums(m, *(x.ctypes.data for x in a))
+        return acum
 
     def _failure_points(self, fts: np.ndarray, fidx: np.ndarray) -> list:
         """WARN lines for failures at most one per warn_interval of stream time; in between, the

@@ -46,6 +46,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.nvsm_track.argtypes = [_U64, _U64] + [_P] * 10 + [_U64, _P, _U64, _U64] + [_P] * 6 \
         + [_U64, _P]
     lib.nvsm_track.restype = _U64
+    lib.nvsm_sums.argtypes = [_U64] + [_P] * 13
+    lib.nvsm_sums.restype = None
     return lib, f"native ({path.name})"
 
 

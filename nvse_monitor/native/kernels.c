@@ -326,3 +326,31 @@ NVSM_API uint64_t nvsm_track(uint64_t start, uint64_t m, const uint64_t *p,
     *count = n_live;
     return e;
 }
+
+/* The running sums of engine._aggregate in one pass over a batch's outcomes: per event,
+ * whether it adds a tracked block (to_new = t_plus[o]), its bytes added (plus) and the change
+ * of live bytes (delta = plus - old_size), and from the batch's start the running live bytes
+ * (cur_b), live count change (cur_c: t_dcount) and allocations (acum: t_alloc); counts of
+ * each outcome. Wrapping int64 arithmetic, as numpy's. */
+NVSM_API void nvsm_sums(uint64_t m, const uint8_t *o, const uint64_t *size,
+                        const uint64_t *old_size, const uint8_t *t_plus, const uint8_t *t_alloc,
+                        const int8_t *t_dcount, uint8_t *to_new, int64_t *plus, int64_t *delta,
+                        int64_t *cur_b, int64_t *cur_c, int64_t *acum, int64_t *counts)
+{
+    uint64_t i, b = 0;
+    int64_t c = 0, a = 0;
+    for (i = 0; i < m; i++) {
+        uint8_t k = o[i] < 7 ? o[i] : 0;
+        uint64_t pl = t_plus[k] ? size[i] : 0, d = pl - old_size[i];
+        to_new[i] = t_plus[k];
+        plus[i] = (int64_t)pl;
+        delta[i] = (int64_t)d;
+        b += d;
+        cur_b[i] = (int64_t)b;
+        c += t_dcount[k];
+        cur_c[i] = c;
+        a += t_alloc[k];
+        acum[i] = a;
+        counts[k]++;
+    }
+}
