@@ -98,13 +98,15 @@ def test_burst_spawn_lossless_under_cpu_load(arch, targets, tmp_path, live_procs
     assert js["memory_stats"]["total_allocations"] == truth["total_allocations"] + others
 
 
-@pytest.mark.parametrize("arch", ARCH_PARAMS)
-def test_burst_attach_lossless_under_cpu_load(arch, targets, tmp_path, live_procs):
+def burst_attach(arch: str, targets, tmp_path: Path, live_procs, burst: list[str],  # noqa: ANN001
+                 env: dict[str, str] | None = None) -> Monitor:
     exe = targets.build("workload", arch)
-    target = live_procs.start([exe, "--wait", *BURST])
+    target = live_procs.start([exe, "--wait", *burst])
     out = tmp_path / "out"
     # a small ring: producers must wait for the host many times over
-    mon = live_procs.attach(target, "--out", out, "--ring-size", "4K")
+    mon = Monitor(["attach", target.pid, "--out", out, "--ring-size", "4K"], env=env)
+    live_procs.append(mon)
+    mon.wait_monitoring()
     with cpu_hogs():
         target.go()
         truth = target.done(timeout=600)
@@ -122,6 +124,22 @@ def test_burst_attach_lossless_under_cpu_load(arch, targets, tmp_path, live_proc
     assert js["monitor"]["untracked_frees"] <= 8
     assert js["monitor"]["agent_counters"]["stalls"] > 0  # the ring did fill: producers waited
     assert "Full-ring policy: wait" in log
+    return mon
+
+
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
+def test_burst_attach_lossless_under_cpu_load(arch, targets, tmp_path, live_procs):
+    mon = burst_attach(arch, targets, tmp_path, live_procs, BURST)
+    assert "host kernels" not in mon.stderr  # the compiled reader and engine ran (CI builds them)
+
+
+def test_burst_attach_lossless_on_the_numpy_host_path(targets, tmp_path, live_procs):
+    """The host's numpy paths (no compiled kernels in an install: NVSE_MONITOR_NATIVE=0 here)
+    are as exact, and the monitor says which it runs."""
+    mon = burst_attach("x64", targets, tmp_path, live_procs,
+                       ["--threads", "8", "--iters", "10000", "--rounds", "10"],
+                       env={"NVSE_MONITOR_NATIVE": "0"})
+    assert "host kernels: numpy (NVSE_MONITOR_NATIVE=0)" in mon.stderr
 
 
 def test_drop_policy_drops_and_counts(targets, tmp_path, live_procs):

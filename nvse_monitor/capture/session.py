@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 import frida
 
-from .. import __version__
+from .. import __version__, native
 from ..outputs.files import OutputDirError, check_prefix, make_out_dir
 from ..outputs.pipeline import Pipeline
 from ..stream.messages import AgentCounters, SessionMeta, StreamMessage
@@ -376,6 +376,9 @@ class LiveSession(Consumer, ChildFollowing, SessionEnding):
         self.err.write(f"nvse-monitor: {line}\n")
         for line in banner:
             self.err.write(f"nvse-monitor: {line}\n")
+        if native.KERNELS is None:  # the slower host path: worth knowing under load
+            self.err.write(f"nvse-monitor: host kernels: {native.STATUS}; the host needs about "
+                           "1.5x more CPU per event (docs/native.md)\n")
         self.err.flush()
         if self.opts.duration is not None:
             self._duration_deadline = time.monotonic() + self.opts.duration

@@ -173,32 +173,32 @@ _P = ctypes.c_void_p
 def _expand_native(r: np.ndarray, now: int, floor: np.ndarray | None) -> Events:
     """expand_records in one compiled pass (kernels.c nvsm_expand): the same Events."""
     n = len(r)
-    ptr, size, ts, caller = (np.empty(n, np.uint64) for _ in range(4))
-    hook, kind, flags = np.empty(n, np.uint8), np.empty(n, np.uint8), np.empty(n, np.uint16)
-    rec = np.empty(2 * n, np.int64)  # kernels.c writes int64 (intp on 64-bit Pythons)
-    etype = np.empty(2 * n, np.int8)
-    evp, ev_ts, ev_size, ev_caller = (np.empty(2 * n, np.uint64) for _ in range(4))
-    ev_hook = np.empty(2 * n, np.uint8)
-    failed = np.empty(2 * n, bool)
+    ts, kind, flags = np.empty(n, np.uint64), np.empty(n, np.uint8), np.empty(n, np.uint16)
+    cap = 2 * n  # a realloc makes two events
+    rec = np.empty(cap, np.int64)  # kernels.c writes int64 (intp on 64-bit Pythons)
+    etype = np.empty(cap, np.int8)
+    evp, ev_ts, ev_size, ev_caller = (np.empty(cap, np.uint64) for _ in range(4))
+    ev_hook = np.empty(cap, np.uint8)
     out = np.zeros(4, np.uint64)
     if floor is not None:
         floor = np.ascontiguousarray(floor, np.uint64)
-    a = [x.ctypes.data for x in (ptr, size, ts, caller, hook, kind, flags, *_T_NATIVE, rec,
-                                 etype, evp, ev_ts, ev_size, ev_hook, ev_caller, failed, out)]
-    native.KERNELS.nvsm_expand(r.ctypes.data, n, now, None if floor is None else floor.ctypes.data,
-                        *a)
+    a = [x.ctypes.data for x in (ts, kind, flags, *_T_NATIVE, rec, etype, evp, ev_ts, ev_size,
+                                 ev_hook, ev_caller, out)]
+    native.KERNELS.nvsm_expand(r.ctypes.data, n, now,
+                               None if floor is None else floor.ctypes.data, *a)
     unknown, all_one, any_fail, m = (int(x) for x in out)
     last_ts = int(ts[-1])
-    fail = failed[:m] if any_fail else None
-    if all_one:
-        return Events(evp[:m], etype[:m], ts, size, hook, caller, None, fail, unknown,
-                      last_ts, ts, kind, flags)
     if not m:
-        return Events(None, etype=np.empty(0, np.int8), ts=ts, size=size, hook=hook,
-                      caller=caller, rec=rec[:0], failed=None, unknown=unknown,
-                      last_ts=last_ts, rec_ts=ts, kind=kind, flags=flags)
-    return Events(evp[:m], etype[:m], ev_ts[:m], ev_size[:m], ev_hook[:m], ev_caller[:m],
-                  rec[:m], fail, unknown, last_ts, ts, kind, flags)
+        return Events(None, etype=np.empty(0, np.int8), ts=ts, size=r["size"].copy(),
+                      hook=r["hook"].copy(), caller=r["caller"].copy(), rec=rec[:0],
+                      failed=None, unknown=unknown, last_ts=last_ts, rec_ts=ts, kind=kind,
+                      flags=flags)
+    etype = etype[:m]
+    failed = etype == 2 if any_fail else None
+    # one event per record: the events' times are the records' (one array, as numpy's)
+    return Events(evp[:m], etype, ts if all_one else ev_ts[:m], ev_size[:m], ev_hook[:m],
+                  ev_caller[:m], None if all_one else rec[:m], failed, unknown, last_ts, ts,
+                  kind, flags)
 
 
 HASH = np.uint64(0x9E3779B97F4A7C15)

@@ -147,24 +147,25 @@ NVSM_API uint64_t nvsm_records(uint8_t *rows, uint64_t n, const uint8_t *valid,
     return i;
 }
 
-/* classify.expand_records, compiled: records -> per-record columns and events, in one pass.
- * The rules stay in Python: per 6-bit record code (kind 0-7, ptr == 0 << 3, size == 0 << 4,
- * old_ptr == 0 << 5) the tables give the number of events (t_cnt), the type of the first
- * (t_etype: 0 free, 1 alloc, 2 failure), whether that free is of old_ptr (t_free_old) and
- * whether the kind is unknown (t_unknown); a second event is the alloc half of a realloc.
- * Times: each record's is raised to the running maximum of `now`, floor[i] (if given) and the
- * times before it. Event arrays have room for 2n. out[0]: unknown records, out[1]: 1 when every
- * record makes exactly one event, out[2]: 1 when some event is a failure, out[3]: events. */
+/* classify.expand_records, compiled: records -> events, in one pass. The rules stay in
+ * Python: per 6-bit record code (kind 0-7, ptr == 0 << 3, size == 0 << 4, old_ptr == 0 << 5)
+ * the tables give the number of events (t_cnt), the type of the first (t_etype: 0 free,
+ * 1 alloc, 2 failure), whether that free is of old_ptr (t_free_old) and whether the kind is
+ * unknown (t_unknown); a second event is the alloc half of a realloc. Times: each record's is
+ * raised to the running maximum of `now`, floor[i] (if given) and the times before it.
+ * Per record: ts, kind, flags; per event (room for 2n): its record, type, pointer (0 for a
+ * failure), time, size, hook, caller. out[0]: unknown records, out[1]: 1 when every record
+ * makes exactly one event (the event arrays are then the records' columns), out[2]: 1 when
+ * some event is a failure, out[3]: events. */
 #define OFF_OLD 16
 #define OFF_CALLER 32
 NVSM_API void nvsm_expand(const uint8_t *rows, uint64_t n, uint64_t now, const uint64_t *floor,
-                          uint64_t *ptr, uint64_t *size, uint64_t *ts, uint64_t *caller,
-                          uint8_t *hook, uint8_t *kind, uint16_t *flags,
+                          uint64_t *ts, uint8_t *kind, uint16_t *flags,
                           const int64_t *t_cnt, const int8_t *t_etype, const uint8_t *t_free_old,
                           const uint8_t *t_unknown,
                           int64_t *rec, int8_t *etype, uint64_t *evp, uint64_t *ev_ts,
                           uint64_t *ev_size, uint8_t *ev_hook, uint64_t *ev_caller,
-                          uint8_t *failed, uint64_t *out)
+                          uint64_t *out)
 {
     uint64_t i, m = 0, unknown = 0, t = now;
     int all_one = 1, any_fail = 0;
@@ -172,19 +173,18 @@ NVSM_API void nvsm_expand(const uint8_t *rows, uint64_t n, uint64_t now, const u
         const uint8_t *r = rows + i * RECORD_SIZE;
         uint64_t p, z, o, c, tt, cl;
         uint8_t k = r[OFF_KIND], h = r[OFF_HOOK];
-        uint16_t f;
         int64_t cnt;
         memcpy(&p, r + OFF_PTR, 8);
         memcpy(&z, r + OFF_SIZE, 8);
         memcpy(&o, r + OFF_OLD, 8);
         memcpy(&tt, r, 8);
         memcpy(&cl, r + OFF_CALLER, 8);
-        memcpy(&f, r + OFF_FLAGS, 2);
+        memcpy(&flags[i], r + OFF_FLAGS, 2);
         if (floor && floor[i] > tt)
             tt = floor[i];
         if (tt > t)
             t = tt;
-        ptr[i] = p; size[i] = z; ts[i] = t; caller[i] = cl; hook[i] = h; kind[i] = k; flags[i] = f;
+        ts[i] = t; kind[i] = k;
         c = (k < 7 ? k : 7) | (uint64_t)(p == 0) << 3 | (uint64_t)(z == 0) << 4
             | (uint64_t)(o == 0) << 5;
         cnt = t_cnt[c];
@@ -194,13 +194,12 @@ NVSM_API void nvsm_expand(const uint8_t *rows, uint64_t n, uint64_t now, const u
             int8_t e = t_etype[c];
             rec[m] = (int64_t)i; etype[m] = e;
             evp[m] = e == 2 ? 0 : (t_free_old[c] ? o : p);
-            failed[m] = e == 2;
             any_fail |= e == 2;
             ev_ts[m] = t; ev_size[m] = z; ev_hook[m] = h; ev_caller[m] = cl;
             m++;
         }
         if (cnt >= 2) {  /* the alloc half of a realloc */
-            rec[m] = (int64_t)i; etype[m] = 1; evp[m] = p; failed[m] = 0;
+            rec[m] = (int64_t)i; etype[m] = 1; evp[m] = p;
             ev_ts[m] = t; ev_size[m] = z; ev_hook[m] = h; ev_caller[m] = cl;
             m++;
         }
