@@ -11,6 +11,7 @@ or the recording format change, or with `--regen`.
 
     python bench/bench_replay.py                      # median of 5 runs
     python bench/bench_replay.py --runs 7 --compare /tmp/base
+    python bench/bench_replay.py --runs 5 --numpy   (the compiled kernels vs their numpy twins)
 
 `--compare DIR` also runs another copy of the package (DIR holds its `nvse_monitor` directory,
 e.g. `git archive main nvse_monitor | tar -x -C /tmp/base`) the same way, alternating runs, and
@@ -41,10 +42,11 @@ WORKLOAD_ARGS = ["--threads", "4", "--iters", "10000", "--rounds", "60", "--paus
 MIN_EVENTS = 5_000_000
 
 
-def _run_monitor(pkg_root: Path, args: list[str], **kw) -> subprocess.CompletedProcess:
+def _run_monitor(pkg_root: Path, args: list[str], native: bool = True,
+                 **kw) -> subprocess.CompletedProcess:
     """`python -m nvse_monitor ARGS` with the package found under pkg_root first (`-m` puts the
-    working directory first on sys.path: it is pkg_root too)."""
-    env = dict(os.environ, PYTHONPATH=str(pkg_root))
+    working directory first on sys.path: it is pkg_root too); native=False: its numpy paths."""
+    env = dict(os.environ, PYTHONPATH=str(pkg_root), NVSE_MONITOR_NATIVE="1" if native else "0")
     return subprocess.run([sys.executable, "-m", "nvse_monitor", *args], env=env, cwd=pkg_root,
                           **kw)
 
@@ -83,13 +85,13 @@ def recording(cache: Path, regen: bool) -> tuple[Path, int]:
     return path, records
 
 
-def one_replay(pkg_root: Path, rec: Path, out: Path) -> tuple[float, float]:
+def one_replay(pkg_root: Path, rec: Path, out: Path, native: bool = True) -> tuple[float, float]:
     """Wall and CPU seconds (user + system, all threads) of one replay command."""
     shutil.rmtree(out, ignore_errors=True)
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    p = _run_monitor(pkg_root, ["replay", str(rec), "--out", str(out)], capture_output=True,
-                     text=True)
+    p = _run_monitor(pkg_root, ["replay", str(rec), "--out", str(out)], native,
+                     capture_output=True, text=True)
     dt = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
@@ -111,6 +113,8 @@ def main() -> int:
     ap.add_argument("--compare", type=Path, metavar="DIR", action="append", default=[],
                     help="another copy of the package (DIR/nvse_monitor) to run alternately "
                     "(repeatable)")
+    ap.add_argument("--numpy", action="store_true",
+                    help="also run this copy's numpy paths (NVSE_MONITOR_NATIVE=0) alternately")
     ap.add_argument("--cache", type=Path,
                     default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                     / "nvse-monitor-bench")
@@ -118,30 +122,32 @@ def main() -> int:
     args = ap.parse_args()
     rec, events = recording(args.cache, args.regen)
     print(f"recording: {rec} ({events:,} events, {rec.stat().st_size / 2**20:.1f} MiB)")
-    impls = [("current", REPO)]
+    impls = [("current", REPO, True)]
     for i, d in enumerate(args.compare):
         if not (d / "nvse_monitor" / "__init__.py").exists():
             raise SystemExit(f"--compare: no nvse_monitor package in {d}")
-        impls.append((f"compare{i + 1 if len(args.compare) > 1 else ''}", d.resolve()))
-    times: dict[str, list[float]] = {name: [] for name, _ in impls}
-    cpu: dict[str, list[float]] = {name: [] for name, _ in impls}
+        impls.append((f"compare{i + 1 if len(args.compare) > 1 else ''}", d.resolve(), True))
+    if args.numpy:
+        impls.append(("numpy", REPO, False))
+    times: dict[str, list[float]] = {name: [] for name, _, _ in impls}
+    cpu: dict[str, list[float]] = {name: [] for name, _, _ in impls}
     with tempfile.TemporaryDirectory() as tmp:
-        outs = {name: Path(tmp) / name for name, _ in impls}
+        outs = {name: Path(tmp) / name for name, _, _ in impls}
         for i in range(args.runs):
-            for name, root in impls if i % 2 == 0 else impls[::-1]:
-                wall, cpu_s = one_replay(root, rec, outs[name])
+            for name, root, native in impls if i % 2 == 0 else impls[::-1]:
+                wall, cpu_s = one_replay(root, rec, outs[name], native)
                 times[name].append(wall)
                 cpu[name].append(cpu_s)
             print(f"run {i + 1}: " + ", ".join(
                 f"{n} {times[n][-1]:.2f} s ({events / times[n][-1] / 1e6:.2f} M/s, "
-                f"CPU {cpu[n][-1]:.2f} s)" for n, _ in impls), flush=True)
-        differ = {n: same_files(outs["current"], outs[n]) for n, _ in impls[1:]}
+                f"CPU {cpu[n][-1]:.2f} s)" for n, _, _ in impls), flush=True)
+        differ = {n: same_files(outs["current"], outs[n]) for n, _, _ in impls[1:]}
     med = {n: statistics.median(t) for n, t in times.items()}
-    for n, _ in impls:
+    for n, _, _ in impls:
         print(f"{n}: {events / med[n] / 1e6:.2f} M events/s, median {med[n]:.3f} s of "
               f"{args.runs} (range {min(times[n]):.3f}-{max(times[n]):.3f} s), start-up included; "
               f"CPU {statistics.median(cpu[n]):.3f} s")
-    for name, _ in impls[1:]:
+    for name, _, _ in impls[1:]:
         ratios = [c / n for n, c in zip(times["current"], times[name], strict=True)]
         print(f"speed-up current/{name}: {med[name] / med['current']:.2f}x of medians, "
               f"{statistics.median(ratios):.2f}x median of per-run ratios; files: "
