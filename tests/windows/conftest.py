@@ -3,6 +3,7 @@ skips, so the Linux suite can collect this directory)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -29,3 +30,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def pe(tmp_path_factory: pytest.TempPathFactory) -> PeInstall:
     return build_pe_install(tmp_path_factory.mktemp("fnv-pe") / "Fallout New Vegas")
+
+
+@pytest.fixture(scope="module")
+def exe() -> str:
+    """The single-file nvse-monitor.exe that run.sh built (tests/windows/build_exe.sh)."""
+    path = os.environ.get("NVSE_WIN_EXE")
+    if not path:
+        pytest.skip("nvse-monitor.exe not built (bash tests/windows/build_exe.sh; run.sh does)")
+    if not Path(path).is_file():
+        pytest.fail(f"the build of nvse-monitor.exe failed ({path} is missing)")
+    return path

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Sets up the Windows lane: Wine 8 (wine32 + wine64), the i686 mingw toolchain, a 64-bit Windows
-# CPython from PyPI with nvse-monitor and its dependencies installed into it, and a Wine prefix.
+# CPython from PyPI with nvse-monitor and its dependencies installed into it, the host's kernels
+# cross-built into it (_kernels.dll, x86_64 mingw: packaging/build_native.sh), and a Wine prefix.
 # Idempotent: everything lands in $NVSE_WIN_CACHE (default ~/.cache/nvse-monitor-windows) and is
 # reused while the pins and the project's sources are unchanged. Prints the env file to source.
 # Exit status: 0 ready; 3 Wine or the toolchain cannot be installed (the caller reports "skipped").
+# Without the x86_64 cross compiler the lane still runs, on the numpy paths: NVSE_WIN_NATIVE in
+# the env file says why, the native tests skip with that reason and run.sh says so loudly. A
+# kernels.c that does not build is a failure (NVSE_WIN_NATIVE "failed: ..."), never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
@@ -30,36 +34,46 @@ WIN_ONLY_DEPS=(pywin32-ctypes colorama)
 
 # 1. System packages (Debian). apt-get update fails on some days (the security mirror's i386
 #    index); the main index is enough, so go on after a warning.
-need=()
+#    `need`: the lane cannot run without them; `want`: the lane runs without them, with less.
+need=() want=()
 command -v wine >/dev/null || need+=(wine wine32:i386 wine64)
 command -v i686-w64-mingw32-gcc >/dev/null || need+=(gcc-mingw-w64-i686)
 command -v i686-w64-mingw32-windres >/dev/null || need+=(binutils-mingw-w64-i686)
-if [ ${#need[@]} -gt 0 ]; then
+command -v x86_64-w64-mingw32-gcc >/dev/null || want+=(gcc-mingw-w64-x86-64)  # _kernels.dll
+if [ $(( ${#need[@]} + ${#want[@]} )) -gt 0 ]; then
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-    echo "setup: need ${need[*]} and cannot install them (not root or no apt-get)" >&2
-    exit 3
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  dpkg --print-foreign-architectures | grep -qx i386 || dpkg --add-architecture i386
-  apt-get -o DPkg::Lock::Timeout=600 update -qq >>"$LOG" 2>&1 || echo "setup: warning: apt-get update failed; going on with the indexes there are" >&2
-  # When the security mirror's i386 index is missing, amd64 candidates come from -security and
-  # i386 ones from the main index: multiarch packages then disagree on versions. The retry takes
-  # both from the release itself (-t CODENAME), which always agree.
-  install=(apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends)
-  if ! "${install[@]}" "${need[@]}" >>"$LOG" 2>&1; then
+    echo "setup: need ${need[*]} ${want[*]} and cannot install them (not root or no apt-get)" >&2
+    [ ${#need[@]} -eq 0 ] || exit 3
+  else
+    export DEBIAN_FRONTEND=noninteractive
+    dpkg --print-foreign-architectures | grep -qx i386 || dpkg --add-architecture i386
+    apt-get -o DPkg::Lock::Timeout=600 update -qq >>"$LOG" 2>&1 || echo "setup: warning: apt-get update failed; going on with the indexes there are" >&2
+    # When the security mirror's i386 index is missing, amd64 candidates come from -security
+    # and i386 ones from the main index: multiarch packages then disagree on versions. The
+    # retry takes both from the release itself (-t CODENAME), which always agree.
     codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
-    if ! "${install[@]}" -t "$codename" "${need[@]}" >>"$LOG" 2>&1; then
+    apt_install() {
+      local install=(apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends)
+      "${install[@]}" "$@" >>"$LOG" 2>&1 || "${install[@]}" -t "$codename" "$@" >>"$LOG" 2>&1
+    }
+    if [ ${#need[@]} -gt 0 ] && ! apt_install "${need[@]}"; then
       echo "setup: apt-get install ${need[*]} failed (see $LOG)" >&2
       exit 3
+    fi
+    if [ ${#want[@]} -gt 0 ] && ! apt_install "${want[@]}"; then
+      echo "setup: apt-get install ${want[*]} failed (see $LOG)" >&2
     fi
   fi
 fi
 command -v wine >/dev/null && command -v i686-w64-mingw32-gcc >/dev/null || exit 3
 
-# 2. The Windows CPython with the project, rebuilt when the pins or the sources change.
+# 2. The Windows CPython with the project, rebuilt when the pins, the sources (kernels.c among
+#    them: a stale _kernels.dll is never used), the cross build or its compiler change.
 PY="$CACHE/python"
+cross=$( (x86_64-w64-mingw32-gcc --version 2>/dev/null || echo "no cross compiler") | head -1)
 stamp=$( { echo "$FRIDA_PIN $FRIDA_TOOLS_PIN $NUMPY_PIN $PYEMBED_PIN $PYINSTALLER_PIN ${WIN_ONLY_DEPS[*]}";
-           cat pyproject.toml; find nvse_monitor agent -type f \( -name '*.py' -o -name '*.js' \
+           echo "$cross"; cat pyproject.toml setup.py packaging/build_native.sh
+           find nvse_monitor agent -type f \( -name '*.py' -o -name '*.js' \
            -o -name '*.c' -o -name '*.toml' -o -name '*.html' \) -print0 | sort -z | xargs -0 cat; } \
          | sha256sum | cut -c1-16)
 if [ "$(cat "$PY/.stamp" 2>/dev/null)" != "$stamp" ]; then
@@ -88,16 +102,35 @@ PYEOF
   pth=$(ls "$PY"/python3*._pth | head -1)
   printf 'python312.zip\n.\nLib\\site-packages\nimport site\n' >"$pth"
   mkdir -p "$PY/Lib/site-packages" "$CACHE/wheels"
-  # The project and frida-tools as wheels (both pure Python), then everything for win_amd64.
+  # The project and frida-tools as pure wheels (NVSE_MONITOR_NO_NATIVE=1: setup.py would build
+  # the kernels for Linux and tag the wheel so), then everything for win_amd64.
   rm -f "$CACHE"/wheels/nvse_monitor-*.whl
-  "$HOSTPY" -m pip wheel -q --no-deps -w "$CACHE/wheels" . "$FRIDA_TOOLS_PIN" >>"$LOG" 2>&1
+  NVSE_MONITOR_NO_NATIVE=1 "$HOSTPY" -m pip wheel -q --no-deps -w "$CACHE/wheels" . \
+    "$FRIDA_TOOLS_PIN" >>"$LOG" 2>&1
   "$HOSTPY" -m pip install -q --target "$PY/Lib/site-packages" --platform win_amd64 \
     --python-version 3.12 --implementation cp --only-binary=:all: --find-links "$CACHE/wheels" \
     "$FRIDA_PIN" "$FRIDA_TOOLS_PIN" "$NUMPY_PIN" "$PYINSTALLER_PIN" "${WIN_ONLY_DEPS[@]}" \
     "$CACHE"/wheels/nvse_monitor-*.whl \
     >>"$LOG" 2>&1
+  # The kernels for this x64 CPython, where pip on Windows would have built them.
+  native_dir="$PY/Lib/site-packages/nvse_monitor/native"
+  rm -f "$native_dir"/_kernels*
+  if env -u CC bash packaging/build_native.sh "$native_dir" x64 >>"$LOG" 2>&1; then
+    native="built"
+  else
+    case $? in
+      3) native="no-compiler: x86_64-w64-mingw32-gcc is missing (Debian: gcc-mingw-w64-x86-64)" ;;
+      *) native="failed: packaging/build_native.sh could not build _kernels.dll (see $LOG)" ;;
+    esac
+  fi
+  echo "$native" >"$PY/.native"
   echo "$stamp" >"$PY/.stamp"
 fi
+native=$(cat "$PY/.native" 2>/dev/null || echo "failed: no record of the kernels build (delete $PY and retry)")
+case "$native" in
+  built) ;;
+  *) echo "setup: !!! the Windows Python has NO compiled kernels: $native; the lane runs the numpy paths !!!" >&2 ;;
+esac
 
 # 3. The Wine prefix (created once; ~10 s).
 export WINEPREFIX=${WINEPREFIX:-$CACHE/prefix} WINEDEBUG=-all WINEDLLOVERRIDES="mscoree,mshtml="
@@ -109,5 +142,6 @@ cat >"$CACHE/env.sh" <<ENVEOF
 export WINEPREFIX='$WINEPREFIX' WINEDEBUG=-all WINEDLLOVERRIDES='mscoree,mshtml='
 export NVSE_WIN_PYTHON='$PY/python.exe'
 export NVSE_WIN_CACHE='$CACHE'
+export NVSE_WIN_NATIVE='$native'
 ENVEOF
 echo "$CACHE/env.sh"

@@ -3,11 +3,8 @@ it, with no Python: attach, launch through nvse_loader, report; exact against th
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
-
-import pytest
 
 from windows.fakes import PeInstall
 from windows.winlane import (
@@ -19,16 +16,6 @@ from windows.winlane import (
     wait_truth,
     winpath,
 )
-
-
-@pytest.fixture(scope="module")
-def exe() -> str:
-    path = os.environ.get("NVSE_WIN_EXE")
-    if not path:
-        pytest.skip("nvse-monitor.exe not built (bash tests/windows/build_exe.sh; run.sh does)")
-    if not Path(path).is_file():
-        pytest.fail(f"the build of nvse-monitor.exe failed ({path} is missing)")
-    return path
 
 
 def test_exe_attach(exe: str, pe: PeInstall, tmp_path: Path) -> None:

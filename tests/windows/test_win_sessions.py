@@ -6,7 +6,6 @@ module (recording) and per heap and module (JSON)."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -20,35 +19,17 @@ from windows.winlane import (
     Monitor,
     Truth,
     assert_exact,
+    assert_final,
     game_env,
     read_truth,
     run_monitor,
     running_game,
+    stats,
     wait_truth,
     winpath,
 )
 
 MiB = 1 << 20
-
-
-def stats(out: Path) -> dict[str, Any]:
-    return json.loads((out / "MemoryPoolNVSE_stats.json").read_text())["monitor"]
-
-
-def assert_final(mon: dict[str, Any], truth: Truth, profile: Any = None) -> None:
-    """The JSON's live bytes per heap and per module are the fakes' own. (This lane found the
-    realloc ordering race, one attach session in five under Wine, where HeapReAlloc is slow: a
-    realloc moving its block to an address another thread freed during the call. A moved
-    realloc is now two records, docs/agent.md "Ordering guarantees"; it was an xfail here.)"""
-    heaps = {h: v["current_bytes"] for h, v in mon["heaps"].items()}
-    want = truth.live_by_heap(profile) if profile else truth.live_by_heap()
-    got_heaps = {h: heaps.get(h, 0) for h in want}
-    mods = mon["modules_live_bytes"]
-    got_mods = {m: mods.get(m, 0) for m in truth.live_by_module()}
-    assert got_heaps == want
-    assert got_mods == truth.live_by_module()
-    # (untracked frees may come from Wine's own DLLs freeing what they allocated before the hooks)
-    assert mon["dropped_events"] == 0
 
 
 @pytest.fixture(scope="module")
