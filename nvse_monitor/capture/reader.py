@@ -320,6 +320,7 @@ class RingReader:
         return rows.view(RECORD_DTYPE).reshape(len(rows))
 
     def _take_native(self, head: int) -> np.ndarray:
+        """_take compiled (kernels.c nvsm_take): one pass, stopping at an unpublished slot."""
         rows = np.empty(head - self.tail, RECORD_DTYPE)
         k = self._k.nvsm_take(self._slots.ctypes.data, self.layout.slots, self.layout.ptr_size,
                               self._mask, self.tail, head, rows.ctypes.data)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import native
 from ..stream.events import RECORD_DTYPE, Kind
-from .tracking import LiveColumns, LiveTable
+from .tracking import MAX_LOAD, LiveColumns, LiveTable
 
 # Outcome of one event (after realloc expansion).
 NEW = 1  # allocation, now tracked
@@ -353,3 +353,37 @@ def apply_plan(table: LiveTable, plan, size, ts, caller, hook, mod) -> None:  # 
         ii = np.flatnonzero(ins)
         table.insert(LiveColumns(keys[ii], size[li], ts[li], caller[li], hook[li], mod[li]),
                  hint=probe.take(ii))
+
+
+def track_compiled(table: LiveTable, cap: int, p, isalloc, size, ts, caller, hook,  # noqa: ANN001
+                   mod) -> tuple:  # noqa: ANN001
+    """classify + apply_plan in compiled code (kernels.c nvsm_track): each event in time order
+    against the table, with the tracking limit `cap` (OVERFLOW past it, as the engine's exact
+    path). Inserts that need the table grown or a cuckoo move are the table's own (numpy), then
+    the loop goes on. Returns outcome, old size/hook/module, and PrevLinks."""
+    ms = len(p)
+    c = [np.ascontiguousarray(a, dt) for a, dt in (
+        (p, np.uint64), (isalloc, bool), (size, np.uint64), (ts, np.uint64),
+        (caller, np.uint64), (hook, np.uint8), (mod, np.uint16))]
+    out, osz = np.empty(ms, np.uint8), np.empty(ms, np.uint64)
+    ohk, omd = np.empty(ms, np.uint8), np.empty(ms, np.uint16)
+    prev = np.empty(ms, np.int64)
+    bn = 1 << max(4, (2 * ms - 1).bit_length())  # the batch's pointer map: load <= 1/2
+    bkeys, blast = np.zeros(bn, np.uint64), np.empty(bn, np.int64)
+    cnt = np.zeros(1, np.uint64)
+    outs = [a.ctypes.data for a in (out, osz, ohk, omd, bkeys, blast)]
+    cols = [a.ctypes.data for a in c]
+    e = 0
+    while e < ms:
+        cnt[0] = table.count
+        # the table's arrays move when it grows: their addresses are read at each call
+        e = native.KERNELS.nvsm_track(
+            e, ms, *cols, table.keys.ctypes.data, table.fp.ctypes.data, table.vals.ctypes.data,
+            table.nbuckets, cnt.ctypes.data, int(MAX_LOAD * table.slots), cap, *outs, bn - 1,
+            prev.ctypes.data)
+        table.count = int(cnt[0])
+        if e < ms:
+            table.insert(LiveColumns(*(a[e:e + 1] for a in (c[0], *c[2:]))))
+            out[e] = NEW
+            e += 1
+    return out, osz, ohk, omd, PrevLinks(prev)

@@ -51,15 +51,15 @@ from .classify import (
     O_PLUS,
     OVERFLOW,
     REPLACE,
-    PrevLinks,
     apply_plan,
     classify,
     expand_records,
+    track_compiled,
 )
 from .health import Health
 from .modmap import ModuleMap
 from .samples import SampledStacks
-from .tracking import MAX_LOAD, LiveColumns, LiveTable
+from .tracking import LiveColumns, LiveTable
 
 ADDRSPACE_LOW = "address space low"  # the health cause
 # Detail prefix of a hook message for an optional entry point that a module does not have
@@ -797,8 +797,9 @@ class Engine:
         if not ms:
             return (np.empty(0, np.uint8), np.empty(0, np.uint64), np.empty(0, np.uint8),
                     np.empty(0, np.uint16), None)
-        if native.KERNELS is not None:
-            return self._track_native(p, isalloc, size, ts, caller, hook, mod)
+        if native.KERNELS is not None:  # event by event, compiled: the limit included
+            return track_compiled(self.table, self.config.max_tracked, p, isalloc, size, ts,
+                                  caller, hook, mod)
         cols = (size, ts, caller, hook, mod)
         cap = self.config.max_tracked
         c0 = self.table.count
@@ -835,37 +836,6 @@ class Engine:
                 self._step(k, p, isalloc, cols, out, osz, ohk, omd)
             i = stop
         return out, osz, ohk, omd, None
-
-    def _track_native(self, p, isalloc, size, ts, caller, hook, mod):  # noqa: ANN001, ANN202
-        """_track in compiled code (kernels.c nvsm_track), event by event on the same table:
-        the exact path's semantics, tracking limit included. Inserts that need the table grown
-        or a cuckoo move are the table's own."""
-        t = self.table
-        ms = len(p)
-        c = [np.ascontiguousarray(a, dt) for a, dt in (
-            (p, np.uint64), (isalloc, bool), (size, np.uint64), (ts, np.uint64),
-            (caller, np.uint64), (hook, np.uint8), (mod, np.uint16))]
-        out, osz = np.empty(ms, np.uint8), np.empty(ms, np.uint64)
-        ohk, omd = np.empty(ms, np.uint8), np.empty(ms, np.uint16)
-        prev = np.empty(ms, np.int64)
-        bn = 1 << max(4, (2 * ms - 1).bit_length())  # the batch's pointer map: load <= 1/2
-        bkeys, blast = np.zeros(bn, np.uint64), np.empty(bn, np.int64)
-        cnt = np.zeros(1, np.uint64)
-        outs = [a.ctypes.data for a in (out, osz, ohk, omd, bkeys, blast)]
-        cols = [a.ctypes.data for a in c]
-        e = 0
-        while e < ms:
-            cnt[0] = t.count
-            e = native.KERNELS.nvsm_track(e, ms, *cols, t.keys.ctypes.data, t.fp.ctypes.data,
-                                   t.vals.ctypes.data, t.nbuckets, cnt.ctypes.data,
-                                   int(MAX_LOAD * t.slots), self.config.max_tracked, *outs,
-                                   bn - 1, prev.ctypes.data)
-            t.count = int(cnt[0])
-            if e < ms:  # this insert grows the table or moves an entry: numpy's
-                t.insert(LiveColumns(*(a[e:e + 1] for a in (c[0], *c[2:]))))
-                out[e] = NEW
-                e += 1
-        return out, osz, ohk, omd, PrevLinks(prev)
 
     def _segment(self, i, j, p, isalloc, cols, out, osz, ohk, omd) -> None:  # noqa: ANN001
         if j <= i:
