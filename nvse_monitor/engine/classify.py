@@ -81,6 +81,9 @@ class Events:
     rec_ts: np.ndarray | None = None  # per record, clamped: the time reached after each
     kind: np.ndarray | None = None  # per record (contiguous copies, for samples.py)
     flags: np.ndarray | None = None
+    # the STACK records and the other SAMPLED ones, by record index (the compiled pass finds
+    # them on its way; samples.py looks for them itself without)
+    picks: tuple[np.ndarray, np.ndarray] | None = None
 
 
 _FIELDS = ("ptr", "size", "ts_us", "caller", "hook", "kind", "flags")
@@ -179,26 +182,28 @@ def _expand_native(r: np.ndarray, now: int, floor: np.ndarray | None) -> Events:
     etype = np.empty(cap, np.int8)
     evp, ev_ts, ev_size, ev_caller = (np.empty(cap, np.uint64) for _ in range(4))
     ev_hook = np.empty(cap, np.uint8)
-    out = np.zeros(4, np.uint64)
+    st, sm = np.empty(n, np.int64), np.empty(n, np.int64)
+    out = np.zeros(6, np.uint64)
     if floor is not None:
         floor = np.ascontiguousarray(floor, np.uint64)
     a = [x.ctypes.data for x in (ts, kind, flags, *_T_NATIVE, rec, etype, evp, ev_ts, ev_size,
-                                 ev_hook, ev_caller, out)]
+                                 ev_hook, ev_caller, st, sm, out)]
     native.KERNELS.nvsm_expand(r.ctypes.data, n, now,
                                None if floor is None else floor.ctypes.data, *a)
-    unknown, all_one, any_fail, m = (int(x) for x in out)
+    unknown, all_one, any_fail, m, nst, nsm = (int(x) for x in out)
     last_ts = int(ts[-1])
+    picks = (st[:nst], sm[:nsm])
     if not m:
         return Events(None, etype=np.empty(0, np.int8), ts=ts, size=r["size"].copy(),
                       hook=r["hook"].copy(), caller=r["caller"].copy(), rec=rec[:0],
                       failed=None, unknown=unknown, last_ts=last_ts, rec_ts=ts, kind=kind,
-                      flags=flags)
+                      flags=flags, picks=picks)
     etype = etype[:m]
     failed = etype == 2 if any_fail else None
     # one event per record: the events' times are the records' (one array, as numpy's)
     return Events(evp[:m], etype, ts if all_one else ev_ts[:m], ev_size[:m], ev_hook[:m],
                   ev_caller[:m], None if all_one else rec[:m], failed, unknown, last_ts, ts,
-                  kind, flags)
+                  kind, flags, picks)
 
 
 HASH = np.uint64(0x9E3779B97F4A7C15)

@@ -761,7 +761,8 @@ class Engine:
         bounds = [(i, int(ev.rec_ts[i - 1]) if i else 0, b) for i, b in bounds or []]
         if ev.ptr is None:
             if self.samples is not None:  # chunks only: they wait for their calls
-                self.samples.feed(r, None, None, None, None, cols=(ev.kind, ev.flags))
+                self.samples.feed(r, None, None, None, None, cols=(ev.kind, ev.flags),
+                                  picks=ev.picks)
             for _, t, b in bounds:
                 self.now = max(self.now, t)
                 self._batch_end(b)
@@ -784,7 +785,7 @@ class Engine:
                         else None)
                 self.samples.feed(r, ev.ptr, ev.etype, ev.rec, peak,
                                   None if peak is None else int(ev.ts[peak]),
-                                  cols=(ev.kind, ev.flags), runs=runs)
+                                  cols=(ev.kind, ev.flags), runs=runs, picks=ev.picks)
         self.now = max(self.now, ev.last_ts)
 
     # -- tracking: classify each event against the live set --
@@ -1000,62 +1001,37 @@ class Engine:
         (self.state is still the state before the batch)."""
         cb = base.c
         pre = self.state.c  # the running sums are relative to the state before the batch
-        whole = lo == 0 and hi == len(bt.outcome)
-        o = bt.outcome if whole else bt.outcome[lo:hi]
-        plus, minus = (bt.plus, bt.minus) if whole else (bt.plus[lo:hi], bt.minus[lo:hi])
-        n = bt.counts if whole else np.bincount(o, minlength=7)
+        k = len(self.modmap.modules)
+        sf = (_span_compiled if native.KERNELS is not None else _span_numpy)(bt, lo, hi, k)
+        n = sf.counts
         n_new, n_rep, n_ovf = int(n[NEW]), int(n[REPLACE]), int(n[OVERFLOW])
-        ovf = bt.size[lo:hi][o == OVERFLOW] if n_ovf else None
-        ovf_bytes = int(ovf.sum(dtype=np.uint64)) if ovf is not None else 0
         c = Counters(
             total_allocations=cb.total_allocations + n_new + n_rep + n_ovf,
             total_frees=cb.total_frees + int(n[FREE_T]) + n_rep,
             current_allocations=pre.current_allocations + int(bt.cur_c[hi - 1]),
-            peak_allocations=max(cb.peak_allocations,
-                                 pre.current_allocations + int(bt.cur_c[lo:hi].max())),
-            total_bytes_allocated=cb.total_bytes_allocated + int(plus.sum()) + ovf_bytes,
-            total_bytes_freed=cb.total_bytes_freed + int(minus.sum()),
+            peak_allocations=max(cb.peak_allocations, pre.current_allocations + sf.max_c),
+            total_bytes_allocated=cb.total_bytes_allocated + sf.plus + sf.ovf_bytes,
+            total_bytes_freed=cb.total_bytes_freed + sf.minus,
             current_bytes=pre.current_bytes + int(bt.cur_b[hi - 1]),
-            peak_bytes=max(cb.peak_bytes, pre.current_bytes + int(bt.cur_b[lo:hi].max())),
+            peak_bytes=max(cb.peak_bytes, pre.current_bytes + sf.max_b),
             allocation_failures=cb.allocation_failures + int(n[FAILURE]),
             untracked_frees=cb.untracked_frees + int(n[FREE_U]),
             replaced_live=cb.replaced_live + n_rep,
             overflow_allocations=cb.overflow_allocations + n_ovf,
-            overflow_bytes=cb.overflow_bytes + ovf_bytes,
+            overflow_bytes=cb.overflow_bytes + sf.ovf_bytes,
         )
-        heap_cur, heap_peak = self._heaps_span(bt, base, lo, hi)
-        k = len(self.modmap.modules)
-        mp = np.minimum(bt.mod[lo:hi], k)
-        mm = np.minimum(bt.old_mod[lo:hi], k)
-        # As for heaps: each event's delta goes to one module (the new block's, or the freed
-        # block's); only a REPLACE across modules splits (+size new, -old size old).
-        delta = bt.delta if whole else bt.delta[lo:hi]
-        tn = bt.to_new if whole else bt.to_new[lo:hi]
-        em = mm + (mp - mm) * tn  # where(tn, mp, mm)
-        if len(em) and em.min() == em.max():  # usually one module: no weighted bincount
-            dm = np.zeros(k + 1)
-            dm[em[0]] = delta.sum()
-        else:
-            dm = np.bincount(em, weights=delta, minlength=k + 1)
-        if n_rep:
-            rp = np.flatnonzero(o == REPLACE)
-            rp = rp[mp[rp] != mm[rp]]
-            if len(rp):
-                w = minus[rp]
-                dm += np.bincount(mp[rp], weights=w, minlength=k + 1) - np.bincount(
-                    mm[rp], weights=w, minlength=k + 1)
-        mod_cur = base.mod_cur + np.rint(dm).astype(np.int64)
+        heap_cur, heap_peak = self._heaps_span(bt, base, lo, hi, sf.max_b)
+        mod_cur = base.mod_cur + np.rint(sf.dm).astype(np.int64)
         # Size classes of the allocations: `plus` is the size of each NEW/REPLACE and 0 for every
         # other event, so those land in bin 0 and are taken out of its count.
-        sc = _size_bins(plus.view(np.uint64))
-        sc[0] -= len(o) - n_new - n_rep
-        if ovf is not None:
-            sc += _size_bins(ovf)
+        sc = sf.size_bins
+        sc[0] -= hi - lo - n_new - n_rep
+        o = bt.outcome[lo:hi] if n_ovf else None
         return State(c, heap_cur, heap_peak, mod_cur, base.size_count + sc,
-                     self._largest_span(bt, base.largest, lo, hi, o if n_ovf else None))
+                     self._largest_span(bt, base.largest, lo, hi, o, sf.max_plus))
 
     def _largest_span(self, bt: _Batch, top: np.ndarray, lo: int, hi: int,
-                      o: np.ndarray | None) -> np.ndarray:
+                      o: np.ndarray | None, max_plus: int) -> np.ndarray:
         """`top` with the allocations of events [lo, hi) that rank among the LARGEST (o: their
         outcomes when some went past the tracking limit). Once the list is full, one comparison
         pass: few events beat its smallest entry."""
@@ -1064,7 +1040,7 @@ class Engine:
         if len(top) == LARGEST:
             thr = int(top["size"][-1])
             # usually nothing beats it: one reduction, no mask
-            cand = np.flatnonzero(plus > thr) if int(plus.max()) > thr else plus[:0]
+            cand = np.flatnonzero(plus > thr) if max_plus > thr else plus[:0]
         else:
             thr = -1
             cand = np.flatnonzero(bt.to_new[lo:hi])
@@ -1091,15 +1067,15 @@ class Engine:
         both = np.concatenate((top, new))
         return both[np.argsort(-both["size"].view(np.int64), kind="stable")[:LARGEST]]
 
-    def _heaps_span(self, bt: _Batch, base: State, lo: int,
-                    hi: int) -> tuple[np.ndarray, np.ndarray]:
+    def _heaps_span(self, bt: _Batch, base: State, lo: int, hi: int,
+                    max_b: int) -> tuple[np.ndarray, np.ndarray]:
         st = self.state  # before the batch: heap runs are relative to it
         cur, peak = base.heap_cur.copy(), base.heap_peak.copy()
         nh = len(self.meta.hooks)
         if self._single_heap and int(bt.hook.max()) < nh and int(bt.old_hook.max()) < nh:
             off = st.heap_cur[0]
             cur[0] = bt.cur_b[hi - 1] + off
-            peak[0] = max(peak[0], int(bt.cur_b[lo:hi].max()) + off)
+            peak[0] = max(peak[0], max_b + off)
             return cur, peak
         if not bt.heap_runs:
             # Each event's delta goes to one heap (the new block's, or the freed block's): per
@@ -1282,6 +1258,73 @@ class _StallBurst:
 
 def _n(k: int, noun: str) -> str:
     return f"{k} {noun}" + ("" if k == 1 else "s")
+
+
+@dataclass
+class _SpanFigures:
+    """What _state_span needs from events [lo, hi) of a batch, one pass over them."""
+
+    counts: np.ndarray  # events per outcome
+    max_c: int  # max of cur_c
+    max_b: int  # max of cur_b
+    max_plus: int
+    plus: int  # sums (int64, wrapping as numpy's)
+    minus: int
+    ovf_bytes: int  # bytes of the allocations past the tracking limit
+    dm: np.ndarray  # float64 per module (k + 1: unknown last): change of live bytes
+    size_bins: np.ndarray  # _size_bins of plus, plus those of the OVERFLOW sizes
+
+
+def _span_numpy(bt: _Batch, lo: int, hi: int, k: int) -> _SpanFigures:
+    whole = lo == 0 and hi == len(bt.outcome)
+    o = bt.outcome if whole else bt.outcome[lo:hi]
+    plus, minus = (bt.plus, bt.minus) if whole else (bt.plus[lo:hi], bt.minus[lo:hi])
+    n = bt.counts if whole else np.bincount(o, minlength=7)
+    ovf = bt.size[lo:hi][o == OVERFLOW] if n[OVERFLOW] else None
+    mp = np.minimum(bt.mod[lo:hi], k)
+    mm = np.minimum(bt.old_mod[lo:hi], k)
+    # As for heaps: each event's delta goes to one module (the new block's, or the freed
+    # block's); only a REPLACE across modules splits (+size new, -old size old).
+    delta = bt.delta if whole else bt.delta[lo:hi]
+    tn = bt.to_new if whole else bt.to_new[lo:hi]
+    em = mm + (mp - mm) * tn  # where(tn, mp, mm)
+    if len(em) and em.min() == em.max():  # usually one module: no weighted bincount
+        dm = np.zeros(k + 1)
+        dm[em[0]] = delta.sum()
+    else:
+        dm = np.bincount(em, weights=delta, minlength=k + 1)
+    if n[REPLACE]:
+        rp = np.flatnonzero(o == REPLACE)
+        rp = rp[mp[rp] != mm[rp]]
+        if len(rp):
+            w = minus[rp]
+            dm += np.bincount(mp[rp], weights=w, minlength=k + 1) - np.bincount(
+                mm[rp], weights=w, minlength=k + 1)
+    sc = _size_bins(plus.view(np.uint64))
+    if ovf is not None:
+        sc += _size_bins(ovf)
+    return _SpanFigures(n, int(bt.cur_c[lo:hi].max()), int(bt.cur_b[lo:hi].max()),
+                        int(plus.max()), int(plus.sum()), int(minus.sum()),
+                        int(ovf.sum(dtype=np.uint64)) if ovf is not None else 0, dm, sc)
+
+
+def _span_compiled(bt: _Batch, lo: int, hi: int, k: int) -> _SpanFigures:
+    """_span_numpy in one compiled pass (kernels.c nvsm_span): the same figures."""
+    f = np.zeros(13, np.int64)
+    dm, rep_a, rep_b = (np.zeros(k + 1) for _ in range(3))
+    sc, sc_ovf = np.zeros(_SIZE_BINS, np.int64), np.zeros(_SIZE_BINS, np.int64)
+    a = [np.ascontiguousarray(x, dt) for x, dt in (
+        (bt.outcome, np.uint8), (bt.plus, np.int64), (bt.minus, np.int64),
+        (bt.delta, np.int64), (bt.cur_b, np.int64), (bt.cur_c, np.int64),
+        (bt.size, np.uint64), (bt.mod, np.uint16), (bt.old_mod, np.uint16),
+        (bt.to_new, bool))]
+    native.KERNELS.nvsm_span(lo, hi, *(x.ctypes.data for x in a), k,
+                             *(x.ctypes.data for x in (f, dm, rep_a, rep_b, sc, sc_ovf)),
+                             _SIZE_BINS)
+    if f[OVERFLOW]:
+        sc += sc_ovf
+    return _SpanFigures(f[:7], int(f[7]), int(f[8]), int(f[12]), int(f[9]), int(f[10]),
+                        int(f[11]) & (2**64 - 1), dm, sc)
 
 
 def _size_bins(sizes: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import native
 from ..stream.messages import Module
 
 UNKNOWN = 0xFFFF  # u16 module index for callers outside every known module
@@ -58,14 +59,22 @@ class ModuleMap:
         """Module index (u16) of each caller address, UNKNOWN outside every loaded module."""
         if len(callers) < 64:
             return self._slow(callers)
-        h = ((callers * _C) >> _SHIFT).astype(np.intp)
-        out = self._cvals.take(h)  # take: faster than fancy indexing
-        miss = np.flatnonzero(self._ckeys.take(h) != callers)
+        if native.KERNELS is not None:  # the cache probe compiled (kernels.c nvsm_modmap)
+            callers = np.ascontiguousarray(callers, np.uint64)
+            out, miss = np.empty(len(callers), np.uint16), np.empty(len(callers), np.int64)
+            nm = native.KERNELS.nvsm_modmap(callers.ctypes.data, len(callers),
+                                            self._ckeys.ctypes.data, self._cvals.ctypes.data,
+                                            int(_SHIFT), out.ctypes.data, miss.ctypes.data)
+            miss = miss[:nm]
+        else:
+            h = ((callers * _C) >> _SHIFT).astype(np.intp)
+            out = self._cvals.take(h)  # take: faster than fancy indexing
+            miss = np.flatnonzero(self._ckeys.take(h) != callers)
         if len(miss):
             cm = callers[miss]
             vals = self._slow(cm)
             out[miss] = vals
-            hm = h[miss]
+            hm = ((cm * _C) >> _SHIFT).astype(np.intp)
             self._ckeys[hm] = cm  # empty entries (key 0) say UNKNOWN: right for caller 0
             self._cvals[hm] = vals
         return out

@@ -187,14 +187,17 @@ class SampledStacks:
     # -- feeding --
     def feed(self, r: np.ndarray, ev_ptr: np.ndarray | None, ev_etype: np.ndarray | None,
              ev_rec: np.ndarray | None, peak_at: int | None, peak_us: int | None = None, *,
-             cols: Columns, runs: PointerRuns | PrevLinks | None = None) -> None:
+             cols: Columns, runs: PointerRuns | PrevLinks | None = None,
+             picks: Columns | None = None) -> None:
         """One batch (or run of batches): its records `r`; its events' pointers, types (0 free,
         1 alloc, 2 failure) and record indices (None: one event per record), None when it has no
         events; `peak_at`: the event index where the session's live bytes reached a new peak in
         this batch (None: no new peak), at stream time `peak_us`. From the engine, to spare
-        passes over the batch: `cols`, the records' kind and flags, and `runs`, its events
-        grouped by pointer (classify.PointerRuns; None on the tracking limit's exact path)."""
-        ri, sid = self._sampled_calls(r, cols)  # record index, stack id per sampled allocation
+        passes over the batch: `cols`, the records' kind and flags; `runs`, its events grouped by
+        pointer (classify.PointerRuns or PrevLinks; None on the numpy tracking limit's exact
+        path); `picks`, its STACK and SAMPLED records' indices (Events.picks, or None)."""
+        # record index, stack id per sampled allocation
+        ri, sid = self._sampled_calls(r, cols, picks)
         if ev_ptr is None:
             return
         if peak_at is not None:
@@ -342,15 +345,19 @@ class SampledStacks:
         self._filter.add(np.fromiter(self.live, np.uint64, len(self.live)))
 
     # -- chunks -> stacks --
-    def _sampled_calls(self, r: np.ndarray, cols: Columns) -> tuple[np.ndarray, np.ndarray]:
+    def _sampled_calls(self, r: np.ndarray, cols: Columns,
+                       picks: Columns | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Record indices and stack ids of the batch's sampled calls that allocated, in record
         order; consumes the STACK chunks (those of a call still to come wait in _pending)."""
         none = (np.empty(0, np.int64), np.empty(0, np.int64))
         kind, flags = cols
-        st = np.flatnonzero(kind == _STACK)
-        sm = np.flatnonzero(flags & FLAG_SAMPLED)
-        if len(st) and len(sm):  # a STACK record's flags are its frame count, not FLAG_SAMPLED
-            sm = sm[kind[sm] != _STACK]
+        if picks is not None:  # the compiled pass found them (Events.picks)
+            st, sm = picks
+        else:
+            st = np.flatnonzero(kind == _STACK)
+            sm = np.flatnonzero(flags & FLAG_SAMPLED)
+            if len(st) and len(sm):  # a STACK record's flags are its frame count, not SAMPLED
+                sm = sm[kind[sm] != _STACK]
         if not len(st) and not len(sm) and not self._pending:
             return none
         if len(st) + len(sm) + sum(len(p) for p in self._pending.values()) <= _SMALL:

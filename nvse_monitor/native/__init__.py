@@ -41,13 +41,17 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.nvsm_take.restype = _U64
     lib.nvsm_records.argtypes = [_P, _U64, _P, _P, _U32, _U32, _P, _U32, _U32, _P, _P]
     lib.nvsm_records.restype = _U64
-    lib.nvsm_expand.argtypes = [_P, _U64, _U64] + [_P] * 16
+    lib.nvsm_expand.argtypes = [_P, _U64, _U64] + [_P] * 18
     lib.nvsm_expand.restype = None
     lib.nvsm_track.argtypes = [_U64, _U64] + [_P] * 10 + [_U64, _P, _U64, _U64] + [_P] * 6 \
         + [_U64, _P]
     lib.nvsm_track.restype = _U64
     lib.nvsm_sums.argtypes = [_U64] + [_P] * 13
     lib.nvsm_sums.restype = None
+    lib.nvsm_span.argtypes = [_U64, _U64] + [_P] * 10 + [_U64] + [_P] * 6 + [_U64]
+    lib.nvsm_span.restype = None
+    lib.nvsm_modmap.argtypes = [_P, _U64, _P, _P, _U32, _P, _P]
+    lib.nvsm_modmap.restype = _U64
     return lib, f"native ({path.name})"
 
 

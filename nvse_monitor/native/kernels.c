@@ -38,6 +38,7 @@ static uint32_t load_acquire_u32(const uint32_t *p) { return __atomic_load_n(p, 
 #define OFF_SEQ 52
 
 enum { K_ALLOC = 1, K_FREE = 2, K_REALLOC = 3, K_FAILED = 4, K_MARK = 5, K_STACK = 6 };
+#define FLAG_SAMPLED 0x0001
 #define FLAG_REALLOC_HALF 0x0004
 
 NVSM_API int nvsm_abi(void) { return NVSM_ABI; }
@@ -154,9 +155,10 @@ NVSM_API uint64_t nvsm_records(uint8_t *rows, uint64_t n, const uint8_t *valid,
  * unknown (t_unknown); a second event is the alloc half of a realloc. Times: each record's is
  * raised to the running maximum of `now`, floor[i] (if given) and the times before it.
  * Per record: ts, kind, flags; per event (room for 2n): its record, type, pointer (0 for a
- * failure), time, size, hook, caller. out[0]: unknown records, out[1]: 1 when every record
- * makes exactly one event (the event arrays are then the records' columns), out[2]: 1 when
- * some event is a failure, out[3]: events. */
+ * failure), time, size, hook, caller. st, sm: the indices of the STACK records and of the
+ * other records flagged SAMPLED (samples.py). out[0]: unknown records, out[1]: 1 when every
+ * record makes exactly one event (the event arrays are then the records' columns), out[2]: 1
+ * when some event is a failure, out[3]: events, out[4], out[5]: how many st, sm. */
 #define OFF_OLD 16
 #define OFF_CALLER 32
 NVSM_API void nvsm_expand(const uint8_t *rows, uint64_t n, uint64_t now, const uint64_t *floor,
@@ -165,9 +167,9 @@ NVSM_API void nvsm_expand(const uint8_t *rows, uint64_t n, uint64_t now, const u
                           const uint8_t *t_unknown,
                           int64_t *rec, int8_t *etype, uint64_t *evp, uint64_t *ev_ts,
                           uint64_t *ev_size, uint8_t *ev_hook, uint64_t *ev_caller,
-                          uint64_t *out)
+                          int64_t *st, int64_t *sm, uint64_t *out)
 {
-    uint64_t i, m = 0, unknown = 0, t = now;
+    uint64_t i, m = 0, unknown = 0, t = now, nst = 0, nsm = 0;
     int all_one = 1, any_fail = 0;
     for (i = 0; i < n; i++) {
         const uint8_t *r = rows + i * RECORD_SIZE;
@@ -185,6 +187,10 @@ NVSM_API void nvsm_expand(const uint8_t *rows, uint64_t n, uint64_t now, const u
         if (tt > t)
             t = tt;
         ts[i] = t; kind[i] = k;
+        if (k == K_STACK)
+            st[nst++] = (int64_t)i;
+        else if (flags[i] & FLAG_SAMPLED)
+            sm[nsm++] = (int64_t)i;
         c = (k < 7 ? k : 7) | (uint64_t)(p == 0) << 3 | (uint64_t)(z == 0) << 4
             | (uint64_t)(o == 0) << 5;
         cnt = t_cnt[c];
@@ -205,6 +211,7 @@ NVSM_API void nvsm_expand(const uint8_t *rows, uint64_t n, uint64_t now, const u
         }
     }
     out[0] = unknown; out[1] = (uint64_t)all_one; out[2] = (uint64_t)any_fail; out[3] = m;
+    out[4] = nst; out[5] = nsm;
 }
 
 /* The engine's tracking (engine._track, classify + apply_plan), compiled: each event in time
@@ -352,4 +359,93 @@ NVSM_API void nvsm_sums(uint64_t m, const uint8_t *o, const uint64_t *size,
         acum[i] = a;
         counts[k]++;
     }
+}
+
+/* The figures of engine._state_span over events [lo, hi) of a batch, in one pass:
+ * f[0..6]: counts of each outcome; f[7], f[8]: max of cur_c and cur_b; f[9], f[10]: sums of
+ * plus and minus (wrapping int64); f[11]: bytes of the OVERFLOW allocations; f[12]: max of
+ * plus. dm (k + 1 doubles, zeroed by the caller): each event's delta added to its module
+ * (min(mod, k) when it adds a block, min(old_mod, k) else) exactly as numpy does it: one int64
+ * sum converted once when every event has the same module, else a double sum in event order;
+ * a REPLACE across modules then adds its old size back to the new block's module and takes it
+ * from the old one's (rep_a, rep_b: two more zeroed arrays, combined as dm + (a - b)).
+ * sc (n_bins, zeroed): events per biased float64 exponent of plus, and of the OVERFLOW sizes
+ * in sc_ovf. */
+enum { S_MAXC = 7, S_MAXB, S_PLUS, S_MINUS, S_OVF, S_MAXP, S_N };
+#define OUT_OVERFLOW 3
+#define OUT_REPLACE 2
+
+static uint64_t exponent_bin(uint64_t v)
+{
+    double d = (double)v;
+    uint64_t bits;
+    memcpy(&bits, &d, 8);
+    return bits >> 52;
+}
+
+NVSM_API void nvsm_span(uint64_t lo, uint64_t hi, const uint8_t *o, const int64_t *plus,
+                        const int64_t *minus, const int64_t *delta, const int64_t *cur_b,
+                        const int64_t *cur_c, const uint64_t *size, const uint16_t *mod,
+                        const uint16_t *old_mod, const uint8_t *to_new, uint64_t k,
+                        int64_t *f, double *dm, double *rep_a, double *rep_b,
+                        int64_t *sc, int64_t *sc_ovf, uint64_t n_bins)
+{
+    uint64_t i, first_m = 0;
+    int64_t maxc = INT64_MIN, maxb = INT64_MIN, maxp = INT64_MIN;
+    uint64_t sp = 0, sm = 0, sovf = 0, sdelta = 0;
+    int same = 1, any_rep = 0;
+    for (i = lo; i < hi; i++) {
+        uint8_t oc = o[i] < 7 ? o[i] : 0;
+        uint64_t mp = mod[i] < k ? mod[i] : k, mm = old_mod[i] < k ? old_mod[i] : k;
+        uint64_t em = to_new[i] ? mp : mm, b;
+        f[oc]++;
+        if (cur_c[i] > maxc) maxc = cur_c[i];
+        if (cur_b[i] > maxb) maxb = cur_b[i];
+        if (plus[i] > maxp) maxp = plus[i];
+        sp += (uint64_t)plus[i];
+        sm += (uint64_t)minus[i];
+        sdelta += (uint64_t)delta[i];
+        if (i == lo)
+            first_m = em;
+        same &= em == first_m;
+        dm[em] += (double)delta[i];
+        if (oc == OUT_REPLACE && mp != mm) {
+            any_rep = 1;
+            rep_a[mp] += (double)minus[i];
+            rep_b[mm] += (double)minus[i];
+        }
+        b = exponent_bin((uint64_t)plus[i]);
+        if (b < n_bins) sc[b]++;
+        if (oc == OUT_OVERFLOW) {
+            sovf += size[i];
+            b = exponent_bin(size[i]);
+            if (b < n_bins) sc_ovf[b]++;
+        }
+    }
+    if (hi > lo && same) {  /* numpy: one int64 sum, converted once */
+        for (i = 0; i <= k; i++)
+            dm[i] = 0.0;
+        dm[first_m] = (double)(int64_t)sdelta;
+    }
+    if (any_rep)
+        for (i = 0; i <= k; i++)
+            dm[i] = dm[i] + (rep_a[i] - rep_b[i]);
+    f[S_MAXC] = maxc; f[S_MAXB] = maxb; f[S_PLUS] = (int64_t)sp; f[S_MINUS] = (int64_t)sm;
+    f[S_OVF] = (int64_t)sovf; f[S_MAXP] = maxp;
+}
+
+/* engine/modmap.py ModuleMap.lookup's cache probe: each caller's module from the direct-mapped
+ * cache (slot (caller * C1) >> shift), and the indices of the callers the cache does not hold
+ * (the engine resolves those and fills the cache, as numpy's path does). Returns their number. */
+NVSM_API uint64_t nvsm_modmap(const uint64_t *callers, uint64_t n, const uint64_t *ckeys,
+                              const uint16_t *cvals, uint32_t shift, uint16_t *out, int64_t *miss)
+{
+    uint64_t i, nm = 0;
+    for (i = 0; i < n; i++) {
+        uint64_t c = callers[i], h = (c * C1) >> shift;
+        out[i] = cvals[h];
+        if (ckeys[h] != c)
+            miss[nm++] = (int64_t)i;
+    }
+    return nm;
 }
