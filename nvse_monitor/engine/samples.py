@@ -98,6 +98,17 @@ def _next_record_tids(r: np.ndarray, cols: Columns) -> np.ndarray:
     return np.where(half, np.uint32(0xFFFFFFFF), tid) if half.any() else tid
 
 
+class _NextTids:
+    """_next_record_tids of a slice of the batch, computed when asked: _calls_small looks at a
+    few short stretches, where a pass over the whole batch cost more than the rest."""
+
+    def __init__(self, r: np.ndarray, cols: Columns) -> None:
+        self._r, (self._kind, self._flags) = r, cols
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        return _next_record_tids(self._r[s], (self._kind[s], self._flags[s]))
+
+
 class _Filter:
     """A counting hash filter over pointers: slot counts, so removals need no rebuild."""
 
@@ -478,7 +489,7 @@ class SampledStacks:
         per millisecond): the same steps on Python lists, which beat numpy's per-call cost
         there. Same results (tests/test_samples.py compares both on random streams)."""
         tid = r["tid"]
-        tnext = _next_record_tids(r, cols)
+        tnext = _NextTids(r, cols)
         rows = [tuple(x) for p in self._pending.values() for x in p.tolist()]
         cidx = [-1] * len(rows)
         self._pending = {}
