@@ -8,6 +8,6 @@ import os
 from setuptools import Extension, setup
 
 native = os.environ.get("NVSE_MONITOR_NO_NATIVE", "0") != "1"
-args = [] if os.name == "nt" else ["-O2", "-fvisibility=hidden"]
+args = [] if os.name == "nt" else ["-O2", "-fvisibility=hidden", "-ffp-contract=off"]
 setup(ext_modules=[Extension("nvse_monitor.native._kernels", ["nvse_monitor/native/kernels.c"],
                              extra_compile_args=args, optional=True)] if native else [])

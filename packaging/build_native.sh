@@ -27,7 +27,7 @@ mkdir -p "$out"
 tmp=$(mktemp "$out/.kernels.XXXXXX")
 trap 'rm -f "$tmp"' EXIT
 # -s: no symbols (80 KB -> 20 KB); the exports are what ctypes needs.
-"$cc" -std=c99 -O2 -Wall -Wextra -Werror -shared -static-libgcc -s \
+"$cc" -std=c99 -O2 -ffp-contract=off -Wall -Wextra -Werror -shared -static-libgcc -s \
   -o "$tmp" nvse_monitor/native/kernels.c
 # Only Windows' own DLLs: KERNEL32 and the system msvcrt (memcpy; no CRT state crosses the
 # boundary, so it does not matter that CPython uses the UCRT), or UCRT api-ms-win-* sets.

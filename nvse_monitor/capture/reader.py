@@ -320,10 +320,14 @@ class RingReader:
         return rows.view(RECORD_DTYPE).reshape(len(rows))
 
     def _take_native(self, head: int) -> np.ndarray:
-        """_take compiled (kernels.c nvsm_take): one pass, stopping at an unpublished slot."""
+        """_take compiled (kernels.c nvsm_take): one pass, stopping at an unpublished slot; the
+        records' times are set on the way (what _process does for the numpy path)."""
         rows = np.empty(head - self.tail, RECORD_DTYPE)
+        xp = np.asarray(self._anchor_pos, np.float64)
+        fp = np.asarray(self._anchor_us, np.float64)
         k = self._k.nvsm_take(self._slots.ctypes.data, self.layout.slots, self.layout.ptr_size,
-                              self._mask, self.tail, head, rows.ctypes.data)
+                              self._mask, self.tail, head, rows.ctypes.data, xp.ctypes.data,
+                              fp.ctypes.data, len(xp), self._last_ts)
         if k:
             self.tail += k
             self._put(rl.OFF_TAIL, self.tail)
@@ -347,16 +351,17 @@ class RingReader:
             self._stuck_since = None
 
     def _process(self, recs: np.ndarray, now: int) -> None:
-        first = self.tail - len(recs)
-        # the anchors' times never decrease, so neither do the interpolated times; only the
-        # first record can fall behind the previous batch's last (a late-published realloc)
-        recs["ts_us"] = np.interp(np.arange(first, self.tail, dtype=np.float64),
-                                  np.asarray(self._anchor_pos, np.float64),
-                                  np.asarray(self._anchor_us, np.float64))
-        ts = recs["ts_us"]
-        if ts[0] < self._last_ts:
-            np.maximum(ts, np.uint64(self._last_ts), out=ts)
-        self._last_ts = int(ts[-1])
+        if self._k is None:  # (the compiled take has set the times)
+            first = self.tail - len(recs)
+            # the anchors' times never decrease, so neither do the interpolated times; only the
+            # first record can fall behind the previous batch's last (a late-published realloc)
+            recs["ts_us"] = np.interp(np.arange(first, self.tail, dtype=np.float64),
+                                      np.asarray(self._anchor_pos, np.float64),
+                                      np.asarray(self._anchor_us, np.float64))
+            ts = recs["ts_us"]
+            if ts[0] < self._last_ts:
+                np.maximum(ts, np.uint64(self._last_ts), out=ts)
+        self._last_ts = int(recs["ts_us"][-1])
         self._prune_anchors()
         if self._k is not None:
             self._records_native(recs, now)

@@ -37,7 +37,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, f"numpy ({path.name} does not load: {e})"
     if abi != ABI:
         return None, f"numpy ({path.name} has ABI {abi}, this version needs {ABI})"
-    lib.nvsm_take.argtypes = [_P, _U64, _U32, _U64, _U64, _U64, _P]
+    lib.nvsm_take.argtypes = [_P, _U64, _U32, _U64, _U64, _U64, _P, _P, _P, _U64, _U64]
     lib.nvsm_take.restype = _U64
     lib.nvsm_records.argtypes = [_P, _U64, _P, _P, _U32, _U32, _P, _U32, _U32, _P, _P]
     lib.nvsm_records.restype = _U64

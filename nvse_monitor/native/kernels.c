@@ -47,17 +47,45 @@ NVSM_API int nvsm_abi(void) { return NVSM_ABI; }
  * is loaded with ctypes, not imported). */
 NVSM_API void *PyInit__kernels(void) { return 0; }
 
+/* np.interp(x, xp, fp) for x at or after xp[*j] (*j: the caller's walk through xp, as x only
+ * grows), the same double as numpy's: the last anchor at or before x, the right-hand one of
+ * equal anchors; fp[0] before the first, fp[n - 1] from the last on. */
+static double interp_at(double x, const double *xp, const double *fp, uint64_t n, uint64_t *j)
+{
+    double slope, r;
+    uint64_t k;
+    while (*j + 1 < n && xp[*j + 1] <= x)
+        ++*j;
+    k = *j;
+    if (x < xp[0])
+        return fp[0];
+    if (k == n - 1 || xp[k] == x)
+        return fp[k];
+    slope = (fp[k + 1] - fp[k]) / (xp[k + 1] - xp[k]);
+    r = slope * (x - xp[k]) + fp[k];
+    if (r != r) {  /* NaN one way: numpy tries the other */
+        r = slope * (x - xp[k + 1]) + fp[k + 1];
+        if (r != r && fp[k] == fp[k + 1])
+            r = fp[k];
+    }
+    return r;
+}
+
 /* Copies the published records from ring position `tail` on (unwrapped), at most head - tail,
  * into `out` (56-byte rows), stopping at the first slot not yet published. Slot p is published
  * when its publish word (the target's width: 4 or 8 bytes, after the record) equals
- * (p + 1) & wrap_mask. Returns the number copied. `nslots` is a power of two. */
+ * (p + 1) & wrap_mask. Each copied record's time is interpolated from its position between the
+ * reader's anchors (xp: positions, fp: µs; n_anchors >= 1), as np.interp does, and kept at or
+ * after last_ts. Returns the number copied. `nslots` is a power of two. */
 NVSM_API uint64_t nvsm_take(const uint8_t *slots, uint64_t nslots, uint32_t word_bytes,
-                            uint64_t wrap_mask, uint64_t tail, uint64_t head, uint8_t *out)
+                            uint64_t wrap_mask, uint64_t tail, uint64_t head, uint8_t *out,
+                            const double *xp, const double *fp, uint64_t n_anchors,
+                            uint64_t last_ts)
 {
-    uint64_t pos = tail, mask = nslots - 1;
+    uint64_t pos = tail, mask = nslots - 1, j = 0;
     for (; pos < head; pos++, out += RECORD_SIZE) {
         const uint8_t *s = slots + (pos & mask) * SLOT_SIZE;
-        uint64_t want = (pos + 1) & wrap_mask, pub;
+        uint64_t want = (pos + 1) & wrap_mask, pub, ts;
         if (word_bytes == 8)
             pub = load_acquire_u64((const uint64_t *)(s + RECORD_SIZE));
         else
@@ -65,6 +93,10 @@ NVSM_API uint64_t nvsm_take(const uint8_t *slots, uint64_t nslots, uint32_t word
         if (pub != want)
             break;
         memcpy(out, s, RECORD_SIZE);
+        ts = (uint64_t)interp_at((double)pos, xp, fp, n_anchors, &j);
+        if (ts < last_ts)
+            ts = last_ts;
+        memcpy(out, &ts, 8);
     }
     return pos - tail;
 }
