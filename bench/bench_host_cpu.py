@@ -14,6 +14,7 @@ PATH`; by default bench_replay.py's workload.c recording (reallocs, calloc, alig
 
     python bench/bench_host_cpu.py --hammer --rounds 5 --compare DIR
     python bench/bench_host_cpu.py --hammer --rounds 5 --numpy   (compiled kernels vs numpy)
+    python bench/bench_host_cpu.py --recording FILE --profile    (where the engine's time goes)
     (DIR: another copy of the package, e.g. `git archive <rev> nvse_monitor | tar -x -C DIR`)
 """
 
@@ -134,6 +135,42 @@ def measure(recording: Path, runs: int, chunk: int = 1 << 16) -> dict[str, float
     return {"engine": e, "reader": r, "total": e + r, "records": n}
 
 
+def profile(recording: Path, chunk: int, top: int = 12) -> None:
+    """Where the engine's time goes: one engine run under cProfile, the functions with the most
+    time of their own (compiled kernels count in their Python callers), in ns per record."""
+    import cProfile
+    import pstats
+
+    import numpy as np
+
+    from nvse_monitor.outputs.pipeline import Pipeline
+    from nvse_monitor.stream.messages import Batch
+    from nvse_monitor.stream.recording import open_recording
+
+    rec = open_recording(recording)
+    batches = [m for m in rec if isinstance(m, Batch)]
+    recs = np.concatenate([b.records for b in batches if len(b.records)])
+    n = len(recs)
+    feed = [Batch(int(r["ts_us"][-1]), batches[-1].counters, r)
+            for r in (recs[i:i + chunk].copy() for i in range(0, n, chunk))]
+    prof = cProfile.Profile()
+    with tempfile.TemporaryDirectory() as d:
+        p = Pipeline(rec.meta, d, snapshot_files_every_s=0.25)
+        p.start()
+        prof.enable()
+        for b in feed:
+            p.feed(b)
+        p.finish()
+        prof.disable()
+    st = pstats.Stats(prof).stats
+    rows = sorted(((tt, f"{Path(fn).name}:{name}") for (fn, _, name), (_, _, tt, _, _)
+                   in st.items()), reverse=True)[:top]
+    print(f"{recording.name}: {n:,} records, engine + writers under cProfile (ns per record, "
+          "own time)")
+    for tt, name in rows:
+        print(f"  {tt / n * 1e9:6.1f}  {name}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group()
@@ -147,6 +184,8 @@ def main() -> int:
     ap.add_argument("--compare", type=Path, help="another copy's directory (holds nvse_monitor)")
     ap.add_argument("--numpy", action="store_true",
                     help="compare with this copy's numpy paths (NVSE_MONITOR_NATIVE=0) instead")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: where the engine's time goes (cProfile, this copy)")
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # child: one round
     a = ap.parse_args()
     if a.measure:
@@ -161,6 +200,9 @@ def main() -> int:
         from bench_replay import recording
 
         path, _ = recording(CACHE, False)
+    if a.profile:
+        profile(path, a.chunk)
+        return 0
     sides = {"current": (REPO, "1")}
     if a.compare:
         sides["compare"] = (a.compare, "1")
