@@ -4,6 +4,9 @@ whole on both paths: the `kernels` fixture in conftest.py, test_ring_reader.py.)
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -13,7 +16,7 @@ from nvse_monitor.engine.modmap import ModuleMap
 from nvse_monitor.stream.events import FLAG_SAMPLED, RECORD_DTYPE, Kind
 from nvse_monitor.stream.messages import Module
 
-pytestmark = pytest.mark.skipif(native.KERNELS is None, reason=native.STATUS)
+compiled = pytest.mark.skipif(native.KERNELS is None, reason=native.STATUS)
 
 FIELDS = ("ptr", "etype", "ts", "size", "hook", "caller", "rec", "failed", "rec_ts", "kind",
           "flags")
@@ -32,6 +35,7 @@ def records(rng: np.random.Generator, n: int, kinds: list[int]) -> np.ndarray:
     return r
 
 
+@compiled
 @pytest.mark.parametrize("kinds", [
     [1, 2], [1, 2, 4], [1, 2, 3, 4, 6], [1, 2, 3, 4, 5, 6, 0, 7, 9]])
 def test_records_to_events_compiled_equals_numpy(kinds, monkeypatch):
@@ -58,6 +62,7 @@ def test_records_to_events_compiled_equals_numpy(kinds, monkeypatch):
                                                  & (r["kind"] != Kind.STACK)))
 
 
+@compiled
 def test_module_lookup_compiled_equals_numpy(monkeypatch):
     mods = [Module(f"m{i}.so", 0x10000 * (i + 1), 0x8000, f"/m{i}.so") for i in range(5)]
     rng = np.random.default_rng(7)
@@ -73,3 +78,27 @@ def test_module_lookup_compiled_equals_numpy(monkeypatch):
             want = maps[1].lookup(callers)
         assert got.dtype == want.dtype and np.array_equal(got, want)
         assert np.array_equal(got, maps[1]._slow(callers))  # and both are exact
+
+
+@pytest.mark.parametrize("source, status", [
+    ("int nvsm_abi(void) { return 99; }", "numpy (_kernels.so has ABI 99, this version needs"),
+    ("int nvsm_abi(void) { return %d; }", "numpy (_kernels.so does not load: "),  # no kernels
+    (None, "numpy (_kernels.so does not load: "),  # not a library at all
+])
+def test_a_library_that_does_not_fit_leaves_the_numpy_paths(source, status, tmp_path,
+                                                            monkeypatch):
+    """A stale or broken library (another ABI, missing functions, garbage) is not used, and the
+    status line (nvse-monitor --version) says why."""
+    lib = tmp_path / "_kernels.so"
+    if source is None:
+        lib.write_bytes(b"not an ELF file")
+    else:
+        if shutil.which("gcc") is None:
+            pytest.skip("no gcc")
+        c = tmp_path / "k.c"
+        c.write_text(source.replace("%d", str(native.ABI)))
+        subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(c)], check=True)
+    monkeypatch.setattr(native, "_HERE", tmp_path)
+    monkeypatch.setattr(native, "_NAMES", ["_kernels.so"])
+    kernels, got = native._library()
+    assert kernels is None and got.startswith(status), got

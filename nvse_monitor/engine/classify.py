@@ -8,7 +8,6 @@ The engine adds the tracking limit, the running sums and the outputs.
 
 from __future__ import annotations
 
-import ctypes
 import time
 from dataclasses import dataclass
 
@@ -170,7 +169,6 @@ def expand_records(r: np.ndarray, now: int, floor: np.ndarray | None = None) -> 
 
 _T_NATIVE = (T_CNT.astype(np.int64), T_ETYPE, T_FREE_OLD.view(np.uint8),
              T_UNKNOWN.view(np.uint8))
-_P = ctypes.c_void_p
 
 
 def _expand_native(r: np.ndarray, now: int, floor: np.ndarray | None) -> Events:

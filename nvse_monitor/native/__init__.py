@@ -24,19 +24,8 @@ _U64 = ctypes.c_uint64
 _U32 = ctypes.c_uint32
 
 
-def _library() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get("NVSE_MONITOR_NATIVE", "1") == "0":
-        return None, "numpy (NVSE_MONITOR_NATIVE=0)"
-    path = next((_HERE / n for n in _NAMES if (_HERE / n).is_file()), None)
-    if path is None:
-        return None, "numpy (no compiled kernels in this install)"
-    try:
-        lib = ctypes.CDLL(str(path))
-        abi = lib.nvsm_abi()
-    except (OSError, AttributeError) as e:
-        return None, f"numpy ({path.name} does not load: {e})"
-    if abi != ABI:
-        return None, f"numpy ({path.name} has ABI {abi}, this version needs {ABI})"
+def _declare(lib: ctypes.CDLL) -> None:
+    """The kernels' C signatures (kernels.c): ctypes converts and checks the arguments by them."""
     lib.nvsm_take.argtypes = [_P, _U64, _U32, _U64, _U64, _U64, _P, _P, _P, _U64, _U64]
     lib.nvsm_take.restype = _U64
     lib.nvsm_records.argtypes = [_P, _U64, _P, _P, _U32, _U32, _P, _U32, _U32, _P, _P]
@@ -52,6 +41,23 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.nvsm_span.restype = None
     lib.nvsm_modmap.argtypes = [_P, _U64, _P, _P, _U32, _P, _P]
     lib.nvsm_modmap.restype = _U64
+
+
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("NVSE_MONITOR_NATIVE", "1") == "0":
+        return None, "numpy (NVSE_MONITOR_NATIVE=0)"
+    path = next((_HERE / n for n in _NAMES if (_HERE / n).is_file()), None)
+    if path is None:
+        return None, "numpy (no compiled kernels in this install)"
+    try:
+        lib = ctypes.CDLL(str(path))
+        abi = lib.nvsm_abi()
+        if abi == ABI:
+            _declare(lib)
+    except (OSError, AttributeError) as e:  # not loadable, or a function missing
+        return None, f"numpy ({path.name} does not load: {e})"
+    if abi != ABI:
+        return None, f"numpy ({path.name} has ABI {abi}, this version needs {ABI})"
     return lib, f"native ({path.name})"
 
 
