@@ -78,6 +78,25 @@ def hammer_recording(cache: Path, seconds: float = 2.0, threads: int = 8) -> Pat
     return path
 
 
+def load(recording: Path):  # noqa: ANN201
+    """The recording's meta, its records in one array, and a feed builder: the records in
+    separate `chunk`-record Batches, as the live reader hands them on."""
+    import numpy as np
+
+    from nvse_monitor.stream.messages import Batch
+    from nvse_monitor.stream.recording import open_recording
+
+    rec = open_recording(recording)
+    batches = [m for m in rec if isinstance(m, Batch)]
+    recs = np.concatenate([b.records for b in batches if len(b.records)])
+
+    def feed(chunk: int) -> list:
+        return [Batch(int(r["ts_us"][-1]), batches[-1].counters, r)
+                for r in (recs[i:i + chunk].copy() for i in range(0, len(recs), chunk))]
+
+    return rec.meta, recs, feed
+
+
 def measure(recording: Path, runs: int, chunk: int = 1 << 16) -> dict[str, float]:
     """CPU ns per record (medians of `runs`) for this process's nvse_monitor."""
     import numpy as np
@@ -85,20 +104,12 @@ def measure(recording: Path, runs: int, chunk: int = 1 << 16) -> dict[str, float
     from nvse_monitor.capture import ringlayout as rl
     from nvse_monitor.capture.reader import RingReader
     from nvse_monitor.outputs.pipeline import Pipeline
-    from nvse_monitor.stream.messages import Batch
-    from nvse_monitor.stream.recording import open_recording
 
-    rec = open_recording(recording)
-    msgs = list(rec)
-    meta = rec.meta
-    batches = [m for m in msgs if isinstance(m, Batch)]
-    recs = np.concatenate([b.records for b in batches if len(b.records)])
+    meta, recs, make_feed = load(recording)
     n = len(recs)
 
     def engine() -> float:
-        # separate arrays, as the reader hands them on
-        feed = [Batch(int(r["ts_us"][-1]), batches[-1].counters, r)
-                for r in (recs[i:i + chunk].copy() for i in range(0, n, chunk))]
+        feed = make_feed(chunk)
         with tempfile.TemporaryDirectory() as d:
             p = Pipeline(meta, d, snapshot_files_every_s=0.25)
             p.start()
@@ -141,21 +152,14 @@ def profile(recording: Path, chunk: int, top: int = 12) -> None:
     import cProfile
     import pstats
 
-    import numpy as np
-
     from nvse_monitor.outputs.pipeline import Pipeline
-    from nvse_monitor.stream.messages import Batch
-    from nvse_monitor.stream.recording import open_recording
 
-    rec = open_recording(recording)
-    batches = [m for m in rec if isinstance(m, Batch)]
-    recs = np.concatenate([b.records for b in batches if len(b.records)])
+    meta, recs, make_feed = load(recording)
     n = len(recs)
-    feed = [Batch(int(r["ts_us"][-1]), batches[-1].counters, r)
-            for r in (recs[i:i + chunk].copy() for i in range(0, n, chunk))]
+    feed = make_feed(chunk)
     prof = cProfile.Profile()
     with tempfile.TemporaryDirectory() as d:
-        p = Pipeline(rec.meta, d, snapshot_files_every_s=0.25)
+        p = Pipeline(meta, d, snapshot_files_every_s=0.25)
         p.start()
         prof.enable()
         for b in feed:

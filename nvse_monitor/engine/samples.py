@@ -292,11 +292,7 @@ class SampledStacks:
             nxt = nxt[~run_start[nxt]]  # ...unless the next run (pointer) begins there
             parts.append(order[nxt])
         if self.live:
-            h = self._filter.hits(runs.ptrs)
-            if len(h):
-                pre = np.fromiter(map(self.live.__contains__, runs.ptrs[h].tolist()), bool,
-                                  len(h))
-                parts.append(order[starts[h[pre]]])
+            parts.append(order[starts[self._sampled_before(runs.ptrs)]])
         return np.unique(np.concatenate(parts)) if len(parts) > 1 else ei
 
     def _block_events_prev(self, ei: np.ndarray, prev: np.ndarray,
@@ -310,12 +306,16 @@ class SampledStacks:
             parts.append(np.flatnonzero(mark.take(prev)))
         if self.live:
             firsts = np.flatnonzero(prev < 0)
-            fp = ev_ptr[firsts]
-            h = self._filter.hits(fp)
-            if len(h):
-                pre = np.fromiter(map(self.live.__contains__, fp[h].tolist()), bool, len(h))
-                parts.append(firsts[h[pre]])
+            parts.append(firsts[self._sampled_before(ev_ptr[firsts])])
         return np.unique(np.concatenate(parts)) if len(parts) > 1 else ei
+
+    def _sampled_before(self, ptrs: np.ndarray) -> np.ndarray:
+        """Indices of `ptrs` (a batch's first event on each pointer) that were sampled blocks
+        before the batch: the filter's hits, checked in the dict."""
+        h = self._filter.hits(ptrs)
+        if not len(h):
+            return h
+        return h[np.fromiter(map(self.live.__contains__, ptrs[h].tolist()), bool, len(h))]
 
     def _relevant(self, ev_ptr: np.ndarray, cand: np.ndarray, ei: np.ndarray,
                   add_p: np.ndarray) -> np.ndarray:
