@@ -325,3 +325,27 @@ def test_info_example_in_docs_is_current():
     for line in shown:
         assert line in out[pos:], f"docs/cli.md shows {line!r}; info prints:\n" + "\n".join(out)
         pos = out.index(line, pos) + 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_import_starts_no_blas_threads_and_leaves_the_environment():
+    """nvse_monitor imports numpy with one OpenBLAS thread (its workers busy-wait at start-up)
+    and puts the environment back, so a spawned target gets the user's."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    count = ("import os; "
+             "print(len(os.listdir('/proc/self/task')), 'OPENBLAS_NUM_THREADS' in os.environ)")
+
+    def run(imports: str) -> list[str]:
+        r = subprocess.run([sys.executable, "-c", f"{imports}; {count}"], capture_output=True,
+                           text=True, env=env, cwd=ROOT, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+
+    plain = run("import numpy")
+    if plain[0] == "1":
+        pytest.skip("this numpy starts no BLAS threads here (one CPU, or no OpenBLAS)")
+    assert run("import nvse_monitor, numpy") == ["1", "False"]
+    assert run("import nvse_monitor.engine.engine, nvse_monitor.cli") == ["1", "False"]
