@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .. import __version__, native
+from .. import __version__, hostmem, native
 
 PROG = "nvse-monitor"
 
@@ -85,6 +85,7 @@ class _Cli(click.Group):
 def main() -> None:
     """Monitor the memory allocator of Fallout New Vegas, its NVSE plugins, or any process."""
     _utf8_when_redirected()
+    hostmem.tune()  # our own process's malloc: batch arrays reuse the heap (hostmem.py)
 
 
 def _register() -> None:
