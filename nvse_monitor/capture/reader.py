@@ -92,8 +92,10 @@ class RingReader:
         valid[:MAX_STACK_FRAMES // STACK_FRAMES_PER_RECORD, Kind.STACK] = True  # chunk index
         self._valid = valid.reshape(-1)
         self._valid_u8 = self._valid.astype(np.uint8)
-        self._kcounts = np.zeros(7, np.uint64)  # nvsm_records' counts (kernels.c C_*)
+        self._kcounts = np.zeros(7, np.uint64)  # nvsm_take_checked's counts (kernels.c C_*)
         self._kkept = ctypes.c_uint64()
+        self._kmark = np.zeros(2, np.uint64)  # a marker ended the stretch; its ptr
+        self._klast = np.zeros(1, np.uint64)  # the time of the last slot taken
         # the records as rows of 7 u64 words: a strided copy of these is a plain loop, where
         # numpy copies a structured field element by element (~17x slower)
         self._words = np.frombuffer(buf, dtype=np.uint64, count=layout.slots * 8,
@@ -274,19 +276,20 @@ class RingReader:
             if t - self._waiting_since < PROCESS_WAIT_S:
                 return 0
         self._waiting_since = None
-        recs = self._take(head)
-        self._tallies()
-        n = len(recs)
-        if n:
-            self._process(recs, now)
-        elif force_emit or time.monotonic() - self._last_emit >= EMPTY_BATCH_S:
+        if self._k is not None:
+            n = self._take_checked(head, now)
+        else:
+            recs = self._take(head)
+            self._tallies()
+            n = len(recs)
+            if n:
+                self._process(recs, now)
+        if not n and (force_emit or time.monotonic() - self._last_emit >= EMPTY_BATCH_S):
             self._send(np.empty(0, RECORD_DTYPE), now)
         return n
 
     def _take(self, head: int) -> np.ndarray:
         """Published records from tail on (both segments of a wrap), tail advanced past them."""
-        if self._k is not None:
-            return self._take_native(head)
         mask = self.layout.slots - 1
         segs: list[tuple[int, int]] = []  # (first slot, count) of each published stretch
         pos = self.tail
@@ -319,23 +322,61 @@ class RingReader:
             self._skip_stuck()
         return rows.view(RECORD_DTYPE).reshape(len(rows))
 
-    def _take_native(self, head: int) -> np.ndarray:
-        """_take compiled (kernels.c nvsm_take): one pass, stopping at an unpublished slot; the
-        records' times are set on the way (what _process does for the numpy path)."""
-        rows = np.empty(head - self.tail, RECORD_DTYPE)
+    def _take_checked(self, head: int, now: int) -> int:
+        """_take and _process compiled (kernels.c nvsm_take_checked): each record is checked
+        while this core has it in cache, instead of in a second pass over the copy. The same
+        batches, counters and markers as the numpy path: stretches end every BATCH_RECORDS
+        slots and at each marker, everything published is taken (and the producers' tallies
+        read) before the first batch is handed on, and each batch's counts are added as it
+        goes. Returns the slots taken."""
+        k, lts, mark, kc = self._k, self._klast, self._kmark, self._kcounts
         xp = np.asarray(self._anchor_pos, np.float64)
         fp = np.asarray(self._anchor_us, np.float64)
-        k = self._k.nvsm_take(self._slots.ctypes.data, self.layout.slots, self.layout.ptr_size,
-                              self._mask, self.tail, head, rows.ctypes.data, xp.ctypes.data,
-                              fp.ctypes.data, len(xp), self._last_ts)
-        if k:
-            self.tail += k
+        lts[0] = self._last_ts
+        stretches: list[tuple[np.ndarray, np.ndarray, int | None]] = []
+        taken = 0
+        stuck = False
+        while self.tail < head:
+            late = self._late_tids()
+            kc[:] = 0
+            rows = np.empty(min(head - self.tail, BATCH_RECORDS), RECORD_DTYPE)
+            used = k.nvsm_take_checked(
+                self._slots.ctypes.data, self.layout.slots, self.layout.ptr_size, self._mask,
+                self.tail, head, BATCH_RECORDS, rows.ctypes.data, xp.ctypes.data, fp.ctypes.data,
+                len(xp), lts.ctypes.data, self._valid_u8.ctypes.data, _KEEP_FLAGS.ctypes.data,
+                MAX_STACK_FRAMES, STACK_FRAMES_PER_RECORD, late.ctypes.data, len(late),
+                self._seq & 0xFFFFFFFF, kc.ctypes.data, ctypes.byref(self._kkept),
+                mark.ctypes.data)
+            if not used:
+                stuck = True
+                break
+            kept = self._kkept.value
+            self._seq += kept
+            self.tail += used
+            taken += used
             self._put(rl.OFF_TAIL, self.tail)
+            stretches.append((rows[:kept], kc.copy(), int(mark[1]) if mark[0] else None))
+            if not mark[0] and used < BATCH_RECORDS and self.tail < head:
+                stuck = True  # an unpublished slot
+                break
+        if taken:
+            self._last_ts = int(lts[0])
             struct.pack_into("<I", self._mv, rl.OFF_HOST_STALLED, 0)
             self._stuck_since = None
-        if self.tail < head:
+            self._prune_anchors()
+        if stuck:
             self._skip_stuck()
-        return rows[:k]
+        self._tallies()
+        c = self._c
+        for recs, counts, at_mark in stretches:
+            for i, key in enumerate(("allocs", "frees", "reallocs", "failures",
+                                     "bytes_allocated", "published", "unknown_records")):
+                c[key] += int(counts[i])
+            if len(recs):
+                self._send(recs, now)
+            if at_mark is not None:  # a marker: its control message goes here, in order
+                self._deliver_mark(at_mark)
+        return taken
 
     def _skip_stuck(self) -> None:
         """The slot at tail is reserved but not published. A realloc holds its slot across
@@ -351,21 +392,17 @@ class RingReader:
             self._stuck_since = None
 
     def _process(self, recs: np.ndarray, now: int) -> None:
-        if self._k is None:  # (the compiled take has set the times)
-            first = self.tail - len(recs)
-            # the anchors' times never decrease, so neither do the interpolated times; only the
-            # first record can fall behind the previous batch's last (a late-published realloc)
-            recs["ts_us"] = np.interp(np.arange(first, self.tail, dtype=np.float64),
-                                      np.asarray(self._anchor_pos, np.float64),
-                                      np.asarray(self._anchor_us, np.float64))
-            ts = recs["ts_us"]
-            if ts[0] < self._last_ts:
-                np.maximum(ts, np.uint64(self._last_ts), out=ts)
+        first = self.tail - len(recs)
+        # the anchors' times never decrease, so neither do the interpolated times; only the
+        # first record can fall behind the previous batch's last (a late-published realloc)
+        recs["ts_us"] = np.interp(np.arange(first, self.tail, dtype=np.float64),
+                                  np.asarray(self._anchor_pos, np.float64),
+                                  np.asarray(self._anchor_us, np.float64))
+        ts = recs["ts_us"]
+        if ts[0] < self._last_ts:
+            np.maximum(ts, np.uint64(self._last_ts), out=ts)
         self._last_ts = int(recs["ts_us"][-1])
         self._prune_anchors()
-        if self._k is not None:
-            self._records_native(recs, now)
-            return
         # kind | hook << 8 of each record, contiguous: read once here instead of strided
         # field by field in every test below (each strided pass streams the whole batch)
         kh = np.ascontiguousarray(recs.view(np.uint16).reshape(len(recs), -1)[:, _KH_WORD])
@@ -382,33 +419,6 @@ class RingReader:
     def _records(self, recs: np.ndarray, kh: np.ndarray, now: int) -> None:
         for i in range(0, len(recs), BATCH_RECORDS):
             self._batch(recs[i:i + BATCH_RECORDS], kh[i:i + BATCH_RECORDS], now)
-
-    def _records_native(self, recs: np.ndarray, now: int) -> None:
-        """_batch over every stretch between markers, compiled: the rows are checked, numbered
-        and counted in place, the kept ones moved to the front of their stretch."""
-        n, start, size = len(recs), 0, RECORD_DTYPE.itemsize
-        base, kc = recs.ctypes.data, self._kcounts
-        while start < n:
-            late = self._late_tids(recs)
-            kc[:] = 0
-            end = min(n, start + BATCH_RECORDS)
-            used = self._k.nvsm_records(
-                base + start * size, end - start, self._valid_u8.ctypes.data,
-                _KEEP_FLAGS.ctypes.data, MAX_STACK_FRAMES, STACK_FRAMES_PER_RECORD,
-                late.ctypes.data, len(late), self._seq & 0xFFFFFFFF, kc.ctypes.data,
-                ctypes.byref(self._kkept))
-            kept = self._kkept.value
-            c = self._c
-            for i, key in enumerate(("allocs", "frees", "reallocs", "failures",
-                                     "bytes_allocated", "published", "unknown_records")):
-                c[key] += int(kc[i])
-            self._seq += kept
-            if kept:
-                self._send(recs[start:start + kept], now)
-            start += used
-            if start < end:  # a marker: its control message goes here, in order
-                self._deliver_mark(int(recs["ptr"][start]))
-                start += 1
 
     def _prune_anchors(self) -> None:
         keep = max(0, int(np.searchsorted(self._anchor_pos, self.tail, side="right")) - 1)
@@ -430,7 +440,7 @@ class RingReader:
         if n_ok < len(recs):
             self._c["unknown_records"] += len(recs) - n_ok
             recs, kh = recs[valid], kh[valid]
-        late = self._late_tids(recs)
+        late = self._late_tids()
         if late.size:
             keep = ~np.isin(recs["tid"], late)
             recs, kh = recs[keep], kh[keep]
@@ -457,7 +467,7 @@ class RingReader:
         c["published"] += n
         self._send(recs, now)
 
-    def _late_tids(self, recs: np.ndarray) -> np.ndarray:
+    def _late_tids(self) -> np.ndarray:
         """Frida threads found after init: their records are not the target's. Records of a
         thread JS has not classified yet wait for it (CLASSIFY_WAIT_S at most)."""
         ps = self.layout.ptr_size

@@ -14,7 +14,7 @@ import importlib.machinery
 import os
 from pathlib import Path
 
-ABI = 1  # kernels.c NVSM_ABI: a library of another ABI is not used
+ABI = 2  # kernels.c NVSM_ABI: a library of another ABI is not used
 _HERE = Path(__file__).resolve().parent
 _NAMES = ["_kernels" + s for s in importlib.machinery.EXTENSION_SUFFIXES] + [
     "_kernels.dll", "_kernels.so", "_kernels.dylib"]
@@ -26,10 +26,9 @@ _U32 = ctypes.c_uint32
 
 def _declare(lib: ctypes.CDLL) -> None:
     """The kernels' C signatures (kernels.c): ctypes converts and checks the arguments by them."""
-    lib.nvsm_take.argtypes = [_P, _U64, _U32, _U64, _U64, _U64, _P, _P, _P, _U64, _U64]
-    lib.nvsm_take.restype = _U64
-    lib.nvsm_records.argtypes = [_P, _U64, _P, _P, _U32, _U32, _P, _U32, _U32, _P, _P]
-    lib.nvsm_records.restype = _U64
+    lib.nvsm_take_checked.argtypes = [_P, _U64, _U32, _U64, _U64, _U64, _U64, _P, _P, _P,
+                                      _U64, _P, _P, _P, _U32, _U32, _P, _U32, _U32, _P, _P, _P]
+    lib.nvsm_take_checked.restype = _U64
     lib.nvsm_expand.argtypes = [_P, _U64, _U64] + [_P] * 18
     lib.nvsm_expand.restype = None
     lib.nvsm_track.argtypes = [_U64, _U64] + [_P] * 10 + [_U64, _P, _U64, _U64] + [_P] * 6 \

@@ -24,7 +24,7 @@ static uint64_t load_acquire_u64(const uint64_t *p) { return __atomic_load_n(p, 
 static uint32_t load_acquire_u32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 #endif
 
-#define NVSM_ABI 1
+#define NVSM_ABI 2
 #define SLOT_SIZE 64
 #define RECORD_SIZE 56
 
@@ -71,87 +71,88 @@ static double interp_at(double x, const double *xp, const double *fp, uint64_t n
     return r;
 }
 
-/* Copies the published records from ring position `tail` on (unwrapped), at most head - tail,
- * into `out` (56-byte rows), stopping at the first slot not yet published. Slot p is published
- * when its publish word (the target's width: 4 or 8 bytes, after the record) equals
- * (p + 1) & wrap_mask. Each copied record's time is interpolated from its position between the
- * reader's anchors (xp: positions, fp: µs; n_anchors >= 1), as np.interp does, and kept at or
- * after last_ts. Returns the number copied. `nslots` is a power of two. */
-NVSM_API uint64_t nvsm_take(const uint8_t *slots, uint64_t nslots, uint32_t word_bytes,
-                            uint64_t wrap_mask, uint64_t tail, uint64_t head, uint8_t *out,
-                            const double *xp, const double *fp, uint64_t n_anchors,
-                            uint64_t last_ts)
+/* What nvsm_take_checked adds up, in this order (capture/reader.py RingReader._c). */
+enum { C_ALLOCS, C_FREES, C_REALLOCS, C_FAILURES, C_BYTES, C_PUBLISHED, C_UNKNOWN, C_N };
+
+/* The reader's take and checks in one pass (capture/reader.py RingReader._take_checked), so that
+ * each record is checked while it is in this core's cache rather than read again.
+ *
+ * From ring position `tail` on (unwrapped), at most `max_slots` slots before `head`, stopping
+ * at the first slot not yet published: slot p is published when its publish word (the
+ * target's width: 4 or 8 bytes, after the record) equals (p + 1) & wrap_mask. Each record's
+ * time is interpolated from its position between the reader's anchors (xp: positions, fp: µs;
+ * n_anchors >= 1), as np.interp does, and kept at or after *last_ts, which gets the time of the
+ * last slot consumed.
+ *
+ * A record is kept when `valid[kind | hook << 8]` (and, for a STACK chunk, its frame count is
+ * in 1..max_frames and chunk * per_chunk < frames) and its tid is not one of the `late` ones;
+ * else it is skipped, counted in C_UNKNOWN unless it is a late thread's. Kept records are
+ * copied to `out` (56-byte rows) with their time, numbered from seq0 (u32, wrapping), their
+ * flags masked with keep_flags[kind], and counted into `counts` (C_*). A marker record (kind
+ * K_MARK) is consumed, not kept, and ends the call: mark[0] = 1, mark[1] = its ptr (else
+ * mark[0] = 0).
+ * Returns the slots consumed; *kept gets the rows kept. `nslots` is a power of two. */
+NVSM_API uint64_t nvsm_take_checked(const uint8_t *slots, uint64_t nslots, uint32_t word_bytes,
+                                    uint64_t wrap_mask, uint64_t tail, uint64_t head,
+                                    uint64_t max_slots, uint8_t *out, const double *xp,
+                                    const double *fp, uint64_t n_anchors, uint64_t *last_ts,
+                                    const uint8_t *valid, const uint16_t *keep_flags,
+                                    uint32_t max_frames, uint32_t per_chunk,
+                                    const uint32_t *late, uint32_t n_late, uint32_t seq0,
+                                    uint64_t *counts, uint64_t *kept, uint64_t *mark)
 {
-    uint64_t pos = tail, mask = nslots - 1, j = 0;
-    for (; pos < head; pos++, out += RECORD_SIZE) {
+    uint64_t pos = tail, mask = nslots - 1, j = 0, k = 0, lts = *last_ts, ts = lts;
+    uint64_t c[C_N] = {0};
+    uint64_t end = head - tail > max_slots ? tail + max_slots : head;
+    uint32_t t;
+    mark[0] = 0;
+    for (; pos < end; pos++) {
         const uint8_t *s = slots + (pos & mask) * SLOT_SIZE;
-        uint64_t want = (pos + 1) & wrap_mask, pub, ts;
+        uint64_t want = (pos + 1) & wrap_mask, pub;
+        uint8_t kind, hook;
+        uint16_t flags;
+        uint32_t tid, seq;
+        int late_tid = 0;
         if (word_bytes == 8)
             pub = load_acquire_u64((const uint64_t *)(s + RECORD_SIZE));
         else
             pub = load_acquire_u32((const uint32_t *)(s + RECORD_SIZE));
         if (pub != want)
             break;
-        memcpy(out, s, RECORD_SIZE);
         ts = (uint64_t)interp_at((double)pos, xp, fp, n_anchors, &j);
-        if (ts < last_ts)
-            ts = last_ts;
-        memcpy(out, &ts, 8);
-    }
-    return pos - tail;
-}
-
-/* What nvsm_records adds up, in this order (capture/reader.py RingReader._c). */
-enum { C_ALLOCS, C_FREES, C_REALLOCS, C_FAILURES, C_BYTES, C_PUBLISHED, C_UNKNOWN, C_N };
-
-/* The reader's checks of up to n rows, in place: a row is kept when `valid[kind | hook << 8]`
- * (and, for a STACK chunk, its frame count in 1..max_frames and chunk * per_chunk < frames)
- * and its tid is not one of the `late` ones. Kept rows are moved to the front, numbered from
- * seq0 (u32, wrapping), their flags masked with keep_flags[kind], and counted into `counts`
- * (C_*). Stops before the first marker row (kind K_MARK), which it does not consume.
- * Returns the rows consumed; *kept gets the rows kept. */
-NVSM_API uint64_t nvsm_records(uint8_t *rows, uint64_t n, const uint8_t *valid,
-                               const uint16_t *keep_flags, uint32_t max_frames,
-                               uint32_t per_chunk, const uint32_t *late, uint32_t n_late,
-                               uint32_t seq0, uint64_t *counts, uint64_t *kept)
-{
-    uint64_t i, k = 0;
-    uint64_t c[C_N] = {0};
-    uint32_t j;
-    uint8_t *out = rows;
-    for (i = 0; i < n; i++) {
-        uint8_t *r = rows + i * RECORD_SIZE;
-        uint8_t kind = r[OFF_KIND], hook = r[OFF_HOOK];
-        uint16_t flags;
-        uint32_t tid;
-        int late_tid = 0;
-        if (kind == K_MARK)
+        if (ts < lts)
+            ts = lts;
+        kind = s[OFF_KIND];
+        hook = s[OFF_HOOK];
+        if (kind == K_MARK) {
+            mark[0] = 1;
+            memcpy(&mark[1], s + OFF_PTR, 8);
+            pos++;
             break;
-        memcpy(&flags, r + OFF_FLAGS, 2);
+        }
+        memcpy(&flags, s + OFF_FLAGS, 2);
         if (!valid[kind | (uint32_t)hook << 8] ||
             (kind == K_STACK && (flags < 1 || flags > max_frames || (uint32_t)hook * per_chunk >= flags))) {
             c[C_UNKNOWN]++;
             continue;
         }
-        memcpy(&tid, r + OFF_TID, 4);
-        for (j = 0; j < n_late; j++)
-            late_tid |= late[j] == tid;
+        memcpy(&tid, s + OFF_TID, 4);
+        for (t = 0; t < n_late; t++)
+            late_tid |= late[t] == tid;
         if (late_tid)
             continue;
         flags &= keep_flags[kind];
-        if (out != r)
-            memmove(out, r, RECORD_SIZE);
+        memcpy(out, s, RECORD_SIZE);
+        memcpy(out, &ts, 8);
         memcpy(out + OFF_FLAGS, &flags, 2);
-        {
-            uint32_t seq = seq0 + (uint32_t)k;
-            memcpy(out + OFF_SEQ, &seq, 4);
-        }
+        seq = seq0 + (uint32_t)k;
+        memcpy(out + OFF_SEQ, &seq, 4);
         switch (kind) {
         case K_ALLOC:
         case K_REALLOC: {
             uint64_t size, ptr;
-            memcpy(&size, out + OFF_SIZE, 8);
-            memcpy(&ptr, out + OFF_PTR, 8);
+            memcpy(&size, s + OFF_SIZE, 8);
+            memcpy(&ptr, s + OFF_PTR, 8);
             if (kind == K_ALLOC)
                 c[C_ALLOCS]++;
             else
@@ -173,11 +174,13 @@ NVSM_API uint64_t nvsm_records(uint8_t *rows, uint64_t n, const uint8_t *valid,
         out += RECORD_SIZE;
         k++;
     }
+    if (pos > tail)
+        *last_ts = ts;
     c[C_PUBLISHED] = k;
-    for (j = 0; j < C_N; j++)
-        counts[j] += c[j];
+    for (t = 0; t < C_N; t++)
+        counts[t] += c[t];
     *kept = k;
-    return i;
+    return pos - tail;
 }
 
 /* classify.expand_records, compiled: records -> events, in one pass. The rules stay in
