@@ -480,7 +480,7 @@ def _reuse_stream(seed: int, n_batches: int = 12) -> list[Batch]:
 @pytest.mark.parametrize("seed", range(8))
 def test_the_engines_pointer_runs_give_the_filters_results(seed, monkeypatch) -> None:
     """samples.feed finds the events that start or end a sampled block from the engine's
-    grouping by pointer (runs: classify's PointerRuns, or the compiled tracker's PrevLinks
+    grouping by pointer (runs: classify's PointerRuns, or the compiled tracker's PointerLinks
     under `kernels`' native run), else from its hash filter: the same figures either way, on
     pointers reused many times per batch."""
     import nvse_monitor.engine.samples as samples_mod

@@ -282,11 +282,13 @@ class PointerRuns:
 
 
 @dataclass(frozen=True)
-class PrevLinks:
-    """The same grouping as links (the compiled tracker's, kernels.c nvsm_track): for each
-    event, the previous event on its pointer in the run, -1 for a pointer's first."""
+class PointerLinks:
+    """The same grouping as runs, as the compiled tracker gives it (kernels.c nvsm_track): each
+    event's next event on its pointer in the batch (-1 for a pointer's last), and the events
+    that are the first on their pointer in the batch, in order."""
 
-    prev: np.ndarray  # int64
+    next: np.ndarray  # int64
+    firsts: np.ndarray  # int64
 
 
 def classify(table: LiveTable, p, isalloc, size, ts, caller, hook, mod):  # noqa: ANN001, ANN201
@@ -363,14 +365,15 @@ def track_compiled(table: LiveTable, cap: int, p, isalloc, size, ts, caller, hoo
     """classify + apply_plan in compiled code (kernels.c nvsm_track): each event in time order
     against the table, with the tracking limit `cap` (OVERFLOW past it, as the engine's exact
     path). Inserts that need the table grown or a cuckoo move are the table's own (numpy), then
-    the loop goes on. Returns outcome, old size/hook/module, and PrevLinks."""
+    the loop goes on. Returns outcome, old size/hook/module, and PointerLinks."""
     ms = len(p)
     c = [np.ascontiguousarray(a, dt) for a, dt in (
         (p, np.uint64), (isalloc, bool), (size, np.uint64), (ts, np.uint64),
         (caller, np.uint64), (hook, np.uint8), (mod, np.uint16))]
     out, osz = np.empty(ms, np.uint8), np.empty(ms, np.uint64)
     ohk, omd = np.empty(ms, np.uint8), np.empty(ms, np.uint16)
-    prev = np.empty(ms, np.int64)
+    nxt, firsts = np.empty(ms, np.int64), np.empty(ms, np.int64)
+    n_firsts = np.zeros(1, np.uint64)
     bn = 1 << max(4, (2 * ms - 1).bit_length())  # the batch's pointer map: load <= 1/2
     bkeys, blast = np.zeros(bn, np.uint64), np.empty(bn, np.int64)
     cnt = np.zeros(1, np.uint64)
@@ -383,10 +386,10 @@ def track_compiled(table: LiveTable, cap: int, p, isalloc, size, ts, caller, hoo
         e = native.KERNELS.nvsm_track(
             e, ms, *cols, table.keys.ctypes.data, table.fp.ctypes.data, table.vals.ctypes.data,
             table.nbuckets, cnt.ctypes.data, int(MAX_LOAD * table.slots), cap, *outs, bn - 1,
-            prev.ctypes.data)
+            nxt.ctypes.data, firsts.ctypes.data, n_firsts.ctypes.data)
         table.count = int(cnt[0])
         if e < ms:
             table.insert(LiveColumns(*(a[e:e + 1] for a in (c[0], *c[2:]))))
             out[e] = NEW
             e += 1
-    return out, osz, ohk, omd, PrevLinks(prev)
+    return out, osz, ohk, omd, PointerLinks(nxt, firsts[:int(n_firsts[0])])

@@ -42,7 +42,7 @@ from ..stream.events import (
     STACK_FRAMES_PER_RECORD,
     Kind,
 )
-from .classify import PointerRuns, PrevLinks
+from .classify import PointerLinks, PointerRuns
 from .modmap import UNKNOWN, ModuleMap
 
 _STACK = int(Kind.STACK)
@@ -198,14 +198,14 @@ class SampledStacks:
     # -- feeding --
     def feed(self, r: np.ndarray, ev_ptr: np.ndarray | None, ev_etype: np.ndarray | None,
              ev_rec: np.ndarray | None, peak_at: int | None, peak_us: int | None = None, *,
-             cols: Columns, runs: PointerRuns | PrevLinks | None = None,
+             cols: Columns, runs: PointerRuns | PointerLinks | None = None,
              picks: Columns | None = None) -> None:
         """One batch (or run of batches): its records `r`; its events' pointers, types (0 free,
         1 alloc, 2 failure) and record indices (None: one event per record), None when it has no
         events; `peak_at`: the event index where the session's live bytes reached a new peak in
         this batch (None: no new peak), at stream time `peak_us`. From the engine, to spare
         passes over the batch: `cols`, the records' kind and flags; `runs`, its events grouped by
-        pointer (classify.PointerRuns or PrevLinks; None on the numpy tracking limit's exact
+        pointer (classify.PointerRuns or PointerLinks; None on the numpy tracking limit's exact
         path); `picks`, its STACK and SAMPLED records' indices (Events.picks, or None)."""
         # record index, stack id per sampled allocation
         ri, sid = self._sampled_calls(r, cols, picks)
@@ -230,8 +230,8 @@ class SampledStacks:
         live = self.live
         add_p = ev_ptr[ei]
         self._filter.add(add_p)
-        if isinstance(runs, PrevLinks):
-            todo = self._block_events_prev(ei, runs.prev, ev_ptr)
+        if isinstance(runs, PointerLinks):
+            todo = self._block_events_links(ei, runs, ev_ptr)
         elif runs is not None and len(ev_ptr) >= _RUNS_MIN:
             todo = self._block_events(ei, runs)
         else:
@@ -295,17 +295,16 @@ class SampledStacks:
             parts.append(order[starts[self._sampled_before(runs.ptrs)]])
         return np.unique(np.concatenate(parts)) if len(parts) > 1 else ei
 
-    def _block_events_prev(self, ei: np.ndarray, prev: np.ndarray,
-                           ev_ptr: np.ndarray) -> np.ndarray:
-        """_block_events from the compiled tracker's links (each event's previous event on its
-        pointer, -1 for the first): the same events."""
+    def _block_events_links(self, ei: np.ndarray, links: PointerLinks,
+                            ev_ptr: np.ndarray) -> np.ndarray:
+        """_block_events from the compiled tracker's links: the same events, looking only at
+        the sampled allocations and at each pointer's first event."""
         parts = [ei]
         if len(ei):
-            mark = np.zeros(len(prev) + 1, bool)  # prev -1 reads the last, False, entry
-            mark[ei] = True
-            parts.append(np.flatnonzero(mark.take(prev)))
+            nx = links.next[ei]  # the next event on each sampled allocation's pointer
+            parts.append(nx[nx >= 0])
         if self.live:
-            firsts = np.flatnonzero(prev < 0)
+            firsts = links.firsts
             parts.append(firsts[self._sampled_before(ev_ptr[firsts])])
         return np.unique(np.concatenate(parts)) if len(parts) > 1 else ei
 

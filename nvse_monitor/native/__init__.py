@@ -14,7 +14,7 @@ import importlib.machinery
 import os
 from pathlib import Path
 
-ABI = 2  # kernels.c NVSM_ABI: a library of another ABI is not used
+ABI = 3  # kernels.c NVSM_ABI: a library of another ABI is not used
 _HERE = Path(__file__).resolve().parent
 _NAMES = ["_kernels" + s for s in importlib.machinery.EXTENSION_SUFFIXES] + [
     "_kernels.dll", "_kernels.so", "_kernels.dylib"]
@@ -32,7 +32,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.nvsm_expand.argtypes = [_P, _U64, _U64] + [_P] * 18
     lib.nvsm_expand.restype = None
     lib.nvsm_track.argtypes = [_U64, _U64] + [_P] * 10 + [_U64, _P, _U64, _U64] + [_P] * 6 \
-        + [_U64, _P]
+        + [_U64, _P, _P, _P]
     lib.nvsm_track.restype = _U64
     lib.nvsm_sums.argtypes = [_U64] + [_P] * 13
     lib.nvsm_sums.restype = None

@@ -24,7 +24,7 @@ static uint64_t load_acquire_u64(const uint64_t *p) { return __atomic_load_n(p, 
 static uint32_t load_acquire_u32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 #endif
 
-#define NVSM_ABI 2
+#define NVSM_ABI 3
 #define SLOT_SIZE 64
 #define RECORD_SIZE 56
 
@@ -258,10 +258,12 @@ NVSM_API void nvsm_expand(const uint8_t *rows, uint64_t n, uint64_t now, const u
  * that event's index; the engine inserts it and calls again from the next.
  *
  * Per event: outcome (out: NEW, REPLACE, OVERFLOW once `cap` blocks are live, FREE_T, FREE_U),
- * the size/hook/module of the block it ends (0 where none), and prev: the previous event on the
- * same pointer in this batch, -1 for the first (samples.py finds the sampled blocks' ends with
- * it). bkeys/blast: the batch's own map pointer -> last event (bmask + 1 entries, a power of
- * two >= 2 events, zeroed by the caller before the batch's first call). */
+ * the size/hook/module of the block it ends (0 where none), and the links samples.py finds the
+ * sampled blocks' ends with: next, the next event on the same pointer in this batch (-1 for the
+ * last), and firsts[*n_firsts++], the events that are the first on their pointer in it (in
+ * order; failures, pointer 0, are always). bkeys/blast: the batch's own map pointer -> last
+ * event (bmask + 1 entries, a power of two >= 2 events, zeroed by the caller before the batch's
+ * first call). */
 #define WAYS 8
 #define C1 0x9E3779B97F4A7C15ULL
 #define C2 0xC2B2AE3D27D4EB4FULL
@@ -297,7 +299,8 @@ NVSM_API uint64_t nvsm_track(uint64_t start, uint64_t m, const uint64_t *p,
                              uint64_t *keys, uint16_t *fp, uint8_t *vals, uint64_t nb,
                              uint64_t *count, uint64_t load_limit, uint64_t cap,
                              uint8_t *out, uint64_t *osz, uint8_t *ohk, uint16_t *omd,
-                             uint64_t *bkeys, int64_t *blast, uint64_t bmask, int64_t *prev)
+                             uint64_t *bkeys, int64_t *blast, uint64_t bmask, int64_t *next,
+                             int64_t *firsts, uint64_t *n_firsts)
 {
     uint64_t e, n_live = *count;
     for (e = start; e < m; e++) {
@@ -308,13 +311,18 @@ NVSM_API uint64_t nvsm_track(uint64_t start, uint64_t m, const uint64_t *p,
             uint64_t h = (k * C1) >> 20 & bmask;
             while (bkeys[h] != 0 && bkeys[h] != k)
                 h = (h + 1) & bmask;
-            prev[e] = bkeys[h] == k ? blast[h] : -1;
+            if (bkeys[h] == k)
+                next[blast[h]] = (int64_t)e;
+            else
+                firsts[(*n_firsts)++] = (int64_t)e;
+            next[e] = -1;
             bkeys[h] = k;
             blast[h] = (int64_t)e;
             if (n_live)
                 slot = find(keys, nb, k);
         } else {
-            prev[e] = -1;
+            next[e] = -1;
+            firsts[(*n_firsts)++] = (int64_t)e;
         }
         if (slot >= 0) {
             const uint8_t *v = vals + (uint64_t)slot * VAL_BYTES;
