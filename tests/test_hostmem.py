@@ -54,8 +54,9 @@ def _probe(mode: str, **env: str) -> tuple[str, int, int, int]:
 def test_big_arrays_come_from_the_heap_and_stay_there_once_tuned():
     state, mapped, heap, kept = _probe("tune")
     assert state == "tuned"
-    assert mapped < MIB and heap >= 20 * MIB, (mapped, heap)
-    assert kept >= 20 * MIB, kept  # for the next batch's arrays: no fresh pages
+    # (the heap grows by a little less when it had some room already)
+    assert mapped < MIB and heap >= 18 * MIB, (mapped, heap)
+    assert kept >= 18 * MIB, kept  # for the next batch's arrays: no fresh pages
 
 
 def test_glibc_defaults_map_big_arrays():
@@ -63,7 +64,7 @@ def test_glibc_defaults_map_big_arrays():
     on free)."""
     state, mapped, heap, _ = _probe("plain")
     assert state == "untouched"
-    assert mapped >= 20 * MIB and heap < 20 * MIB, (mapped, heap)
+    assert mapped >= 20 * MIB and heap < 18 * MIB, (mapped, heap)
 
 
 def test_the_environment_keeps_glibc_defaults():
