@@ -97,7 +97,6 @@ def run_monitor(exe: Path, pairs: int, tmp: Path, src: Path = REPO, threads: boo
             _task_cpu_ns(k, target)
         time.sleep(0.01)
     stdout, _ = p.communicate()
-    r = subprocess.CompletedProcess(p.args, p.returncode, stdout)
     wall = time.monotonic() - t
     split = None
     if threads:
@@ -106,7 +105,7 @@ def run_monitor(exe: Path, pairs: int, tmp: Path, src: Path = REPO, threads: boo
     js = json.loads((out / "MemoryPoolNVSE_stats.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     ms = js["memory_stats"]
-    return (loop_ns(r.stdout), wall, int(js["monitor"]["dropped_events"]),
+    return (loop_ns(stdout), wall, int(js["monitor"]["dropped_events"]),
             ms["total_allocations"] + ms["total_frees"], split)
 
 

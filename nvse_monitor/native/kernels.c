@@ -119,11 +119,11 @@ NVSM_API uint64_t nvsm_take_checked(const uint8_t *slots, uint64_t nslots, uint3
         const uint8_t *s = slots + (pos & mask) * SLOT_SIZE;
         uint64_t want = (pos + 1) & wrap_mask, pub;
         uint8_t kind, hook;
-        if (pos + 16 < end)  /* before head only: slots already reserved, nearly always written */
-            PREFETCH(slots + ((pos + 16) & mask) * SLOT_SIZE);
         uint16_t flags;
         uint32_t tid, seq;
         int late_tid = 0;
+        if (pos + 16 < end)  /* before head only: slots already reserved, nearly always written */
+            PREFETCH(slots + ((pos + 16) & mask) * SLOT_SIZE);
         if (word_bytes == 8)
             pub = load_acquire_u64((const uint64_t *)(s + RECORD_SIZE));
         else
@@ -220,10 +220,10 @@ NVSM_API void nvsm_expand(const uint8_t *rows, uint64_t n, uint64_t now, const u
     for (i = 0; i < n; i++) {
         const uint8_t *r = rows + i * RECORD_SIZE;
         uint64_t p, z, o, c, tt, cl;
-        if (i + 40 < n)
-            PREFETCH(r + 40 * RECORD_SIZE);
         uint8_t k = r[OFF_KIND], h = r[OFF_HOOK];
         int64_t cnt;
+        if (i + 40 < n)
+            PREFETCH(r + 40 * RECORD_SIZE);
         memcpy(&p, r + OFF_PTR, 8);
         memcpy(&z, r + OFF_SIZE, 8);
         memcpy(&o, r + OFF_OLD, 8);
